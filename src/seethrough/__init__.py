@@ -1,0 +1,63 @@
+"""seethrough: transparent access to the internals of any PyTorch model.
+
+.. code-block:: python
+
+    import seethrough
+
+    model = seethrough.Model(my_module)          # any torch.nn.Module
+    with model.trace(x) as tracer:
+        h = model.layers[3].output.save()         # a real tensor once the trace ends
+        model.layers[5].output[:] = 0             # edits change the running forward pass
+    print(h.shape)
+
+See the README for the tour: invokes (batching), generation, gradients,
+caches, edits, sessions, and the nnsight-compatible names.
+"""
+
+from .config import CONFIG
+from .envoy import Envoy
+from .errors import (
+    BatchError,
+    CrossInvokeError,
+    InvokeError,
+    ModulePathError,
+    NotInTraceError,
+    NotSavedError,
+    OutOfOrderError,
+    SeethroughError,
+    ShapeMismatchError,
+    TraceSourceError,
+    WeightsModifiedError,
+)
+from .models import Model
+from .tracing.cache import Cache
+from .tracing.runtime import save
+from .tracing.tracer import Invoker, Tracer
+
+__version__ = "0.1.0"
+
+# nnsight-compatible names: code written for nnsight runs after changing its import.
+NNsight = Model
+
+__all__ = [
+    "CONFIG",
+    "Cache",
+    "Envoy",
+    "Invoker",
+    "Model",
+    "NNsight",
+    "Tracer",
+    "save",
+    "BatchError",
+    "CrossInvokeError",
+    "InvokeError",
+    "ModulePathError",
+    "NotInTraceError",
+    "NotSavedError",
+    "OutOfOrderError",
+    "SeethroughError",
+    "ShapeMismatchError",
+    "TraceSourceError",
+    "WeightsModifiedError",
+    "__version__",
+]

@@ -1,0 +1,277 @@
+"""Envoys: stand-ins for the modules of a wrapped model.
+
+``model.transformer.h[3]`` is the envoy of that submodule.  Envoys mirror the
+module tree (attribute access, indexing, iteration, ``print``) and, inside a
+trace, give the real values flowing through their module:
+
+* ``.output`` — the module's output (assign to replace it, edit in place to
+  change it);
+* ``.input`` — its first argument; ``.inputs`` — ``(args, kwargs)``;
+* ``.skip(value)`` — do not run the module; use ``value`` as its output;
+* ``.next()`` — the call after the current one, for modules called several
+  times per forward pass.
+
+A child module whose name collides with these (BERT has a submodule called
+``output``) is reachable with a trailing underscore: ``layer.output_``.
+Other attributes (``.weight``, ``.config``, methods) are the module's own.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import TYPE_CHECKING, Any, Iterator
+
+import torch
+
+from .errors import ModulePathError, NotInTraceError
+from ._frames import where_user_is
+from .tracing.runtime import current_run, current_task
+
+if TYPE_CHECKING:
+    from .models.model import Model
+
+RESERVED = frozenset({"output", "input", "inputs", "skip", "next", "path"})
+
+
+class Envoy:
+    """The stand-in for one module of a wrapped model (see the module docs)."""
+
+    def __init__(self, module: torch.nn.Module, path: str, root: "Model | None" = None) -> None:
+        object.__setattr__(self, "_module", module)
+        object.__setattr__(self, "_path", path)
+        object.__setattr__(self, "_root", root if root is not None else self)
+        object.__setattr__(self, "_children", {})
+
+    # -- the module tree --------------------------------------------------------
+    @property
+    def path(self) -> str:
+        """Dotted path of the module from the root (``""`` for the root)."""
+        return self._path
+
+    def _display_path(self) -> str:
+        text = "model"
+        for part in self._path.split(".") if self._path else ():
+            text += f"[{part}]" if part.lstrip("-").isdigit() else f".{part}"
+        return text
+
+    def _child(self, name: str) -> "Envoy":
+        child = self._children.get(name)
+        if child is None:
+            module = self._module._modules[name]
+            path = f"{self._path}.{name}" if self._path else name
+            child = Envoy(module, path, self._root)
+            self._children[name] = child
+        return child
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        modules = self._module._modules
+        if name in modules:
+            return self._child(name)
+        if name.endswith("_") and name[:-1] in RESERVED and name[:-1] in modules:
+            return self._child(name[:-1])
+        resolved = self._root._resolve_alias(self, name)
+        if resolved is not None:
+            return resolved
+        try:
+            value = getattr(self._module, name)
+        except AttributeError:
+            raise self._unknown(name) from None
+        if isinstance(value, torch.Tensor):
+            run = current_run()
+            if run is not None:
+                run.touched_weight(f"{self._display_path()}.{name}", value)
+        return value
+
+    def _unknown(self, name: str) -> ModulePathError:
+        children = list(self._module._modules)
+        aliases = self._root._alias_names(self)
+        candidates = children + aliases + [a for a in dir(self._module) if not a.startswith("_")]
+        close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.6)
+        hint = f" Did you mean {', '.join(f'`{c}`' for c in close)}?" if close else ""
+        listing = ", ".join(children[:20]) + (", ..." if len(children) > 20 else "")
+        kind = type(self._module).__name__
+        available = f" Its submodules: {listing}." if children else " It has no submodules."
+        return ModulePathError(
+            f"`{self._display_path()}` ({kind}) has no submodule or attribute `{name}`"
+            f" ({where_user_is()}).{hint}{available} `print(model)` shows the whole tree."
+        )
+
+    def __getitem__(self, key: Any) -> Any:
+        modules = self._module._modules
+        if isinstance(key, slice):
+            names = list(modules)[key]
+            return [self._child(n) for n in names]
+        if isinstance(key, int):
+            size = len(modules)
+            index = key + size if key < 0 else key
+            name = str(index)
+            if name not in modules:
+                raise ModulePathError(
+                    f"`{self._display_path()}[{key}]` does not exist ({where_user_is()}): "
+                    f"`{self._display_path()}` has {size} submodules (indices 0 to {size - 1})."
+                ) if size else ModulePathError(
+                    f"`{self._display_path()}` ({type(self._module).__name__}) cannot be indexed: "
+                    f"it has no submodules ({where_user_is()})."
+                )
+            return self._child(name)
+        if isinstance(key, str) and key in modules:
+            return self._child(key)
+        raise ModulePathError(
+            f"`{self._display_path()}[{key!r}]` does not exist ({where_user_is()}); "
+            f"its submodules are: {', '.join(modules) or 'none'}."
+        )
+
+    def __iter__(self) -> Iterator["Envoy"]:
+        if not isinstance(self._module, (torch.nn.ModuleList, torch.nn.Sequential, torch.nn.ModuleDict)):
+            raise TypeError(
+                f"`{self._display_path()}` ({type(self._module).__name__}) is not a module "
+                "container; iterate `.children()` of the module (`model._model`) instead."
+            )
+        return (self._child(name) for name in self._module._modules)
+
+    def __len__(self) -> int:
+        return len(self._module._modules)
+
+    def __dir__(self) -> list[str]:
+        names = set(super().__dir__()) | set(self._module._modules) | set(self._root._alias_names(self))
+        names |= {a for a in dir(self._module) if not a.startswith("_")}
+        return sorted(names)
+
+    def __repr__(self) -> str:
+        return repr(self._module)
+
+    def modules(self) -> Iterator["Envoy"]:
+        """This envoy and every envoy below it, depth first."""
+        yield self
+        for name in self._module._modules:
+            if self._module._modules[name] is not None:
+                yield from self._child(name).modules()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the module on your own data (e.g. ``model.lm_head(h)`` for a
+        logit lens); inside a trace this does not disturb the traced pass."""
+        return self._module(*args, **kwargs)
+
+    # -- values inside a trace ---------------------------------------------------
+    @property
+    def output(self) -> Any:
+        """The module's output in the running trace."""
+        return _read(self, "output", "output", 0)
+
+    @output.setter
+    def output(self, value: Any) -> None:
+        _write(self, "output", "output", value)
+
+    @property
+    def input(self) -> Any:
+        """The module's first argument in the running trace."""
+        return _read(self, "input", "input", 0)
+
+    @input.setter
+    def input(self, value: Any) -> None:
+        _write(self, "input", "input", value)
+
+    @property
+    def inputs(self) -> Any:
+        """``(args, kwargs)`` the module is called with in the running trace."""
+        return _read(self, "input", "inputs", 0)
+
+    @inputs.setter
+    def inputs(self, value: Any) -> None:
+        if not (isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], dict)):
+            raise TypeError(
+                f"`{self._display_path()}.inputs` must be assigned `(args, kwargs)`: a tuple of "
+                "the positional arguments and a dict of keyword arguments."
+            )
+        _write(self, "input", "inputs", value)
+
+    def skip(self, value: Any) -> None:
+        """Do not run this module on its next call; use ``value`` as its output."""
+        task = _task_or_raise(self, "skip(...)")
+        task.run.skip(task, self, value)
+
+    def next(self, calls: int = 1) -> "NextCall":
+        """The module's call after the current one (for modules called several
+        times per forward pass: a shared block, an RNN cell in a loop)."""
+        return NextCall(self, calls)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("output", "input", "inputs"):
+            object.__setattr__(self, name, value)
+            return
+        raise AttributeError(
+            f"cannot set `{name}` on `{self._display_path()}` ({where_user_is()}): envoys only "
+            "take `.output`, `.input` and `.inputs` assignments inside a trace. To change the "
+            "module itself, use `model._model` outside a trace."
+        )
+
+
+class NextCall:
+    """``envoy.next()``: the same accessors, for a later call of the module."""
+
+    __slots__ = ("envoy", "calls")
+
+    def __init__(self, envoy: Envoy, calls: int) -> None:
+        self.envoy = envoy
+        self.calls = calls
+
+    def next(self, calls: int = 1) -> "NextCall":
+        return NextCall(self.envoy, self.calls + calls)
+
+    @property
+    def output(self) -> Any:
+        return _read(self.envoy, "output", "output", self.calls)
+
+    @output.setter
+    def output(self, value: Any) -> None:
+        _read(self.envoy, "output", "output", self.calls)
+        _write(self.envoy, "output", "output", value)
+
+    @property
+    def input(self) -> Any:
+        return _read(self.envoy, "input", "input", self.calls)
+
+    @input.setter
+    def input(self, value: Any) -> None:
+        _read(self.envoy, "input", "input", self.calls)
+        _write(self.envoy, "input", "input", value)
+
+    @property
+    def inputs(self) -> Any:
+        return _read(self.envoy, "input", "inputs", self.calls)
+
+
+def _task_or_raise(envoy: Envoy, accessor: str) -> Any:
+    task = current_task()
+    if task is None:
+        raise NotInTraceError(
+            f"`{envoy._display_path()}.{accessor}` was used outside a trace "
+            f"({where_user_is()}). Module values exist only while the model runs: use it "
+            "inside `with model.trace(input):` (and `.save()` what you need afterwards)."
+        )
+    return task
+
+
+def _read(envoy: Envoy, kind: str, accessor: str, skip_calls: int) -> Any:
+    task = _task_or_raise(envoy, accessor)
+    run = task.run
+    interleaver = run.interleaver
+    value = interleaver.request(task, envoy, kind, skip_current=skip_calls > 0)
+    for _ in range(skip_calls - 1):
+        value = interleaver.request(task, envoy, kind, skip_current=True)
+    if accessor == "input":
+        args, kwargs = value
+        if args:
+            value = args[0]
+        elif kwargs:
+            value = next(iter(kwargs.values()))
+        else:
+            value = None
+    return run.present(value)
+
+
+def _write(envoy: Envoy, kind: str, accessor: str, value: Any) -> None:
+    task = _task_or_raise(envoy, accessor)
+    task.run.interleaver.assign(task, envoy, kind, value, accessor)

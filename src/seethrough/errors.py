@@ -1,0 +1,58 @@
+"""The exceptions seethrough raises.
+
+Every error the library raises on its own account derives from
+:class:`SeethroughError`, so ``except seethrough.SeethroughError`` catches all
+of them.  Where an error is also naturally an ``AttributeError``,
+``ValueError`` or ``NameError`` it derives from that too, so code written
+against plain Python or PyTorch keeps working.  Exceptions raised by the
+user's own code inside a trace are never wrapped: they keep their type.
+
+Messages follow one pattern: what was wrong, where in the user's code
+(``file:line``), and what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class SeethroughError(Exception):
+    """Root of every error raised by seethrough itself."""
+
+
+class NotInTraceError(SeethroughError):
+    """A module value (``.output``, ``.input``, ...) was read outside a trace."""
+
+
+class OutOfOrderError(SeethroughError):
+    """A value was asked for after the forward (or backward) pass had gone past it."""
+
+
+class ModulePathError(SeethroughError, AttributeError):
+    """A module path that does not exist in the wrapped model."""
+
+
+class ShapeMismatchError(SeethroughError, ValueError):
+    """An assigned value does not have the shape of the value it replaces."""
+
+
+class InvokeError(SeethroughError):
+    """``tracer.invoke`` used in a way that cannot be batched or scheduled."""
+
+
+class BatchError(SeethroughError, ValueError):
+    """The inputs of several invokes cannot be put into one batch."""
+
+
+class TraceSourceError(SeethroughError):
+    """The source of a ``with`` block could not be found or cannot run as a trace body."""
+
+
+class NotSavedError(SeethroughError, NameError):
+    """A value from a trace was used afterwards without having been saved."""
+
+
+class WeightsModifiedError(SeethroughError):
+    """A model weight was modified in place inside a trace."""
+
+
+class CrossInvokeError(SeethroughError, NameError):
+    """A name shared between invokes could not be resolved in one forward pass."""

@@ -1,0 +1,285 @@
+"""``seethrough.Model``: wrap any ``torch.nn.Module``.
+
+.. code-block:: python
+
+    model = seethrough.Model(my_module)
+    with model.trace(x):
+        hidden = model.encoder.layers[2].output.save()
+
+The wrapper is the root envoy of the module tree, plus the entry points:
+``trace``, ``scan``, ``edit``, ``session``.  It never copies the module and
+leaves nothing on it between traces: calling the wrapped module outside a
+trace is exactly calling the bare module.
+
+Subclasses (``LanguageModel``) change how inputs are prepared and batched and
+what a trace calls, by overriding ``_prepare_input``, ``_batch_inputs`` and
+``_run_forward``.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+
+from ..envoy import Envoy
+from ..errors import ModulePathError, SeethroughError
+from ..tracing.capture import capture_with_block
+from ..tracing.run import EditSpec, TraceRun
+from ..tracing.takeover import TAKEN_OVER, Takeover, frame_namespace, write_back
+from ..tracing.tracer import Tracer
+from .aliases import split_rename, standard_aliases
+from .batching import PreparedInput, concat_inputs, count_rows, to_device
+
+_TRACE_OPTIONS = ("remote", "keep_graph", "host", "blocking", "backend")
+
+
+class Model(Envoy):
+    """Wraps any ``torch.nn.Module`` for tracing (see the module docs)."""
+
+    def __init__(self, module: torch.nn.Module, *, rename: dict[str, str] | None = None, standard_names: bool = True) -> None:
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(f"seethrough.Model wraps a torch.nn.Module, not a {type(module).__name__}.")
+        super().__init__(module, "", None)
+        paths, names = standard_aliases(module) if standard_names else ({}, {})
+        if rename:
+            extra_paths, extra_names = split_rename(rename)
+            paths.update(extra_paths)
+            names.update(extra_names)
+        object.__setattr__(self, "_path_aliases", paths)
+        object.__setattr__(self, "_name_aliases", names)
+        object.__setattr__(self, "_edits", [])
+
+    # -- the wrapped module -------------------------------------------------------
+    @property
+    def _model(self) -> torch.nn.Module:
+        """The wrapped module itself (never a copy)."""
+        return self._module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the wrapped module, exactly as without the wrapper."""
+        return self._module(*args, **kwargs)
+
+    @property
+    def device(self) -> torch.device | None:
+        """The device of the model's first parameter (or buffer)."""
+        probe = self.__dict__.get("_device_probe")
+        if probe is None:
+            probe = next(self._module.parameters(), None)
+            if probe is None:
+                probe = next(self._module.buffers(), None)
+            if probe is None:
+                return None
+            object.__setattr__(self, "_device_probe", probe)
+        return probe.device
+
+    def _ancestors(self, module: torch.nn.Module) -> list[torch.nn.Module]:
+        """Every module that (transitively) contains ``module``."""
+        cache = self.__dict__.get("_ancestor_cache")
+        if cache is None:
+            cache = {}
+            object.__setattr__(self, "_ancestor_cache", cache)
+        found_list = cache.get(id(module))
+        if found_list is not None and found_list[0] is module:
+            return found_list[1]
+        parents = self.__dict__.get("_parent_map")
+        if parents is None or id(module) not in parents:
+            parents = {}
+            for parent in self._module.modules():
+                for child in parent._modules.values():
+                    if child is not None:
+                        parents.setdefault(id(child), []).append(parent)
+            parents.setdefault(id(self._module), [])
+            object.__setattr__(self, "_parent_map", parents)
+        found: dict[int, torch.nn.Module] = {}
+        stack = list(parents.get(id(module), ()))
+        while stack:
+            parent = stack.pop()
+            if id(parent) not in found:
+                found[id(parent)] = parent
+                stack.extend(parents.get(id(parent), ()))
+        result = list(found.values())
+        cache[id(module)] = (module, result)
+        return result
+
+    # -- aliases ------------------------------------------------------------------
+    def _resolve_alias(self, envoy: Envoy, name: str) -> Envoy | None:
+        if envoy is self or envoy._path == "":
+            path = self._path_aliases.get(name)
+            if path is not None:
+                return self._envoy_at(path)
+        candidates = self._name_aliases.get(name)
+        if candidates:
+            modules = envoy._module._modules
+            for real in candidates:
+                if real != name and real in modules and modules[real] is not None:
+                    return envoy._child(real)
+        return None
+
+    def _alias_names(self, envoy: Envoy) -> list[str]:
+        names = list(self._path_aliases) if envoy._path == "" else []
+        modules = envoy._module._modules
+        names += [alias for alias, reals in self._name_aliases.items() if any(r in modules and r != alias for r in reals)]
+        return names
+
+    def _envoy_at(self, path: str) -> Envoy:
+        envoy: Envoy = self
+        for part in path.split(".") if path else ():
+            if part not in envoy._module._modules:
+                raise ModulePathError(f"`model.{path}`: no module `{part}` under `{envoy._display_path()}`.")
+            envoy = envoy._child(part)
+        return envoy
+
+    def _resolve_modules(self, modules: Any) -> list[Envoy]:
+        """Envoys for ``modules``: None (all), envoys, or path strings."""
+        if modules is None:
+            return list(self.modules())
+        if isinstance(modules, (Envoy, str)):
+            modules = [modules]
+        out: list[Envoy] = []
+        for item in modules:
+            if isinstance(item, Envoy):
+                out.append(item)
+            elif isinstance(item, str):
+                path = item[6:] if item.startswith("model.") else ("" if item == "model" else item)
+                out.append(self._envoy_at(path))
+            else:
+                raise TypeError(f"modules must be envoys or paths like 'model.layers.0', not {type(item).__name__}.")
+        return out
+
+    # -- inputs (overridden by LanguageModel) ---------------------------------------
+    def _prepare_input(self, args: tuple, kwargs: dict) -> PreparedInput:
+        device = self.device
+        if device is not None:
+            args = tuple(to_device(a, device) for a in args)
+            if kwargs:
+                kwargs = {k: to_device(v, device) for k, v in kwargs.items()}
+        return PreparedInput(args, kwargs, count_rows(args, kwargs))
+
+    def _batch_inputs(self, prepared: list[PreparedInput]) -> tuple[tuple, dict]:
+        return concat_inputs(prepared)
+
+    def _run_forward(self, args: tuple, kwargs: dict) -> Any:
+        return self._module(*args, **kwargs)
+
+    # -- entry points ------------------------------------------------------------
+    def trace(self, *args: Any, remote: bool = False, keep_graph: bool = False, **kwargs: Any) -> Tracer:
+        """``with model.trace(*inputs) as tracer:`` — run the model on the inputs
+        (or on the inputs of the ``tracer.invoke`` blocks in the body) and give
+        the body access to every module's values.  Keyword arguments other than
+        the options below go to the model's forward.
+
+        ``keep_graph=True`` keeps the autograd graph of saved tensors (by default
+        they are detached when the trace ends)."""
+        self._reject_remote(remote)
+        return Tracer(self, args, kwargs, _forward_backend, has_input=bool(args or kwargs), keep_graph=keep_graph)
+
+    def scan(self, *args: Any, **kwargs: Any) -> Tracer:
+        """``with model.scan(input):`` — like ``trace``, but on fake tensors: the
+        body sees real shapes and dtypes, nothing is computed, weights are not
+        touched.  Cheap checks of a trace before running it for real."""
+        return Tracer(self, args, kwargs, _scan_backend, has_input=bool(args or kwargs), what="model.scan(...)")
+
+    def edit(self, *, inplace: bool = False) -> "EditContext":
+        """``with model.edit() as edited:`` — record the body as an intervention
+        that every trace of ``edited`` applies (the original model is untouched;
+        ``inplace=True`` adds it to this model instead)."""
+        return EditContext(self, inplace)
+
+    def clear_edits(self) -> None:
+        """Forget every intervention added with ``model.edit(...)``."""
+        self._edits.clear()
+
+    def session(self, *, remote: bool = False) -> "Session":
+        """``with model.session():`` — group several traces; values saved in one
+        are used by the next."""
+        self._reject_remote(remote)
+        return Session(self)
+
+    def _reject_remote(self, remote: bool) -> None:
+        if remote:
+            raise SeethroughError(
+                "remote execution (`remote=True`) needs a seethrough server; it is not available "
+                "in this version yet. Run the trace locally (drop `remote=True`)."
+            )
+
+    def _clone(self) -> "Model":
+        clone = type(self).__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        object.__setattr__(clone, "_root", clone)
+        object.__setattr__(clone, "_children", {})
+        object.__setattr__(clone, "_edits", list(self._edits))
+        return clone
+
+
+def _forward_backend(run: TraceRun, args: tuple, kwargs: dict) -> Any:
+    return run.model._run_forward(args, kwargs)
+
+
+def _scan_backend(run: TraceRun, args: tuple, kwargs: dict) -> Any:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._pytree import tree_map
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+
+    def fake(value: Any) -> Any:
+        return mode.from_tensor(value) if isinstance(value, torch.Tensor) else value
+
+    with mode:
+        fake_args = tree_map(fake, args)
+        fake_kwargs = tree_map(fake, kwargs)
+        return run.model._run_forward(fake_args, fake_kwargs)
+
+
+class EditContext:
+    """``with model.edit() as edited:`` (see :meth:`Model.edit`)."""
+
+    def __init__(self, model: Model, inplace: bool) -> None:
+        self._model = model
+        self._inplace = inplace
+        self._frame: Any = None
+        self._takeover: Takeover | None = None
+
+    def __enter__(self) -> Model:
+        frame = sys._getframe(1)
+        self._captured = capture_with_block(frame, "model.edit()")
+        self._frame = frame
+        self._takeover = Takeover(frame)
+        self._takeover.arm()
+        return self._model
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        frame, self._frame = self._frame, None
+        self._takeover.disarm()
+        self._takeover = None
+        if exc_type is not TAKEN_OVER:
+            return False
+        seed, globals_, _ = frame_namespace(frame)
+        target = self._model if self._inplace else self._model._clone()
+        target._edits.append(EditSpec(self._captured, seed, globals_))
+        if self._captured.as_name:
+            write_back(frame, {self._captured.as_name: target})
+        return True
+
+
+class Session:
+    """``with model.session():`` — several traces as one unit of work.
+
+    Locally the traces simply run one after the other, and values saved in one
+    are plain variables in the next."""
+
+    def __init__(self, model: Model) -> None:
+        self._model = model
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        return False
+
+    def log(self, *values: Any) -> None:
+        print(*values)
+
+    def __repr__(self) -> str:
+        return f"<Session on {type(self._model._module).__name__}>"

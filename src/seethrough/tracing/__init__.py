@@ -1,0 +1,16 @@
+"""Tracing: capture a ``with`` body, run it against the model, hand values back.
+
+The public pieces are re-exported from :mod:`seethrough`; the modules here
+are the implementation:
+
+* :mod:`.capture` — find and compile a ``with`` body from its source;
+* :mod:`.takeover` — stop Python from running it, write results back;
+* :mod:`.run` — one run of a body against one model call (the one mechanism);
+* :mod:`.interleaver` — greenlets and hooks that interleave bodies and forward;
+* :mod:`.namespace` — where body code runs, and name flow between invokes;
+* :mod:`.values` — narrowing to an invoke's rows, splicing edits;
+* :mod:`.saving` — ``.save()`` and what comes back after a trace;
+* :mod:`.tracer` — ``Tracer`` and ``Invoker``, the objects users hold;
+* :mod:`.cache`, :mod:`.backward`, :mod:`.patches` — ``tracer.cache``,
+  ``with loss.backward():``, and patches scoped to running traces.
+"""

@@ -1,0 +1,519 @@
+"""Interleave trace bodies with the running forward pass.
+
+Every body that takes part in a trace (each invoke, and the trace body
+itself) is a :class:`Task` running in its own greenlet.  The forward pass runs
+in the greenlet that entered the trace (the "main" one).  When a body reads
+``module.output``, its task asks the :class:`Interleaver` for the event
+(module, "output"): a hook is put on that module (only on modules someone asks
+for, so untouched modules cost nothing), and the task sleeps.  When the
+forward reaches the module, the hook wakes each waiting task in invoke order
+with its view of the value; the task runs on until it asks for the next
+value, and then the forward continues with whatever the tasks changed.
+
+The meaning of ``envoy.output`` follows from this: the value of the module's
+current call if the forward is stopped at it, else of its next call.  A value
+asked for after its module has run is never delivered; when the forward ends,
+each task still waiting gets an :class:`OutOfOrderError` raised at its line.
+
+Switching greenlets costs about a microsecond, so reading a value costs little
+more than the hook itself.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import TYPE_CHECKING, Any, Callable
+
+import greenlet
+import torch
+
+from .._frames import describe_frame, user_frame
+from ..errors import InvokeError, OutOfOrderError
+from .hooks import HookSet
+from .runtime import FINISHED, give_back_worker, take_worker
+from .values import narrow, splice
+
+if TYPE_CHECKING:
+    from ..envoy import Envoy
+    from .run import TraceRun
+
+NEW, RUNNING, WAITING, BLOCKED, DONE = "new", "running", "waiting", "blocked", "done"
+
+
+class _StopTrace(BaseException):
+    """Raised by ``tracer.stop()`` inside a body; ends the trace early, keeping saves."""
+
+
+class _StopForward(BaseException):
+    """Raised out of a hook to abandon the rest of the forward pass."""
+
+
+class _EndOfSteps(BaseException):
+    """Thrown into a task waiting for a generation step that never comes."""
+
+
+class Task:
+    """One body (an invoke, the trace body, or a persistent edit) in a trace."""
+
+    __slots__ = (
+        "run",
+        "index",
+        "label",
+        "code",
+        "ns",
+        "rows",
+        "greenlet",
+        "state",
+        "pending",
+        "pending_envoy",
+        "pending_kind",
+        "pending_frame",
+        "ran_before",
+        "blocked_until",
+        "grad_enabled",
+        "stored",
+        "is_invoke",
+    )
+
+    def __init__(
+        self,
+        run: "TraceRun",
+        index: int,
+        label: str,
+        code: Any,
+        ns: dict,
+        rows: slice | None,
+        stored: frozenset[str],
+        is_invoke: bool,
+    ) -> None:
+        self.run = run
+        self.index = index
+        self.label = label
+        self.code = code
+        self.ns = ns
+        self.rows = rows
+        self.greenlet: Any = None  # its worker greenlet while it runs
+        self.state = NEW
+        self.pending: tuple | None = None
+        self.pending_envoy: "Envoy | None" = None
+        self.pending_kind = ""
+        self.pending_frame: Any = None
+        self.ran_before = False
+        self.blocked_until: Callable[[], bool] | None = None
+        self.grad_enabled = torch.is_grad_enabled()
+        self.stored = stored
+        self.is_invoke = is_invoke
+
+    def _body(self, *_: Any) -> None:
+        exec(self.code, self.ns)
+
+    @property
+    def done(self) -> bool:
+        return self.state == DONE
+
+    def __repr__(self) -> str:
+        return f"<Task {self.label} {self.state}>"
+
+
+class Event:
+    """A value the forward pass has reached: a module's inputs or its output."""
+
+    __slots__ = ("key", "value", "served", "batch_size", "kind")
+
+    def __init__(self, key: tuple, kind: str, value: Any, batch_size: int) -> None:
+        self.key = key
+        self.kind = kind
+        self.value = value
+        self.served: set[int] = set()
+        self.batch_size = batch_size
+
+
+class Interleaver:
+    """Schedules the tasks of one trace around one forward (or generate) call."""
+
+    def __init__(self, run: "TraceRun") -> None:
+        self.run = run
+        self.tasks: list[Task] = []
+        self.main = greenlet.getcurrent()
+        self.thread = threading.get_ident()
+        self.current: Event | None = None
+        self.hooks: dict[tuple, bool] = {}
+        self.hook_set = HookSet()
+        self.fired: dict[tuple, bool] = {}  # events that have happened in this forward
+        self.forward_running = False
+        self.forward_done = False
+        self.stopped = False
+        self.closing = False
+        self.batch_size = 0
+        self.step = -1  # index of the current call of the root module (generation step)
+        self.on_module_hooked: Callable[[torch.nn.Module], None] | None = None
+        # Callbacks run after the tasks at an event (tracer.cache records there).
+        self.after: dict[tuple, list[Callable[[Any], None]]] = {}
+
+    # -- running tasks ------------------------------------------------------
+    def add(self, task: Task) -> None:
+        task.index = len(self.tasks)  # unique within the trace; also the serving order
+        self.tasks.append(task)
+
+    def start(self, task: Task) -> None:
+        """Run a new task until it first waits, blocks or ends."""
+        task.greenlet = take_worker(task, self.main)
+        self._switch(task, task)
+
+    def _switch(self, task: Task, value: Any, throw: BaseException | None = None) -> None:
+        main_grad = torch.is_grad_enabled()
+        if task.grad_enabled != main_grad:
+            torch.set_grad_enabled(task.grad_enabled)
+        task.state = RUNNING
+        worker = task.greenlet
+        try:
+            if throw is not None:
+                result = worker.throw(throw)
+            else:
+                result = worker.switch(value)
+        except _StopTrace:
+            self._ended(task)
+            self.stopped = True
+            if self.forward_running:
+                raise _StopForward() from None
+            return
+        except BaseException:
+            self._ended(task)
+            raise
+        finally:
+            task.grad_enabled = torch.is_grad_enabled()
+            if task.grad_enabled != main_grad:
+                torch.set_grad_enabled(main_grad)
+        if result is FINISHED:
+            self._ended(task)
+
+    def _ended(self, task: Task) -> None:
+        task.state = DONE
+        worker, task.greenlet = task.greenlet, None
+        if worker is not None:
+            give_back_worker(worker)
+
+    def runnable(self, event: Event | None) -> Task | None:
+        """The first task (in invoke order) that can go on now."""
+        for task in self.tasks:
+            state = task.state
+            if state == WAITING:
+                if event is not None and task.pending == event.key and task.index not in event.served:
+                    return task
+            elif state == BLOCKED:
+                if task.blocked_until():
+                    return task
+        return None
+
+    def drain(self, event: Event | None) -> None:
+        """Let every task that can go on run, until all wait, block or end."""
+        while not self.stopped:
+            task = self.runnable(event)
+            if task is None:
+                return
+            if task.state == BLOCKED:
+                task.blocked_until = None
+                self._switch(task, None)
+            else:
+                event.served.add(task.index)
+                task.pending = None
+                self._switch(task, self._view(event, task))
+
+    # -- called from inside a task -------------------------------------------
+    def request(self, task: Task, envoy: "Envoy", kind: str, skip_current: bool = False) -> Any:
+        """The value of ``kind`` ("input"/"output") of ``envoy``'s module for ``task``."""
+        if self.closing:
+            raise greenlet.GreenletExit()
+        if not task.is_invoke:
+            raise InvokeError(self.run.module_access_outside_invoke(envoy, kind))
+        module = envoy._module
+        key = (id(module), kind)
+        event = self.current
+        if event is not None and event.key == key:
+            if not (skip_current and task.index in event.served):
+                event.served.add(task.index)
+                return self._view(event, task)
+        if self.run.caches:
+            cached = self.run.cached_value(task, envoy, kind)
+            if cached is not _MISSING:
+                return cached
+        if self.forward_done:
+            raise OutOfOrderError(self._too_late_message(envoy, kind, sys._getframe(1), finished=True))
+        self.hook(module, kind)
+        task.pending = key
+        task.pending_envoy = envoy
+        task.pending_kind = kind
+        task.pending_frame = sys._getframe(1)  # the user's frame is found from here on error
+        task.ran_before = key in self.fired
+        task.state = WAITING
+        return self.main.switch()
+
+    def wait_for_step(self, task: Task, step: int) -> None:
+        """Sleep until the root module's call number ``step`` begins (generation)."""
+        if self.step >= step:
+            return
+        key = ("step", step)
+        root = self.run.root_module
+        self.hook(root, "input")
+        task.pending = key
+        task.pending_envoy = None
+        task.pending_kind = "step"
+        task.pending_frame = sys._getframe(1)
+        task.state = WAITING
+        self.main.switch()
+
+    def block(self, task: Task, until: Callable[[], bool]) -> None:
+        """Sleep until ``until()`` is true (another invoke assigned a name)."""
+        task.blocked_until = until
+        task.state = BLOCKED
+        self.main.switch()
+
+    def assign(self, task: Task, envoy: "Envoy", kind: str, value: Any, accessor: str) -> None:
+        """Replace ``kind`` of the module's current call, for the task's rows."""
+        self.request(task, envoy, kind)  # waits until the forward is there
+        event = self.current
+        rows = task.rows
+        what = f"{envoy._display_path()}.{accessor}"
+        if kind == "output":
+            event.value = splice(event.value, rows, value, event.batch_size, what)
+            return
+        args, kwargs = event.value
+        if accessor == "inputs":
+            new_args, new_kwargs = value
+            event.value = (
+                tuple(splice(tuple(args), rows, tuple(new_args), event.batch_size, what)),
+                splice(dict(kwargs), rows, dict(new_kwargs), event.batch_size, what),
+            )
+        elif args:
+            first = splice(args[0], rows, value, event.batch_size, what)
+            event.value = ((first, *args[1:]), kwargs)
+        elif kwargs:
+            name = next(iter(kwargs))
+            kwargs = dict(kwargs)
+            kwargs[name] = splice(kwargs[name], rows, value, event.batch_size, what)
+            event.value = (args, kwargs)
+
+    # -- hooks ---------------------------------------------------------------
+    def hook(self, module: torch.nn.Module, kind: str) -> None:
+        """Hook ``kind`` of ``module`` (once per trace).
+
+        A hook added to a module whose call has already begun does not fire
+        for that call.  A body can only ask for a value while the forward is
+        paused at a hook, and every module that can be running at such a pause
+        is an ancestor of a hooked module; so hooking a module also hooks the
+        output of the module itself and of all its ancestors, always before
+        their calls begin."""
+        key = (id(module), kind)
+        if key in self.hooks:
+            return
+        self._install(module, kind, key)
+        if kind == "input":
+            self._install(module, "output", (id(module), "output"))
+        for ancestor in self.run.model._ancestors(module):
+            if (id(ancestor), "output") not in self.hooks:
+                self._install(ancestor, "output", (id(ancestor), "output"))
+
+    def _install(self, module: torch.nn.Module, kind: str, key: tuple) -> None:
+        if key in self.hooks:
+            return
+        if kind == "output":
+            self.hook_set.add_output(module, self._make_output_hook(module, key))
+        else:
+            self.hook_set.add_input(module, self._make_input_hook(module, key))
+        self.hooks[key] = True
+        if self.on_module_hooked is not None:
+            self.on_module_hooked(module)
+
+    def _in_our_forward(self) -> bool:
+        # Hooks also fire when a body calls a module itself, or when another
+        # thread runs the same model: only our own forward pass counts.
+        return self.forward_running and greenlet.getcurrent() is self.main
+
+    def _make_output_hook(self, module: torch.nn.Module, key: tuple) -> Callable:
+        def output_hook(mod: torch.nn.Module, args: Any, output: Any) -> Any:
+            if not self._in_our_forward():
+                return None
+            self.fired[key] = True
+            if not self._wanted(key):
+                return None
+            event = Event(key, "output", output, self.batch_size)
+            result = self._serve(event)
+            for record in self.after.get(key, ()):
+                record(result)
+            return result if result is not output else None
+
+        return output_hook
+
+    def _make_input_hook(self, module: torch.nn.Module, key: tuple) -> Callable:
+        is_root = module is self.run.root_module
+
+        def input_hook(mod: torch.nn.Module, args: Any, kwargs: Any) -> Any:
+            if not self._in_our_forward():
+                return None
+            if is_root:
+                self.step += 1
+                self._serve_step()
+            self.fired[key] = True
+            if not self._wanted(key):
+                return None
+            value = (args, kwargs)
+            event = Event(key, "input", value, self.batch_size)
+            result = self._serve(event)
+            for record in self.after.get(key, ()):
+                record(result)
+            return result if result is not value else None
+
+        return input_hook
+
+    def _wanted(self, key: tuple) -> bool:
+        """Does any task wait for ``key`` (or might, once unblocked), or does a
+        cache record it?  Hooks that only keep ancestors observable usually
+        find nobody and return at once."""
+        if key in self.after:
+            return True
+        for task in self.tasks:
+            if task.pending == key or task.state == BLOCKED:
+                return True
+        return False
+
+    def _serve(self, event: Event) -> Any:
+        previous = self.current
+        self.current = event
+        try:
+            self.drain(event)
+        finally:
+            self.current = previous
+        return event.value
+
+    def _serve_step(self) -> None:
+        key = ("step", self.step)
+        event = Event(key, "step", None, self.batch_size)
+        for task in self.tasks:
+            if task.state == WAITING and task.pending and task.pending[0] == "step" and task.pending[1] <= self.step:
+                task.pending = key
+        self._serve(event)
+
+    def _view(self, event: Event, task: Task) -> Any:
+        if event.kind == "step":
+            return None
+        if event.kind == "result":
+            return event.value
+        value = event.value
+        rows = task.rows
+        if event.kind == "output":
+            view = narrow(value, rows, event.batch_size)
+        else:
+            view = value if rows is None else (
+                tuple(narrow(a, rows, event.batch_size) for a in value[0]),
+                {k: narrow(v, rows, event.batch_size) for k, v in value[1].items()},
+            )
+        return view
+
+    def request_result(self, task: Task) -> Any:
+        """The backend's return value (``tracer.result``), once it has returned."""
+        if self.forward_done:
+            return self.run.output
+        task.pending = ("result",)
+        task.pending_envoy = None
+        task.pending_kind = "result"
+        task.pending_frame = sys._getframe(1)
+        task.state = WAITING
+        return self.main.switch()
+
+    # -- the end of the forward pass ------------------------------------------
+    def finish_with_result(self, result: Any) -> None:
+        """The backend returned ``result``: hand it to tasks waiting for it, then
+        :meth:`finish`."""
+        self.forward_done = True
+        for task in self.tasks:
+            if task.pending is not None and task.pending[0] == "result":
+                self._serve(Event(("result",), "result", result, self.batch_size))
+                break
+        self.finish()
+
+    def finish(self) -> None:
+        """After the forward: tell waiting tasks their value never came; let
+        blocked tasks go on; run everything to its end."""
+        self.forward_done = True
+        while not self.stopped:
+            task = self.runnable(None)
+            if task is not None:
+                task.blocked_until = None
+                self._switch(task, None)
+                continue
+            waiting = next((t for t in self.tasks if t.state == WAITING), None)
+            if waiting is None:
+                break
+            key = waiting.pending
+            waiting.pending = None
+            if key[0] == "step":
+                self._switch(waiting, None, throw=_EndOfSteps())
+            else:
+                error = OutOfOrderError(
+                    self._too_late_message(waiting.pending_envoy, waiting.pending_kind, waiting.pending_frame, ran_before=waiting.ran_before)
+                )
+                self._switch(waiting, None, throw=error)
+        blocked = [t for t in self.tasks if t.state == BLOCKED]
+        for task in blocked:
+            self._switch(task, None, throw=self.run.deadlock_error(task))
+
+    def _too_late_message(
+        self,
+        envoy: "Envoy",
+        kind: str,
+        frame: Any,
+        finished: bool = False,
+        ran_before: bool = False,
+    ) -> str:
+        path = envoy._display_path() if envoy is not None else "the model"
+        accessor = "output" if kind == "output" else "input"
+        where = describe_frame(user_frame(frame))
+        at = f" (at {where})" if where else ""
+        if finished:
+            reason = "the forward pass had already finished"
+        elif ran_before:
+            reason = f"`{path}` had already run before that line, and did not run again"
+        else:
+            reason = (
+                f"`{path}` did not run after that point of the forward pass: either it had already "
+                "run (the forward had gone past it), or the model does not call it for this input"
+            )
+        return (
+            f"`{path}.{accessor}` was asked for{at}, but {reason}. Within one invoke, read "
+            "module values in the order the model runs them (an output after its inputs, "
+            "earlier layers before later ones), or call `tracer.cache(...)` first to read "
+            "values after their module ran."
+        )
+
+    def close(self) -> None:
+        """Remove every hook and end every task that has not ended."""
+        self.closing = True
+        self.hook_set.remove_all()
+        self.hooks.clear()
+        self.after.clear()
+        for task in self.tasks:
+            worker = task.greenlet
+            if worker is not None and not worker.dead:
+                try:
+                    result = worker.throw(greenlet.GreenletExit())
+                except BaseException:  # noqa: BLE001 - a dying body may raise anything
+                    result = FINISHED
+                if result is FINISHED and worker.task is None:
+                    give_back_worker(worker)
+            task.greenlet = None
+            task.state = DONE
+            task.blocked_until = None
+            task.pending_frame = None
+        self.current = None
+
+
+class _Missing:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+_MISSING = _Missing()
+MISSING = _MISSING

@@ -1,0 +1,399 @@
+"""One run of a captured trace: the single mechanism behind every kind of trace.
+
+:class:`TraceRun` takes a captured body, the variables it starts with, the
+inputs and a *backend* (what to call on the batched inputs: the model's
+forward, a fake-tensor scan, HuggingFace ``generate``) and:
+
+1. runs the trace body until it first waits for a value (registering the
+   ``tracer.invoke`` blocks it opens on the way);
+2. batches the inputs of all invokes into one call, gives each invoke its
+   rows, and starts the invoke bodies;
+3. calls the backend, with the :class:`~.interleaver.Interleaver` feeding each
+   body the values it asks for;
+4. lets every body finish, then hands the assigned names back (see
+   :mod:`.saving`) and restores everything it touched.
+
+Local traces, scans, edits, sessions and the remote server all use this class.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from .._frames import describe_location, is_library_file, strip_library_frames
+from ..errors import InvokeError, TraceSourceError, WeightsModifiedError
+from .capture import CapturedBlock
+from .interleaver import MISSING, Interleaver, Task, _StopForward, _StopTrace
+from .namespace import BodyNamespace, CrossFlow, TracedNamespace
+from .patches import ForwardSkip, enter_tensor_patches, exit_tensor_patches
+from .runtime import current_task, running_traces
+from .saving import LazyText, NotSaved, SaveRegistry, hand_back
+from .values import narrow, savable, splice
+from .takeover import TAKEN_OVER
+
+if TYPE_CHECKING:
+    from ..envoy import Envoy
+    from ..models.model import Model
+    from .cache import Cache
+
+Backend = Callable[["TraceRun", tuple, dict], Any]
+
+
+class EditSpec:
+    """A persistent intervention recorded by ``model.edit()``."""
+
+    __slots__ = ("captured", "seed", "globals")
+
+    def __init__(self, captured: CapturedBlock, seed: dict, globals_: dict) -> None:
+        self.captured = captured
+        self.seed = seed
+        self.globals = globals_
+
+
+class TraceRun:
+    """Runs one captured trace body against one call of the model."""
+
+    def __init__(
+        self,
+        model: "Model",
+        captured: CapturedBlock,
+        tracer: Any,
+        seed: dict,
+        globals_: dict,
+        inputs: tuple[tuple, dict] | None,
+        backend: Backend,
+        keep_graph: bool = False,
+    ) -> None:
+        self.model = model
+        self.root_module: torch.nn.Module = model._module
+        self.captured = captured
+        self.tracer = tracer
+        self.seed = seed
+        self.globals = globals_
+        self.backend = backend
+        self.inputs = inputs
+        self.has_input = inputs is not None
+        self.saves = SaveRegistry(keep_graph)
+        self.interleaver = Interleaver(self)
+        self.output: Any = None
+        self.setup_done = False
+        self.invoke_inputs: list[tuple[Task, tuple[tuple, dict]]] = []
+        self.explicit_invokes: list[Task] = []
+        self.skips: dict[int, ForwardSkip] = {}
+        self._skip_values: dict[int, list[tuple[slice | None, Any, str]]] = {}
+        self.caches: list["Cache"] = []
+        self._weights: dict[int, tuple[str, torch.Tensor, int]] = {}
+
+        if captured.uses_invoke:
+            body_ns: BodyNamespace = TracedNamespace(seed, globals_)
+        else:
+            body_ns = BodyNamespace(seed, globals_)
+        if captured.as_name:
+            dict.__setitem__(body_ns, captured.as_name, tracer)
+        self.body = Task(self, 0, "the trace body", captured.code, body_ns, None, captured.stored, self.has_input)
+        self.flow: CrossFlow | None = CrossFlow(self.interleaver, self.body, globals_) if captured.uses_invoke else None
+        self.edit_tasks: list[Task] = []
+        self._note(captured)
+        for spec in model._edits:
+            self.edit_tasks.append(
+                Task(self, 0, "an edit (model.edit)", spec.captured.code, BodyNamespace(spec.seed, spec.globals), None, spec.captured.stored, True)
+            )
+            self._note(spec.captured)
+
+    def _note(self, captured: CapturedBlock) -> None:
+        """Prepare what this body's text says it may need."""
+        if captured.uses_skip:
+            self.interleaver.on_module_hooked = self._make_skippable
+        if captured.uses_steps:
+            self.interleaver.hook(self.root_module, "input")
+
+    # -- running ------------------------------------------------------------------
+    def execute(self) -> None:
+        """Run everything.  User exceptions propagate with their own type."""
+        running = running_traces()
+        running.append(self)
+        enter_tensor_patches()
+        try:
+            self._execute()
+        except _StopTrace:
+            pass
+        finally:
+            try:
+                self.interleaver.close()
+                if self.skips:
+                    for skip in self.skips.values():
+                        skip.restore()
+                    self.skips.clear()
+            finally:
+                exit_tensor_patches()
+                running.pop()
+
+    def _execute(self) -> None:
+        interleaver = self.interleaver
+        body = self.body
+        for task in self.edit_tasks:
+            interleaver.add(task)
+            interleaver.start(task)
+        interleaver.add(body)
+        if self.has_input:
+            self.invoke_inputs.append((body, self.inputs))
+        interleaver.start(body)
+        self.setup_done = True
+        if interleaver.stopped:
+            return
+        batched = self._batch()
+        if self.explicit_invokes:
+            for task in self.explicit_invokes:
+                interleaver.start(task)
+                if interleaver.stopped:
+                    return
+            interleaver.drain(None)
+        if batched is None:
+            if any(t.state == "waiting" and t.pending[0] != "result" for t in interleaver.tasks):
+                raise InvokeError(
+                    f"the trace at {self._where()} has no input, so the model never runs: pass the "
+                    "input to `model.trace(input)`, or open `with tracer.invoke(input):` blocks."
+                )
+        else:
+            args, kwargs = batched
+            interleaver.forward_running = True
+            try:
+                self.output = self.backend(self, args, kwargs)
+            except _StopForward:
+                pass
+            finally:
+                interleaver.forward_running = False
+        interleaver.finish_with_result(self.output)
+
+    def _batch(self) -> tuple[tuple, dict] | None:
+        entries = self.invoke_inputs
+        if not entries:
+            return None
+        if len(entries) == 1 and entries[0][0] is self.body:
+            # One input: no batching, no narrowing, no copies.
+            args, kwargs = entries[0][1]
+            prepared = self.model._prepare_input(args, kwargs)
+            self.interleaver.batch_size = prepared.rows
+            return prepared.args, prepared.kwargs
+        prepared = [self.model._prepare_input(*inputs) for _, inputs in entries]
+        args, kwargs = self.model._batch_inputs(prepared)
+        start = 0
+        for (task, _), item in zip(entries, prepared):
+            task.rows = slice(start, start + item.rows)
+            start += item.rows
+        self.interleaver.batch_size = start
+        return args, kwargs
+
+    # -- called from bodies ------------------------------------------------------
+    def register_invoke(self, captured: CapturedBlock, args: tuple, kwargs: dict, has_input: bool, as_name: str | None, invoker: Any) -> None:
+        task = current_task()
+        if task is not self.body:
+            raise InvokeError(
+                f"`tracer.invoke(...)` at {describe_location(captured.filename, captured.with_lineno)} "
+                "is inside another invoke (or an edit); open invokes directly in the trace body."
+            )
+        if self.has_input:
+            raise InvokeError(
+                f"`tracer.invoke(...)` at {describe_location(captured.filename, captured.with_lineno)}: "
+                "this trace already has an input (`model.trace(input)`), which is its only invoke. "
+                "Use `model.trace()` with one `with tracer.invoke(input):` block per input instead."
+            )
+        if self.setup_done:
+            raise InvokeError(
+                f"`tracer.invoke(...)` at {describe_location(captured.filename, captured.with_lineno)} "
+                "comes after trace-body code that uses results of earlier invokes; all invokes must be "
+                "opened before such code. Move that code after the last invoke, or into an invoke."
+            )
+        if self.flow is None:
+            self.flow = CrossFlow(self.interleaver, self.body, self.globals)
+        ns, side, segments = self.flow.invoke_namespace(captured)
+        if as_name:
+            dict.__setitem__(ns, as_name, invoker)
+        number = len(self.explicit_invokes) + 1
+        invoke = Task(self, 0, f"invoke {number}", captured.code, ns, None, captured.stored, True)
+        self.flow.add_invoke(invoke, captured, side, segments)
+        self.interleaver.add(invoke)
+        self.explicit_invokes.append(invoke)
+        if has_input:
+            self.invoke_inputs.append((invoke, (args, kwargs)))
+        self._note(captured)
+
+    def module_access_outside_invoke(self, envoy: "Envoy", kind: str) -> str:
+        accessor = "output" if kind == "output" else "input"
+        if self.explicit_invokes:
+            return (
+                f"`{envoy._display_path()}.{accessor}` is read in the trace body outside any invoke. "
+                "With `tracer.invoke(...)` blocks, read module values inside an invoke; use "
+                "`with tracer.invoke():` (no input) to see the whole batch."
+            )
+        return (
+            f"`{envoy._display_path()}.{accessor}` is read in a trace without input, so the model "
+            "never runs: pass the input to `model.trace(input)` or open `with tracer.invoke(input):`."
+        )
+
+    def present(self, value: Any) -> Any:
+        if isinstance(value, dict):
+            return self.saves.decorate(value)
+        return savable(value)
+
+    def cached_value(self, task: Task, envoy: "Envoy", kind: str) -> Any:
+        for cache in self.caches:
+            found = cache._lookup(envoy._path, kind)
+            if found is not MISSING:
+                if kind == "output":
+                    return narrow(found, task.rows, self.interleaver.batch_size)
+                args, kwargs = found
+                return (
+                    tuple(narrow(a, task.rows, self.interleaver.batch_size) for a in args),
+                    {k: narrow(v, task.rows, self.interleaver.batch_size) for k, v in kwargs.items()},
+                )
+        return MISSING
+
+    def add_cache(self, cache: "Cache") -> None:
+        self.caches.append(cache)
+        interleaver = self.interleaver
+        for envoy in cache._envoys:
+            module = envoy._module
+            if cache.include_output:
+                interleaver.hook(module, "output")
+                interleaver.after.setdefault((id(module), "output"), []).append(cache._recorder(envoy._path, "output"))
+            if cache.include_inputs:
+                interleaver.hook(module, "input")
+                interleaver.after.setdefault((id(module), "input"), []).append(cache._recorder(envoy._path, "input"))
+
+    def skip(self, task: Task, envoy: "Envoy", value: Any) -> None:
+        module = envoy._module
+        current = self.interleaver.current
+        if id(module) not in self.skips:
+            if current is not None and current.key == (id(module), "input"):
+                raise InvokeError(
+                    f"`{envoy._display_path()}.skip(...)` was called while the module had already "
+                    "started (from its own `.input`), too late to skip it this time. Call `.skip()` "
+                    "before reading values of that module."
+                )
+            self.skips[id(module)] = ForwardSkip(module)
+        self._skip_values.setdefault(id(module), []).append((task.rows, value, f"{envoy._display_path()}.skip(...)"))
+        self.skips[id(module)].replacement = self._skipped_call(module)
+
+    def _skipped_call(self, module: torch.nn.Module) -> Callable:
+        def call(original: Callable, args: tuple, kwargs: dict) -> Any:
+            entries = self._skip_values.pop(id(module), [])
+            whole = [value for rows, value, _ in entries if rows is None]
+            if whole:
+                return whole[-1]
+            output = original(*args, **kwargs)
+            for rows, value, what in entries:
+                output = splice(output, rows, value, self.interleaver.batch_size, what)
+            return output
+
+        return call
+
+    def _make_skippable(self, module: torch.nn.Module) -> None:
+        if id(module) not in self.skips:
+            self.skips[id(module)] = ForwardSkip(module)
+
+    def touched_weight(self, name: str, tensor: torch.Tensor) -> None:
+        if id(tensor) not in self._weights and tensor.grad_fn is None:
+            self._weights[id(tensor)] = (name, tensor, tensor._version)
+
+    def deadlock_error(self, task: Task) -> BaseException:
+        assert self.flow is not None
+        return self.flow.deadlock_error(task)
+
+    # -- the end ----------------------------------------------------------------
+    def hand_back(self) -> dict[str, Any]:
+        """The names to bind in the caller's scope (see :mod:`.saving`)."""
+        replaced = self.saves.finish() if len(self.saves) else {}
+        where = LazyText(lambda: f"at {self._where()}")
+        flow = self.flow
+        if flow is not None and flow.invokes:
+            names = set(self.captured.stored)
+            for task in flow.invokes:
+                names |= task.stored
+            raw = flow.final_values(names)
+        else:
+            ns = self.body.ns
+            raw = {n: dict.__getitem__(ns, n) for n in self.captured.stored if dict.__contains__(ns, n)}
+        seed = self.seed
+        out: dict[str, Any] = {}
+        for name, value in raw.items():
+            if name in seed and seed[name] is value:
+                continue  # never reassigned
+            out[name] = hand_back(name, value, self.saves, replaced, where)
+        if self.captured.as_name:
+            out[self.captured.as_name] = self.tracer
+        self._scrub(out, where)
+        return out
+
+    def _scrub(self, out: dict[str, Any], where: Any) -> None:
+        """Drop the links from the namespaces back to this run; where a body
+        defined functions (which keep its namespace as their globals), leave
+        nothing unsaved reachable from it."""
+        for task in (self.body, *self.explicit_invokes, *self.edit_tasks):
+            ns = task.ns
+            ns.resolver = None
+            if isinstance(ns, TracedNamespace):
+                ns.side.clear()
+            task.run = None  # type: ignore[assignment]
+        self.flow = None
+        if not (self.captured.defines_scopes or any(t.code is not self.captured.code for t in self.explicit_invokes)):
+            return
+        for task in (self.body, *self.explicit_invokes):
+            ns = task.ns
+            for name, value in list(dict.items(ns)):
+                if name in out:
+                    dict.__setitem__(ns, name, out[name])
+                elif isinstance(value, torch.Tensor) and value not in self.saves:
+                    dict.__setitem__(ns, name, NotSaved(name, where))
+
+    def check_weights(self) -> None:
+        if not self._weights:
+            return
+        changed = [name for name, tensor, version in self._weights.values() if tensor._version != version]
+        self._weights.clear()
+        if changed:
+            raise WeightsModifiedError(
+                f"the trace at {self._where()} changed model weights in place: {', '.join(changed)}. "
+                "The model now differs from before the trace. Edit activations (`.output`) instead, "
+                "or change weights deliberately on `model._model` outside a trace."
+            )
+
+    def release(self) -> None:
+        self.saves.release()
+        if self.caches:
+            for cache in self.caches:
+                cache._detach_run()
+            self.caches.clear()
+        self.edit_tasks.clear()
+        self.explicit_invokes.clear()
+        self.invoke_inputs.clear()
+        self.interleaver.tasks.clear()
+
+    def _where(self) -> str:
+        return describe_location(self.captured.filename, self.captured.with_lineno)
+
+    def clean_traceback(self, error: BaseException) -> None:
+        """Start the error's traceback at the user's body, hiding the library
+        frames (and the model's forward frames that lead back into them)."""
+        if isinstance(error.__context__, TAKEN_OVER):
+            error.__context__ = None
+        tb = error.__traceback__
+        codes = {task.code for task in self.interleaver.tasks}
+        codes.add(self.captured.code)
+        first_body = None
+        node = tb
+        while node is not None:
+            if node.tb_frame.f_code in codes:
+                first_body = node
+                break
+            node = node.tb_next
+        if first_body is not None:
+            error.__traceback__ = first_body
+        else:
+            error.__traceback__ = strip_library_frames(tb) or tb
+
+
+def _is_library_frame(frame: Any) -> bool:
+    return is_library_file(frame.f_code.co_filename)

@@ -1,0 +1,114 @@
+"""Which trace is running here, and the ``save`` function.
+
+Each thread has its own stack of running traces; inside a trace each invoke
+body runs in its own greenlet, which knows its task.  Library entry points
+(``Envoy.output``, ``save``, ``tracer.stop()``, ...) find their task through
+these two lookups, so helper functions called from a trace body work too.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import greenlet
+
+if TYPE_CHECKING:
+    from .interleaver import Task
+    from .run import TraceRun
+
+T = TypeVar("T")
+
+_local = threading.local()
+
+
+class TaskGreenlet(greenlet.greenlet):
+    """The greenlet an invoke body runs in; carries its task."""
+
+    __slots__ = ("task",)
+
+
+class _Finished:
+    """What a worker switches back with when its body has ended."""
+
+    __slots__ = ()
+
+
+FINISHED = _Finished()
+_POOL_LIMIT = 64
+
+
+def _worker_loop(task: "Task") -> None:
+    # Starting a greenlet costs ~10 us, switching into a waiting one ~1 us: so
+    # workers are reused.  A body that raises ends its worker, and the error
+    # reaches the parent with its traceback (nothing of it stays in the pool).
+    me = greenlet.getcurrent()
+    while True:
+        task._body()
+        task = None
+        me.task = None
+        task = me.parent.switch(FINISHED)
+
+
+def take_worker(task: "Task", parent: greenlet.greenlet) -> TaskGreenlet:
+    """An idle worker greenlet of this thread (or a new one) for ``task``."""
+    idle = getattr(_local, "idle", None)
+    if idle:
+        worker = idle.pop()
+        worker.parent = parent
+    else:
+        worker = TaskGreenlet(_worker_loop, parent=parent)
+    worker.task = task
+    return worker
+
+
+def give_back_worker(worker: TaskGreenlet) -> None:
+    """Return a worker whose body has ended to this thread's pool."""
+    worker.task = None
+    if worker.dead:
+        return
+    idle = getattr(_local, "idle", None)
+    if idle is None:
+        idle = _local.idle = []
+    if len(idle) < _POOL_LIMIT:
+        idle.append(worker)
+
+
+def current_task() -> "Task | None":
+    current = greenlet.getcurrent()
+    return current.task if type(current) is TaskGreenlet else None
+
+
+def running_traces() -> list["TraceRun"]:
+    runs = getattr(_local, "runs", None)
+    if runs is None:
+        runs = _local.runs = []
+    return runs
+
+
+def current_run() -> "TraceRun | None":
+    task = current_task()
+    if task is not None:
+        return task.run
+    runs = getattr(_local, "runs", None)
+    return runs[-1] if runs else None
+
+
+def save(value: T, *, keep_graph: bool | None = None) -> T:
+    """Keep ``value`` after the trace ends; returns ``value`` itself.
+
+    Inside a trace body, ``h = seethrough.save(model.layer.output)`` is the
+    same as ``h = model.layer.output.save()`` and works on any object
+    (tensors, tuples, model outputs, numbers).  Outside a trace it does nothing
+    and returns ``value``.  ``keep_graph=True`` keeps the autograd graph of a
+    saved tensor (by default saved tensors are detached when the trace ends).
+    """
+    run = current_run()
+    if run is None:
+        return value
+    return run.saves.add(value, keep_graph=keep_graph)
+
+
+def tensor_save(self: Any) -> Any:
+    """``Tensor.save()`` while a trace runs (installed by :mod:`.patches`)."""
+    return save(self)

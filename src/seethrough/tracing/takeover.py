@@ -1,0 +1,106 @@
+"""Take a ``with`` block over from Python, and hand its results back.
+
+When a tracer is entered, Python would go on to run the block's body itself.
+We stop it before the first instruction of the body (a one-shot opcode trace
+on the caller's frame raises :class:`_TakenOver`, which the tracer's
+``__exit__`` swallows), run the captured body our own way, and then write the
+names it assigned back into the caller's frame, as if the body had run there.
+
+Only the caller's frame is traced, only until its next instruction, and any
+trace function already installed (a debugger, coverage) is put back at once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+from types import FrameType
+from typing import Any, Callable
+
+
+class _TakenOver(BaseException):
+    """Raised into the caller's frame to skip the native run of a with-body.
+
+    A BaseException so that no ``except Exception`` in between can catch it."""
+
+
+TAKEN_OVER = _TakenOver
+
+
+def _noop_trace(frame: FrameType, event: str, arg: Any) -> None:
+    return None
+
+
+class Takeover:
+    """One armed skip of one ``with`` body in one frame."""
+
+    __slots__ = ("frame", "_old_global", "_old_local", "_old_opcodes", "_armed")
+
+    def __init__(self, frame: FrameType) -> None:
+        self.frame = frame
+        self._armed = False
+
+    def arm(self) -> None:
+        frame = self.frame
+        self._old_global = sys.gettrace()
+        self._old_local = frame.f_trace
+        self._old_opcodes = frame.f_trace_opcodes
+        frame.f_trace = _raise_taken_over
+        frame.f_trace_opcodes = True
+        if self._old_global is None:
+            # Frame-level trace functions only fire while some trace function is set.
+            sys.settrace(_noop_trace)
+        self._armed = True
+
+    def disarm(self) -> None:
+        if not self._armed:
+            return
+        frame = self.frame
+        frame.f_trace_opcodes = self._old_opcodes
+        frame.f_trace = self._old_local
+        if self._old_global is None:
+            sys.settrace(None)
+        elif sys.gettrace() is not self._old_global:
+            sys.settrace(self._old_global)
+        self._armed = False
+        self._old_global = self._old_local = None
+
+
+def _raise_taken_over(frame: FrameType, event: str, arg: Any) -> Callable | None:
+    if event == "opcode" or event == "line":
+        raise _TakenOver()
+    return _raise_taken_over
+
+
+def frame_namespace(frame: FrameType) -> tuple[dict[str, Any], dict[str, Any], bool]:
+    """(locals snapshot, globals, is_module_level) of the caller's frame."""
+    is_module_level = frame.f_locals is frame.f_globals
+    if is_module_level:
+        return {}, frame.f_globals, True
+    return dict(frame.f_locals), frame.f_globals, False
+
+
+if sys.version_info >= (3, 13):
+
+    def write_back(frame: FrameType, values: dict[str, Any]) -> None:
+        """Bind ``values`` as names in ``frame`` (PEP 667 write-through proxy)."""
+        if not values:
+            return
+        proxy = frame.f_locals
+        for name, value in values.items():
+            proxy[name] = value
+
+else:
+    _locals_to_fast = ctypes.pythonapi.PyFrame_LocalsToFast
+    _locals_to_fast.argtypes = [ctypes.py_object, ctypes.c_int]
+    _locals_to_fast.restype = None
+
+    def write_back(frame: FrameType, values: dict[str, Any]) -> None:
+        """Bind ``values`` as names in ``frame``: module/class namespaces directly,
+        function locals (and cells) through ``PyFrame_LocalsToFast``."""
+        if not values:
+            return
+        namespace = frame.f_locals
+        namespace.update(values)
+        if namespace is not frame.f_globals:
+            _locals_to_fast(frame, 0)

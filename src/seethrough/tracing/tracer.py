@@ -1,0 +1,263 @@
+"""The objects a user holds: ``Tracer`` (``with model.trace(...) as tracer``)
+and ``Invoker`` (``with tracer.invoke(...)``).
+
+Entering a tracer captures the ``with`` body (see :mod:`.capture`) and stops
+Python from running it; leaving it runs the body through a
+:class:`~.run.TraceRun` and binds the names the body assigned in the caller's
+scope.  The tracer's methods (``invoke``, ``stop``, ``cache``, ``iter``,
+``result``) are called from inside the body.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any, Iterator
+
+from .._frames import where_user_is
+from ..errors import InvokeError, SeethroughError, TraceSourceError
+from .cache import Cache
+from .capture import CapturedBlock, capture_with_block
+from .interleaver import _EndOfSteps, _StopTrace
+from .run import Backend, TraceRun
+from .runtime import current_task
+from .takeover import TAKEN_OVER, Takeover, frame_namespace, write_back
+
+if TYPE_CHECKING:
+    from ..envoy import Envoy
+    from ..models.model import Model
+
+
+class Tracer:
+    """``with model.trace(input) as tracer:`` — see the package docs."""
+
+    def __init__(
+        self,
+        model: "Model",
+        args: tuple,
+        kwargs: dict,
+        backend: Backend,
+        *,
+        has_input: bool,
+        keep_graph: bool = False,
+        what: str = "model.trace(...)",
+    ) -> None:
+        self._model = model
+        self._args = args
+        self._kwargs = kwargs
+        self._backend = backend
+        self._has_input = has_input
+        self._keep_graph = keep_graph
+        self._what = what
+        self._frame: Any = None
+        self._takeover: Takeover | None = None
+        self._captured: CapturedBlock | None = None
+        self._run: TraceRun | None = None
+        self._result: Any = None
+
+    # -- the with block -----------------------------------------------------------
+    def __enter__(self) -> "Tracer":
+        if self._frame is not None:
+            raise SeethroughError("this tracer is already running; each `with model.trace(...)` needs its own tracer.")
+        frame = sys._getframe(1)
+        self._captured = capture_with_block(frame, self._what)
+        self._frame = frame
+        self._takeover = Takeover(frame)
+        self._takeover.arm()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        frame, self._frame = self._frame, None
+        takeover, self._takeover = self._takeover, None
+        takeover.disarm()
+        if exc_type is not TAKEN_OVER:
+            if exc_type is None:
+                raise TraceSourceError(
+                    f"the body of `with {self._what}` ran without seethrough: something else changed "
+                    "tracing of this frame (a debugger stepping over the `with` line?). Step into "
+                    "the body instead, or put the breakpoint inside it."
+                )
+            return False
+        seed, globals_, _ = frame_namespace(frame)
+        run = TraceRun(
+            self._model,
+            self._captured,
+            self,
+            seed,
+            globals_,
+            (self._args, self._kwargs) if self._has_input else None,
+            self._backend,
+            keep_graph=self._keep_graph,
+        )
+        self._run = run
+        try:
+            run.execute()
+            run.check_weights()
+        except BaseException as error:
+            run.clean_traceback(error)
+            self._finish(run, frame)
+            del frame
+            raise
+        self._finish(run, frame)
+        return True
+
+    def _finish(self, run: TraceRun, frame: Any) -> None:
+        try:
+            values = run.hand_back()
+            write_back(frame, values)
+        finally:
+            self._result = run.output
+            run.release()
+            self._run = None
+
+    # -- used inside the body ---------------------------------------------------------
+    def _task(self, what: str) -> Any:
+        task = current_task()
+        if task is None or task.run is None or task.run.tracer is not self:
+            raise SeethroughError(
+                f"`tracer.{what}` was used outside its trace body ({where_user_is()}); use it "
+                "inside the `with model.trace(...) as tracer:` block."
+            )
+        return task
+
+    def invoke(self, *args: Any, **kwargs: Any) -> "Invoker":
+        """Add one input to the batch: ``with tracer.invoke(input):`` — its body
+        sees only its own rows.  Without an input it sees the whole batch."""
+        return Invoker(self, args, kwargs, has_input=bool(args or kwargs))
+
+    def stop(self) -> None:
+        """End the trace here: the rest of the forward pass is not run; values
+        saved so far are kept."""
+        self._task("stop()")
+        raise _StopTrace()
+
+    def cache(
+        self,
+        modules: Any = None,
+        include_inputs: bool = False,
+        include_output: bool = True,
+    ) -> Cache:
+        """Record the values of ``modules`` (envoys or path strings; default:
+        every module) as the forward pass reaches them."""
+        task = self._task("cache(...)")
+        run = task.run
+        envoys = self._model._resolve_modules(modules)
+        cache = Cache(envoys, include_output, include_inputs, run.saves.keep_graph)
+        run.add_cache(cache)
+        return cache
+
+    @property
+    def iter(self) -> "_Steps":
+        """``for step in tracer.iter[:]`` runs its body at each generation step
+        (also ``iter[2:5]``, ``iter[3]``, ``iter[[0, 4]]``)."""
+        return _Steps(self)
+
+    def all(self) -> Iterator[int]:
+        """Every generation step: ``for step in tracer.all():``."""
+        return self.iter[:]
+
+    def next(self) -> None:
+        """Wait for the next generation step."""
+        task = self._task("next()")
+        interleaver = task.run.interleaver
+        interleaver.wait_for_step(task, interleaver.step + 1)
+
+    @property
+    def result(self) -> Any:
+        """The return value of the traced call (the generated ids for
+        ``model.generate``); inside the body it waits until the call returns."""
+        task = current_task()
+        if task is not None and task.run is not None and task.run.tracer is self:
+            return task.run.present(task.run.interleaver.request_result(task))
+        return self._result
+
+    def barrier(self, participants: int = 0) -> "_Barrier":
+        """Accepted for nnsight compatibility; values already flow between
+        invokes in source order, so the barrier does nothing."""
+        return _Barrier()
+
+    def log(self, *values: Any) -> None:
+        """``print`` (kept for nnsight compatibility)."""
+        print(*values)
+
+    def __repr__(self) -> str:
+        return f"<Tracer {self._what}>"
+
+
+class _Barrier:
+    def __call__(self) -> None:
+        return None
+
+
+class _Steps:
+    """``tracer.iter[...]``."""
+
+    def __init__(self, tracer: Tracer) -> None:
+        self._tracer = tracer
+
+    def __getitem__(self, selector: Any) -> Iterator[int]:
+        task = self._tracer._task("iter[...]")
+        return _step_loop(task, selector)
+
+
+def _step_loop(task: Any, selector: Any) -> Iterator[int]:
+    interleaver = task.run.interleaver
+    if isinstance(selector, int):
+        wanted: Iterator[int] = iter([selector])
+    elif isinstance(selector, slice):
+        start = selector.start or 0
+        step = selector.step or 1
+
+        def counting() -> Iterator[int]:
+            index = start
+            while selector.stop is None or index < selector.stop:
+                yield index
+                index += step
+
+        wanted = counting()
+    else:
+        wanted = iter(sorted(selector))
+    for index in wanted:
+        if interleaver.step > index:
+            continue  # that step has passed; later ones may still come
+        try:
+            interleaver.wait_for_step(task, index)
+        except _EndOfSteps:
+            return
+        yield index
+
+
+class Invoker:
+    """``with tracer.invoke(input):`` — one input of a batched trace."""
+
+    def __init__(self, tracer: Tracer, args: tuple, kwargs: dict, has_input: bool) -> None:
+        self._tracer = tracer
+        self._args = args
+        self._kwargs = kwargs
+        self._has_input = has_input
+        self._takeover: Takeover | None = None
+        self._captured: CapturedBlock | None = None
+
+    def __enter__(self) -> "Invoker":
+        task = current_task()
+        if task is None or task.run is None or task.run.tracer is not self._tracer:
+            raise InvokeError(
+                f"`tracer.invoke(...)` was used outside its trace ({where_user_is()}); open it "
+                "inside the `with model.trace() as tracer:` block."
+            )
+        frame = sys._getframe(1)
+        self._captured = capture_with_block(frame, "tracer.invoke(...)")
+        self._takeover = Takeover(frame)
+        self._takeover.arm()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        takeover, self._takeover = self._takeover, None
+        takeover.disarm()
+        if exc_type is not TAKEN_OVER:
+            return False
+        task = current_task()
+        captured = self._captured
+        task.run.register_invoke(captured, self._args, self._kwargs, self._has_input, captured.as_name, self)
+        if captured.as_name:
+            dict.__setitem__(task.ns, captured.as_name, self)
+        return True
