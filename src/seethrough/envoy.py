@@ -87,7 +87,7 @@ class Envoy:
     def _unknown(self, name: str) -> ModulePathError:
         children = list(self._module._modules)
         aliases = self._root._alias_names(self)
-        candidates = children + aliases + [a for a in dir(self._module) if not a.startswith("_")]
+        candidates = list(dict.fromkeys(children + aliases + [a for a in dir(self._module) if not a.startswith("_")]))
         close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.6)
         hint = f" Did you mean {', '.join(f'`{c}`' for c in close)}?" if close else ""
         listing = ", ".join(children[:20]) + (", ..." if len(children) > 20 else "")

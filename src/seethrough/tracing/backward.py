@@ -67,7 +67,9 @@ class _GradProperty:
 
     def __set__(self, tensor: Any, value: Any) -> None:
         context = _active_context()
-        if context is not None and context.is_current(tensor):
+        if context is not None and (context.is_current(tensor) or tensor.grad_fn is not None):
+            # `h.grad = g` inside the block: wait for h's gradient, then replace it.
+            context.grad_of(tensor)
             context.replace_current(value)
             return
         _TENSOR_GRAD.__set__(tensor, value)

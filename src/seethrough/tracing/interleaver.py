@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import greenlet
 import torch
 
-from .._frames import describe_frame, user_frame
-from ..errors import InvokeError, OutOfOrderError
+from .._frames import describe_frame, user_frame, where_user_is
+from ..errors import InvokeError, OutOfOrderError, ShapeMismatchError
 from .hooks import HookSet
 from .runtime import FINISHED, give_back_worker, take_worker
 from .values import narrow, splice
@@ -159,7 +159,7 @@ class Interleaver:
     def start(self, task: Task) -> None:
         """Run a new task until it first waits, blocks or ends."""
         task.greenlet = take_worker(task, self.main)
-        self._switch(task, task)
+        self._switch(task, _NO_VALUE)
 
     def _switch(self, task: Task, value: Any, throw: BaseException | None = None) -> None:
         main_grad = torch.is_grad_enabled()
@@ -170,6 +170,8 @@ class Interleaver:
         try:
             if throw is not None:
                 result = worker.throw(throw)
+            elif value is _NO_VALUE:
+                result = worker.switch()
             else:
                 result = worker.switch(value)
         except _StopTrace:
@@ -271,6 +273,12 @@ class Interleaver:
 
     def assign(self, task: Task, envoy: "Envoy", kind: str, value: Any, accessor: str) -> None:
         """Replace ``kind`` of the module's current call, for the task's rows."""
+        try:
+            self._assign(task, envoy, kind, value, accessor)
+        except ShapeMismatchError as error:
+            raise ShapeMismatchError(f"{error} ({where_user_is()})") from None
+
+    def _assign(self, task: Task, envoy: "Envoy", kind: str, value: Any, accessor: str) -> None:
         self.request(task, envoy, kind)  # waits until the forward is there
         event = self.current
         rows = task.rows
@@ -517,3 +525,4 @@ class _Missing:
 
 _MISSING = _Missing()
 MISSING = _MISSING
+_NO_VALUE = _Missing()  # start a worker without passing anything

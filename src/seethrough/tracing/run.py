@@ -361,6 +361,9 @@ class TraceRun:
             )
 
     def release(self) -> None:
+        """Break every link this run holds, so that nothing it touched waits
+        for the garbage collector (activations are freed as soon as the user
+        drops them)."""
         self.saves.release()
         if self.caches:
             for cache in self.caches:
@@ -370,6 +373,11 @@ class TraceRun:
         self.explicit_invokes.clear()
         self.invoke_inputs.clear()
         self.interleaver.tasks.clear()
+        self.interleaver.run = None  # type: ignore[assignment]
+        self.interleaver.current = None
+        self.body = None  # type: ignore[assignment]
+        self.seed = self.globals = self.inputs = self.output = None  # type: ignore[assignment]
+        self.tracer = None
 
     def _where(self) -> str:
         return describe_location(self.captured.filename, self.captured.with_lineno)

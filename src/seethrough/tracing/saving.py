@@ -157,8 +157,8 @@ class NotSaved:
     def _error(self) -> NotSavedError:
         return NotSavedError(
             f"`{self._name}` was computed inside the trace {self._where} but not saved, so it "
-            f"was not kept. Call `.save()` on it inside the trace (`{self._name} = ....save()` "
-            f"or `seethrough.save({self._name})`) to use it afterwards."
+            "was not kept. To use it after the trace, save it inside the trace: add `.save()` "
+            f"where it is computed, or call `seethrough.save({self._name})`."
         )
 
     def __repr__(self) -> str:

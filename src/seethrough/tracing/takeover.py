@@ -13,9 +13,13 @@ trace function already installed (a debugger, coverage) is put back at once.
 from __future__ import annotations
 
 import ctypes
+import inspect
 import sys
 from types import FrameType
 from typing import Any, Callable
+
+
+_CO_OPTIMIZED = inspect.CO_OPTIMIZED  # set on function code: locals live in fast slots
 
 
 class _TakenOver(BaseException):
@@ -74,10 +78,21 @@ def _raise_taken_over(frame: FrameType, event: str, arg: Any) -> Callable | None
 
 def frame_namespace(frame: FrameType) -> tuple[dict[str, Any], dict[str, Any], bool]:
     """(locals snapshot, globals, is_module_level) of the caller's frame."""
-    is_module_level = frame.f_locals is frame.f_globals
-    if is_module_level:
+    namespace = frame.f_locals
+    if namespace is frame.f_globals:
         return {}, frame.f_globals, True
-    return dict(frame.f_locals), frame.f_globals, False
+    snapshot = dict(namespace)
+    _forget_cached_locals(frame, namespace)
+    return snapshot, frame.f_globals, False
+
+
+def _forget_cached_locals(frame: FrameType, namespace: dict) -> None:
+    # Before 3.13 `frame.f_locals` is a dict cached on the frame; its entries
+    # would keep values alive after the user deletes the variables.  Only the
+    # cache is emptied: the frame's real variables are untouched.
+    # Class bodies and exec'd code keep their real namespace there: leave those.
+    if sys.version_info < (3, 13) and frame.f_code.co_flags & _CO_OPTIMIZED:
+        namespace.clear()
 
 
 if sys.version_info >= (3, 13):
@@ -102,5 +117,6 @@ else:
             return
         namespace = frame.f_locals
         namespace.update(values)
-        if namespace is not frame.f_globals:
+        if frame.f_code.co_flags & _CO_OPTIMIZED:
             _locals_to_fast(frame, 0)
+            _forget_cached_locals(frame, namespace)

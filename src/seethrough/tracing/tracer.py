@@ -40,6 +40,7 @@ class Tracer:
         has_input: bool,
         keep_graph: bool = False,
         what: str = "model.trace(...)",
+        keep_result: bool = False,
     ) -> None:
         self._model = model
         self._args = args
@@ -53,6 +54,9 @@ class Tracer:
         self._captured: CapturedBlock | None = None
         self._run: TraceRun | None = None
         self._result: Any = None
+        # Generation keeps its (small) result for `tracer.result` after the
+        # block; a plain trace does not keep the model's output alive.
+        self._keep_result = keep_result
 
     # -- the with block -----------------------------------------------------------
     def __enter__(self) -> "Tracer":
@@ -105,7 +109,8 @@ class Tracer:
             values = run.hand_back()
             write_back(frame, values)
         finally:
-            self._result = run.output
+            if self._keep_result:
+                self._result = run.output
             run.release()
             self._run = None
 
@@ -168,6 +173,12 @@ class Tracer:
         task = current_task()
         if task is not None and task.run is not None and task.run.tracer is self:
             return task.run.present(task.run.interleaver.request_result(task))
+        if not self._keep_result:
+            raise SeethroughError(
+                f"`tracer.result` is kept after the block only for `model.generate(...)` "
+                f"({where_user_is()}). For a trace, save the output inside the block: "
+                "`out = tracer.result.save()` or `out = model.output.save()`."
+            )
         return self._result
 
     def barrier(self, participants: int = 0) -> "_Barrier":

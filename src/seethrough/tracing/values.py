@@ -65,7 +65,7 @@ def splice(full: Any, rows: slice | None, new: Any, batch_size: int, what: str) 
 def _replace(old: Any, new: Any, what: str) -> Any:
     if isinstance(old, torch.Tensor):
         return _conform(old, new, what)
-    if isinstance(old, (tuple, list)) and isinstance(new, (tuple, list)):
+    if isinstance(old, (tuple, list)):
         _check_same_length(old, new, what)
         items = [_replace(o, n, f"{what}[{i}]") for i, (o, n) in enumerate(zip(old, new))]
         return _rebuild_sequence(new if type(new) is not type(old) else old, items)

@@ -1,0 +1,662 @@
+"""The wire format of remote requests and results: data only, never pickle.
+
+Every request and response between a seethrough client and server is one
+*frame* made by :func:`pack` and read back by :func:`unpack`.  A frame carries
+a tree of plain values; nothing in it can name code to import or run, so a
+server can read frames from strangers.
+
+Layout of a frame::
+
+    magic  b"STWF"               4 bytes
+    format version               uint16, little-endian (FORMAT_VERSION)
+    flags                        uint8  (bit 0: body is zlib-compressed)
+    length of sender's version   uint8
+    sender's seethrough version  ASCII, that many bytes (for error messages)
+    body                         zlib stream (or raw, without the flag) of:
+        length of structure      uint64, little-endian
+        structure                msgpack
+        tensors                  ONE safetensors blob ("0", "1", ... by index)
+
+The *structure* is msgpack of plain scalars (None, bool, int up to 64 bits,
+float, str, bytes) and of tagged arrays ``[TAG, ...]`` for everything else —
+lists, tuples, dicts (any insertion order, str/int keys), sets, complex
+numbers, slices, Ellipsis, ``torch.Size``/``dtype``/``device``, references to
+tensors in the blob, ``torch.return_types`` tuples and HuggingFace
+``ModelOutput`` objects.  msgpack maps are never used, so a dict keeps its
+key order and its int keys.
+
+Decoding trusts nothing: the compressed size is checked before any work, the
+decompressed size while decompressing (a zip bomb stops at the cap), msgpack
+runs with length limits, the safetensors header is checked against the bytes
+that follow it, nesting is capped at :data:`MAX_DEPTH`, and every problem is
+a :class:`WireError` (a ``SeethroughError`` and a ``ValueError``) saying what
+was wrong.  Class names in the frame are looked up only among
+``transformers``' ``ModelOutput`` subclasses and ``torch.return_types``;
+nothing else is ever imported or constructed from the wire.
+
+Tensors come back on the CPU, contiguous, detached (``requires_grad`` is not
+sent), with their dtype and shape; several references to the same tensor
+object come back as one object.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import sys
+import zlib
+from typing import Any
+
+import msgpack
+import safetensors.torch
+import torch
+
+from ..errors import SeethroughError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MAX_DEPTH",
+    "WireError",
+    "WireSizeError",
+    "WireVersionError",
+    "pack",
+    "payload_stats",
+    "unpack",
+]
+
+MAGIC = b"STWF"
+FORMAT_VERSION = 1
+FLAG_ZLIB = 0x01
+KNOWN_FLAGS = FLAG_ZLIB
+MAX_DEPTH = 64
+# Level 1 is several times faster than the default and loses little on tensors,
+# which compress poorly whatever the level.
+COMPRESSION_LEVEL = 1
+# With max_unpacked_bytes=None a frame may expand to this many times max_bytes.
+DEFAULT_EXPANSION = 32
+
+_HEADER = struct.Struct("<4sHBB")
+_LENGTH = struct.Struct("<Q")
+
+# Tags of the structure's tagged arrays.
+TAG_LIST = 0
+TAG_TUPLE = 1
+TAG_DICT = 2
+TAG_SET = 3
+TAG_FROZENSET = 4
+TAG_COMPLEX = 5
+TAG_SLICE = 6
+TAG_ELLIPSIS = 7
+TAG_TENSOR = 8
+TAG_COMPLEX_TENSOR = 9  # a complex dtype safetensors lacks, stored via view_as_real
+TAG_SIZE = 10
+TAG_DTYPE = 11
+TAG_DEVICE = 12
+TAG_MODEL_OUTPUT = 13
+TAG_RETURN_TYPE = 14
+
+_SUPPORTED_HINT = "send tensors, numbers, strings, lists, tuples and dicts"
+
+
+class WireError(SeethroughError, ValueError):
+    """A value cannot be packed, or a frame cannot be read back."""
+
+
+class WireSizeError(WireError):
+    """A frame is over the size limit (compressed or decompressed)."""
+
+
+class WireVersionError(WireError):
+    """The frame was written by a different version of the wire format."""
+
+
+# -- dtypes -----------------------------------------------------------------------
+
+# safetensors' own names for the dtypes it stores, with their sizes in bytes.
+_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    name: dtype
+    for name, dtype in {
+        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+        "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+        "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+        "C64": torch.complex64,
+        "U16": getattr(torch, "uint16", None), "U32": getattr(torch, "uint32", None),
+        "U64": getattr(torch, "uint64", None),
+        "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
+        "F8_E5M2": getattr(torch, "float8_e5m2", None),
+        "F8_E4M3FNUZ": getattr(torch, "float8_e4m3fnuz", None),
+        "F8_E5M2FNUZ": getattr(torch, "float8_e5m2fnuz", None),
+    }.items()
+    if dtype is not None and dtype in getattr(safetensors.torch, "_TYPES", {}).values()
+}
+_STORABLE_DTYPES = frozenset(_SAFETENSORS_DTYPES.values())
+# Complex dtypes safetensors cannot store go as their real view (last dim of 2).
+_COMPLEX_VIA_REAL = {torch.complex128: torch.float64, torch.complex32: torch.float16}
+_DTYPES_BY_NAME: dict[str, torch.dtype] = {
+    str(dtype).removeprefix("torch."): dtype
+    for dtype in vars(torch).values()
+    if isinstance(dtype, torch.dtype)
+}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# -- encoding ---------------------------------------------------------------------
+
+
+def _model_output_class() -> type | None:
+    """transformers' ModelOutput, only if transformers is already loaded (no import)."""
+    generic = sys.modules.get("transformers.utils.generic")
+    return getattr(generic, "ModelOutput", None) if generic is not None else None
+
+
+def _is_return_type(value: Any) -> bool:
+    return type(value).__module__ == "torch.return_types" and isinstance(value, tuple)
+
+
+def _type_name(value: Any) -> str:
+    cls = type(value)
+    module = cls.__module__
+    if module in ("builtins", "__main__"):
+        return cls.__qualname__
+    return f"{cls.__qualname__} (from {module})"
+
+
+def _key_path(path: str, key: Any) -> str:
+    return f"{path}[{key!r}]"
+
+
+class _Encoder:
+    """Turns a value into the tagged structure, collecting its tensors."""
+
+    def __init__(self) -> None:
+        self.tensors: list[torch.Tensor] = []
+        self._index_by_id: dict[int, int] = {}
+        self._originals: list[torch.Tensor] = []  # keeps ids stable while packing
+        self._storages: set[int] = set()
+        self._tags: list[int] = []
+
+    def encode(self, value: Any, path: str, depth: int) -> Any:
+        if depth > MAX_DEPTH:
+            raise WireError(
+                f"{path}: nested deeper than {MAX_DEPTH} levels (does the value contain "
+                "itself?); send a flatter structure"
+            )
+        if value is None or type(value) in (bool, str, bytes, float):
+            return value
+        # Subclasses (a str Enum, an IntEnum, ...) travel as their plain value.
+        if isinstance(value, str):
+            return str.__str__(value)
+        if isinstance(value, bytes):
+            return bytes(value)
+        if isinstance(value, int):
+            return self._int(int(value), path)
+        if isinstance(value, float):
+            return float(value)
+        if isinstance(value, complex):
+            return [TAG_COMPLEX, value.real, value.imag]
+        if isinstance(value, torch.Tensor):
+            return self._tensor(value, path)
+        if isinstance(value, torch.Size):
+            return [TAG_SIZE, *(int(dim) for dim in value)]
+        if isinstance(value, torch.dtype):
+            return [TAG_DTYPE, _dtype_name(value)]
+        if isinstance(value, torch.device):
+            return [TAG_DEVICE, str(value)]
+        if value is Ellipsis:
+            return [TAG_ELLIPSIS]
+        if isinstance(value, slice):
+            return [TAG_SLICE, *(self.encode(part, f"{path}.{name}", depth + 1)
+                                 for part, name in ((value.start, "start"), (value.stop, "stop"), (value.step, "step")))]
+        model_output = _model_output_class()
+        if model_output is not None and isinstance(value, model_output):
+            fields = [TAG_MODEL_OUTPUT, type(value).__name__]
+            for key, item in value.items():
+                fields += [key, self.encode(item, _key_path(path, key), depth + 1)]
+            return fields
+        if _is_return_type(value):
+            return [TAG_RETURN_TYPE, type(value).__name__,
+                    *(self.encode(item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value))]
+        if isinstance(value, (list, tuple)):
+            tag = TAG_LIST if isinstance(value, list) else TAG_TUPLE
+            return [tag, *(self.encode(item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value))]
+        if isinstance(value, dict):
+            return self._dict(value, path, depth)
+        if isinstance(value, (set, frozenset)):
+            tag = TAG_SET if isinstance(value, set) else TAG_FROZENSET
+            return [tag, *(self.encode(item, f"{path}{{{item!r}}}", depth + 1) for item in _stable_order(value))]
+        raise WireError(f"{path}: cannot send an object of type {_type_name(value)}; {_SUPPORTED_HINT}")
+
+    @staticmethod
+    def _int(value: int, path: str) -> int:
+        if not -(2**63) <= value < 2**64:
+            raise WireError(
+                f"{path}: an integer of {value.bit_length()} bits does not fit in 64 bits; "
+                "send it as a string or a tensor"
+            )
+        return value
+
+    def _dict(self, value: dict, path: str, depth: int) -> list:
+        fields: list[Any] = [TAG_DICT]
+        for key, item in value.items():
+            if type(key) not in (str, int, bool):
+                raise WireError(
+                    f"{path}: dict key {key!r} of type {_type_name(key)} cannot be sent; "
+                    "dict keys must be strings or integers"
+                )
+            fields += [self.encode(key, path, depth + 1), self.encode(item, _key_path(path, key), depth + 1)]
+        return fields
+
+    def _tensor(self, tensor: torch.Tensor, path: str) -> list:
+        known = self._index_by_id.get(id(tensor))
+        if known is not None:
+            return [self._tags[known], known]
+        if tensor.layout != torch.strided:
+            raise WireError(f"{path}: cannot send a {tensor.layout} tensor; convert it with .to_dense() first")
+        if tensor.device.type == "meta" or tensor.is_quantized:
+            kind = "meta" if tensor.device.type == "meta" else "quantized"
+            raise WireError(f"{path}: cannot send a {kind} tensor: it has no plain data to send")
+        data = tensor.detach()
+        if data.device.type != "cpu":
+            data = data.cpu()
+        tag = TAG_TENSOR
+        if data.dtype in _COMPLEX_VIA_REAL:
+            data, tag = torch.view_as_real(data), TAG_COMPLEX_TENSOR
+        if data.dtype not in _STORABLE_DTYPES:
+            raise WireError(f"{path}: cannot send a tensor of dtype {data.dtype}; cast it to a standard dtype first")
+        data = data.contiguous()
+        if data.nbytes:
+            # safetensors refuses two tensors that share memory: copy the later ones.
+            storage = data.untyped_storage().data_ptr()
+            if storage in self._storages:
+                data = data.clone()
+                storage = data.untyped_storage().data_ptr()
+            self._storages.add(storage)
+        if type(data) is not torch.Tensor:
+            data = data.as_subclass(torch.Tensor)
+        index = len(self.tensors)
+        self.tensors.append(data)
+        self._originals.append(tensor)
+        self._tags.append(tag)
+        self._index_by_id[id(tensor)] = index
+        return [tag, index]
+
+
+def _stable_order(items: set | frozenset) -> list:
+    """Set elements in a deterministic order (string hashing varies per process)."""
+    try:
+        return sorted(items)
+    except TypeError:
+        return sorted(items, key=lambda item: (type(item).__name__, repr(item)))
+
+
+# -- frame ------------------------------------------------------------------------
+
+
+def _library_version() -> str:
+    try:
+        from .. import __version__
+    except ImportError:
+        return "unknown"
+    return str(__version__)
+
+
+def pack(value: Any, *, max_bytes: int, level: int = COMPRESSION_LEVEL) -> bytes:
+    """Encode ``value`` into one frame of at most ``max_bytes`` bytes.
+
+    ``level`` is the zlib level (0 stores the body uncompressed).  Raises
+    :class:`WireError` naming the path of an unsupported value inside
+    ``value``, and :class:`WireSizeError` when the frame is over ``max_bytes``.
+    """
+    encoder = _Encoder()
+    structure_tree = encoder.encode(value, "value", 0)
+    try:
+        structure = msgpack.packb(structure_tree, use_bin_type=True)
+    except (ValueError, TypeError, OverflowError, UnicodeEncodeError) as error:
+        raise WireError(f"value: cannot encode the structure ({error}); {_SUPPORTED_HINT}") from None
+    blob = b""
+    if encoder.tensors:
+        try:
+            blob = safetensors.torch.save({str(i): t for i, t in enumerate(encoder.tensors)})
+        except (RuntimeError, ValueError, TypeError, KeyError) as error:
+            raise WireError(f"value: cannot store its tensors ({error})") from None
+    pieces = (_LENGTH.pack(len(structure)), structure, blob)
+    flags = 0
+    if level:
+        compressor = zlib.compressobj(level)
+        body = b"".join([*(compressor.compress(piece) for piece in pieces), compressor.flush()])
+        flags |= FLAG_ZLIB
+    else:
+        body = b"".join(pieces)
+    version = _library_version().encode("ascii", "replace")[:255]
+    frame = b"".join((_HEADER.pack(MAGIC, FORMAT_VERSION, flags, len(version)), version, body))
+    if len(frame) > max_bytes:
+        raise WireSizeError(
+            f"the value packs to {len(frame):,} bytes, over the limit of {max_bytes:,} bytes; "
+            "send less (e.g. slice tensors before saving them, or save fewer of them)"
+        )
+    return frame
+
+
+def unpack(data: bytes, *, max_bytes: int, max_unpacked_bytes: int | None = None) -> Any:
+    """Decode a frame made by :func:`pack`, trusting nothing in it.
+
+    ``max_bytes`` caps the frame itself (checked first); ``max_unpacked_bytes``
+    caps its decompressed size (default: ``DEFAULT_EXPANSION * max_bytes``).
+    Every malformed or oversized input raises :class:`WireError`.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise WireError(f"a frame must be bytes, not {_type_name(data)}")
+    if len(data) > max_bytes:
+        raise WireSizeError(f"the message is {len(data):,} bytes, over the limit of {max_bytes:,} bytes")
+    data = bytes(data)
+    limit = DEFAULT_EXPANSION * max_bytes if max_unpacked_bytes is None else max_unpacked_bytes
+    flags, body = _read_header(data)
+    payload = _decompress(body, limit) if flags & FLAG_ZLIB else body
+    if len(payload) > limit:
+        raise WireSizeError(f"the message body is {len(payload):,} bytes, over the limit of {limit:,} bytes")
+    if len(payload) < _LENGTH.size:
+        raise WireError(f"the message body is truncated: {len(payload)} bytes, too short to hold its layout")
+    (structure_length,) = _LENGTH.unpack_from(payload)
+    if structure_length > len(payload) - _LENGTH.size:
+        raise WireError(
+            f"the message body is truncated: its structure claims {structure_length:,} bytes "
+            f"but only {len(payload) - _LENGTH.size:,} follow"
+        )
+    structure_end = _LENGTH.size + structure_length
+    tree = _read_structure(payload[_LENGTH.size:structure_end])
+    tensors = _read_tensors(payload[structure_end:])
+    return _Decoder(tensors).decode(tree, 0)
+
+
+def _read_header(data: bytes) -> tuple[int, bytes]:
+    """Check the header; return the flags and the body after it."""
+    if len(data) < _HEADER.size:
+        raise WireError(
+            f"the message is truncated: {len(data)} bytes, shorter than the {_HEADER.size}-byte "
+            "header of a seethrough wire frame"
+        )
+    magic, version, flags, version_length = _HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise WireError(
+            f"not a seethrough wire frame: it starts with {data[:4]!r} instead of {MAGIC!r} "
+            "(was it sent by a seethrough client or server?)"
+        )
+    sender = data[_HEADER.size:_HEADER.size + version_length].decode("ascii", "replace") or "unknown"
+    if version != FORMAT_VERSION:
+        raise WireVersionError(
+            f"wire format version mismatch: the message uses version {version} (sent by seethrough "
+            f"{sender}) but this side (seethrough {_library_version()}) reads version {FORMAT_VERSION}; "
+            "install the same seethrough version on the client and the server"
+        )
+    if flags & ~KNOWN_FLAGS:
+        raise WireError(f"the frame header has unknown flags 0x{flags:02x}; it is corrupt or from a newer seethrough")
+    if len(data) < _HEADER.size + version_length:
+        raise WireError("the message is truncated inside its header")
+    return flags, data[_HEADER.size + version_length:]
+
+
+def _decompress(body: bytes, limit: int) -> bytes:
+    decompressor = zlib.decompressobj()
+    try:
+        payload = decompressor.decompress(body, limit + 1)
+    except zlib.error as error:
+        raise WireError(f"the message body is not valid compressed data ({error})") from None
+    if len(payload) > limit or decompressor.unconsumed_tail:
+        raise WireSizeError(f"the message decompresses to more than the limit of {limit:,} bytes")
+    if not decompressor.eof:
+        raise WireError("the message is truncated: its compressed body ends early")
+    if decompressor.unused_data:
+        raise WireError(f"the message has {len(decompressor.unused_data)} unexpected bytes after its compressed body")
+    return payload
+
+
+def _read_structure(raw: bytes) -> Any:
+    size = max(len(raw), 1)
+    try:
+        return msgpack.unpackb(
+            raw, raw=False, use_list=True, strict_map_key=True, max_buffer_size=size,
+            max_str_len=size, max_bin_len=size, max_array_len=size, max_map_len=0, max_ext_len=0,
+        )
+    except msgpack.exceptions.StackError:
+        raise WireError(f"malformed structure: nested deeper than {MAX_DEPTH} levels") from None
+    except (ValueError, TypeError, UnicodeDecodeError, OverflowError) as error:
+        detail = str(error) or type(error).__name__
+        raise WireError(f"malformed structure in the message (msgpack: {detail})") from None
+
+
+def _read_tensors(blob: bytes) -> dict[str, torch.Tensor]:
+    if not blob:
+        return {}
+    if len(blob) < _LENGTH.size:
+        raise WireError(f"malformed tensor data: {len(blob)} bytes, too short for a safetensors header")
+    (header_length,) = _LENGTH.unpack_from(blob)
+    if header_length > len(blob) - _LENGTH.size:
+        raise WireError(
+            f"malformed tensor data: the safetensors header claims {header_length:,} bytes "
+            f"but only {len(blob) - _LENGTH.size:,} follow"
+        )
+    try:
+        header = json.loads(blob[_LENGTH.size:_LENGTH.size + header_length])
+    except (ValueError, UnicodeDecodeError) as error:
+        raise WireError(f"malformed tensor data: the safetensors header is not valid JSON ({error})") from None
+    if not isinstance(header, dict):
+        raise WireError("malformed tensor data: the safetensors header is not a JSON object")
+    data_length = len(blob) - _LENGTH.size - header_length
+    header.pop("__metadata__", None)
+    for name, entry in header.items():
+        _check_tensor_entry(name, entry, data_length, len(header))
+    try:
+        return safetensors.torch.load(blob)
+    except Exception as error:  # safetensors raises its own untyped errors; none may escape raw
+        raise WireError(f"malformed tensor data: safetensors could not read it ({error})") from None
+
+
+def _check_tensor_entry(name: str, entry: Any, data_length: int, count: int) -> None:
+    where = f"malformed tensor data: tensor {name!r}"
+    if not (name.isdigit() and int(name) < count):
+        raise WireError(f"{where} has an unexpected name (expected 0..{count - 1})")
+    if not isinstance(entry, dict):
+        raise WireError(f"{where} has no description")
+    dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype"))  # type: ignore[arg-type]
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if dtype is None:
+        raise WireError(f"{where} has an unsupported dtype {entry.get('dtype')!r}")
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        raise WireError(f"{where} has an invalid shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+        raise WireError(f"{where} has invalid data offsets {offsets!r}")
+    begin, end = offsets
+    if not 0 <= begin <= end <= data_length:
+        raise WireError(f"{where} claims bytes {begin:,}..{end:,} but the data holds only {data_length:,} bytes")
+    claimed = math.prod(shape) * dtype.itemsize
+    if claimed != end - begin:
+        raise WireError(f"{where} claims shape {shape} ({claimed:,} bytes) but spans {end - begin:,} bytes")
+
+
+# -- decoding ---------------------------------------------------------------------
+
+
+def _model_output_by_name(name: str) -> type | None:
+    """A ModelOutput subclass exported by transformers, or None (never other classes)."""
+    if not name.isidentifier() or name.startswith("_"):
+        return None
+    try:
+        import transformers
+        import transformers.modeling_outputs
+        from transformers.utils import ModelOutput
+    except ImportError:
+        return None
+    for namespace in (transformers.modeling_outputs, transformers):
+        try:
+            cls = getattr(namespace, name, None)
+        except Exception:  # transformers' lazy module may fail to import the model file
+            cls = None
+        if isinstance(cls, type) and issubclass(cls, ModelOutput):
+            return cls
+    return None
+
+
+def _return_type_by_name(name: str) -> type | None:
+    import torch.return_types as return_types
+
+    if not name.isidentifier() or name.startswith("_"):
+        return None
+    cls = getattr(return_types, name, None)
+    if isinstance(cls, type) and issubclass(cls, tuple) and cls.__module__ == "torch.return_types":
+        return cls
+    return None
+
+
+class _Decoder:
+    """Rebuilds a value from the tagged structure, checking every node."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self._tensors = tensors
+        self._complex: dict[int, torch.Tensor] = {}
+
+    def decode(self, node: Any, depth: int) -> Any:
+        if depth > MAX_DEPTH:
+            raise WireError(f"malformed structure: nested deeper than {MAX_DEPTH} levels")
+        if node is None or type(node) in (bool, int, float, str, bytes):
+            return node
+        if type(node) is not list or not node or type(node[0]) is not int:
+            raise WireError(f"malformed structure: unexpected {type(node).__name__} where a value was expected")
+        tag, fields = node[0], node[1:]
+        if tag in (TAG_LIST, TAG_TUPLE, TAG_SET, TAG_FROZENSET):
+            items = [self.decode(field, depth + 1) for field in fields]
+            if tag == TAG_LIST:
+                return items
+            if tag == TAG_TUPLE:
+                return tuple(items)
+            try:
+                return set(items) if tag == TAG_SET else frozenset(items)
+            except TypeError:
+                raise WireError("malformed structure: a set holds an unhashable element") from None
+        if tag == TAG_DICT:
+            return self._dict(fields, depth)
+        if tag in (TAG_TENSOR, TAG_COMPLEX_TENSOR):
+            return self._tensor(tag, fields)
+        if tag == TAG_MODEL_OUTPUT:
+            return self._model_output(fields, depth)
+        if tag == TAG_RETURN_TYPE:
+            return self._return_type(fields, depth)
+        return self._simple(tag, fields, depth)
+
+    def _simple(self, tag: int, fields: list, depth: int) -> Any:
+        if tag == TAG_COMPLEX:
+            if len(fields) != 2 or not all(type(part) is float for part in fields):
+                raise WireError("malformed structure: a complex number needs two floats")
+            return complex(*fields)
+        if tag == TAG_SLICE:
+            if len(fields) != 3:
+                raise WireError("malformed structure: a slice needs start, stop and step")
+            return slice(*(self.decode(field, depth + 1) for field in fields))
+        if tag == TAG_ELLIPSIS:
+            if fields:
+                raise WireError("malformed structure: Ellipsis takes no fields")
+            return Ellipsis
+        if tag == TAG_SIZE:
+            if not all(type(dim) is int and 0 <= dim < 2**63 for dim in fields):
+                raise WireError("malformed structure: a torch.Size holds something other than dimensions")
+            return torch.Size(fields)
+        if tag == TAG_DTYPE:
+            dtype = _DTYPES_BY_NAME.get(fields[0]) if len(fields) == 1 and type(fields[0]) is str else None
+            if dtype is None:
+                raise WireError(f"malformed structure: unknown torch dtype {fields[:1]!r}")
+            return dtype
+        if tag == TAG_DEVICE:
+            if len(fields) != 1 or type(fields[0]) is not str or len(fields[0]) > 64:
+                raise WireError("malformed structure: a torch.device needs its name")
+            try:
+                return torch.device(fields[0])
+            except (RuntimeError, ValueError):
+                raise WireError(f"malformed structure: {fields[0]!r} is not a torch device") from None
+        raise WireError(f"malformed structure: unknown tag {tag} (is the message from a newer seethrough?)")
+
+    def _dict(self, fields: list, depth: int) -> dict:
+        if len(fields) % 2:
+            raise WireError("malformed structure: a dict has a key without a value")
+        result: dict[Any, Any] = {}
+        for i in range(0, len(fields), 2):
+            key = fields[i]
+            if type(key) not in (str, int, bool):
+                raise WireError(f"malformed structure: a dict key of type {type(key).__name__} (keys are strings or integers)")
+            if key in result:
+                raise WireError(f"malformed structure: the dict key {key!r} appears twice")
+            result[key] = self.decode(fields[i + 1], depth + 1)
+        return result
+
+    def _tensor(self, tag: int, fields: list) -> torch.Tensor:
+        if len(fields) != 1 or type(fields[0]) is not int:
+            raise WireError("malformed structure: a tensor reference needs one index")
+        index = fields[0]
+        tensor = self._tensors.get(str(index)) if 0 <= index else None
+        if tensor is None:
+            raise WireError(
+                f"malformed structure: tensor reference {index} is out of range "
+                f"(the message holds {len(self._tensors)} tensors)"
+            )
+        if tag == TAG_TENSOR:
+            return tensor
+        if index not in self._complex:
+            if tensor.dtype not in (torch.float64, torch.float16) or tensor.dim() == 0 or tensor.shape[-1] != 2:
+                raise WireError(f"malformed structure: tensor {index} cannot be read as complex numbers")
+            self._complex[index] = torch.view_as_complex(tensor)
+        return self._complex[index]
+
+    def _model_output(self, fields: list, depth: int) -> Any:
+        if not fields or type(fields[0]) is not str or len(fields) % 2 != 1:
+            raise WireError("malformed structure: a model output needs its class name and fields")
+        items = self._dict(fields[1:], depth)
+        cls = _model_output_by_name(fields[0])
+        if cls is None or not all(type(key) is str for key in items):
+            return items
+        try:
+            return cls(**items)
+        except (TypeError, ValueError):
+            return items  # fields that this transformers version's class lacks: keep the data
+
+    def _return_type(self, fields: list, depth: int) -> Any:
+        if not fields or type(fields[0]) is not str:
+            raise WireError("malformed structure: a torch.return_types value needs its name")
+        items = tuple(self.decode(field, depth + 1) for field in fields[1:])
+        cls = _return_type_by_name(fields[0])
+        if cls is None:
+            return items
+        try:
+            return cls(items)
+        except (TypeError, ValueError):
+            return items
+
+
+# -- statistics -------------------------------------------------------------------
+
+
+def payload_stats(value: Any) -> dict[str, int]:
+    """Count the tensors in ``value`` and their bytes (each tensor object once).
+
+    Returns ``{"tensors": count, "tensor_bytes": total}``; compare with
+    ``len(pack(value, ...))`` to see the overhead of the wire format.
+    """
+    seen: set[int] = set()
+    total = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            continue
+        if isinstance(item, torch.Tensor):
+            if id(item) not in seen:
+                seen.add(id(item))
+                total += item.numel() * item.element_size()
+        elif isinstance(item, dict):
+            stack.extend((child, depth + 1) for child in item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            stack.extend((child, depth + 1) for child in item)
+        elif isinstance(item, slice):
+            stack.extend((child, depth + 1) for child in (item.start, item.stop, item.step))
+    return {"tensors": len(seen), "tensor_bytes": total}

@@ -1,0 +1,268 @@
+"""Where a trace can be written: module level, functions, methods, loops,
+closures, scripts, ``python -c``, IPython cells, under a debugger — and that
+the names a body assigns come back as ordinary Python would leave them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import seethrough
+from seethrough.errors import NotSavedError, TraceSourceError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
+
+
+def test_function_locals_come_back():
+    net = _net()
+    model = seethrough.Model(net)
+    x = torch.randn(2, 4)
+    before = "untouched"
+    with model.trace(x) as tracer:
+        h = model[0].output.save()
+        n_rows = h.shape[0]
+        label = f"rows={n_rows}"
+    assert torch.allclose(h, net[0](x))
+    assert n_rows == 2 and label == "rows=2"
+    assert before == "untouched"
+    assert isinstance(tracer, seethrough.Tracer)
+
+
+def test_list_and_dict_built_inside_survive():
+    model = seethrough.Model(_net())
+    with model.trace(torch.randn(3, 4)):
+        outs = [model[i].output.save() for i in range(3)]
+        by_name = {"first": outs[0], "last": outs[-1]}
+        pair = (outs[0], outs[1])
+    assert [o.shape for o in outs] == [(3, 6), (3, 6), (3, 2)]
+    assert by_name["last"] is outs[-1]
+    assert pair[1] is outs[1]
+
+
+def test_unsaved_values_become_helpful_placeholders():
+    model = seethrough.Model(_net())
+    with model.trace(torch.randn(1, 4)):
+        hidden = model[0].output
+        kept = model[2].output.save()
+        mixed = [kept, kept * 2]
+    assert "not saved" in repr(hidden)
+    with pytest.raises(NotSavedError, match=r"`hidden` was computed inside the trace at .*test_capture.py:\d+"):
+        hidden.shape
+    with pytest.raises(NotSavedError):
+        hidden + 1
+    assert mixed[0] is kept
+    assert "not saved" in repr(mixed[1])
+
+
+def test_outer_variables_and_unassigned_names_are_left_alone():
+    model = seethrough.Model(_net())
+    steer = torch.ones(6)
+    results = []
+    with model.trace(torch.randn(2, 4)):
+        model[0].output[:] += steer
+        results.append(model[2].output.save())
+        if False:
+            steer = None
+    assert torch.equal(steer, torch.ones(6))  # not assigned: left as it was
+    assert len(results) == 1 and results[0].shape == (2, 2)
+
+
+def test_closure_variables_are_read_and_written():
+    model = seethrough.Model(_net())
+    scale = 2.0
+
+    def inner():
+        nonlocal scale
+        with model.trace(torch.randn(1, 4)):
+            model[0].output[:] *= scale
+            scale = 3.0
+            out = model.output.save()
+        return out
+
+    out = inner()
+    assert out.shape == (1, 2)
+    assert scale == 3.0
+
+
+def test_method_and_loop():
+    class Probe:
+        def __init__(self) -> None:
+            self.model = seethrough.Model(_net())
+            self.seen = []
+
+        def run(self, xs):
+            for x in xs:
+                with self.model.trace(x):
+                    self.seen.append(self.model[0].output.save())
+            return self.seen
+
+    seen = Probe().run([torch.randn(1, 4) for _ in range(3)])
+    assert len(seen) == 3 and all(s.shape == (1, 6) for s in seen)
+
+
+def test_body_on_the_same_line_and_helper_functions():
+    model = seethrough.Model(_net())
+
+    def grab(envoy):
+        return envoy.output.save()
+
+    with model.trace(torch.randn(1, 4)): h = grab(model[0])  # noqa: E701
+    assert h.shape == (1, 6)
+
+
+def test_functions_defined_in_the_body_see_its_names():
+    model = seethrough.Model(_net())
+    with model.trace(torch.randn(2, 4)):
+        factor = 3
+
+        def scaled(t):
+            return t * factor
+
+        out = scaled(model[0].output).save()
+        squares = [v * factor for v in range(3)]
+    assert out.shape == (2, 6)
+    assert squares == [0, 3, 6]
+    assert scaled(torch.ones(1)).item() == 3
+
+
+def test_trace_as_last_item_of_a_with_statement():
+    model = seethrough.Model(_net())
+    with torch.no_grad(), model.trace(torch.randn(1, 4)):
+        h = model[0].output.save()
+        grad_on = torch.is_grad_enabled()
+    assert grad_on is False and not h.requires_grad
+
+
+def test_trace_not_last_item_is_refused():
+    model = seethrough.Model(_net())
+    with pytest.raises(TraceSourceError, match="last context manager"):
+        with model.trace(torch.randn(1, 4)), torch.no_grad():
+            pass
+
+
+def test_return_inside_body_is_refused_with_fix():
+    model = seethrough.Model(_net())
+
+    def bad():
+        with model.trace(torch.randn(1, 4)):
+            return model.output.save()
+
+    with pytest.raises(TraceSourceError, match="return"):
+        bad()
+
+
+def _run_python(args, **kwargs):
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src"))
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=120, **kwargs)
+
+
+SCRIPT = textwrap.dedent(
+    """
+    import torch, seethrough
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
+    model = seethrough.Model(net)
+    x = torch.randn(2, 4)
+    with model.trace(x):
+        h = model[0].output.save()
+        model[1].output[:] = 0
+        out = model.output.save()
+    assert torch.allclose(h, net[0](x))
+    assert torch.allclose(out, net[2](torch.zeros(2, 6)))
+    print("OK", tuple(h.shape))
+    """
+)
+
+
+@pytest.mark.slow
+def test_script_file(tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT)
+    result = _run_python([str(script)])
+    assert result.returncode == 0, result.stderr
+    assert "OK (2, 6)" in result.stdout
+
+
+@pytest.mark.slow
+def test_python_dash_c():
+    result = _run_python(["-c", SCRIPT])
+    assert result.returncode == 0, result.stderr
+    assert "OK (2, 6)" in result.stdout
+
+
+@pytest.mark.slow
+def test_plain_repl_without_source_gets_a_clear_error():
+    result = _run_python(["-"], input=SCRIPT)
+    assert result.returncode != 0
+    assert "could not find the source" in result.stderr
+    assert "from a file, a notebook, IPython" in result.stderr
+
+
+@pytest.mark.slow
+def test_ipython_cells():
+    pytest.importorskip("IPython")
+    code = textwrap.dedent(
+        """
+        from IPython.testing.globalipapp import start_ipython
+        ip = start_ipython()
+        cells = [
+            "import torch, seethrough\\nnet = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU())\\nmodel = seethrough.Model(net)",
+            "with model.trace(torch.randn(2, 4)):\\n    h = model[0].output.save()\\n    z = model[1].output",
+            "def f():\\n    with model.trace(torch.randn(3, 4)):\\n        g = model[1].output.save()\\n    return g\\nshape = tuple(f().shape)",
+        ]
+        for cell in cells:
+            result = ip.run_cell(cell)
+            result.raise_error()
+        print("SHAPES", tuple(ip.user_ns["h"].shape), ip.user_ns["shape"], "not saved" in repr(ip.user_ns["z"]))
+        """
+    )
+    result = _run_python(["-c", code])
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert "SHAPES (2, 6) (3, 6) True" in result.stdout
+
+
+@pytest.mark.slow
+def test_debugger_breakpoint_in_body(tmp_path):
+    script = tmp_path / "debug_me.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import torch, seethrough
+            net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU())
+            model = seethrough.Model(net)
+            with model.trace(torch.randn(2, 4)):
+                h = model[0].output.save()
+                breakpoint()
+                after = h.sum().save()
+            print("DONE", tuple(h.shape))
+            """
+        )
+    )
+    result = _run_python([str(script)], input="p tuple(h.shape)\np h.sum() is not None\nc\n")
+    assert result.returncode == 0, result.stderr
+    assert "(2, 6)" in result.stdout
+    assert "DONE (2, 6)" in result.stdout
+
+
+_CLASS_MODEL = seethrough.Model(_net())
+
+
+class _ClassBodyProbe:
+    marker = "kept"
+    with _CLASS_MODEL.trace(torch.randn(1, 4)):
+        hidden = _CLASS_MODEL[0].output.save()
+
+
+def test_class_body_trace_binds_class_attributes():
+    assert _ClassBodyProbe.marker == "kept"
+    assert _ClassBodyProbe.hidden.shape == (1, 6)

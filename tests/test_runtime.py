@@ -1,0 +1,115 @@
+"""Traces from several threads, and what a trace keeps alive afterwards."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import weakref
+
+import torch
+
+import seethrough
+from fixtures.models import assert_pristine
+
+
+def test_two_threads_trace_the_same_model(mlp):
+    model = seethrough.Model(mlp)
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(2)
+
+    def worker(seed: int) -> None:
+        try:
+            generator = torch.Generator().manual_seed(seed)
+            barrier.wait()
+            for _ in range(40):
+                x = torch.randn(3, 4, generator=generator)
+                with torch.no_grad():
+                    with model.trace(x):
+                        model.act.output[:, seed] = 0
+                        hidden = model.act.output.save()
+                        out = model.output.save()
+                    expected_hidden = torch.relu(mlp.fc1(x))
+                    expected_hidden[:, seed] = 0
+                    assert torch.allclose(hidden, expected_hidden, atol=1e-6)
+                    assert torch.allclose(out, mlp.fc2(expected_hidden), atol=1e-6)
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert_pristine(mlp)
+
+
+def _activation_probe(module: torch.nn.Module) -> list[weakref.ref]:
+    refs: list[weakref.ref] = []
+    module.register_forward_hook(lambda m, a, o: refs.append(weakref.ref(o)))
+    return refs
+
+
+def test_unsaved_activations_are_freed_without_gc(mlp):
+    model = seethrough.Model(mlp)
+    refs = _activation_probe(mlp.fc1)
+    gc.collect()
+    gc.disable()
+    try:
+        with model.trace(torch.randn(2, 4)) as tracer:
+            hidden = model.fc1.output * 2
+            kept = model.output.save()
+        assert refs and refs[-1]() is None, "an unsaved activation outlived the trace"
+        assert kept is not None and tracer is not None and hidden is not None
+    finally:
+        gc.enable()
+
+
+def test_saved_activation_is_freed_when_user_drops_it(mlp):
+    model = seethrough.Model(mlp)
+    refs = _activation_probe(mlp.fc1)
+    gc.collect()
+    gc.disable()
+    try:
+        with model.trace(torch.randn(2, 4)) as tracer:
+            hidden = model.fc1.output.save()
+        assert refs[-1]() is not None
+        del hidden, tracer
+        assert refs[-1]() is None, "the library still holds a saved value"
+    finally:
+        gc.enable()
+
+
+def test_failed_trace_frees_activations_without_gc(mlp):
+    model = seethrough.Model(mlp)
+    refs = _activation_probe(mlp.fc1)
+    gc.collect()
+    gc.disable()
+    try:
+        try:
+            with model.trace(torch.randn(2, 4)):
+                model.fc1.output.save()
+                raise RuntimeError("boom")
+        except RuntimeError as error:
+            del error
+        assert refs[-1]() is None
+    finally:
+        gc.enable()
+
+
+def test_no_growth_over_many_traces(mlp):
+    model = seethrough.Model(mlp)
+    x = torch.randn(2, 4)
+
+    def run(n: int) -> None:
+        for _ in range(n):
+            with model.trace(x):
+                model.fc1.output.save()
+
+    run(50)
+    gc.collect()
+    before = len(gc.get_objects())
+    run(300)
+    gc.collect()
+    after = len(gc.get_objects())
+    assert after - before < 50, f"{after - before} objects more after 300 traces"

@@ -1,0 +1,287 @@
+"""Traces on real models, checked against raw PyTorch forward hooks.
+
+Covers reading `.output` / `.input` / `.inputs`, edits (assignment, in-place,
+skip, stop), modules called several times, and that the model is left
+exactly as it was — also after a trace that raised.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import seethrough
+from fixtures.models import assert_pristine, assert_same_state, hook_state, record_outputs, state_snapshot
+
+
+def test_mlp_outputs_match_raw_hooks(mlp):
+    model = seethrough.Model(mlp)
+    x = torch.randn(5, 4)
+    ref_out, seen = record_outputs(mlp, ["fc1", "act", "fc2"], x)
+    with torch.no_grad():
+        with model.trace(x):
+            fc1 = model.fc1.output.save()
+            act = model.act.output.save()
+            out = model.output.save()
+    assert torch.equal(fc1, seen["fc1"][0])
+    assert torch.equal(act, seen["act"][0])
+    assert torch.equal(out, ref_out)
+    assert_pristine(mlp)
+
+
+def test_inputs_and_input(mlp):
+    model = seethrough.Model(mlp)
+    x = torch.randn(2, 4)
+    with model.trace(x):
+        root_in = model.input.save()
+        first = model.fc2.input.save()
+        args_kwargs = model.fc2.inputs.save()
+    ref_in = torch.relu(mlp.fc1(x)).detach()
+    assert torch.allclose(first, ref_in)
+    args, kwargs = args_kwargs
+    assert isinstance(args, tuple) and kwargs == {}
+    assert torch.allclose(args[0], ref_in)
+    assert torch.equal(root_in, x)
+
+
+def test_cnn_edit_in_place_matches_hook_reference(cnn):
+    model = seethrough.Model(cnn)
+    x = torch.randn(2, 3, 8, 8)
+
+    def zero_channel(module, args, output):
+        output = output.clone()
+        output[:, 1] = 0
+        return output
+
+    handle = cnn.conv1.register_forward_hook(zero_channel)
+    with torch.no_grad():
+        expected = cnn(x)
+    handle.remove()
+
+    with torch.no_grad():
+        with model.trace(x):
+            model.conv1.output[:, 1] = 0
+            out = model.output.save()
+    assert torch.allclose(out, expected)
+    with torch.no_grad():
+        assert not torch.allclose(cnn(x), expected)  # the edit did not persist
+    assert_pristine(cnn)
+
+
+def test_assignment_replaces_output(mlp):
+    model = seethrough.Model(mlp)
+    x = torch.randn(3, 4)
+    replacement = torch.ones(3, 8)
+    with torch.no_grad():
+        with model.trace(x):
+            model.act.output = replacement
+            out = model.output.save()
+        expected = mlp.fc2(replacement)
+    assert torch.allclose(out, expected)
+
+
+def test_assignment_broadcasts_numbers_and_vectors(mlp):
+    model = seethrough.Model(mlp)
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        with model.trace(x):
+            model.act.output = 0
+            zero = model.output.save()
+        with model.trace(x):
+            model.act.output = torch.arange(8.0)
+            vec = model.output.save()
+        assert torch.allclose(zero, mlp.fc2(torch.zeros(3, 8)))
+        assert torch.allclose(vec, mlp.fc2(torch.arange(8.0).expand(3, 8)))
+
+
+def test_edited_value_is_seen_by_later_reads(mlp):
+    model = seethrough.Model(mlp)
+    with model.trace(torch.randn(2, 4)):
+        model.fc1.output[:] = 1.0
+        again = model.fc1.output.save()
+    assert torch.equal(again, torch.ones(2, 8))
+
+
+def test_skip_uses_value_and_does_not_run_module(mlp):
+    model = seethrough.Model(mlp)
+    x = torch.randn(2, 4)
+    calls = []
+    handle = mlp.act.register_forward_pre_hook(lambda m, a: calls.append(1))
+    with torch.no_grad():
+        with model.trace(x):
+            model.act.skip(model.fc1.output)
+            skipped = model.act.output.save()
+            out = model.output.save()
+        expected = mlp.fc2(mlp.fc1(x))
+    handle.remove()
+    assert torch.allclose(out, expected)
+    assert torch.allclose(skipped, mlp.fc1(x))
+    # Our pre-hook still ran (hooks run before forward), but ReLU's forward did not:
+    assert (skipped < 0).any()
+    assert_pristine(mlp)
+
+
+def test_stop_ends_forward_early_and_keeps_saves(mlp):
+    model = seethrough.Model(mlp)
+    ran = []
+    handle = mlp.fc2.register_forward_pre_hook(lambda m, a: ran.append(1))
+    with model.trace(torch.randn(2, 4)) as tracer:
+        h = model.fc1.output.save()
+        tracer.stop()
+        after_stop = 1  # noqa: F841 - must not run
+    handle.remove()
+    assert h.shape == (2, 8)
+    assert ran == []
+    assert "after_stop" not in dir()
+
+
+def test_rnn_cell_each_call_in_order(rnn_loop):
+    model = seethrough.Model(rnn_loop)
+    x = torch.randn(2, 4, 3)
+    _, seen = record_outputs(rnn_loop, ["cell"], x)
+    with torch.no_grad():
+        with model.trace(x):
+            states = [model.cell.next().output.save() for _ in range(4)]
+    assert len(states) == 4
+    for got, want in zip(states, seen["cell"]):
+        assert torch.equal(got, want)
+
+
+def test_repeated_access_is_same_call_until_forward_moves(rnn_loop):
+    model = seethrough.Model(rnn_loop)
+    x = torch.randn(2, 4, 3)
+    _, seen = record_outputs(rnn_loop, ["cell"], x)
+    with torch.no_grad():
+        with model.trace(x):
+            a = model.cell.output.save()
+            b = model.cell.output.save()
+            c = model.cell.next().output.save()
+            d = model.cell.next(2).output.save()
+    assert a is b
+    assert torch.equal(a, seen["cell"][0])
+    assert torch.equal(c, seen["cell"][1])
+    assert torch.equal(d, seen["cell"][3])
+
+
+def test_module_used_twice_edits_only_one_call(shared_twice):
+    model = seethrough.Model(shared_twice)
+    x = torch.randn(3, 6)
+    _, seen = record_outputs(shared_twice, ["block"], x)
+    with torch.no_grad():
+        with model.trace(x):
+            first = model.block.output.save()
+            model.middle.output[:] = 0  # forward moves past the first call
+            second = model.block.output.save()
+            out = model.output.save()
+        expected = shared_twice.head(shared_twice.block(torch.zeros(3, 6)))
+    assert torch.equal(first, seen["block"][0])
+    assert torch.allclose(second, shared_twice.block(torch.zeros(3, 6)))
+    assert torch.allclose(out, expected)
+
+
+def test_vit_hidden_states_match_hf(vit):
+    model = seethrough.Model(vit)
+    pixels = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = vit(pixel_values=pixels, output_hidden_states=True)
+        hooks_before = hook_state(vit)  # HuggingFace keeps hooks of its own
+        with model.trace(pixel_values=pixels):
+            layer0 = model.layers[0].output.save()
+            last = model.output.last_hidden_state.save()
+    assert torch.allclose(layer0, ref.hidden_states[1], atol=1e-6)
+    assert torch.allclose(last, ref.last_hidden_state, atol=1e-6)
+    assert_pristine(vit, hooks_before)
+
+
+def test_gpt2_blocks_and_logits(tiny_gpt2):
+    model = seethrough.Model(tiny_gpt2)
+    ids = torch.tensor([[464, 3139, 286, 4881, 318]])
+    with torch.no_grad():
+        ref = tiny_gpt2(ids, output_hidden_states=True)
+        with model.trace(ids):
+            h0 = model.transformer.h[0].output.save()
+            logits = model.output.logits.save()
+    assert torch.allclose(h0, ref.hidden_states[1], atol=1e-5)
+    assert torch.allclose(logits, ref.logits, atol=1e-5)
+
+
+def test_model_output_object_can_be_saved(tiny_gpt2):
+    model = seethrough.Model(tiny_gpt2)
+    ids = torch.tensor([[464, 3139]])
+    with torch.no_grad():
+        with model.trace(ids):
+            out = model.output.save()
+    assert type(out).__name__ == "CausalLMOutputWithCrossAttentions"
+    assert out.logits.shape == (1, 2, tiny_gpt2.config.vocab_size)
+    assert "save" not in out.__dict__  # the temporary .save() is gone
+
+
+def test_model_unchanged_after_failing_trace(mlp):
+    model = seethrough.Model(mlp)
+    snapshot = state_snapshot(mlp)
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        expected = mlp(x)
+    with pytest.raises(ZeroDivisionError):
+        with model.trace(x):
+            model.fc1.output[:] = 0
+            model.act.skip(model.fc1.output)
+            1 / 0
+    assert_pristine(mlp)
+    assert_same_state(mlp, snapshot)
+    with torch.no_grad():
+        assert torch.equal(mlp(x), expected)
+
+
+def test_user_exception_keeps_type_line_and_context(mlp, tmp_path):
+    model = seethrough.Model(mlp)
+
+    class Custom(Exception):
+        pass
+
+    with pytest.raises(Custom) as info:
+        with model.trace(torch.randn(1, 4)):
+            h = model.fc1.output
+            try:
+                {}["missing"]
+            except KeyError:
+                raise Custom("from the body")
+    error = info.value
+    assert isinstance(error.__context__, KeyError)  # the user's own context, not ours
+    frames = [tb.tb_frame.f_code.co_filename for tb in _walk(error.__traceback__)]
+    assert frames[-1] == __file__
+    assert not any("seethrough/tracing" in f for f in frames)
+
+
+def _walk(tb):
+    while tb is not None:
+        yield tb
+        tb = tb.tb_next
+
+
+def test_gradients_read_and_edit_against_autograd(mlp):
+    model = seethrough.Model(mlp)
+    x = torch.randn(3, 4)
+    with model.trace(x):
+        hidden = model.fc1.output.save()
+        loss = model.output.sum()
+        with loss.backward():
+            grad = hidden.grad.save()
+    ref_hidden = mlp.fc1(x)
+    ref_hidden.retain_grad()
+    mlp.fc2(torch.relu(ref_hidden)).sum().backward()
+    assert torch.allclose(grad, ref_hidden.grad)
+    mlp.zero_grad()
+
+
+def test_wrapped_module_behaves_like_bare_module(mlp):
+    model = seethrough.Model(mlp)
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        before = mlp(x)
+        with model.trace(x):
+            model.fc1.output[:] = 0
+        assert torch.equal(model(x), before)
+        assert torch.equal(mlp(x), before)
+    assert model._model is mlp
+    assert_pristine(mlp)
