@@ -29,7 +29,7 @@ from .errors import (
     TraceSourceError,
     WeightsModifiedError,
 )
-from .models import Model
+from .models import LanguageModel, Model
 from .tracing.cache import Cache
 from .tracing.runtime import save
 from .tracing.tracer import Invoker, Tracer
@@ -38,14 +38,17 @@ __version__ = "0.1.0"
 
 # nnsight-compatible names: code written for nnsight runs after changing its import.
 NNsight = Model
+TransformersModel = LanguageModel
 
 __all__ = [
     "CONFIG",
     "Cache",
     "Envoy",
     "Invoker",
+    "LanguageModel",
     "Model",
     "NNsight",
+    "TransformersModel",
     "Tracer",
     "save",
     "BatchError",

