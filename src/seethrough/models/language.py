@@ -293,9 +293,9 @@ class LanguageModel(Model):
 
     # -- entry points -------------------------------------------------------------
     def trace(self, *args: Any, remote: bool = False, keep_graph: bool = False, **kwargs: Any) -> Tracer:
-        self._reject_remote(remote)
-        self._ensure_loaded()
-        return super().trace(*args, keep_graph=keep_graph, **kwargs)
+        if not remote:
+            self._ensure_loaded()  # a remote trace needs no local weights
+        return super().trace(*args, remote=remote, keep_graph=keep_graph, **kwargs)
 
     def scan(self, *args: Any, **kwargs: Any) -> Tracer:
         """Like :meth:`Model.scan`; also works before the weights are loaded
@@ -303,19 +303,30 @@ class LanguageModel(Model):
         backend = _lm_scan_backend if self._loaded else _meta_backend
         return Tracer(self, args, kwargs, backend, has_input=bool(args or kwargs), what="model.scan(...)")
 
-    def generate(self, *args: Any, remote: bool = False, keep_graph: bool = False, **kwargs: Any) -> Tracer:
+    def generate(
+        self,
+        *args: Any,
+        remote: bool = False,
+        keep_graph: bool = False,
+        host: str | None = None,
+        api_key: str | None = None,
+        blocking: bool = True,
+        **kwargs: Any,
+    ) -> Tracer:
         """``with model.generate(prompt, max_new_tokens=n, **hf_kwargs) as tracer:``
         — HuggingFace ``generate`` with the body applied to the first step, or
         to every step inside ``for step in tracer.iter[:]``.  ``tracer.result``
         is the generated token ids (prompt included)."""
-        self._reject_remote(remote)
-        self._ensure_loaded()
-        inputs = args
+        from .model import _remote_options
+
+        options = _remote_options(remote, host, api_key, blocking)
+        if options is None:
+            self._ensure_loaded()
         generate_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k not in ("input_ids", "attention_mask", "token_type_ids")}
         backend = _GenerateBackend(generate_kwargs)
         return Tracer(
-            self, inputs, kwargs, backend, has_input=bool(inputs or kwargs), keep_graph=keep_graph,
-            what="model.generate(...)", keep_result=True,
+            self, args, kwargs, backend, has_input=bool(args or kwargs), keep_graph=keep_graph,
+            what="model.generate(...)", keep_result=True, remote=options,
         )
 
     def __repr__(self) -> str:

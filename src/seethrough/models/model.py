@@ -164,16 +164,29 @@ class Model(Envoy):
         return self._module(*args, **kwargs)
 
     # -- entry points ------------------------------------------------------------
-    def trace(self, *args: Any, remote: bool = False, keep_graph: bool = False, **kwargs: Any) -> Tracer:
+    def trace(
+        self,
+        *args: Any,
+        remote: bool = False,
+        keep_graph: bool = False,
+        host: str | None = None,
+        api_key: str | None = None,
+        blocking: bool = True,
+        **kwargs: Any,
+    ) -> Tracer:
         """``with model.trace(*inputs) as tracer:`` — run the model on the inputs
         (or on the inputs of the ``tracer.invoke`` blocks in the body) and give
         the body access to every module's values.  Keyword arguments other than
         the options below go to the model's forward.
 
         ``keep_graph=True`` keeps the autograd graph of saved tensors (by default
-        they are detached when the trace ends)."""
-        self._reject_remote(remote)
-        return Tracer(self, args, kwargs, _forward_backend, has_input=bool(args or kwargs), keep_graph=keep_graph)
+        they are detached when the trace ends).  ``remote=True`` runs the block
+        on a seethrough server (``host``/``api_key`` override ``CONFIG``;
+        ``blocking=False`` returns at once, with ``tracer.job`` the handle)."""
+        return Tracer(
+            self, args, kwargs, _forward_backend, has_input=bool(args or kwargs), keep_graph=keep_graph,
+            remote=_remote_options(remote, host, api_key, blocking),
+        )
 
     def scan(self, *args: Any, **kwargs: Any) -> Tracer:
         """``with model.scan(input):`` — like ``trace``, but on fake tensors: the
@@ -191,18 +204,13 @@ class Model(Envoy):
         """Forget every intervention added with ``model.edit(...)``."""
         self._edits.clear()
 
-    def session(self, *, remote: bool = False) -> "Session":
+    def session(
+        self, *, remote: bool = False, host: str | None = None, api_key: str | None = None, blocking: bool = True
+    ) -> "Session":
         """``with model.session():`` — group several traces; values saved in one
-        are used by the next."""
-        self._reject_remote(remote)
-        return Session(self)
-
-    def _reject_remote(self, remote: bool) -> None:
-        if remote:
-            raise SeethroughError(
-                "remote execution (`remote=True`) needs a seethrough server; it is not available "
-                "in this version yet. Run the trace locally (drop `remote=True`)."
-            )
+        are used by the next.  With ``remote=True`` the whole block is one
+        request to the server."""
+        return Session(self, _remote_options(remote, host, api_key, blocking))
 
     def _clone(self) -> "Model":
         clone = type(self).__new__(type(self))
@@ -263,20 +271,56 @@ class EditContext:
         return True
 
 
+def _remote_options(remote: bool, host: str | None, api_key: str | None, blocking: bool) -> Any:
+    if not remote:
+        if host is not None or not blocking:
+            raise SeethroughError("`host=` and `blocking=False` only apply with `remote=True`.")
+        return None
+    from ..remote.backend import RemoteOptions
+
+    return RemoteOptions(host=host, api_key=api_key, blocking=blocking)
+
+
 class Session:
     """``with model.session():`` — several traces as one unit of work.
 
     Locally the traces simply run one after the other, and values saved in one
-    are plain variables in the next."""
+    are plain variables in the next.  Remotely (``remote=True``) the whole
+    block is captured and sent as one request: the traces inside run on the
+    server, and the names the block assigns come back."""
 
-    def __init__(self, model: Model) -> None:
+    def __init__(self, model: Model, remote: Any = None) -> None:
         self._model = model
+        self._remote = remote
+        self._frame: Any = None
+        self._takeover: Takeover | None = None
+        self.job: Any = None
 
     def __enter__(self) -> "Session":
+        if self._remote is not None:
+            frame = sys._getframe(1)
+            self._captured = capture_with_block(frame, "model.session()")
+            self._frame = frame
+            self._takeover = Takeover(frame)
+            self._takeover.arm()
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
-        return False
+        if self._remote is None:
+            return False
+        frame, self._frame = self._frame, None
+        self._takeover.disarm()
+        self._takeover = None
+        if exc_type is not TAKEN_OVER:
+            return False
+        from ..remote.backend import run_remote
+
+        try:
+            run_remote(options=self._remote, kind="session", model=self._model, captured=self._captured, frame=frame, holder=self)
+        except BaseException as error:
+            error.__suppress_context__ = True
+            raise
+        return True
 
     def log(self, *values: Any) -> None:
         print(*values)

@@ -27,12 +27,18 @@ key order and its int keys.
 
 Decoding trusts nothing: the compressed size is checked before any work, the
 decompressed size while decompressing (a zip bomb stops at the cap), msgpack
-runs with length limits, the safetensors header is checked against the bytes
+runs with length limits (and the non-tensor structure has its own cap,
+:data:`MAX_STRUCTURE_BYTES`), the safetensors header is checked against the bytes
 that follow it, nesting is capped at :data:`MAX_DEPTH`, and every problem is
 a :class:`WireError` (a ``SeethroughError`` and a ``ValueError``) saying what
 was wrong.  Class names in the frame are looked up only among
 ``transformers``' ``ModelOutput`` subclasses and ``torch.return_types``;
 nothing else is ever imported or constructed from the wire.
+
+Subclasses of the plain types travel as those types (a namedtuple comes back
+as a tuple, an OrderedDict as a dict, an IntEnum as an int); other objects,
+and tensors without plain data (meta, sparse, quantized), raise a
+:class:`WireError` naming their path inside the value.
 
 Tensors come back on the CPU, contiguous, detached (``requires_grad`` is not
 sent), with their dtype and shape; several references to the same tensor
@@ -55,14 +61,7 @@ import torch
 from ..errors import SeethroughError
 
 __all__ = [
-    "FORMAT_VERSION",
-    "MAX_DEPTH",
-    "WireError",
-    "WireSizeError",
-    "WireVersionError",
-    "pack",
-    "payload_stats",
-    "unpack",
+    "FORMAT_VERSION", "MAX_DEPTH", "WireError", "WireSizeError", "WireVersionError", "pack", "payload_stats", "unpack",
 ]
 
 MAGIC = b"STWF"
@@ -75,26 +74,17 @@ MAX_DEPTH = 64
 COMPRESSION_LEVEL = 1
 # With max_unpacked_bytes=None a frame may expand to this many times max_bytes.
 DEFAULT_EXPANSION = 32
+# Python objects cost ~50x their msgpack bytes, so the structure has its own cap;
+# bulk data belongs in tensors, which cost what they weigh.
+MAX_STRUCTURE_BYTES = 8 * 1024 * 1024
 
 _HEADER = struct.Struct("<4sHBB")
 _LENGTH = struct.Struct("<Q")
 
-# Tags of the structure's tagged arrays.
-TAG_LIST = 0
-TAG_TUPLE = 1
-TAG_DICT = 2
-TAG_SET = 3
-TAG_FROZENSET = 4
-TAG_COMPLEX = 5
-TAG_SLICE = 6
-TAG_ELLIPSIS = 7
-TAG_TENSOR = 8
-TAG_COMPLEX_TENSOR = 9  # a complex dtype safetensors lacks, stored via view_as_real
-TAG_SIZE = 10
-TAG_DTYPE = 11
-TAG_DEVICE = 12
-TAG_MODEL_OUTPUT = 13
-TAG_RETURN_TYPE = 14
+# Tags of the structure's tagged arrays.  The numbers are the format: append, never
+# reorder.  TAG_COMPLEX_TENSOR: a complex dtype safetensors lacks, sent via view_as_real.
+(TAG_LIST, TAG_TUPLE, TAG_DICT, TAG_SET, TAG_FROZENSET, TAG_COMPLEX, TAG_SLICE, TAG_ELLIPSIS, TAG_TENSOR,
+ TAG_COMPLEX_TENSOR, TAG_SIZE, TAG_DTYPE, TAG_DEVICE, TAG_MODEL_OUTPUT, TAG_RETURN_TYPE) = range(15)
 
 _SUPPORTED_HINT = "send tensors, numbers, strings, lists, tuples and dicts"
 
@@ -113,26 +103,27 @@ class WireVersionError(WireError):
 
 # -- dtypes -----------------------------------------------------------------------
 
-# safetensors' own names for the dtypes it stores, with their sizes in bytes.
+# safetensors' names for the dtypes it stores: the core set, plus the newer ones
+# that this safetensors version knows (it lists them in a private table).
 _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    name: dtype
-    for name, dtype in {
-        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-        "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
-        "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-        "C64": torch.complex64,
-        "U16": getattr(torch, "uint16", None), "U32": getattr(torch, "uint32", None),
-        "U64": getattr(torch, "uint64", None),
-        "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
-        "F8_E5M2": getattr(torch, "float8_e5m2", None),
-        "F8_E4M3FNUZ": getattr(torch, "float8_e4m3fnuz", None),
-        "F8_E5M2FNUZ": getattr(torch, "float8_e5m2fnuz", None),
-    }.items()
-    if dtype is not None and dtype in getattr(safetensors.torch, "_TYPES", {}).values()
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
+_KNOWN_TO_SAFETENSORS = getattr(safetensors.torch, "_TYPES", {})
+for _name, _attr in {"C64": "complex64", "U16": "uint16", "U32": "uint32", "U64": "uint64",
+                     "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}.items():
+    if _KNOWN_TO_SAFETENSORS.get(_name) is getattr(torch, _attr, None) is not None:
+        _SAFETENSORS_DTYPES[_name] = getattr(torch, _attr)
+del _name, _attr
 _STORABLE_DTYPES = frozenset(_SAFETENSORS_DTYPES.values())
-# Complex dtypes safetensors cannot store go as their real view (last dim of 2).
-_COMPLEX_VIA_REAL = {torch.complex128: torch.float64, torch.complex32: torch.float16}
+# Complex dtypes safetensors cannot store go as their real view (a last dim of 2).
+_COMPLEX_VIA_REAL = {
+    dtype: real
+    for dtype, real in ((torch.complex128, torch.float64), (torch.complex64, torch.float32),
+                        (torch.complex32, torch.float16))
+    if dtype not in _STORABLE_DTYPES
+}
 _DTYPES_BY_NAME: dict[str, torch.dtype] = {
     str(dtype).removeprefix("torch."): dtype
     for dtype in vars(torch).values()
@@ -181,10 +172,8 @@ class _Encoder:
 
     def encode(self, value: Any, path: str, depth: int) -> Any:
         if depth > MAX_DEPTH:
-            raise WireError(
-                f"{path}: nested deeper than {MAX_DEPTH} levels (does the value contain "
-                "itself?); send a flatter structure"
-            )
+            raise WireError(f"{path}: nested deeper than {MAX_DEPTH} levels (does the value contain itself?); "
+                            "send a flatter structure")
         if value is None or type(value) in (bool, str, bytes, float):
             return value
         # Subclasses (a str Enum, an IntEnum, ...) travel as their plain value.
@@ -233,20 +222,16 @@ class _Encoder:
     @staticmethod
     def _int(value: int, path: str) -> int:
         if not -(2**63) <= value < 2**64:
-            raise WireError(
-                f"{path}: an integer of {value.bit_length()} bits does not fit in 64 bits; "
-                "send it as a string or a tensor"
-            )
+            raise WireError(f"{path}: an integer of {value.bit_length()} bits does not fit in 64 bits; "
+                            "send it as a string or a tensor")
         return value
 
     def _dict(self, value: dict, path: str, depth: int) -> list:
         fields: list[Any] = [TAG_DICT]
         for key, item in value.items():
             if type(key) not in (str, int, bool):
-                raise WireError(
-                    f"{path}: dict key {key!r} of type {_type_name(key)} cannot be sent; "
-                    "dict keys must be strings or integers"
-                )
+                raise WireError(f"{path}: dict key {key!r} of type {_type_name(key)} cannot be sent; "
+                                "dict keys must be strings or integers")
             fields += [self.encode(key, path, depth + 1), self.encode(item, _key_path(path, key), depth + 1)]
         return fields
 
@@ -259,14 +244,28 @@ class _Encoder:
         if tensor.device.type == "meta" or tensor.is_quantized:
             kind = "meta" if tensor.device.type == "meta" else "quantized"
             raise WireError(f"{path}: cannot send a {kind} tensor: it has no plain data to send")
+        tag = TAG_COMPLEX_TENSOR if tensor.dtype in _COMPLEX_VIA_REAL else TAG_TENSOR
+        if tensor.dtype not in _STORABLE_DTYPES and tag != TAG_COMPLEX_TENSOR:
+            raise WireError(f"{path}: cannot send a tensor of dtype {tensor.dtype}; cast it to a standard dtype first")
+        try:
+            data = self._plain_cpu_copy(tensor, complex_as_real=tag == TAG_COMPLEX_TENSOR)
+        except RuntimeError as error:  # exotic subclasses (fake, functional...) have no data to read
+            raise WireError(f"{path}: cannot read this tensor's data ({error})") from None
+        index = len(self.tensors)
+        self.tensors.append(data)
+        self._originals.append(tensor)
+        self._tags.append(tag)
+        self._index_by_id[id(tensor)] = index
+        return [tag, index]
+
+
+    def _plain_cpu_copy(self, tensor: torch.Tensor, *, complex_as_real: bool) -> torch.Tensor:
+        """A detached, contiguous CPU tensor sharing memory with no tensor packed before."""
         data = tensor.detach()
         if data.device.type != "cpu":
             data = data.cpu()
-        tag = TAG_TENSOR
-        if data.dtype in _COMPLEX_VIA_REAL:
-            data, tag = torch.view_as_real(data), TAG_COMPLEX_TENSOR
-        if data.dtype not in _STORABLE_DTYPES:
-            raise WireError(f"{path}: cannot send a tensor of dtype {data.dtype}; cast it to a standard dtype first")
+        if complex_as_real:
+            data = torch.view_as_real(data)
         data = data.contiguous()
         if data.nbytes:
             # safetensors refuses two tensors that share memory: copy the later ones.
@@ -275,14 +274,7 @@ class _Encoder:
                 data = data.clone()
                 storage = data.untyped_storage().data_ptr()
             self._storages.add(storage)
-        if type(data) is not torch.Tensor:
-            data = data.as_subclass(torch.Tensor)
-        index = len(self.tensors)
-        self.tensors.append(data)
-        self._originals.append(tensor)
-        self._tags.append(tag)
-        self._index_by_id[id(tensor)] = index
-        return [tag, index]
+        return data if type(data) is torch.Tensor else data.as_subclass(torch.Tensor)
 
 
 def _stable_order(items: set | frozenset) -> list:
@@ -317,6 +309,8 @@ def pack(value: Any, *, max_bytes: int, level: int = COMPRESSION_LEVEL) -> bytes
         structure = msgpack.packb(structure_tree, use_bin_type=True)
     except (ValueError, TypeError, OverflowError, UnicodeEncodeError) as error:
         raise WireError(f"value: cannot encode the structure ({error}); {_SUPPORTED_HINT}") from None
+    if len(structure) > MAX_STRUCTURE_BYTES:
+        raise WireSizeError(_structure_too_big(len(structure)))
     blob = b""
     if encoder.tensors:
         try:
@@ -339,6 +333,11 @@ def pack(value: Any, *, max_bytes: int, level: int = COMPRESSION_LEVEL) -> bytes
             "send less (e.g. slice tensors before saving them, or save fewer of them)"
         )
     return frame
+
+
+def _structure_too_big(length: int) -> str:
+    return (f"the non-tensor part of the message is {length:,} bytes, over the limit of {MAX_STRUCTURE_BYTES:,}; "
+            "send bulk numbers as tensors rather than Python lists")
 
 
 def unpack(data: bytes, *, max_bytes: int, max_unpacked_bytes: int | None = None) -> Any:
@@ -366,6 +365,8 @@ def unpack(data: bytes, *, max_bytes: int, max_unpacked_bytes: int | None = None
             f"the message body is truncated: its structure claims {structure_length:,} bytes "
             f"but only {len(payload) - _LENGTH.size:,} follow"
         )
+    if structure_length > MAX_STRUCTURE_BYTES:
+        raise WireSizeError(_structure_too_big(structure_length))
     structure_end = _LENGTH.size + structure_length
     tree = _read_structure(payload[_LENGTH.size:structure_end])
     tensors = _read_tensors(payload[structure_end:])
@@ -418,7 +419,7 @@ def _read_structure(raw: bytes) -> Any:
     size = max(len(raw), 1)
     try:
         return msgpack.unpackb(
-            raw, raw=False, use_list=True, strict_map_key=True, max_buffer_size=size,
+            raw, raw=False, use_list=True, strict_map_key=True,
             max_str_len=size, max_bin_len=size, max_array_len=size, max_map_len=0, max_ext_len=0,
         )
     except msgpack.exceptions.StackError:
@@ -435,10 +436,8 @@ def _read_tensors(blob: bytes) -> dict[str, torch.Tensor]:
         raise WireError(f"malformed tensor data: {len(blob)} bytes, too short for a safetensors header")
     (header_length,) = _LENGTH.unpack_from(blob)
     if header_length > len(blob) - _LENGTH.size:
-        raise WireError(
-            f"malformed tensor data: the safetensors header claims {header_length:,} bytes "
-            f"but only {len(blob) - _LENGTH.size:,} follow"
-        )
+        raise WireError(f"malformed tensor data: the safetensors header claims {header_length:,} bytes "
+                        f"but only {len(blob) - _LENGTH.size:,} follow")
     try:
         header = json.loads(blob[_LENGTH.size:_LENGTH.size + header_length])
     except (ValueError, UnicodeDecodeError) as error:
@@ -603,7 +602,7 @@ class _Decoder:
         if tag == TAG_TENSOR:
             return tensor
         if index not in self._complex:
-            if tensor.dtype not in (torch.float64, torch.float16) or tensor.dim() == 0 or tensor.shape[-1] != 2:
+            if tensor.dtype not in _COMPLEX_VIA_REAL.values() or tensor.dim() == 0 or tensor.shape[-1] != 2:
                 raise WireError(f"malformed structure: tensor {index} cannot be read as complex numbers")
             self._complex[index] = torch.view_as_complex(tensor)
         return self._complex[index]

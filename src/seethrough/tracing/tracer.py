@@ -42,6 +42,7 @@ class Tracer:
         keep_graph: bool = False,
         what: str = "model.trace(...)",
         keep_result: bool = False,
+        remote: Any = None,
     ) -> None:
         self._model = model
         self._args = args
@@ -58,6 +59,8 @@ class Tracer:
         # Generation keeps its (small) result for `tracer.result` after the
         # block; a plain trace does not keep the model's output alive.
         self._keep_result = keep_result
+        self._remote = remote  # RemoteOptions when the block runs on a server
+        self.job: Any = None  # the remote request's handle (remote=True)
 
     # -- the with block -----------------------------------------------------------
     def __enter__(self) -> "Tracer":
@@ -82,6 +85,9 @@ class Tracer:
                     "the body instead, or put the breakpoint inside it."
                 )
             return False
+        if self._remote is not None:
+            self._run_remotely(frame)
+            return True
         seed, globals_, _ = frame_namespace(frame)
         run = TraceRun(
             self._model,
@@ -104,6 +110,20 @@ class Tracer:
             raise
         self._finish(run, frame)
         return True
+
+    def _run_remotely(self, frame: Any) -> None:
+        from ..remote.backend import run_remote
+
+        generate = getattr(self._backend, "generate_kwargs", None)
+        try:
+            run_remote(
+                options=self._remote, kind="generate" if generate is not None else "trace",
+                model=self._model, captured=self._captured, frame=frame, holder=self,
+                args=self._args, kwargs=self._kwargs, keep_graph=self._keep_graph, generate=generate,
+            )
+        except BaseException as error:
+            error.__suppress_context__ = True  # not "during handling of" our internal signal
+            raise
 
     def _finish(self, run: TraceRun, frame: Any) -> None:
         try:

@@ -1,0 +1,76 @@
+"""The client half of ``remote=True``: run a captured block on a server.
+
+A tracer (or session) entered with ``remote=True`` captures its body exactly
+as a local one does; on leaving the block, instead of running it here, this
+module packs the body and the data it reads into a request, submits it,
+follows it (printing what the body prints), and binds the returned values in
+the caller's scope with the same rules as a local run.  With
+``blocking=False`` it returns after submitting; ``tracer.job`` is the handle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+from ..tracing.capture import CapturedBlock
+from ..tracing.saving import NotSaved
+from ..tracing.takeover import frame_namespace, write_back
+from . import wire
+from .client import MAX_REQUEST_BYTES, RemoteClient, RemoteJob
+from .collect import build_request
+
+
+@dataclass(frozen=True)
+class RemoteOptions:
+    """Where and how a block runs remotely."""
+
+    host: str | None = None
+    api_key: str | None = None
+    blocking: bool = True
+
+
+def run_remote(
+    *,
+    options: RemoteOptions,
+    kind: str,
+    model: Any,
+    captured: CapturedBlock,
+    frame: FrameType,
+    holder: Any,
+    args: tuple = (),
+    kwargs: dict | None = None,
+    keep_graph: bool = False,
+    generate: dict | None = None,
+) -> dict[str, Any]:
+    """Run the block on the server; bind its values in ``frame``; return them.
+
+    ``holder`` is the tracer or session object: it gets ``.job`` (and, for
+    generation, the result) and is bound to the block's ``as`` name."""
+    seed, globals_, _ = frame_namespace(frame)
+    request = build_request(
+        kind=kind, model=model, captured=captured, seed=seed, globals_=globals_,
+        args=args, kwargs=kwargs, keep_graph=keep_graph, generate=generate,
+    )
+    client = RemoteClient(options.host, options.api_key)
+    payload = wire.pack(request.to_wire(), max_bytes=MAX_REQUEST_BYTES)
+    submitted = client.submit(payload)
+    job = RemoteJob(client, submitted["id"])
+    holder.job = job
+    values: dict[str, Any] = {}
+    if captured.as_name:
+        values[captured.as_name] = holder
+    if not options.blocking:
+        write_back(frame, values)
+        return values
+    answer = job.wait()
+    returned = dict(answer.get("values", {}))
+    if "__result__" in returned:
+        holder._result = returned.pop("__result__")
+    where = f"at {captured.filename}:{captured.with_lineno} (remote)"
+    for name in answer.get("not_saved", []):
+        returned[name] = NotSaved(name, where)
+    values.update(returned)
+    write_back(frame, values)
+    return values

@@ -1,0 +1,281 @@
+"""Talk to a seethrough server: submit a request, follow it, fetch its result.
+
+Only the standard library is used (``http.client``), so a client needs no
+server dependencies.  The status of a request streams as server-sent events:
+``status`` (queued with position, running), ``log`` (a line the body
+printed, shown as it arrives), ``completed`` and ``error``.  Anything slower
+than a second gets a one-line progress display on stderr.
+
+``RemoteJob`` is the handle of a submitted request; ``job(id)`` finds one
+again later, also from another process (results stay readable only with the
+API key that submitted them).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import sys
+import time
+import urllib.parse
+from typing import Any, Iterator
+
+from .. import errors as errors_module
+from ..config import CONFIG
+from ..errors import SeethroughError
+from . import wire
+
+CONTENT_TYPE = "application/x-seethrough"
+MAX_REQUEST_BYTES = 256 * 1024 * 1024
+MAX_RESULT_BYTES = 1024 * 1024 * 1024
+
+
+class RemoteError(SeethroughError):
+    """A remote request failed (on the server or on the way there)."""
+
+
+class RemoteConnectionError(RemoteError, ConnectionError):
+    """The server cannot be reached."""
+
+
+class RemoteAuthError(RemoteError, PermissionError):
+    """The server refused the API key."""
+
+
+class RemoteRequestError(RemoteError, ValueError):
+    """The server refused the request as malformed, too big, or unknown."""
+
+
+class RemoteClient:
+    """One seethrough server, addressed by URL, with an API key."""
+
+    def __init__(self, host: str | None = None, api_key: str | None = None, timeout: float = 60.0) -> None:
+        self.host = (host or CONFIG.API.HOST).rstrip("/")
+        if "://" not in self.host:
+            self.host = "http://" + self.host
+        parsed = urllib.parse.urlsplit(self.host)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise RemoteRequestError(f"the server address {self.host!r} is not a URL like http://127.0.0.1:8470.")
+        self._parsed = parsed
+        self.api_key = api_key if api_key is not None else CONFIG.API.APIKEY
+        self.timeout = timeout
+
+    # -- plumbing ---------------------------------------------------------------
+    def _connection(self, timeout: float | None = None) -> http.client.HTTPConnection:
+        cls = http.client.HTTPSConnection if self._parsed.scheme == "https" else http.client.HTTPConnection
+        return cls(self._parsed.hostname, self._parsed.port, timeout=timeout or self.timeout)
+
+    def _headers(self, extra: dict | None = None) -> dict:
+        headers = {"User-Agent": "seethrough-client"}
+        if self.api_key:
+            headers["X-API-Key"] = self.api_key
+        headers.update(extra or {})
+        return headers
+
+    def _send(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
+              timeout: float | None = None) -> http.client.HTTPResponse:
+        connection = self._connection(timeout)
+        try:
+            connection.request(method, path, body=body, headers=self._headers(headers))
+            return connection.getresponse()
+        except (ConnectionError, OSError, http.client.HTTPException) as error:
+            connection.close()
+            raise RemoteConnectionError(
+                f"cannot reach the seethrough server at {self.host} ({type(error).__name__}: {error}). "
+                "Start one with `seethrough serve --model NAME=PATH`, or point the client at yours with "
+                "SEETHROUGH_HOST / `seethrough.CONFIG.API.HOST` / `host=`."
+            ) from None
+
+    def _call(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None) -> bytes:
+        response = self._send(method, path, body, headers)
+        data = response.read()
+        if response.status >= 400:
+            raise _http_error(response.status, data, self.host)
+        return data
+
+    def _json(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None) -> Any:
+        return json.loads(self._call(method, path, body, headers) or b"null")
+
+    # -- the API --------------------------------------------------------------------
+    def health(self) -> dict:
+        return self._json("GET", "/v1/health")
+
+    def models(self) -> list[dict]:
+        return self._json("GET", "/v1/models")
+
+    def submit(self, payload: bytes) -> dict:
+        return self._json("POST", "/v1/requests", payload, {"Content-Type": CONTENT_TYPE})
+
+    def status(self, job_id: str) -> dict:
+        return self._json("GET", f"/v1/requests/{urllib.parse.quote(job_id)}")
+
+    def result_bytes(self, job_id: str) -> bytes:
+        return self._call("GET", f"/v1/requests/{urllib.parse.quote(job_id)}/result")
+
+    def events(self, job_id: str, timeout: float | None = None) -> Iterator[tuple[str, dict]]:
+        """Server-sent events of a request, from its start, until it ends."""
+        response = self._send("GET", f"/v1/requests/{urllib.parse.quote(job_id)}/events",
+                              headers={"Accept": "text/event-stream"}, timeout=timeout or 3600.0)
+        if response.status >= 400:
+            raise _http_error(response.status, response.read(), self.host)
+        event, data = "message", []
+        try:
+            while True:
+                raw = response.readline()
+                if not raw:
+                    return
+                line = raw.decode("utf-8").rstrip("\r\n")
+                if not line:
+                    if data:
+                        yield event, json.loads("\n".join(data))
+                        if event in ("completed", "error"):
+                            return
+                    event, data = "message", []
+                elif line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:"):
+                    data.append(line[5:].strip())
+        finally:
+            response.close()
+
+
+def _http_error(status: int, data: bytes, host: str) -> RemoteError:
+    try:
+        detail = json.loads(data).get("detail", data.decode("utf-8", "replace"))
+    except (ValueError, AttributeError):
+        detail = data.decode("utf-8", "replace")[:500]
+    if isinstance(detail, dict):
+        detail = detail.get("message", json.dumps(detail))
+    if status == 401:
+        return RemoteAuthError(f"the server at {host} needs an API key: {detail} Set SEETHROUGH_API_KEY or `seethrough.CONFIG.API.APIKEY`.")
+    if status == 403:
+        return RemoteAuthError(f"the server at {host} refused the API key: {detail}")
+    if status < 500:
+        return RemoteRequestError(f"the server at {host} refused the request ({status}): {detail}")
+    return RemoteError(f"the server at {host} failed ({status}): {detail}")
+
+
+class _Progress:
+    """A one-line status display on stderr, only for requests slower than a second."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and CONFIG.APP.PROGRESS
+        self.started = time.monotonic()
+        self.shown = False
+        self.last = ""
+
+    def update(self, text: str) -> None:
+        if not self.enabled or time.monotonic() - self.started < 1.0 or text == self.last:
+            return
+        self.last = text
+        elapsed = time.monotonic() - self.started
+        line = f"seethrough remote: {text} ({elapsed:.0f} s)"
+        if sys.stderr.isatty():
+            sys.stderr.write("\r" + line.ljust(70))
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+        self.shown = True
+
+    def close(self) -> None:
+        if self.shown and sys.stderr.isatty():
+            sys.stderr.write("\r" + " " * 80 + "\r")
+            sys.stderr.flush()
+
+
+class RemoteJob:
+    """A submitted remote request."""
+
+    def __init__(self, client: RemoteClient, job_id: str) -> None:
+        self.client = client
+        self.id = job_id
+
+    def __repr__(self) -> str:
+        return f"<RemoteJob {self.id} at {self.client.host}>"
+
+    def status(self) -> str:
+        """'queued', 'running', 'completed' or 'error'."""
+        return self.client.status(self.id)["status"]
+
+    def wait(self, show: bool = True) -> dict:
+        """Follow the request to its end (printing what the body prints); return its answer."""
+        progress = _Progress(show)
+        try:
+            for event, data in self.client.events(self.id):
+                if event == "log":
+                    progress.close()
+                    if CONFIG.APP.REMOTE_LOGGING:
+                        print(data.get("text", ""), flush=True)
+                elif event == "status":
+                    state = data.get("status", "")
+                    if state == "queued":
+                        progress.update(f"queued (position {data.get('position', '?')})")
+                    else:
+                        progress.update(state)
+                elif event == "error":
+                    raise rebuild_error(data)
+                elif event == "completed":
+                    break
+            progress.update("downloading")
+            answer = wire.unpack(self.client.result_bytes(self.id), max_bytes=MAX_RESULT_BYTES)
+        finally:
+            progress.close()
+        if "error" in answer:
+            raise rebuild_error(answer["error"])
+        return answer
+
+    def result(self) -> dict:
+        """The saved values of the finished request, by name (waits if needed)."""
+        from ..tracing.saving import NotSaved
+
+        answer = self.wait(show=False)
+        values = dict(answer.get("values", {}))
+        for name in answer.get("not_saved", []):
+            values[name] = NotSaved(name, f"(remote request {self.id})")
+        return values
+
+
+def job(job_id: str, host: str | None = None, api_key: str | None = None) -> RemoteJob:
+    """The handle of a request submitted earlier (e.g. with ``blocking=False``)."""
+    return RemoteJob(RemoteClient(host, api_key), job_id)
+
+
+def rebuild_error(data: dict) -> BaseException:
+    """The exception a remote error stands for, with the user's line in its message."""
+    name = str(data.get("type", "RemoteError"))
+    message = str(data.get("message", ""))
+    where = ""
+    if data.get("line"):
+        code = f": `{data['code']}`" if data.get("code") else ""
+        where = f"\n  (remote run, at {data.get('filename', '?')}:{data['line']}{code})"
+    shown = data.get("traceback") or ""
+    text = f"{message}{where}" + (f"\nRemote traceback (most recent call last):\n{shown}" if shown else "")
+    cls = _exception_class(name, str(data.get("module", "")))
+    try:
+        return cls(text)
+    except TypeError:
+        return RemoteError(f"{name}: {text}")
+
+
+def _exception_class(name: str, module: str) -> type[BaseException]:
+    import builtins
+
+    candidate = getattr(builtins, name, None)
+    if isinstance(candidate, type) and issubclass(candidate, Exception):
+        return candidate
+    if module.startswith("seethrough"):
+        for source in (errors_module, _optional("seethrough.remote.sandbox"), _optional("seethrough.remote.protocol"),
+                       _optional("seethrough.models.language"), _optional("seethrough.remote.wire")):
+            candidate = getattr(source, name, None) if source is not None else None
+            if isinstance(candidate, type) and issubclass(candidate, Exception):
+                return candidate
+    return type(name, (RemoteError,), {"__module__": "seethrough.remote"})
+
+
+def _optional(module: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        return None

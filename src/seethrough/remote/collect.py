@@ -1,0 +1,179 @@
+"""Build a remote request from a captured body and the caller's variables.
+
+The body travels as source text.  Every name it reads is looked up in the
+caller's scope and sent as what it is: tensors and plain data as values,
+envoys of the traced model as module paths, allowed modules (``torch``,
+``math``, ...) by name, and the user's helper functions as their source (with
+whatever they read, recursively).  Anything else is refused with a message
+saying what can be sent.
+"""
+
+from __future__ import annotations
+
+import builtins
+import inspect
+import textwrap
+import types
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..envoy import Envoy
+from ..errors import SeethroughError
+from ..tracing.capture import CapturedBlock
+from .protocol import MODULES, Request
+
+_PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.Tensor, torch.Size, torch.dtype, torch.device, slice)
+
+
+class RemoteInputError(SeethroughError, TypeError):
+    """Something the body uses cannot be sent to a server."""
+
+
+def build_request(
+    *,
+    kind: str,
+    model: Any,
+    captured: CapturedBlock,
+    seed: dict,
+    globals_: dict,
+    args: tuple = (),
+    kwargs: dict | None = None,
+    keep_graph: bool = False,
+    generate: dict | None = None,
+) -> Request:
+    """The request that runs ``captured`` on the server's copy of ``model``."""
+    args = tuple(_plain_mapping(a) for a in args)
+    kwargs = {k: _plain_mapping(v) for k, v in (kwargs or {}).items()}
+    request = Request(
+        model=remote_name(model),
+        kind=kind,
+        source=captured.body_source,
+        filename=captured.filename,
+        first_line=captured.body_first_line,
+        client_version=__version__,
+        tracer_name=captured.as_name,
+        args=list(args),
+        kwargs=dict(kwargs or {}),
+        keep_graph=keep_graph,
+        generate=dict(generate or {}),
+    )
+    _check_portable(request.args, "the trace's input")
+    _check_portable(request.kwargs, "the trace's keyword inputs")
+    _check_portable(request.generate, "the generate settings")
+    pending = [name for name in sorted(captured.loaded) if name not in captured.stored or name in seed or name in globals_]
+    _gather(pending, seed, globals_, model, request, captured.as_name)
+    return request
+
+
+def _plain_mapping(value: Any) -> Any:
+    """A tokenizer's ``BatchEncoding`` (a mapping, not a dict) as a plain dict."""
+    if not isinstance(value, dict) and hasattr(value, "keys") and hasattr(value, "__getitem__"):
+        return {key: value[key] for key in value.keys()}
+    return value
+
+
+def remote_name(model: Any) -> str:
+    name = getattr(model, "_remote_name", None) or getattr(model, "_source", None)
+    if not isinstance(name, str) or not name:
+        raise RemoteInputError(
+            "remote execution addresses a model by the name or path it was loaded from; this model "
+            "was built from an object. Load it by name (e.g. `LanguageModel('gpt2')`) to run it remotely."
+        )
+    return name
+
+
+def _gather(names: list[str], seed: dict, globals_: dict, model: Any, request: Request, skip: str | None) -> None:
+    seen: set[str] = set()
+    while names:
+        name = names.pop()
+        if name in seen or name == skip or name.startswith("__"):
+            continue
+        seen.add(name)
+        if name in seed:
+            value = seed[name]
+        elif name in globals_:
+            value = globals_[name]
+        else:
+            continue  # a builtin, or a name the body assigns before reading it
+        if hasattr(builtins, name) and getattr(builtins, name) is value:
+            continue
+        _classify(name, value, model, request, names)
+
+
+def _classify(name: str, value: Any, model: Any, request: Request, names: list[str]) -> None:
+    if isinstance(value, Envoy):
+        if value._root._module is not model._module:
+            raise RemoteInputError(f"`{name}` is a module of another model; a remote body can use only the traced model.")
+        request.envoys[name] = value._path
+        return
+    if isinstance(value, types.ModuleType):
+        if value.__name__ not in MODULES:
+            raise RemoteInputError(
+                f"the body uses the module `{value.__name__}` (as `{name}`); remote bodies may use only "
+                f"{', '.join(MODULES)}."
+            )
+        request.modules[name] = value.__name__
+        return
+    if isinstance(value, types.FunctionType):
+        request.functions[name] = _function_source(name, value)
+        code_names = set(value.__code__.co_names) | set(_nested_names(value.__code__))
+        for other in code_names:
+            if other in value.__globals__ and other not in request.variables:
+                names.append(other)
+        return
+    if _is_portable(value):
+        request.variables[name] = value
+        return
+    if type(value).__name__ in ("Tracer", "Session"):
+        return
+    raise RemoteInputError(
+        f"the body uses `{name}`, a {type(value).__name__}, which cannot be sent to a seethrough server. "
+        "Remote bodies can use tensors, numbers, strings, lists/tuples/dicts of those, modules of the "
+        "traced model, helper functions, and torch/math/einops."
+    )
+
+
+def _nested_names(code: types.CodeType) -> list[str]:
+    out: list[str] = []
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            out.extend(const.co_names)
+            out.extend(_nested_names(const))
+    return out
+
+
+def _function_source(name: str, function: types.FunctionType) -> str:
+    if function.__closure__:
+        raise RemoteInputError(
+            f"the helper function `{name}` uses variables of an enclosing function (a closure), which "
+            "cannot be sent to a server; define it at module level or pass those values as arguments."
+        )
+    try:
+        source = textwrap.dedent(inspect.getsource(function))
+    except (OSError, TypeError):
+        raise RemoteInputError(f"the source of the helper function `{name}` cannot be found, so it cannot be sent to a server.") from None
+    if function.__name__ != name:
+        source += f"\n{name} = {function.__name__}\n"
+    return source
+
+
+def _is_portable(value: Any, depth: int = 0) -> bool:
+    if depth > 32:
+        return False
+    if isinstance(value, _PLAIN) or value is Ellipsis:
+        return True
+    if isinstance(value, dict):
+        return all(isinstance(k, (str, int)) and _is_portable(v, depth + 1) for k, v in value.items())
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return all(_is_portable(v, depth + 1) for v in value)
+    return False
+
+
+def _check_portable(value: Any, what: str) -> None:
+    if not _is_portable(value):
+        raise RemoteInputError(
+            f"{what} cannot be sent to a seethrough server: use strings, token ids, tensors, numbers, "
+            "and lists/dicts of those."
+        )

@@ -1,0 +1,180 @@
+"""Run one remote request against a served model (inside a server worker).
+
+The request's body goes through exactly the machinery of a local trace
+(:class:`~seethrough.tracing.run.TraceRun`): captured from its source text,
+run in greenlets beside the model's forward pass, handed back with the same
+rules.  The differences are the walls around it: the body and its helper
+functions are validated by :mod:`.sandbox` and run in its restricted
+namespace; the model is a per-request clone of the served wrapper (so an
+edit cannot leak into the next request); the global RNG is restored after
+the request; and only transferable values go back.
+"""
+
+from __future__ import annotations
+
+import traceback
+from typing import Any, Callable
+
+import torch
+
+from .. import __version__
+from ..tracing.capture import capture_source_block
+from ..tracing.run import TraceRun
+from ..tracing.saving import NotSaved
+from ..tracing.tracer import Tracer
+from . import sandbox
+from .protocol import Request
+
+REMOTE_PREFIX = "remote:"
+
+
+def remote_filename(filename: str) -> str:
+    """The file name remote code is compiled under (shown back to the client)."""
+    return REMOTE_PREFIX + filename
+
+
+def execute(request: Request, served: Any, print_function: Callable[..., Any] = print) -> dict:
+    """Run ``request`` on the served wrapper; return the answer (values or error)."""
+    try:
+        with sandbox.isolated_rng_state():
+            values = _run(request, served, print_function)
+        return _answer(values)
+    except Exception as error:  # noqa: BLE001 - every failure becomes an answer
+        return {"error": describe_error(error, request)}
+
+
+def _run(request: Request, served: Any, print_function: Callable[..., Any]) -> dict[str, Any]:
+    filename = remote_filename(request.filename)
+    padded = "\n" * (request.first_line - 1) + request.source
+    sandbox.validate(padded, filename)
+    model = served._clone()  # per request: `edit` and friends cannot reach the next one
+    extra: dict[str, Any] = dict(request.variables)
+    for name, path in request.envoys.items():
+        extra[name] = model if path == "" else model._envoy_at(path)
+    for name, module in request.modules.items():
+        extra[name] = sandbox.module_proxy(module)
+    namespace = sandbox.safe_globals(extra, print_function)
+    for name, source in request.functions.items():
+        tree = sandbox.validate(source, remote_filename(f"{request.filename}:{name}"))
+        exec(compile(tree, remote_filename(f"{request.filename}:{name}"), "exec", dont_inherit=True), namespace)
+    captured = capture_source_block(padded, filename, what=f"model.{request.kind}(...)")
+    if request.kind == "session":
+        exec(captured.code, namespace)
+        return {name: namespace[name] for name in captured.stored if name in namespace}
+    backend = _backend(model, request)
+    tracer = Tracer(
+        model, tuple(request.args), dict(request.kwargs), backend,
+        has_input=bool(request.args or request.kwargs), keep_result=request.kind == "generate",
+    )
+    if request.tracer_name:
+        namespace[request.tracer_name] = tracer
+    run = TraceRun(
+        model, captured, tracer, dict(namespace), namespace,
+        (tuple(request.args), dict(request.kwargs)) if (request.args or request.kwargs) else None,
+        backend, keep_graph=request.keep_graph,
+    )
+    try:
+        run.execute()
+        run.check_weights()
+    finally:
+        result = run.output
+        values = run.hand_back()
+        run.release()
+    if request.kind == "generate":
+        values["__result__"] = result  # `tracer.result` after the block, on the client
+    values.pop(request.tracer_name or "", None)
+    return values
+
+
+def _backend(model: Any, request: Request) -> Any:
+    if request.kind == "generate":
+        from ..models.language import _GenerateBackend
+
+        if not hasattr(model, "generate"):
+            raise TypeError("this served model is not a language model; use kind 'trace'.")
+        model._ensure_loaded()
+        return _GenerateBackend(dict(request.generate))
+    from ..models.model import _forward_backend
+
+    if hasattr(model, "_ensure_loaded"):
+        model._ensure_loaded()
+    return _forward_backend
+
+
+def _answer(values: dict[str, Any]) -> dict:
+    out: dict[str, Any] = {}
+    not_saved: list[str] = []
+    for name, value in values.items():
+        if isinstance(value, NotSaved):
+            not_saved.append(name)
+            continue
+        portable = _portable(value)
+        if portable is not _DROP:
+            out[name] = portable
+    return {"values": out, "not_saved": not_saved}
+
+
+class _Drop:
+    pass
+
+
+_DROP = _Drop()
+_PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.Tensor, torch.Size, torch.dtype, torch.device, slice)
+
+
+def _portable(value: Any, depth: int = 0) -> Any:
+    """The value as it can travel back; objects that cannot (functions,
+    envoys, tracers) are dropped, unsaved parts of containers become None."""
+    if depth > 32:
+        return _DROP
+    if isinstance(value, NotSaved):
+        return None
+    if isinstance(value, _PLAIN) or value is Ellipsis:
+        return value
+    if isinstance(value, dict):
+        items = {k: _portable(v, depth + 1) for k, v in value.items() if isinstance(k, (str, int))}
+        kept = {k: v for k, v in items.items() if v is not _DROP}
+        if type(value) is not dict and all(isinstance(k, str) for k in kept):
+            try:
+                # e.g. a HuggingFace ModelOutput, minus what cannot travel (its KV cache)
+                return type(value)(**kept)
+            except TypeError:
+                return kept
+        return kept
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = [_portable(v, depth + 1) for v in value]
+        items = [v for v in items if v is not _DROP]
+        if isinstance(value, tuple) and not hasattr(value, "_fields"):
+            return tuple(items)
+        if isinstance(value, (set, frozenset)):
+            return type(value)(items)
+        return items if isinstance(value, list) else tuple(items)
+    return _DROP
+
+
+def describe_error(error: BaseException, request: Request) -> dict:
+    """What the client needs to re-raise ``error`` at the user's line."""
+    filename = remote_filename(request.filename)
+    line: int | None = None
+    code = ""
+    frames = traceback.extract_tb(error.__traceback__)
+    user_frames = [f for f in frames if f.filename.startswith(REMOTE_PREFIX)]
+    if user_frames:
+        last = user_frames[-1]
+        line, code = last.lineno, (last.line or "")
+        filename = last.filename
+    else:
+        line = getattr(error, "lineno", None)  # SyntaxError, SandboxViolation
+        if line is not None and request.first_line <= line:
+            code = (request.source.splitlines() or [""])[min(line - request.first_line, len(request.source.splitlines()) - 1)].strip()
+    shown = "".join(traceback.format_list(user_frames)).replace(REMOTE_PREFIX, "")
+    return {
+        "type": type(error).__name__,
+        "module": type(error).__module__,
+        "message": str(error),
+        "filename": filename[len(REMOTE_PREFIX):] if filename.startswith(REMOTE_PREFIX) else filename,
+        "line": line,
+        "code": code,
+        "traceback": shown,
+        "server_version": __version__,
+    }

@@ -1,0 +1,151 @@
+"""The shape of a remote request and of its answer (shared by client and server).
+
+A request is one wire value (see :mod:`.wire`), a dict:
+
+.. code-block:: python
+
+    {
+        "protocol": 1,
+        "client_version": "0.1.0",
+        "model": "gpt2",                      # the name the server serves it under
+        "kind": "trace" | "generate" | "session",
+        "body": {"source": str, "filename": str, "first_line": int, "tracer_name": str | None},
+        "inputs": {"args": [...], "kwargs": {...}},   # the traced call's inputs
+        "options": {"keep_graph": bool, "generate": {...}},
+        "variables": {name: value},           # tensors and plain data the body reads
+        "envoys": {name: "path"},             # names bound to modules of the model ("" = the model)
+        "modules": {name: "torch"},           # names bound to allowed modules
+        "functions": {name: source},          # helper functions the body calls
+    }
+
+The answer is ``{"values": {name: value}, "not_saved": [name, ...]}`` or
+``{"error": {"type", "message", "filename", "line", "code", "traceback"}}``.
+
+:func:`parse_request` checks every field of an untrusted request and raises
+:class:`ProtocolError` (a 400 for the server) naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+import keyword
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import SeethroughError
+
+PROTOCOL = 1
+KINDS = ("trace", "generate", "session")
+MODULES = ("torch", "torch.nn", "torch.nn.functional", "torch.linalg", "torch.fft", "math", "einops")
+MAX_NAMES = 1_000
+
+
+class ProtocolError(SeethroughError, ValueError):
+    """A remote request that does not have the required shape."""
+
+
+class VersionMismatchError(ProtocolError):
+    """Client and server speak different protocol versions."""
+
+
+@dataclass
+class Request:
+    """A checked remote request."""
+
+    model: str
+    kind: str
+    source: str
+    filename: str
+    first_line: int
+    client_version: str = ""
+    tracer_name: str | None = None
+    args: list = field(default_factory=list)
+    kwargs: dict = field(default_factory=dict)
+    keep_graph: bool = False
+    generate: dict = field(default_factory=dict)
+    variables: dict = field(default_factory=dict)
+    envoys: dict = field(default_factory=dict)
+    modules: dict = field(default_factory=dict)
+    functions: dict = field(default_factory=dict)
+
+    def to_wire(self) -> dict:
+        return {
+            "protocol": PROTOCOL,
+            "client_version": self.client_version,
+            "model": self.model,
+            "kind": self.kind,
+            "body": {"source": self.source, "filename": self.filename, "first_line": self.first_line, "tracer_name": self.tracer_name},
+            "inputs": {"args": list(self.args), "kwargs": dict(self.kwargs)},
+            "options": {"keep_graph": self.keep_graph, "generate": dict(self.generate)},
+            "variables": dict(self.variables),
+            "envoys": dict(self.envoys),
+            "modules": dict(self.modules),
+            "functions": dict(self.functions),
+        }
+
+
+def _require(value: Any, kind: type | tuple, where: str, hint: str) -> Any:
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise ProtocolError(f"request field `{where}` must be {expected}, got {type(value).__name__}; {hint}.")
+    return value
+
+
+def _names(mapping: Any, where: str, values: type | tuple) -> dict:
+    _require(mapping, dict, where, "a mapping from variable names")
+    if len(mapping) > MAX_NAMES:
+        raise ProtocolError(f"request field `{where}` has {len(mapping)} entries; at most {MAX_NAMES} are accepted.")
+    for name, value in mapping.items():
+        if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name) or name.startswith("_"):
+            raise ProtocolError(f"request field `{where}` has an invalid variable name {name!r}: names are Python identifiers not starting with `_`.")
+        if values is not object:
+            _require(value, values, f"{where}.{name}", "see the seethrough remote protocol")
+    return mapping
+
+
+def parse_request(value: Any, server_protocol: int = PROTOCOL, server_version: str = "") -> Request:
+    """Check an untrusted, already-decoded request; raise :class:`ProtocolError`."""
+    _require(value, dict, "request", "send the request built by the seethrough client")
+    protocol = value.get("protocol")
+    client_version = value.get("client_version", "")
+    if protocol != server_protocol:
+        raise VersionMismatchError(
+            f"this server speaks seethrough protocol {server_protocol} (seethrough {server_version or '?'}); "
+            f"the client sent protocol {protocol!r} (seethrough {client_version or '?'}). Install a matching "
+            "seethrough version on the client."
+        )
+    model = _require(value.get("model"), str, "model", "the name of a model this server serves (see /v1/models)")
+    kind = _require(value.get("kind"), str, "kind", f"one of {', '.join(KINDS)}")
+    if kind not in KINDS:
+        raise ProtocolError(f"request field `kind` is {kind!r}; it must be one of {', '.join(KINDS)}.")
+    body = _require(value.get("body"), dict, "body", "a dict with source, filename and first_line")
+    source = _require(body.get("source"), str, "body.source", "the source text of the trace body")
+    filename = _require(body.get("filename", "<remote body>"), str, "body.filename", "a file name")
+    first_line = _require(body.get("first_line", 1), int, "body.first_line", "a line number")
+    tracer_name = body.get("tracer_name")
+    if tracer_name is not None and (not isinstance(tracer_name, str) or not tracer_name.isidentifier() or tracer_name.startswith("_")):
+        raise ProtocolError("request field `body.tracer_name` must be a Python identifier (the `as` name of the trace) or null.")
+    if not 1 <= first_line <= 10_000_000:
+        raise ProtocolError(f"request field `body.first_line` is {first_line}; it must be a line number from 1.")
+    inputs = _require(value.get("inputs", {}), dict, "inputs", "a dict with args and kwargs")
+    args = _require(inputs.get("args", []), (list, tuple), "inputs.args", "a list of the traced call's inputs")
+    kwargs = _require(inputs.get("kwargs", {}), dict, "inputs.kwargs", "a dict of keyword inputs")
+    if any(not isinstance(k, str) for k in kwargs):
+        raise ProtocolError("request field `inputs.kwargs` must have string keys.")
+    options = _require(value.get("options", {}), dict, "options", "a dict of options")
+    keep_graph = _require(options.get("keep_graph", False), bool, "options.keep_graph", "true or false")
+    generate = _require(options.get("generate", {}), dict, "options.generate", "generate keyword arguments")
+    if any(not isinstance(k, str) or k.startswith("_") for k in generate):
+        raise ProtocolError("request field `options.generate` must have keyword names not starting with `_`.")
+    variables = _names(value.get("variables", {}), "variables", object)
+    envoys = _names(value.get("envoys", {}), "envoys", str)
+    modules = _names(value.get("modules", {}), "modules", str)
+    for name, module in modules.items():
+        if module not in MODULES:
+            raise ProtocolError(f"request field `modules.{name}` names {module!r}; remote bodies may use only {', '.join(MODULES)}.")
+    functions = _names(value.get("functions", {}), "functions", str)
+    return Request(
+        model=model, kind=kind, source=source, filename=filename, first_line=first_line,
+        client_version=str(client_version), tracer_name=tracer_name, args=list(args), kwargs=dict(kwargs), keep_graph=keep_graph,
+        generate=dict(generate), variables=dict(variables), envoys=dict(envoys), modules=dict(modules),
+        functions=dict(functions),
+    )
