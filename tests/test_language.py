@@ -299,3 +299,11 @@ def test_rejected_generate_kwarg_is_a_clear_error(smol):
     with pytest.raises(LanguageModelError, match="max_new_tokenz"):
         with model.generate(PROMPT, max_new_tokenz=3):
             pass
+
+
+def test_lazy_skeleton_takes_config_overrides(smollm2_dir):
+    model = LanguageModel(str(smollm2_dir), num_hidden_layers=4)
+    assert not model.dispatched
+    assert len(model.model.layers) == 4  # the same shape before and after loading
+    model.dispatch()
+    assert len(model.model.layers) == 4

@@ -60,8 +60,11 @@ class LanguageModel(Model):
         dispatch: bool = False,
         automodel: Any = None,
         rename: dict[str, str] | None = None,
+        remote_name: str | None = None,
+        host: str | None = None,
         **load_kwargs: Any,
     ) -> None:
+        server_only = False
         if isinstance(model, torch.nn.Module):
             module = model
             source = getattr(getattr(model, "config", None), "name_or_path", None) or type(model).__name__
@@ -70,14 +73,26 @@ class LanguageModel(Model):
             if not isinstance(model, (str, os.PathLike)):
                 raise TypeError(f"LanguageModel takes a model object, a folder or a repo id, not {type(model).__name__}.")
             source = os.fspath(model)
-            module = _skeleton(source, automodel, load_kwargs)
+            try:
+                module = _skeleton(source, automodel, load_kwargs)
+            except LanguageModelError:
+                if host is None and not os.environ.get("SEETHROUGH_HOST"):
+                    raise
+                module, tokenizer = _served_skeleton(remote_name or source, host, automodel, tokenizer)
+                server_only = True
             loaded = False
         super().__init__(module, rename=rename)
         object.__setattr__(self, "_source", source)
+        # The name a seethrough server serves this model under (remote=True).
+        object.__setattr__(self, "_remote_name", remote_name or source)
+        object.__setattr__(self, "_server_only", server_only)
+        object.__setattr__(self, "_remote_host", host)  # default `host=` of remote calls
         object.__setattr__(self, "_automodel", automodel)
         object.__setattr__(self, "_load_kwargs", load_kwargs)
         object.__setattr__(self, "_loaded", loaded)
-        object.__setattr__(self, "_tokenizer", tokenizer if tokenizer is not None else _load_tokenizer(source, model if loaded else None))
+        if tokenizer is None and not server_only:
+            tokenizer = _load_tokenizer(source, model if loaded else None)
+        object.__setattr__(self, "_tokenizer", tokenizer)
         object.__setattr__(self, "_forward_params", _parameters_of(module))
         if dispatch:
             self.dispatch()
@@ -97,6 +112,11 @@ class LanguageModel(Model):
         """Load the weights now (they load on first use otherwise)."""
         if self._loaded:
             return self
+        if self._server_only:
+            raise LanguageModelError(
+                f"the weights of {self._source!r} are only on the seethrough server; run traces with "
+                "`remote=True` (or load the model from a local folder)."
+            )
         real = _load_weights(self._source, self._automodel, self._load_kwargs)
         self._adopt(real)
         return self
@@ -319,7 +339,7 @@ class LanguageModel(Model):
         is the generated token ids (prompt included)."""
         from .model import _remote_options
 
-        options = _remote_options(remote, host, api_key, blocking)
+        options = _remote_options(remote, host, api_key, blocking, self._remote_host)
         if options is None:
             self._ensure_loaded()
         generate_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k not in ("input_ids", "attention_mask", "token_type_ids")}
@@ -355,6 +375,11 @@ class _GenerateBackend:
             raise
 
 
+def _lm_single(backend: Any) -> Any:
+    backend.single_call = True  # the root runs once: its output is the return value
+    return backend
+
+
 def _scan_inputs(run: TraceRun, kwargs: dict) -> dict:
     # Shapes without values cannot answer data-dependent questions such as
     # "is anything padded?", which HuggingFace asks of a 2-D attention mask.
@@ -376,6 +401,7 @@ def _explain_scan_failure(error: Exception) -> LanguageModelError:
     )
 
 
+@_lm_single
 def _lm_scan_backend(run: TraceRun, args: tuple, kwargs: dict) -> Any:
     try:
         return _scan_backend(run, args, _scan_inputs(run, kwargs))
@@ -385,6 +411,7 @@ def _lm_scan_backend(run: TraceRun, args: tuple, kwargs: dict) -> Any:
         raise
 
 
+@_lm_single
 def _meta_backend(run: TraceRun, args: tuple, kwargs: dict) -> Any:
     """Scan a model whose weights are not loaded: everything on the meta device."""
     to_meta = lambda v: v.to("meta") if isinstance(v, torch.Tensor) else v  # noqa: E731
@@ -443,13 +470,24 @@ def _automodel_for(config: Any, automodel: Any) -> Any:
     return AutoModel
 
 
+_LOADING_ONLY = frozenset({
+    "dtype", "torch_dtype", "device_map", "max_memory", "offload_folder", "offload_state_dict",
+    "low_cpu_mem_usage", "quantization_config", "attn_implementation", "cache_dir", "force_download",
+    "local_files_only", "token", "use_safetensors", "variant", "subfolder", "tp_plan", "key_mapping",
+})
+
+
 def _skeleton(source: str, automodel: Any, load_kwargs: dict) -> torch.nn.Module:
     """The module tree without weights (meta device), for use before loading."""
     from transformers import AutoConfig
 
     path = _resolve_source(source)
+    # Keyword arguments that are not about loading (e.g. num_hidden_layers=4)
+    # change the configuration: the skeleton must have the same shape as the
+    # model that will load.
+    overrides = {k: v for k, v in load_kwargs.items() if k not in _LOADING_ONLY}
     try:
-        config = AutoConfig.from_pretrained(path, **{k: v for k, v in load_kwargs.items() if k in ("revision", "trust_remote_code")})
+        config = AutoConfig.from_pretrained(path, **overrides)
     except (OSError, ValueError) as error:
         raise LanguageModelError(
             f"cannot load a model from {source!r}: it is neither a folder with a model nor a repo id "
@@ -474,6 +512,20 @@ def _load_weights(source: str, automodel: Any, load_kwargs: dict) -> torch.nn.Mo
     except (OSError, ValueError) as error:
         raise LanguageModelError(f"cannot load the weights of {source!r}: {str(error).splitlines()[0]}") from None
     return model.eval()
+
+
+def _served_skeleton(name: str, host: str | None, automodel: Any, tokenizer: Any) -> tuple[torch.nn.Module, Any]:
+    """Module tree and tokenizer of a model that only a seethrough server has."""
+    from transformers import AutoTokenizer
+
+    from ..remote.metadata import served_model_info, served_tokenizer_dir, skeleton_from_info
+
+    info = served_model_info(name, host)
+    module = skeleton_from_info(info, automodel)
+    if tokenizer is None:
+        folder = served_tokenizer_dir(name, host)
+        tokenizer = AutoTokenizer.from_pretrained(folder) if folder is not None else None
+    return module, tokenizer
 
 
 def _load_tokenizer(source: str, model: Any) -> Any:

@@ -185,7 +185,7 @@ class Model(Envoy):
         ``blocking=False`` returns at once, with ``tracer.job`` the handle)."""
         return Tracer(
             self, args, kwargs, _forward_backend, has_input=bool(args or kwargs), keep_graph=keep_graph,
-            remote=_remote_options(remote, host, api_key, blocking),
+            remote=_remote_options(remote, host, api_key, blocking, self.__dict__.get("_remote_host")),
         )
 
     def scan(self, *args: Any, **kwargs: Any) -> Tracer:
@@ -210,7 +210,7 @@ class Model(Envoy):
         """``with model.session():`` — group several traces; values saved in one
         are used by the next.  With ``remote=True`` the whole block is one
         request to the server."""
-        return Session(self, _remote_options(remote, host, api_key, blocking))
+        return Session(self, _remote_options(remote, host, api_key, blocking, self.__dict__.get("_remote_host")))
 
     def _clone(self) -> "Model":
         clone = type(self).__new__(type(self))
@@ -223,6 +223,9 @@ class Model(Envoy):
 
 def _forward_backend(run: TraceRun, args: tuple, kwargs: dict) -> Any:
     return run.model._run_forward(args, kwargs)
+
+
+_forward_backend.single_call = True  # type: ignore[attr-defined]  # calls the root module once
 
 
 def _scan_backend(run: TraceRun, args: tuple, kwargs: dict) -> Any:
@@ -238,6 +241,9 @@ def _scan_backend(run: TraceRun, args: tuple, kwargs: dict) -> Any:
         fake_args = tree_map(fake, args)
         fake_kwargs = tree_map(fake, kwargs)
         return run.model._run_forward(fake_args, fake_kwargs)
+
+
+_scan_backend.single_call = True  # type: ignore[attr-defined]
 
 
 class EditContext:
@@ -271,14 +277,16 @@ class EditContext:
         return True
 
 
-def _remote_options(remote: bool, host: str | None, api_key: str | None, blocking: bool) -> Any:
+def _remote_options(
+    remote: bool, host: str | None, api_key: str | None, blocking: bool, default_host: str | None = None
+) -> Any:
     if not remote:
         if host is not None or not blocking:
             raise SeethroughError("`host=` and `blocking=False` only apply with `remote=True`.")
         return None
     from ..remote.backend import RemoteOptions
 
-    return RemoteOptions(host=host, api_key=api_key, blocking=blocking)
+    return RemoteOptions(host=host or default_host, api_key=api_key, blocking=blocking)
 
 
 class Session:

@@ -74,6 +74,7 @@ class Task:
         "grad_enabled",
         "stored",
         "is_invoke",
+        "waited_for",
     )
 
     def __init__(
@@ -104,6 +105,7 @@ class Task:
         self.grad_enabled = torch.is_grad_enabled()
         self.stored = stored
         self.is_invoke = is_invoke
+        self.waited_for: tuple[str, str] | None = None  # (name, invoke) it last waited for
 
     def _body(self, *_: Any) -> None:
         exec(self.code, self.ns)
@@ -147,6 +149,7 @@ class Interleaver:
         self.closing = False
         self.batch_size = 0
         self.step = -1  # index of the current call of the root module (generation step)
+        self.root_output_by_return = False  # see `root_returned`
         self.on_module_hooked: Callable[[torch.nn.Module], None] | None = None
         # Callbacks run after the tasks at an event (tracer.cache records there).
         self.after: dict[tuple, list[Callable[[Any], None]]] = {}
@@ -325,6 +328,12 @@ class Interleaver:
     def _install(self, module: torch.nn.Module, kind: str, key: tuple) -> None:
         if key in self.hooks:
             return
+        if kind == "output" and self.root_output_by_return and module is self.run.root_module:
+            # The root runs once and its output is what the backend returns:
+            # served from there (see `root_returned`), saving a hook on the
+            # root and PyTorch's slow call path for it.
+            self.hooks[key] = True
+            return
         if kind == "output":
             self.hook_set.add_output(module, self._make_output_hook(module, key))
         else:
@@ -430,6 +439,20 @@ class Interleaver:
         return self.main.switch()
 
     # -- the end of the forward pass ------------------------------------------
+    def root_returned(self, output: Any) -> Any:
+        """The root module returned ``output`` (single-call backends): serve it
+        as the root's output event; return it, as edited by the bodies."""
+        if not self.root_output_by_return:
+            return output
+        key = (id(self.run.root_module), "output")
+        self.fired[key] = True
+        if not self._wanted(key):
+            return output
+        result = self._serve(Event(key, "output", output, self.batch_size))
+        for record in self.after.get(key, ()):
+            record(result)
+        return result
+
     def finish_with_result(self, result: Any) -> None:
         """The backend returned ``result``: hand it to tasks waiting for it, then
         :meth:`finish`."""
@@ -459,7 +482,10 @@ class Interleaver:
                 self._switch(waiting, None, throw=_EndOfSteps())
             else:
                 error = OutOfOrderError(
-                    self._too_late_message(waiting.pending_envoy, waiting.pending_kind, waiting.pending_frame, ran_before=waiting.ran_before)
+                    self._too_late_message(
+                        waiting.pending_envoy, waiting.pending_kind, waiting.pending_frame,
+                        ran_before=waiting.ran_before, waited_for=waiting.waited_for,
+                    )
                 )
                 self._switch(waiting, None, throw=error)
         blocked = [t for t in self.tasks if t.state == BLOCKED]
@@ -473,6 +499,7 @@ class Interleaver:
         frame: Any,
         finished: bool = False,
         ran_before: bool = False,
+        waited_for: tuple[str, str] | None = None,
     ) -> str:
         path = envoy._display_path() if envoy is not None else "the model"
         accessor = "output" if kind == "output" else "input"
@@ -487,12 +514,20 @@ class Interleaver:
                 f"`{path}` did not run after that point of the forward pass: either it had already "
                 "run (the forward had gone past it), or the model does not call it for this input"
             )
-        return (
+        message = (
             f"`{path}.{accessor}` was asked for{at}, but {reason}. Within one invoke, read "
             "module values in the order the model runs them (an output after its inputs, "
             "earlier layers before later ones), or call `tracer.cache(...)` first to read "
             "values after their module ran."
         )
+        if waited_for is not None:
+            name, writer = waited_for
+            message += (
+                f" Before that line this invoke waited for `{name}` from {writer}, which assigned it "
+                f"only after the forward pass had moved on: in {writer}, assign `{name}` (or the "
+                "value you need from it) right after the module that produces it."
+            )
+        return message
 
     def close(self) -> None:
         """Remove every hook and end every task that has not ended."""

@@ -161,11 +161,18 @@ class CrossFlow:
     def _wait_for(self, reader: "Task", writer: "Task", name: str, until_done: bool) -> tuple[bool, Any]:
         """Wait until ``writer`` assigned ``name`` (or, with ``until_done``, ended)."""
         ns = writer.ns
+        waited = False
         if until_done:
             if not writer.done:
+                waited = True
                 self.interleaver.block(reader, lambda: writer.done)
         elif not _contains(ns, name) and not writer.done:
+            waited = True
             self.interleaver.block(reader, lambda: _contains(ns, name) or writer.done)
+        if waited:
+            # Remembered for messages: values the reader asks for later may
+            # already be gone by the time `name` was assigned.
+            reader.waited_for = (name, writer.label)
         if _contains(ns, name):
             return True, _getitem(ns, name)
         return False, None

@@ -77,6 +77,9 @@ class TraceRun:
         self.has_input = inputs is not None
         self.saves = SaveRegistry(keep_graph)
         self.interleaver = Interleaver(self)
+        # Backends that call the root module exactly once say so; its output
+        # is then observed from their return value instead of a hook.
+        self.interleaver.root_output_by_return = bool(getattr(backend, "single_call", False))
         self.output: Any = None
         self.setup_done = False
         self.invoke_inputs: list[tuple[Task, tuple[tuple, dict]]] = []
@@ -160,7 +163,7 @@ class TraceRun:
             args, kwargs = batched
             interleaver.forward_running = True
             try:
-                self.output = self.backend(self, args, kwargs)
+                self.output = interleaver.root_returned(self.backend(self, args, kwargs))
             except _StopForward:
                 pass
             finally:
