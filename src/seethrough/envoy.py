@@ -25,7 +25,9 @@ import torch
 
 from .errors import ModulePathError, NotInTraceError
 from ._frames import where_user_is
-from .tracing.runtime import current_run, current_task
+from greenlet import getcurrent
+
+from .tracing.runtime import TaskGreenlet, current_run, current_task
 
 if TYPE_CHECKING:
     from .models.model import Model
@@ -244,7 +246,8 @@ class NextCall:
 
 
 def _task_or_raise(envoy: Envoy, accessor: str) -> Any:
-    task = current_task()
+    current = getcurrent()
+    task = current.task if type(current) is TaskGreenlet else None
     if task is None:
         raise NotInTraceError(
             f"`{envoy._display_path()}.{accessor}` was used outside a trace "

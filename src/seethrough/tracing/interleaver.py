@@ -201,10 +201,11 @@ class Interleaver:
 
     def runnable(self, event: Event | None) -> Task | None:
         """The first task (in invoke order) that can go on now."""
+        key = event.key if event is not None else None
         for task in self.tasks:
             state = task.state
             if state == WAITING:
-                if event is not None and task.pending == event.key and task.index not in event.served:
+                if task.pending == key and task.index not in event.served:
                     return task
             elif state == BLOCKED:
                 if task.blocked_until():
@@ -223,7 +224,12 @@ class Interleaver:
             else:
                 event.served.add(task.index)
                 task.pending = None
-                self._switch(task, self._view(event, task))
+                rows = task.rows
+                if rows is None and event.kind != "result" and event.kind != "step":
+                    view = event.value  # the whole batch: no narrowing needed
+                else:
+                    view = self._view(event, task)
+                self._switch(task, view)
 
     # -- called from inside a task -------------------------------------------
     def request(self, task: Task, envoy: "Envoy", kind: str, skip_current: bool = False) -> Any:
@@ -245,7 +251,8 @@ class Interleaver:
                 return cached
         if self.forward_done:
             raise OutOfOrderError(self._too_late_message(envoy, kind, sys._getframe(1), finished=True))
-        self.hook(module, kind)
+        if key not in self.hooks:
+            self.hook(module, kind)
         task.pending = key
         task.pending_envoy = envoy
         task.pending_kind = kind
@@ -348,8 +355,11 @@ class Interleaver:
         return self.forward_running and greenlet.getcurrent() is self.main
 
     def _make_output_hook(self, module: torch.nn.Module, key: tuple) -> Callable:
+        getcurrent = greenlet.getcurrent
+
         def output_hook(mod: torch.nn.Module, args: Any, output: Any) -> Any:
-            if not self._in_our_forward():
+            # Only our own forward pass counts (see `_in_our_forward`).
+            if not self.forward_running or getcurrent() is not self.main:
                 return None
             self.fired[key] = True
             if not self._wanted(key):

@@ -237,6 +237,9 @@ class TraceRun:
         )
 
     def present(self, value: Any) -> Any:
+        """A value as handed to a body: with a ``.save()`` method where possible."""
+        if isinstance(value, torch.Tensor):
+            return value  # `.save()` comes from the Tensor patch
         if isinstance(value, dict):
             return self.saves.decorate(value)
         return savable(value)
