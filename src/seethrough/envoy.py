@@ -22,11 +22,10 @@ import difflib
 from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
-
-from .errors import ModulePathError, NotInTraceError
-from ._frames import where_user_is
 from greenlet import getcurrent
 
+from ._frames import where_user_is
+from .errors import ModulePathError, NotInTraceError
 from .tracing.runtime import TaskGreenlet, current_run, current_task
 
 if TYPE_CHECKING:
