@@ -140,6 +140,10 @@ class Interleaver:
         self.main = greenlet.getcurrent()
         self.thread = threading.get_ident()
         self.current: Event | None = None
+        # Tasks waiting for each event key, in invoke order, and tasks blocked
+        # on a name: hooks look here instead of scanning every task.
+        self.waiting: dict[tuple, list[Task]] = {}
+        self.blocked: list[Task] = []
         self.hooks: dict[tuple, bool] = {}
         self.hook_set = HookSet()
         self.fired: dict[tuple, bool] = {}  # events that have happened in this forward
@@ -199,37 +203,59 @@ class Interleaver:
         if worker is not None:
             give_back_worker(worker)
 
-    def runnable(self, event: Event | None) -> Task | None:
-        """The first task (in invoke order) that can go on now."""
-        key = event.key if event is not None else None
-        for task in self.tasks:
-            state = task.state
-            if state == WAITING:
-                if task.pending == key and task.index not in event.served:
-                    return task
-            elif state == BLOCKED:
-                if task.blocked_until():
-                    return task
-        return None
+    def _next(self, event: Event | None) -> Task | None:
+        """The first task (in invoke order) that can go on now: one waiting for
+        ``event`` and not yet served it, or one whose name has been assigned."""
+        best = None
+        if event is not None:
+            for task in self.waiting.get(event.key, ()):
+                if task.index not in event.served:
+                    best = task
+                    break
+        for task in self.blocked:
+            if (best is None or task.index < best.index) and task.blocked_until():
+                best = task
+                break
+        return best
 
     def drain(self, event: Event | None) -> None:
         """Let every task that can go on run, until all wait, block or end."""
         while not self.stopped:
-            task = self.runnable(event)
+            task = self._next(event)
             if task is None:
                 return
             if task.state == BLOCKED:
+                self.blocked.remove(task)
                 task.blocked_until = None
                 self._switch(task, None)
+                continue
+            self._unwait(task)
+            event.served.add(task.index)
+            if task.rows is None and (event.kind == "output" or event.kind == "input"):
+                view = event.value  # the whole batch: no narrowing needed
             else:
-                event.served.add(task.index)
-                task.pending = None
-                rows = task.rows
-                if rows is None and event.kind != "result" and event.kind != "step":
-                    view = event.value  # the whole batch: no narrowing needed
-                else:
-                    view = self._view(event, task)
-                self._switch(task, view)
+                view = self._view(event, task)
+            self._switch(task, view)
+
+    def _wait(self, task: Task, key: tuple) -> None:
+        task.pending = key
+        task.state = WAITING
+        queue = self.waiting.get(key)
+        if queue is None:
+            self.waiting[key] = [task]
+        else:
+            queue.append(task)
+            if len(queue) > 1 and queue[-2].index > task.index:
+                queue.sort(key=_by_index)
+
+    def _unwait(self, task: Task) -> None:
+        key = task.pending
+        task.pending = None
+        queue = self.waiting.get(key)
+        if queue is not None:
+            queue.remove(task)
+            if not queue:
+                del self.waiting[key]
 
     # -- called from inside a task -------------------------------------------
     def request(self, task: Task, envoy: "Envoy", kind: str, skip_current: bool = False) -> Any:
@@ -253,12 +279,11 @@ class Interleaver:
             raise OutOfOrderError(self._too_late_message(envoy, kind, sys._getframe(1), finished=True))
         if key not in self.hooks:
             self.hook(module, kind)
-        task.pending = key
         task.pending_envoy = envoy
         task.pending_kind = kind
         task.pending_frame = sys._getframe(1)  # the user's frame is found from here on error
         task.ran_before = key in self.fired
-        task.state = WAITING
+        self._wait(task, key)
         return self.main.switch()
 
     def wait_for_step(self, task: Task, step: int) -> None:
@@ -268,17 +293,18 @@ class Interleaver:
         key = ("step", step)
         root = self.run.root_module
         self.hook(root, "input")
-        task.pending = key
         task.pending_envoy = None
         task.pending_kind = "step"
         task.pending_frame = sys._getframe(1)
-        task.state = WAITING
+        self._wait(task, key)
         self.main.switch()
 
     def block(self, task: Task, until: Callable[[], bool]) -> None:
         """Sleep until ``until()`` is true (another invoke assigned a name)."""
         task.blocked_until = until
         task.state = BLOCKED
+        self.blocked.append(task)
+        self.blocked.sort(key=_by_index)
         self.main.switch()
 
     def assign(self, task: Task, envoy: "Envoy", kind: str, value: Any, accessor: str) -> None:
@@ -397,12 +423,7 @@ class Interleaver:
         """Does any task wait for ``key`` (or might, once unblocked), or does a
         cache record it?  Hooks that only keep ancestors observable usually
         find nobody and return at once."""
-        if key in self.after:
-            return True
-        for task in self.tasks:
-            if task.pending == key or task.state == BLOCKED:
-                return True
-        return False
+        return key in self.waiting or bool(self.blocked) or key in self.after
 
     def _serve(self, event: Event) -> Any:
         previous = self.current
@@ -416,10 +437,12 @@ class Interleaver:
     def _serve_step(self) -> None:
         key = ("step", self.step)
         event = Event(key, "step", None, self.batch_size)
-        for task in self.tasks:
-            if task.state == WAITING and task.pending and task.pending[0] == "step" and task.pending[1] <= self.step:
-                task.pending = key
-        self._serve(event)
+        for waiting_key in [k for k in self.waiting if k[0] == "step" and k[1] <= self.step]:
+            for task in list(self.waiting[waiting_key]):
+                self._unwait(task)
+                self._wait(task, key)
+        if key in self.waiting or self.blocked:
+            self._serve(event)
 
     def _view(self, event: Event, task: Task) -> Any:
         if event.kind == "step":
@@ -441,11 +464,10 @@ class Interleaver:
         """The backend's return value (``tracer.result``), once it has returned."""
         if self.forward_done:
             return self.run.output
-        task.pending = ("result",)
         task.pending_envoy = None
         task.pending_kind = "result"
         task.pending_frame = sys._getframe(1)
-        task.state = WAITING
+        self._wait(task, ("result",))
         return self.main.switch()
 
     # -- the end of the forward pass ------------------------------------------
@@ -467,10 +489,8 @@ class Interleaver:
         """The backend returned ``result``: hand it to tasks waiting for it, then
         :meth:`finish`."""
         self.forward_done = True
-        for task in self.tasks:
-            if task.pending is not None and task.pending[0] == "result":
-                self._serve(Event(("result",), "result", result, self.batch_size))
-                break
+        if ("result",) in self.waiting:
+            self._serve(Event(("result",), "result", result, self.batch_size))
         self.finish()
 
     def finish(self) -> None:
@@ -478,16 +498,18 @@ class Interleaver:
         blocked tasks go on; run everything to its end."""
         self.forward_done = True
         while not self.stopped:
-            task = self.runnable(None)
+            task = self._next(None)
             if task is not None:
+                self.blocked.remove(task)
                 task.blocked_until = None
                 self._switch(task, None)
                 continue
-            waiting = next((t for t in self.tasks if t.state == WAITING), None)
-            if waiting is None:
+            pending = [queue[0] for queue in self.waiting.values()]
+            if not pending:
                 break
+            waiting = min(pending, key=_by_index)
             key = waiting.pending
-            waiting.pending = None
+            self._unwait(waiting)
             if key[0] == "step":
                 self._switch(waiting, None, throw=_EndOfSteps())
             else:
@@ -498,7 +520,7 @@ class Interleaver:
                     )
                 )
                 self._switch(waiting, None, throw=error)
-        blocked = [t for t in self.tasks if t.state == BLOCKED]
+        blocked, self.blocked = self.blocked, []
         for task in blocked:
             self._switch(task, None, throw=self.run.deadlock_error(task))
 
@@ -545,6 +567,8 @@ class Interleaver:
         self.hook_set.remove_all()
         self.hooks.clear()
         self.after.clear()
+        self.waiting.clear()
+        self.blocked.clear()
         for task in self.tasks:
             worker = task.greenlet
             if worker is not None and not worker.dead:
@@ -559,6 +583,10 @@ class Interleaver:
             task.blocked_until = None
             task.pending_frame = None
         self.current = None
+
+
+def _by_index(task: Task) -> int:
+    return task.index
 
 
 class _Missing:

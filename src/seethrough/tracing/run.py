@@ -154,7 +154,7 @@ class TraceRun:
                     return
             interleaver.drain(None)
         if batched is None:
-            if any(t.state == "waiting" and t.pending[0] != "result" for t in interleaver.tasks):
+            if any(key[0] != "result" for key in interleaver.waiting):
                 raise InvokeError(
                     f"the trace at {self._where()} has no input, so the model never runs: pass the "
                     "input to `model.trace(input)`, or open `with tracer.invoke(input):` blocks."
