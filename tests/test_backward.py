@@ -125,3 +125,18 @@ def test_grad_outside_backward_block_is_plain_torch(mlp):
         weight_grad = mlp.fc1.weight.grad
     assert weight_grad is None
     assert "grad" not in torch.Tensor.__dict__
+
+
+def test_backward_block_inside_an_invoke(mlp):
+    model = seethrough.Model(mlp)
+    x = torch.randn(2, 4)
+    with model.trace() as tracer:
+        with tracer.invoke(x):
+            hidden = model.fc1.output.save()
+            loss = model.output.pow(2).sum()
+            with loss.backward():
+                grad = hidden.grad.save()
+    mlp.zero_grad()
+    ref_hidden, _, _ = _autograd_reference(mlp, x)
+    assert torch.allclose(grad, ref_hidden)
+    assert torch.Tensor.backward is seethrough.tracing.patches._original_backward

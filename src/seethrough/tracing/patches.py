@@ -22,26 +22,44 @@ import torch
 from .runtime import current_task, tensor_save
 
 _lock = threading.Lock()
-_users = 0
+_save_users = 0
+_backward_users = 0
 _original_backward = torch.Tensor.backward
 
 
-def enter_tensor_patches() -> None:
-    global _users
+def enter_save_patch() -> None:
+    """Install ``Tensor.save`` while a trace runs (reference-counted)."""
+    global _save_users
     with _lock:
-        _users += 1
-        if _users == 1:
+        _save_users += 1
+        if _save_users == 1:
             torch.Tensor.save = tensor_save  # type: ignore[attr-defined]
+
+
+def exit_save_patch() -> None:
+    global _save_users
+    with _lock:
+        _save_users -= 1
+        if _save_users == 0 and "save" in torch.Tensor.__dict__:
+            del torch.Tensor.save  # type: ignore[attr-defined]
+
+
+def enter_backward_patch() -> None:
+    """Install the ``Tensor.backward`` wrapper.  Only traces whose bodies
+    mention ``backward`` do: each patch of the Tensor class costs every tensor
+    attribute lookup a cache refill."""
+    global _backward_users
+    with _lock:
+        _backward_users += 1
+        if _backward_users == 1:
             torch.Tensor.backward = _backward  # type: ignore[method-assign]
 
 
-def exit_tensor_patches() -> None:
-    global _users
+def exit_backward_patch() -> None:
+    global _backward_users
     with _lock:
-        _users -= 1
-        if _users == 0:
-            if "save" in torch.Tensor.__dict__:
-                del torch.Tensor.save  # type: ignore[attr-defined]
+        _backward_users -= 1
+        if _backward_users == 0:
             torch.Tensor.backward = _original_backward  # type: ignore[method-assign]
 
 

@@ -27,7 +27,7 @@ from ..errors import InvokeError, TraceSourceError, WeightsModifiedError
 from .capture import CapturedBlock
 from .interleaver import MISSING, Interleaver, Task, _StopForward, _StopTrace
 from .namespace import BodyNamespace, CrossFlow, TracedNamespace
-from .patches import ForwardSkip, enter_tensor_patches, exit_tensor_patches
+from .patches import ForwardSkip, enter_backward_patch, enter_save_patch, exit_backward_patch, exit_save_patch
 from .runtime import current_task, running_traces
 from .saving import LazyText, NotSaved, SaveRegistry, hand_back
 from .values import narrow, savable, splice
@@ -88,6 +88,9 @@ class TraceRun:
         self._skip_values: dict[int, list[tuple[slice | None, Any, str]]] = {}
         self.caches: list["Cache"] = []
         self._weights: dict[int, tuple[str, torch.Tensor, int]] = {}
+        self._uses_backward = False  # `with loss.backward():` needs the Tensor.backward patch
+        self._backward_patched = False
+        self._executing = False
 
         if captured.uses_invoke:
             body_ns: BodyNamespace = TracedNamespace(seed, globals_)
@@ -107,17 +110,29 @@ class TraceRun:
 
     def _note(self, captured: CapturedBlock) -> None:
         """Prepare what this body's text says it may need."""
+        if "backward" in captured.attributes:
+            self._uses_backward = True
+            if self._executing:  # an invoke opened while the trace runs
+                self._patch_backward()
         if captured.uses_skip:
             self.interleaver.on_module_hooked = self._make_skippable
         if captured.uses_steps:
             self.interleaver.hook(self.root_module, "input")
+
+    def _patch_backward(self) -> None:
+        if not self._backward_patched:
+            self._backward_patched = True
+            enter_backward_patch()
 
     # -- running ------------------------------------------------------------------
     def execute(self) -> None:
         """Run everything.  User exceptions propagate with their own type."""
         running = running_traces()
         running.append(self)
-        enter_tensor_patches()
+        enter_save_patch()
+        self._executing = True
+        if self._uses_backward:
+            self._patch_backward()
         try:
             self._execute()
         except _StopTrace:
@@ -130,7 +145,11 @@ class TraceRun:
                         skip.restore()
                     self.skips.clear()
             finally:
-                exit_tensor_patches()
+                self._executing = False
+                if self._backward_patched:
+                    self._backward_patched = False
+                    exit_backward_patch()
+                exit_save_patch()
                 running.pop()
 
     def _execute(self) -> None:
