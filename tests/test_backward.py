@@ -140,3 +140,23 @@ def test_backward_block_inside_an_invoke(mlp):
     ref_hidden, _, _ = _autograd_reference(mlp, x)
     assert torch.allclose(grad, ref_hidden)
     assert torch.Tensor.backward is seethrough.tracing.patches._original_backward
+
+
+def test_gradients_of_an_invokes_own_rows(mlp):
+    model = seethrough.Model(mlp)
+    a, b = torch.randn(2, 4), torch.randn(3, 4)
+    with model.trace() as tracer:
+        with tracer.invoke(a):
+            pass
+        with tracer.invoke(b):
+            hidden = model.fc1.output.save()
+            loss = model.output.pow(2).sum()
+            with loss.backward():
+                hidden.grad[:, 0] = 0  # edit this invoke's rows of the flowing gradient
+                grad = hidden.grad.save()
+    mlp.zero_grad()
+    ref_hidden, _, _ = _autograd_reference(mlp, b)
+    expected = ref_hidden.clone()
+    expected[:, 0] = 0
+    assert grad.shape == (3, 8)
+    assert torch.allclose(grad, expected)

@@ -70,7 +70,7 @@ class _GradProperty:
         if context is not None and (context.is_current(tensor) or tensor.grad_fn is not None):
             # `h.grad = g` inside the block: wait for h's gradient, then replace it.
             context.grad_of(tensor)
-            context.replace_current(value)
+            context.replace_current(tensor, value)
             return
         _TENSOR_GRAD.__set__(tensor, value)
 
@@ -152,23 +152,45 @@ class BackwardContext:
         return False
 
     # -- requests from the body ----------------------------------------------------
-    def is_current(self, tensor: torch.Tensor) -> bool:
-        return self._current is not None and self._current[0] == id(tensor)
+    def _target(self, tensor: torch.Tensor) -> tuple[torch.Tensor, slice | None]:
+        """The tensor whose gradient autograd computes, and the rows of it that
+        are ``tensor``'s: an invoke's view of a batched value is not itself on
+        the path from the loss, the batched value is."""
+        run = self.task.run
+        origin = run.narrowed.get(id(tensor)) if run is not None else None
+        if origin is not None and origin[0] is tensor:
+            return origin[1], origin[2]
+        return tensor, None
 
-    def replace_current(self, grad: Any) -> None:
+    def is_current(self, tensor: torch.Tensor) -> bool:
+        if self._current is None:
+            return False
+        target, _ = self._target(tensor)
+        return self._current[0] == id(target)
+
+    def replace_current(self, tensor: torch.Tensor, grad: Any) -> None:
         tensor_id, old = self._current
-        if isinstance(old, torch.Tensor) and isinstance(grad, torch.Tensor) and grad.shape != old.shape:
+        _, rows = self._target(tensor)
+        part = old[rows] if rows is not None and isinstance(old, torch.Tensor) else old
+        if isinstance(part, torch.Tensor) and isinstance(grad, torch.Tensor) and grad.shape != part.shape:
             from ..errors import ShapeMismatchError
 
             raise ShapeMismatchError(
                 f"cannot assign a gradient of shape {tuple(grad.shape)} {where_user_is()}: the "
-                f"gradient it replaces has shape {tuple(old.shape)}."
+                f"gradient it replaces has shape {tuple(part.shape)}."
             )
-        self._current = (tensor_id, grad)
+        if rows is None:
+            self._current = (tensor_id, grad)
+        else:
+            updated = old.clone()
+            updated[rows] = grad
+            self._current = (tensor_id, updated)
 
     def grad_of(self, tensor: torch.Tensor) -> Any:
         if self.is_current(tensor):
-            return self._current[1]
+            _, rows = self._target(tensor)
+            grad = self._current[1]
+            return grad if rows is None else grad[rows]
         if not tensor.requires_grad:
             return _TENSOR_GRAD.__get__(tensor, type(tensor))
         if self._finished:
@@ -177,9 +199,10 @@ class BackwardContext:
                 "Read gradients inside the `with loss.backward():` block, in reverse order of "
                 "the forward pass (later layers first)."
             )
-        key = id(tensor)
+        target, rows = self._target(tensor)
+        key = id(target)
         if key not in self._handles:
-            self._handles[key] = tensor.register_hook(self._make_hook(key))
+            self._handles[key] = target.register_hook(self._make_hook(key))
         self._release_current()
         self._start()
         while True:
@@ -198,7 +221,7 @@ class BackwardContext:
             _, tensor_id, grad = message
             if tensor_id == key:
                 self._current = (tensor_id, grad)
-                return grad
+                return grad if rows is None else grad[rows]
             self._to_worker.put(grad)  # a tensor asked for earlier, already read
 
     # -- the worker thread -----------------------------------------------------

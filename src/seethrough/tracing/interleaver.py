@@ -453,12 +453,22 @@ class Interleaver:
         rows = task.rows
         if event.kind == "output":
             view = narrow(value, rows, event.batch_size)
+            if self.run._uses_backward and rows is not None:
+                self._remember_narrowing(value, view, rows)
         else:
             view = value if rows is None else (
                 tuple(narrow(a, rows, event.batch_size) for a in value[0]),
                 {k: narrow(v, rows, event.batch_size) for k, v in value[1].items()},
             )
         return view
+
+    def _remember_narrowing(self, value: Any, view: Any, rows: slice) -> None:
+        pairs = [(value, view)]
+        if isinstance(value, (tuple, list)) and isinstance(view, (tuple, list)):
+            pairs = list(zip(value, view))
+        for full, part in pairs:
+            if isinstance(part, torch.Tensor) and part is not full and part.requires_grad:
+                self.run.narrowed[id(part)] = (part, full, rows)
 
     def request_result(self, task: Task) -> Any:
         """The backend's return value (``tracer.result``), once it has returned."""

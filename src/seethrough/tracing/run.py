@@ -89,6 +89,9 @@ class TraceRun:
         self.caches: list["Cache"] = []
         self._weights: dict[int, tuple[str, torch.Tensor, int]] = {}
         self._uses_backward = False  # `with loss.backward():` needs the Tensor.backward patch
+        # id(view) -> (view, batched tensor, rows): gradients of an invoke's
+        # views come from their batched tensors (filled only when backward is used).
+        self.narrowed: dict[int, tuple[torch.Tensor, torch.Tensor, slice]] = {}
         self._backward_patched = False
         self._executing = False
 
@@ -394,6 +397,7 @@ class TraceRun:
             for cache in self.caches:
                 cache._detach_run()
             self.caches.clear()
+        self.narrowed.clear()
         self.edit_tasks.clear()
         self.explicit_invokes.clear()
         self.invoke_inputs.clear()
