@@ -13,9 +13,11 @@ import re
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from seethrough import LanguageModel
 from seethrough.cli import build_parser, main
@@ -134,3 +136,45 @@ def test_full_demo_lens_ends_with_paris(tmp_path, smollm2_dir):
     assert match, f"' Paris' is not top-1 at the last layer: {last!r}"
     assert float(match.group(1)) == pytest.approx(0.77, abs=0.03)
     png_size(png)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_serve_command_hosts_a_model_for_remote_traces(tmp_path):
+    """`python -m seethrough serve` is the server command; a remote trace through it
+    equals the local one."""
+    import json
+    import urllib.request
+
+    from seethrough import LanguageModel
+    from seethrough.models.offline import save_random_gpt2
+    from seethrough.remote.server.testing import free_port
+
+    folder = save_random_gpt2(tmp_path / "gpt2", n_layer=2, n_embd=32, n_head=4, n_positions=64)
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "seethrough", "serve", "--model", f"tiny={folder}", "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(240):
+            try:
+                with urllib.request.urlopen(url + "/v1/health", timeout=2) as response:
+                    if json.loads(response.read())["models"]["tiny"]["state"] == "idle":
+                        break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        else:
+            pytest.fail("the server did not start")
+        remote = LanguageModel("tiny", host=url)
+        local = LanguageModel(str(folder))
+        with remote.trace("Hello world", remote=True):
+            got = remote.transformer.h[1].output.save()
+        with local.trace("Hello world"):
+            expected = local.transformer.h[1].output.save()
+        assert torch.equal(got, expected)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -201,3 +201,17 @@ def test_invoke_outside_trace_body_is_refused(mlp):
 
 def test_cross_invoke_error_type_exists():
     assert issubclass(CrossInvokeError, seethrough.SeethroughError)
+
+
+def test_trace_keyword_arguments_apply_to_every_invoke(tiny_gpt2):
+    model = seethrough.Model(tiny_gpt2)
+    a, b = torch.tensor([[1, 2, 3]]), torch.tensor([[4, 5, 6]])
+    with torch.no_grad():
+        with model.trace(logits_to_keep=1) as tracer:
+            with tracer.invoke(a):
+                first = model.output.logits.save()
+            with tracer.invoke(b):
+                second = model.output.logits.save()
+        expected = tiny_gpt2(b, logits_to_keep=1).logits
+    assert first.shape == (1, 1, tiny_gpt2.config.vocab_size)
+    assert torch.allclose(second, expected, atol=1e-5)

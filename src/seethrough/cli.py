@@ -5,6 +5,7 @@
     $ seethrough demo                      # the tour on SmolLM2-135M-Instruct (offline)
     $ seethrough demo --layers 4 --quiet   # a quick run on the first 4 layers
     $ python -m seethrough demo --png out.png
+    $ seethrough serve --model gpt2=/path/to/gpt2 --port 8470 --api-keys keys.txt
 
 Each subcommand is one ``_add_<name>(subparsers)`` function that adds its
 parser and sets ``handler`` (a function of the parsed arguments returning an
@@ -60,8 +61,18 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-# One entry per subcommand; `serve` goes here when it exists.
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo]
+def _add_serve(subparsers: argparse._SubParsersAction) -> None:
+    # Listed for `seethrough --help`; `main` hands `serve ...` to the server's
+    # own parser (seethrough.remote.server.settings) before parsing here.
+    subparsers.add_parser(
+        "serve",
+        help="run a seethrough server hosting models for remote=True traces (see `seethrough serve --help`)",
+        add_help=False,
+    )
+
+
+# One entry per subcommand.
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo, _add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,8 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``seethrough`` and ``python -m seethrough``; returns the exit code."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["serve"]:
+        # The server parses its own options (`seethrough serve --help`).
+        from .remote.server import main as serve_main
+
+        return serve_main(arguments[1:], prog="seethrough serve")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(arguments)
     handler = getattr(args, "handler", None)
     if handler is None:
         parser.print_help(sys.stderr)

@@ -100,6 +100,10 @@ class Envoy:
         )
 
     def __getitem__(self, key: Any) -> Any:
+        if type(key) is int:
+            child = self._children.get(key)  # also cached under int keys (hot in loops over layers)
+            if child is not None:
+                return child
         modules = self._module._modules
         if isinstance(key, slice):
             names = list(modules)[key]
@@ -116,7 +120,9 @@ class Envoy:
                     f"`{self._display_path()}` ({type(self._module).__name__}) cannot be indexed: "
                     f"it has no submodules ({where_user_is()})."
                 )
-            return self._child(name)
+            child = self._child(name)
+            self._children[key] = child
+            return child
         if isinstance(key, str) and key in modules:
             return self._child(key)
         raise ModulePathError(
@@ -159,7 +165,13 @@ class Envoy:
     @property
     def output(self) -> Any:
         """The module's output in the running trace."""
-        return _read(self, "output", "output", 0)
+        current = getcurrent()
+        task = current.task if type(current) is TaskGreenlet else None
+        if task is None:
+            _task_or_raise(self, "output")
+        run = task.run
+        value = run.interleaver.request(task, self, "output")
+        return value if type(value) is torch.Tensor else run.present(value)
 
     @output.setter
     def output(self, value: Any) -> None:

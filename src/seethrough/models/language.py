@@ -62,6 +62,7 @@ class LanguageModel(Model):
         rename: dict[str, str] | None = None,
         remote_name: str | None = None,
         host: str | None = None,
+        api_key: str | None = None,
         **load_kwargs: Any,
     ) -> None:
         server_only = False
@@ -73,12 +74,23 @@ class LanguageModel(Model):
             if not isinstance(model, (str, os.PathLike)):
                 raise TypeError(f"LanguageModel takes a model object, a folder or a repo id, not {type(model).__name__}.")
             source = os.fspath(model)
-            try:
-                module = _skeleton(source, automodel, load_kwargs)
-            except LanguageModelError:
-                if host is None and not os.environ.get("SEETHROUGH_HOST"):
-                    raise
-                module, tokenizer = _served_skeleton(remote_name or source, host, automodel, tokenizer)
+            # With `host=`, the model is the one that server serves (its module
+            # tree built from the server's description); without, a local
+            # folder or hub id, and the server (SEETHROUGH_HOST) only as a fallback.
+            folder = _served_folder(remote_name or source, host, api_key) if host is not None else None
+            if folder is None:
+                try:
+                    module = _skeleton(source, automodel, load_kwargs)
+                except LanguageModelError:
+                    if not os.environ.get("SEETHROUGH_HOST"):
+                        raise
+                    folder = _served_folder(remote_name or source, None, api_key)
+                    if folder is None:
+                        raise
+            if folder is not None:
+                module = _skeleton(folder, automodel, load_kwargs)
+                if tokenizer is None:
+                    tokenizer = _load_tokenizer(folder, None)
                 server_only = True
             loaded = False
         super().__init__(module, rename=rename)
@@ -125,11 +137,15 @@ class LanguageModel(Model):
         """Point every envoy made so far at the real module of the same path."""
         object.__setattr__(self, "_module", real)
         object.__setattr__(self, "_loaded", True)
-        for key in ("_parent_map", "_ancestor_cache", "_device_probe"):
+        for key in ("_parent_map", "_ancestor_cache", "_hook_plans", "_device_probe"):
             self.__dict__.pop(key, None)
+        seen: set[int] = set()
         stack = list(self._children.values())
         while stack:
             envoy = stack.pop()
+            if id(envoy) in seen:
+                continue  # children are cached under both names and int indices
+            seen.add(id(envoy))
             object.__setattr__(envoy, "_module", real.get_submodule(envoy._path))
             stack.extend(envoy._children.values())
 
@@ -514,18 +530,17 @@ def _load_weights(source: str, automodel: Any, load_kwargs: dict) -> torch.nn.Mo
     return model.eval()
 
 
-def _served_skeleton(name: str, host: str | None, automodel: Any, tokenizer: Any) -> tuple[torch.nn.Module, Any]:
-    """Module tree and tokenizer of a model that only a seethrough server has."""
-    from transformers import AutoTokenizer
+def _served_folder(name: str, host: str | None, api_key: str | None) -> str | None:
+    """The folder describing the model a server serves as ``name`` (None if it
+    serves no such model)."""
+    from ..remote.client import RemoteRequestError, served_model_folder
 
-    from ..remote.metadata import served_model_info, served_tokenizer_dir, skeleton_from_info
-
-    info = served_model_info(name, host)
-    module = skeleton_from_info(info, automodel)
-    if tokenizer is None:
-        folder = served_tokenizer_dir(name, host)
-        tokenizer = AutoTokenizer.from_pretrained(folder) if folder is not None else None
-    return module, tokenizer
+    try:
+        return str(served_model_folder(name, host, api_key))
+    except RemoteRequestError as error:
+        if "does not serve" in str(error):
+            return None
+        raise
 
 
 def _load_tokenizer(source: str, model: Any) -> Any:
@@ -533,9 +548,11 @@ def _load_tokenizer(source: str, model: Any) -> Any:
 
     candidates = [source]
     if model is not None:
-        candidates.append(getattr(getattr(model, "config", None), "name_or_path", None))
+        # A model object names where it came from; only a local folder is worth
+        # asking (a class name would send the hub client into slow retries).
+        candidates = [getattr(getattr(model, "config", None), "name_or_path", None)]
     for candidate in candidates:
-        if not candidate:
+        if not candidate or (model is not None and not os.path.isdir(_resolve_source(candidate))):
             continue
         try:
             return AutoTokenizer.from_pretrained(_resolve_source(candidate))

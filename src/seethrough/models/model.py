@@ -74,6 +74,20 @@ class Model(Envoy):
             object.__setattr__(self, "_device_probe", probe)
         return probe.device
 
+    def _hook_plan(self, module: torch.nn.Module) -> list[torch.nn.Module]:
+        """``module`` and every module containing it: whose outputs get hooked
+        together (see ``Interleaver.hook``); cached per module."""
+        plans = self.__dict__.get("_hook_plans")
+        if plans is None:
+            plans = {}
+            object.__setattr__(self, "_hook_plans", plans)
+        found = plans.get(id(module))
+        if found is not None and found[0] is module:
+            return found
+        plan = [module, *self._ancestors(module)]
+        plans[id(module)] = plan
+        return plan
+
     def _ancestors(self, module: torch.nn.Module) -> list[torch.nn.Module]:
         """Every module that (transitively) contains ``module``."""
         cache = self.__dict__.get("_ancestor_cache")

@@ -8,16 +8,21 @@ than a second gets a one-line progress display on stderr.
 
 ``RemoteJob`` is the handle of a submitted request; ``job(id)`` finds one
 again later, also from another process (results stay readable only with the
-API key that submitted them).
+API key that submitted them).  ``remote_model(name)`` builds a
+``LanguageModel`` for a served model from the server's description alone
+(config and tokenizer; no weights are downloaded).
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import http.client
 import json
 import sys
 import time
 import urllib.parse
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
 from .. import errors as errors_module
@@ -102,6 +107,9 @@ class RemoteClient:
 
     def models(self) -> list[dict]:
         return self._json("GET", "/v1/models")
+
+    def tokenizer_files(self, name: str) -> dict:
+        return self._json("GET", f"/v1/models/{urllib.parse.quote(name, safe='/')}/tokenizer")
 
     def submit(self, payload: bytes) -> dict:
         return self._json("POST", "/v1/requests", payload, {"Content-Type": CONTENT_TYPE})
@@ -238,6 +246,56 @@ class RemoteJob:
 def job(job_id: str, host: str | None = None, api_key: str | None = None) -> RemoteJob:
     """The handle of a request submitted earlier (e.g. with ``blocking=False``)."""
     return RemoteJob(RemoteClient(host, api_key), job_id)
+
+
+def remote_model(name: str, host: str | None = None, api_key: str | None = None) -> Any:
+    """A ``LanguageModel`` of the model the server serves as ``name``, without its weights.
+
+    Built from the server's description (config and tokenizer files, saved in
+    the seethrough cache); its module tree is on the meta device, so it is
+    only for ``remote=True`` traces::
+
+        model = remote_model("gpt2", host="http://server:8470")
+        with model.trace("Hello", remote=True):
+            hidden = model.transformer.h[0].output.save()
+
+    ``LanguageModel(name, host=...)`` does the same when ``name`` is not a
+    model it can load itself."""
+    from ..models.language import LanguageModel
+
+    host = RemoteClient(host).host
+    served_model_folder(name, host, api_key)  # a clear error when the server has no such model
+    return LanguageModel(name, host=host, api_key=api_key)
+
+
+def served_model_folder(name: str, host: str | None = None, api_key: str | None = None) -> Path:
+    """A local folder with the served model's config and tokenizer files (no weights)."""
+    from ..models.offline import cache_dir
+
+    client = RemoteClient(host, api_key)
+    entries = {entry.get("name"): entry for entry in client.models() if isinstance(entry, dict)}
+    entry = entries.get(name)
+    if entry is None or not isinstance(entry.get("config"), dict):
+        served = ", ".join(repr(known) for known in sorted(str(k) for k in entries)) or "none"
+        raise RemoteRequestError(f"the server at {client.host} does not serve a model named {name!r}; it serves: {served}.")
+    files = client.tokenizer_files(name)
+    folder = cache_dir() / "remote-models" / hashlib.sha256(f"{client.host}\n{name}".encode()).hexdigest()[:24]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(entry["config"]), encoding="utf-8")
+    for relative, text in (files.get("files") or {}).items():
+        _write_inside(folder, relative, str(text).encode("utf-8"))
+    for relative, data in (files.get("binary_files") or {}).items():
+        _write_inside(folder, relative, base64.b64decode(str(data)))
+    return folder
+
+
+def _write_inside(folder: Path, relative: str, data: bytes) -> None:
+    path = PurePosixPath(str(relative))
+    if path.is_absolute() or not path.parts or any(part in ("", ".", "..") for part in path.parts):
+        raise RemoteError(f"the server sent a tokenizer file with an unsafe name {relative!r}")
+    target = folder.joinpath(*path.parts)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data)
 
 
 def rebuild_error(data: dict) -> BaseException:

@@ -351,12 +351,13 @@ class Interleaver:
         key = (id(module), kind)
         if key in self.hooks:
             return
-        self._install(module, kind, key)
         if kind == "input":
-            self._install(module, "output", (id(module), "output"))
-        for ancestor in self.run.model._ancestors(module):
-            if (id(ancestor), "output") not in self.hooks:
-                self._install(ancestor, "output", (id(ancestor), "output"))
+            self._install(module, "input", key)
+        hooks = self.hooks
+        for each in self.run.model._hook_plan(module):
+            each_key = (id(each), "output")
+            if each_key not in hooks:
+                self._install(each, "output", each_key)
 
     def _install(self, module: torch.nn.Module, kind: str, key: tuple) -> None:
         if key in self.hooks:
@@ -388,8 +389,8 @@ class Interleaver:
             if not self.forward_running or getcurrent() is not self.main:
                 return None
             self.fired[key] = True
-            if not self._wanted(key):
-                return None
+            if key not in self.waiting and not self.blocked and key not in self.after:
+                return None  # nobody asked: only keeps an ancestor observable
             event = Event(key, "output", output, self.batch_size)
             result = self._serve(event)
             for record in self.after.get(key, ()):

@@ -83,6 +83,7 @@ class TraceRun:
         self.output: Any = None
         self.setup_done = False
         self.invoke_inputs: list[tuple[Task, tuple[tuple, dict]]] = []
+        self.shared_kwargs: dict = {}  # `model.trace(**kwargs)` with invokes: for every invoke
         self.explicit_invokes: list[Task] = []
         self.skips: dict[int, ForwardSkip] = {}
         self._skip_values: dict[int, list[tuple[slice | None, Any, str]]] = {}
@@ -219,11 +220,20 @@ class TraceRun:
                 f"`tracer.invoke(...)` at {describe_location(captured.filename, captured.with_lineno)} "
                 "is inside another invoke (or an edit); open invokes directly in the trace body."
             )
+        if self.has_input and not self.inputs[0] and not self.explicit_invokes and self.body.state != "waiting":
+            # `model.trace(logits_to_keep=1)` + invokes: keyword arguments only,
+            # shared by every invoke's forward, not an input of their own.
+            self.shared_kwargs = self.inputs[1]
+            self.has_input = False
+            self.inputs = None
+            self.body.is_invoke = False
+            self.invoke_inputs = [entry for entry in self.invoke_inputs if entry[0] is not self.body]
         if self.has_input:
             raise InvokeError(
                 f"`tracer.invoke(...)` at {describe_location(captured.filename, captured.with_lineno)}: "
                 "this trace already has an input (`model.trace(input)`), which is its only invoke. "
-                "Use `model.trace()` with one `with tracer.invoke(input):` block per input instead."
+                "Use `model.trace()` with one `with tracer.invoke(input):` block per input instead "
+                "(keyword arguments alone, `model.trace(key=value)`, apply to every invoke)."
             )
         if self.setup_done:
             raise InvokeError(
@@ -242,6 +252,8 @@ class TraceRun:
         self.interleaver.add(invoke)
         self.explicit_invokes.append(invoke)
         if has_input:
+            if self.shared_kwargs:
+                kwargs = {**self.shared_kwargs, **kwargs}
             self.invoke_inputs.append((invoke, (args, kwargs)))
         self._note(captured)
 

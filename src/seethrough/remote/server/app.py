@@ -1,0 +1,226 @@
+"""The HTTP API (FastAPI): endpoints, authentication, size and type checks.
+
+Endpoints (all JSON unless noted; errors are ``{"detail": message}``):
+
+* ``POST /v1/requests`` — body: a wire frame (``Content-Type:
+  application/x-seethrough``); checked (:mod:`.intake`) and queued → 202
+  ``{"id", "status": "queued", "position"}``.
+* ``GET /v1/requests/{id}`` — ``{"id", "status", "position"?, "error"?, ...}``.
+* ``GET /v1/requests/{id}/events`` — server-sent events, replayed from the
+  start: ``status``, ``log``, then one ``completed`` or ``error``.
+* ``GET /v1/requests/{id}/result`` — the wire-packed answer (409 until done).
+* ``GET /v1/models`` — each model's name, architectures, config, module paths
+  and ``repr``; ``GET /v1/models/{name}/tokenizer`` — its tokenizer files.
+* ``GET /v1/health`` — status, versions, and each model's workers (no key needed).
+* ``/docs`` and ``/openapi.json`` — FastAPI's interactive documentation.
+
+Every endpoint but health and the docs needs the ``X-API-Key`` header when
+the server has keys (401 without it, 403 for an unknown key); a request's
+status, events and result are readable only with the key that submitted it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hashlib
+import json
+import logging
+from typing import Any, AsyncIterator
+
+from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from ... import __version__
+from ..client import CONTENT_TYPE
+from ..protocol import PROTOCOL
+from .intake import IntakeError, check_request
+from .jobs import Job
+from .scheduler import QueueFull
+from .service import ServerRuntime
+
+__all__ = ["create_app"]
+
+logger = logging.getLogger("seethrough.server")
+
+_KEEPALIVE_SECONDS = 15.0
+_INLINE_CHECK_BYTES = 64 * 1024
+_EXPIRY_INTERVAL = 30.0
+
+
+def _digest(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def create_app(runtime: ServerRuntime) -> FastAPI:
+    """The FastAPI application serving ``runtime`` (its workers already started)."""
+    settings = runtime.settings
+    store = runtime.store
+    allowed = frozenset(_digest(key) for key in settings.api_keys) if settings.api_keys is not None else None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async def expire() -> None:
+            while True:
+                await asyncio.sleep(min(_EXPIRY_INTERVAL, max(settings.job_ttl / 4, 0.5)))
+                removed = store.expire()
+                if removed:
+                    logger.debug("forgot %d finished requests", removed)
+
+        task = asyncio.create_task(expire())
+        try:
+            yield
+        finally:
+            task.cancel()
+
+    app = FastAPI(
+        title="seethrough server",
+        version=__version__,
+        description="Runs seethrough trace bodies (model.trace(..., remote=True)) next to the served models.",
+        lifespan=lifespan,
+    )
+
+    def owner(x_api_key: str | None = Header(default=None, alias="X-API-Key")) -> str | None:
+        """The digest of the caller's key (None on an open server)."""
+        if allowed is None:
+            return _digest(x_api_key) if x_api_key else None
+        if not x_api_key:
+            raise HTTPException(401, "this server needs an API key: send it in the X-API-Key header (the seethrough "
+                                     "client sends SEETHROUGH_API_KEY / seethrough.CONFIG.API.APIKEY / api_key=).")
+        digest = _digest(x_api_key)
+        if digest not in allowed:
+            raise HTTPException(403, "this API key is not accepted by this server; check the key, or ask the "
+                                     "server's operator for one.")
+        return digest
+
+    def find(job_id: str, caller: str | None) -> Job:
+        job = store.get(job_id)
+        if job is None:
+            raise HTTPException(404, f"no request with id {job_id!r} on this server: the id is wrong, or the request "
+                                     f"finished more than {settings.job_ttl:g} s ago and was forgotten.")
+        if allowed is not None and job.owner != caller:
+            raise HTTPException(403, "this request was submitted with another API key; only that key can read it.")
+        return job
+
+    @app.post("/v1/requests", status_code=202, summary="Submit a request (a wire-encoded trace body)",
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  CONTENT_TYPE: {"schema": {"type": "string", "format": "binary",
+                                            "description": "a seethrough wire frame (seethrough.remote.wire)"}}}}})
+    async def submit(request: Request, caller: str | None = Depends(owner)) -> JSONResponse:
+        content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if content_type != CONTENT_TYPE:
+            raise HTTPException(415, f"requests must be sent as {CONTENT_TYPE} (the seethrough wire format), not "
+                                     f"{content_type or 'a body without a Content-Type'}; use the seethrough client.")
+        body = await _read_body(request, settings.max_request_bytes)
+        models = {name: service.info for name, service in runtime.services.items()}
+        check = functools.partial(check_request, body, max_bytes=settings.max_request_bytes,
+                                  max_unpacked_bytes=settings.max_unpacked_bytes, models=models)
+        try:
+            # Small requests are checked at once; big ones in a thread, so the loop stays free.
+            checked = check() if len(body) <= _INLINE_CHECK_BYTES else await run_in_threadpool(check)
+        except IntakeError as error:
+            raise HTTPException(error.status, error.detail) from None
+        service = runtime.services[checked.model]
+        job = store.create(caller, checked.model, checked.filename, body)
+        fairness = caller or f"address:{request.client.host if request.client else '?'}"
+        try:
+            position = service.submit(job, fairness)
+        except QueueFull as error:
+            store.discard(job)
+            raise HTTPException(429, f"{error}; wait for your earlier requests to finish, then submit again.") from None
+        return JSONResponse({"id": job.id, "status": "queued", "position": position}, status_code=202)
+
+    @app.get("/v1/requests/{job_id}", summary="A request's status")
+    async def status(job_id: str, caller: str | None = Depends(owner)) -> dict:
+        return find(job_id, caller).public()
+
+    @app.get("/v1/requests/{job_id}/events", summary="A request's events (server-sent events, from the start)")
+    async def events(job_id: str, caller: str | None = Depends(owner)) -> StreamingResponse:
+        job = find(job_id, caller)
+        return StreamingResponse(_event_stream(store, job), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.get("/v1/requests/{job_id}/result", summary="A finished request's answer (wire-encoded)",
+             response_class=Response)
+    async def result(job_id: str, caller: str | None = Depends(owner)) -> Response:
+        job = find(job_id, caller)
+        if job.result is None:
+            raise HTTPException(409, f"request {job_id} is {job.status}, not finished; follow "
+                                     f"/v1/requests/{job_id}/events and fetch the result once it completes.")
+        return Response(job.result, media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models", summary="The served models: configs, module paths, printed structure")
+    async def models(caller: str | None = Depends(owner)) -> list[dict]:
+        return [{key: value for key, value in (service.info or {"name": name}).items() if key != "tokenizer"}
+                for name, service in runtime.services.items()]
+
+    @app.get("/v1/models/{name:path}/tokenizer", summary="A served model's tokenizer files")
+    async def tokenizer(name: str, caller: str | None = Depends(owner)) -> dict:
+        service = runtime.services.get(name)
+        if service is None:
+            served = ", ".join(repr(known) for known in sorted(runtime.services))
+            raise HTTPException(404, f"this server does not serve a model named {name!r}; it serves: {served}.")
+        return (service.info or {}).get("tokenizer") or {"files": {}, "binary_files": {}}
+
+    @app.get("/v1/health", summary="Liveness, versions and the state of each model's workers")
+    async def health() -> dict:
+        models_state = runtime.health()
+        ok = all(state["state"] != "failed" for state in models_state.values())
+        return {"status": "ok" if ok else "degraded", "version": __version__, "protocol": PROTOCOL,
+                "models": models_state, "requests": store.counts()}
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, error: Exception) -> JSONResponse:
+        logger.exception("internal error on %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": f"internal server error ({type(error).__name__}); the server's log has the "
+                                       "details. Please report it."}, status_code=500)
+
+    return app
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise HTTPException(400, f"the Content-Length header {declared!r} is not a number") from None
+        if size > limit:
+            raise HTTPException(413, f"the request is {size:,} bytes, over this server's limit of {limit:,} bytes; "
+                                     "send smaller tensors, or ask the operator to raise --max-request-bytes.")
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise HTTPException(413, f"the request is over this server's limit of {limit:,} bytes; send smaller "
+                                     "tensors, or ask the operator to raise --max-request-bytes.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _sse(name: str, data: Any) -> str:
+    return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+async def _event_stream(store: Any, job: Job) -> AsyncIterator[str]:
+    index = 0
+    while True:
+        batch, finished = store.snapshot(job, index)
+        if batch:
+            index += len(batch)
+            yield "".join(_sse(name, data) for name, data in batch)
+            continue
+        if finished:
+            return
+        waiter = store.wait_handle(job, index)
+        if waiter is None:
+            continue
+        try:
+            await asyncio.wait_for(waiter.wait(), _KEEPALIVE_SECONDS)
+        except asyncio.TimeoutError:
+            yield ": keep-alive\n\n"
+        finally:
+            store.forget_handle(job, waiter)

@@ -1,0 +1,58 @@
+"""``seethrough serve``: parse the options, load the models, run uvicorn.
+
+:func:`main` is the whole command: it loads every model in its worker
+processes first (so a model that cannot load stops the command with a clear
+message before the port opens), then serves the API until interrupted, then
+stops the workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from .settings import Settings, SettingsError, parse_args
+
+__all__ = ["main", "serve"]
+
+logger = logging.getLogger("seethrough.server")
+
+
+def serve(settings: Settings, prog: str = "seethrough serve") -> int:
+    """Run a server with ``settings`` until it is stopped; return the exit status."""
+    import uvicorn
+
+    from .app import create_app
+    from .process import WorkerStartError
+    from .service import ServerRuntime
+
+    if settings.api_keys is None:
+        logger.warning("no --api-keys file: this server accepts requests from anyone who can reach %s:%d",
+                       settings.host, settings.port)
+    runtime = ServerRuntime(settings)
+    names = ", ".join(f"{spec.name}={spec.source}" for spec in settings.models)
+    logger.info("loading %s ...", names)
+    try:
+        runtime.start()
+    except WorkerStartError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 1
+    try:
+        config = uvicorn.Config(create_app(runtime), host=settings.host, port=settings.port,
+                                log_level=settings.log_level, timeout_graceful_shutdown=3, access_log=False)
+        server = uvicorn.Server(config)
+        server.run()
+        return 0 if server.started else 1
+    finally:
+        runtime.stop()
+
+
+def main(argv: list[str] | None = None, prog: str = "seethrough serve") -> int:
+    """``seethrough serve ...`` (also ``python -m seethrough.remote.server ...``)."""
+    try:
+        settings = parse_args(argv, prog=prog)
+    except SettingsError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return serve(settings, prog)

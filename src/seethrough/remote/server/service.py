@@ -1,0 +1,350 @@
+"""The models a server runs: per model a fair queue, worker processes, dispatchers.
+
+A :class:`ModelService` owns one model's :class:`~.scheduler.FairQueue` and
+``--workers-per-model`` :class:`WorkerSlot` s.  Each slot is a dispatcher
+thread feeding one worker process, one request at a time:
+
+* it takes the next request in turn, marks it running, hands the wire bytes
+  to the worker and relays what comes back (printed lines as ``log``
+  events, then the answer);
+* it enforces the wall-clock limit: past ``--timeout`` the worker is
+  SIGKILLed, the request fails with a ``TimeoutError``, a new worker starts;
+* a worker that dies mid-request (crash, out of memory, a write to read-only
+  weights, a kill) fails that request only and is replaced; so is a worker
+  that reports the served model changed.
+
+With ``--spare-workers 1`` a loaded spare process waits beside the slots and
+replaces a lost worker at once (a new spare then loads in the background).
+:class:`ServerRuntime` holds the services and the :class:`~.jobs.JobStore`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ... import __version__
+from .. import wire
+from . import framing
+from .jobs import Job, JobStore
+from .process import WorkerDied, WorkerProcess, WorkerStartError, start_context
+from .scheduler import FairQueue
+from .settings import ModelSpec, Settings
+from .worker import WorkerOptions
+
+__all__ = ["ModelService", "ServerRuntime", "WorkerSlot", "server_error"]
+
+logger = logging.getLogger("seethrough.server")
+
+_POSITION_UPDATES = 100  # queued jobs told their new position after each dequeue
+_START_ATTEMPTS = 3
+
+
+def server_error(kind: str, message: str, module: str = "seethrough.remote.server", filename: str = "") -> dict:
+    """An error answer made by the server itself (same shape as the worker's)."""
+    return {"type": kind, "module": module, "message": message, "filename": filename, "line": None, "code": "",
+            "traceback": "", "server_version": __version__}
+
+
+class WorkerSlot:
+    """One dispatcher thread and the worker process it feeds."""
+
+    def __init__(self, service: "ModelService", index: int) -> None:
+        self.service = service
+        self.index = index
+        self.worker: WorkerProcess | None = None
+        self.state = "starting"
+        self.restarts = 0
+        self.current: Job | None = None
+        self.thread = threading.Thread(target=self._loop, name=f"seethrough-dispatch-{service.spec.name}-{index}",
+                                       daemon=True)
+
+    def describe(self) -> dict:
+        worker = self.worker
+        return {"state": self.state, "pid": worker.pid if worker is not None else None, "restarts": self.restarts,
+                "running": self.current.id if self.current is not None else None}
+
+    # -- the dispatcher ---------------------------------------------------------------
+    def _loop(self) -> None:
+        service = self.service
+        while True:
+            job = service.queue.get(timeout=1.0)
+            if service.stopping:
+                if job is not None:
+                    service.fail(job, server_error("RemoteError", "the server is shutting down; submit the request again"))
+                return
+            if job is None:
+                if self.worker is not None and not self.worker.alive and self.state == "idle":
+                    logger.warning("%s: worker %s died while idle (%s); replacing it",
+                                   service.spec.name, self.worker.pid, self.worker.death())
+                    self._replace()
+                continue
+            service.update_positions()
+            self.current = job
+            try:
+                self._run(job)
+            except Exception as error:  # noqa: BLE001 - the dispatcher must survive anything
+                logger.exception("%s: internal error while running request %s", service.spec.name, job.id)
+                service.fail(job, server_error("RemoteError", f"internal server error while running the request "
+                                                              f"({type(error).__name__}: {error}); please report it"))
+                self._replace()
+            finally:
+                self.current = None
+                if self.state == "busy":
+                    self.state = "idle"
+
+    def _run(self, job: Job) -> None:
+        service = self.service
+        if (self.worker is None or not self.worker.alive) and not self._replace():
+            service.fail(job, server_error("RemoteError", f"the model {service.spec.name!r} is unavailable: its worker "
+                                                          "cannot be started (see the server log)"))
+            return
+        payload = job.payload or b""
+        service.store.running(job)
+        self.state = "busy"
+        try:
+            self.worker.send_run(payload, job.id)
+        except WorkerDied:
+            if not self._replace():
+                service.fail(job, server_error("RemoteError", f"the model {service.spec.name!r} is unavailable"))
+                return
+            self.worker.send_run(payload, job.id)
+        deadline = time.monotonic() + service.settings.timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._timed_out(job)
+                return
+            try:
+                message = self.worker.receive(min(remaining, 0.5))
+            except WorkerDied as death:
+                self._crashed(job, str(death))
+                return
+            except framing.FramingError as error:
+                self.worker.kill()
+                self._crashed(job, f"it sent a malformed message: {error}")
+                return
+            if message is None:
+                continue
+            if message.type == "log":
+                text = message.fields.get("text")
+                if isinstance(text, str):
+                    service.store.log(job, text)
+                continue
+            if message.type == "answer":
+                self._answered(job, message)
+                return
+            self.worker.kill()
+            self._crashed(job, f"it sent an unexpected {message.type!r} message")
+            return
+
+    def _answered(self, job: Job, message: framing.Message) -> None:
+        error = message.fields.get("error")
+        if error is not None and not isinstance(error, dict):
+            error = server_error("RemoteError", "the worker reported an error it could not describe")
+        self.service.store.finish(job, message.payload, error)
+        if message.fields.get("replace"):
+            logger.warning("%s: request %s changed the served model (%s); replacing the worker",
+                           self.service.spec.name, job.id, message.fields.get("reason"))
+            self._replace()
+
+    def _timed_out(self, job: Job) -> None:
+        limit = self.service.settings.timeout
+        self.worker.kill()
+        logger.warning("%s: request %s ran past %.0f s; worker killed", self.service.spec.name, job.id, limit)
+        self.service.fail(job, server_error(
+            "TimeoutError",
+            f"the request ran for longer than this server's limit of {limit:g} s and was stopped (its worker "
+            "process was killed and replaced). Make the body do less (fewer tokens, smaller batches, no endless "
+            "loops), or ask the server's operator to raise --timeout.",
+            module="builtins", filename=job.filename))
+        self._replace()
+
+    def _crashed(self, job: Job, how: str) -> None:
+        logger.warning("%s: worker died during request %s (%s)", self.service.spec.name, job.id, how)
+        read_only = bool((self.service.info or {}).get("read_only_weights"))
+        causes = ("it ran out of memory, or the body wrote to the model's weights, which are read-only memory on "
+                  "this server (e.g. `weight[:] = 0`, `weight.data.zero_()`); edit activations (`.output`, "
+                  "`.input`) instead" if read_only else "it ran out of memory, or it was killed")
+        self.service.fail(job, server_error(
+            "WorkerCrashedError",
+            f"the worker process running this request died ({how}), so the request failed. Likely causes: "
+            f"{causes}. A fresh worker serves the next request.", filename=job.filename))
+        self._replace()
+
+    def _replace(self) -> bool:
+        """Put a fresh worker in place of the current one; False if none could start."""
+        if self.worker is not None:
+            self.worker.kill()
+        self.state = "restarting"
+        self.restarts += 1
+        worker = self.service.new_worker()
+        self.worker = worker
+        self.state = "idle" if worker is not None else "failed"
+        return worker is not None
+
+
+class ModelService:
+    """One served model (see the module docs)."""
+
+    def __init__(self, spec: ModelSpec, settings: Settings, store: JobStore, context: Any = None) -> None:
+        self.spec = spec
+        self.context = context
+        self.settings = settings
+        self.store = store
+        self.queue = FairQueue(settings.max_queued, settings.max_queued_per_key)
+        self.info: dict | None = None
+        self.stopping = False
+        self.slots = [WorkerSlot(self, index) for index in range(settings.workers_per_model)]
+        self._lock = threading.Lock()
+        self._spare: WorkerProcess | None = None
+        self._spare_loading = False
+
+    def options(self) -> WorkerOptions:
+        settings = self.settings
+        return WorkerOptions(
+            name=self.spec.name, source=self.spec.source, memory_limit=settings.memory_limit,
+            read_only_weights=settings.read_only_weights, max_request_bytes=settings.max_request_bytes,
+            max_unpacked_bytes=settings.max_unpacked_bytes, max_result_bytes=settings.max_result_bytes,
+            max_log_lines=settings.max_log_lines, max_log_bytes=settings.max_log_bytes, threads=settings.threads,
+            log_level=settings.log_level,
+        )
+
+    # -- workers ------------------------------------------------------------------------
+    def start(self) -> None:
+        """Load the model in every slot's worker (in parallel); raise :class:`WorkerStartError`."""
+        workers = [WorkerProcess(self.options(), self.context) for _ in self.slots]
+        for worker in workers:
+            worker.start()
+        try:
+            for slot, worker in zip(self.slots, workers):
+                self.info = worker.wait_ready(self.settings.startup_timeout)
+                slot.worker, slot.state = worker, "idle"
+        except WorkerStartError:
+            for worker in workers:
+                worker.kill()
+            raise
+        for slot in self.slots:
+            slot.thread.start()
+        if self.settings.spare_workers:
+            self._refill_spare()
+
+    def new_worker(self) -> WorkerProcess | None:
+        """A loaded worker: the spare if one is ready, else a fresh one (None if loading fails)."""
+        with self._lock:
+            spare, self._spare = self._spare, None
+        if spare is not None and spare.alive:
+            self._refill_spare()
+            return spare
+        for attempt in range(1, _START_ATTEMPTS + 1):
+            if self.stopping:
+                return None
+            worker = WorkerProcess(self.options(), self.context)
+            worker.start()
+            try:
+                worker.wait_ready(self.settings.startup_timeout)
+                return worker
+            except WorkerStartError as error:
+                logger.error("%s: worker start %d/%d failed: %s", self.spec.name, attempt, _START_ATTEMPTS, error)
+                time.sleep(min(2.0 * attempt, 10.0))
+        return None
+
+    def _refill_spare(self) -> None:
+        with self._lock:
+            if self._spare_loading or self._spare is not None or self.stopping:
+                return
+            self._spare_loading = True
+
+        def load() -> None:
+            worker = WorkerProcess(self.options(), self.context)
+            try:
+                worker.start()
+                worker.wait_ready(self.settings.startup_timeout)
+            except WorkerStartError as error:
+                logger.error("%s: the spare worker failed to load: %s", self.spec.name, error)
+                worker = None
+            with self._lock:
+                self._spare_loading = False
+                if worker is not None and not self.stopping:
+                    self._spare, worker = worker, None
+            if worker is not None:
+                worker.stop()
+
+        threading.Thread(target=load, name=f"seethrough-spare-{self.spec.name}", daemon=True).start()
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.queue.close()
+        for job in self.queue.drain():
+            self.fail(job, server_error("RemoteError", "the server is shutting down; submit the request again"))
+        for slot in self.slots:
+            if slot.worker is not None:
+                slot.worker.stop()
+        with self._lock:
+            spare, self._spare = self._spare, None
+        if spare is not None:
+            spare.stop()
+
+    # -- requests -----------------------------------------------------------------------
+    def submit(self, job: Job, fairness_key: Any) -> int:
+        """Queue ``job``; return its position (raises :class:`~.scheduler.QueueFull`)."""
+        position = self.queue.put(fairness_key, job)
+        self.store.queued(job, position)
+        return position
+
+    def update_positions(self) -> None:
+        for position, job in enumerate(self.queue.positions(_POSITION_UPDATES), 1):
+            self.store.queued(job, position)
+
+    def fail(self, job: Job, error: dict) -> None:
+        """Finish ``job`` with an error made by the server."""
+        try:
+            packed = wire.pack({"error": error}, max_bytes=max(self.settings.max_result_bytes, 1 << 20))
+        except wire.WireError:
+            packed = b""
+        self.store.finish(job, packed, error)
+
+    def health(self) -> dict:
+        states = [slot.state for slot in self.slots]
+        state = ("failed" if all(s == "failed" for s in states) else "busy" if any(s == "busy" for s in states)
+                 else "idle" if all(s == "idle" for s in states) else "starting")
+        return {
+            "state": state,
+            "queued": len(self.queue),
+            "workers": [slot.describe() for slot in self.slots],
+            "spare": self._spare.pid if self._spare is not None else None,
+            "read_only_weights": bool((self.info or {}).get("read_only_weights")),
+        }
+
+
+class ServerRuntime:
+    """The job store and every model service of one server."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = JobStore(settings.job_ttl, settings.max_log_lines, settings.max_log_bytes)
+        context = start_context(settings.start_method, [spec.source for spec in settings.models])
+        self.services = {spec.name: ModelService(spec, settings, self.store, context) for spec in settings.models}
+
+    def start(self) -> None:
+        """Load every model (in parallel); raise :class:`WorkerStartError` if one fails."""
+        with ThreadPoolExecutor(max_workers=len(self.services)) as pool:
+            futures = {name: pool.submit(service.start) for name, service in self.services.items()}
+        failures = []
+        for name, future in futures.items():
+            error = future.exception()
+            if error is not None:
+                failures.append(str(error))
+        if failures:
+            self.stop()
+            raise WorkerStartError("; ".join(failures))
+
+    def stop(self) -> None:
+        for service in self.services.values():
+            service.stop()
+
+    def health(self) -> dict:
+        return {name: service.health() for name, service in self.services.items()}

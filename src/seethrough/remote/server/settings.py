@@ -1,0 +1,209 @@
+"""The server's settings and its command line (``seethrough serve ...``).
+
+:func:`parse_args` turns the command line into a frozen :class:`Settings`;
+everything else in the server reads only that object.  Sizes accept plain
+bytes or a suffix (``512M``, ``2G``, ``1.5GiB``); API keys come from a file
+with one key per line (``#`` starts a comment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ...errors import SeethroughError
+
+# forkserver forks workers from a clean process that imported torch once
+# (fast replacement after a crash); other platforms lack it.
+_DEFAULT_START = "forkserver" if sys.platform.startswith("linux") else "spawn"
+
+__all__ = ["ModelSpec", "Settings", "SettingsError", "build_parser", "load_api_keys", "parse_args", "parse_size"]
+
+DEFAULT_PORT = 8470
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
+
+
+class SettingsError(SeethroughError, ValueError):
+    """A command-line option or the API key file is not valid."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One served model: the name clients address it by, and where it loads from."""
+
+    name: str
+    source: str
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server needs to know (see ``seethrough serve --help``)."""
+
+    models: tuple[ModelSpec, ...]
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    api_keys: frozenset[str] | None = None  # None: an open server
+    timeout: float = 300.0  # wall-clock seconds per request
+    memory_limit: int | None = 4 * 1024**3  # extra address space per request (bytes)
+    max_request_bytes: int = 256 * 1024**2
+    max_unpacked_bytes: int = 1024**3
+    max_result_bytes: int = 1024**3
+    workers_per_model: int = 1
+    spare_workers: int = 0
+    read_only_weights: bool = True
+    job_ttl: float = 3600.0
+    max_queued: int = 1000  # per model
+    max_queued_per_key: int = 100  # per model and key
+    max_log_lines: int = 10_000  # per request
+    max_log_bytes: int = 1024**2  # per request
+    startup_timeout: float = 600.0
+    threads: int | None = None  # torch threads in each worker (None: torch's default)
+    start_method: str = _DEFAULT_START  # how worker processes start: forkserver or spawn
+    log_level: str = "info"
+
+
+def parse_size(text: str | int) -> int:
+    """``"2G"`` -> 2147483648; plain numbers are bytes; raises :class:`SettingsError`."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE.match(str(text))
+    if not match:
+        raise SettingsError(f"cannot read the size {text!r}: write bytes (1048576) or a number with K, M, G or T (512M, 2G)")
+    number, unit, _ = match.groups()
+    return int(float(number) * _UNITS[unit.lower()])
+
+
+def _size_or_off(text: str) -> int | None:
+    return None if text.strip().lower() in ("0", "off", "none", "unlimited") else parse_size(text)
+
+
+def _model_spec(text: str) -> ModelSpec:
+    name, sep, source = text.partition("=")
+    if not sep:  # `--model gpt2`: served under its own name
+        name, source = text, text
+    name, source = name.strip(), source.strip()
+    if not _MODEL_NAME.match(name) or not source:
+        raise SettingsError(
+            f"--model {text!r}: write NAME=PATH_OR_REPO, e.g. --model gpt2=/models/gpt2 (names use letters, "
+            "digits and . _ / -)"
+        )
+    return ModelSpec(name, source)
+
+
+def load_api_keys(path: str | os.PathLike) -> frozenset[str]:
+    """The keys in ``path``: one per line, blank lines and ``#`` comments ignored."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise SettingsError(f"cannot read the API key file {os.fspath(path)!r}: {error}") from None
+    keys = set()
+    for number, line in enumerate(text.splitlines(), 1):
+        key = line.split("#", 1)[0].strip()
+        if not key:
+            continue
+        if any(ch.isspace() for ch in key) or not key.isprintable() or len(key) > 512:
+            raise SettingsError(f"{os.fspath(path)}, line {number}: an API key must be one printable word without spaces")
+        keys.add(key)
+    if not keys:
+        raise SettingsError(f"the API key file {os.fspath(path)!r} holds no keys; add one key per line")
+    return frozenset(keys)
+
+
+def build_parser(prog: str = "seethrough serve") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Serve models to seethrough clients (model.trace(..., remote=True)).",
+    )
+    parser.add_argument("--model", action="append", required=True, metavar="NAME=PATH_OR_REPO",
+                        help="a model to serve, addressed by NAME (repeat for several)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    parser.add_argument("--api-keys", metavar="FILE",
+                        help="file of API keys, one per line; without it the server is open to anyone who reaches it")
+    parser.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
+                        help="wall-clock limit per request; the worker is killed and replaced past it (default 300)")
+    parser.add_argument("--memory-limit", default="4G", metavar="BYTES",
+                        help="memory a request may allocate on top of the loaded model, e.g. 2G; 'off' for none "
+                             "(default 4G; not applied to workers that use CUDA)")
+    parser.add_argument("--max-request-bytes", default="256M", metavar="BYTES",
+                        help="largest request body accepted (default 256M)")
+    parser.add_argument("--max-unpacked-bytes", default="1G", metavar="BYTES",
+                        help="largest decompressed request accepted (default 1G)")
+    parser.add_argument("--max-result-bytes", default="1G", metavar="BYTES",
+                        help="largest result a request may send back (default 1G)")
+    parser.add_argument("--workers-per-model", type=int, default=1, metavar="N",
+                        help="worker processes per model, each with its own copy of the weights (default 1)")
+    parser.add_argument("--spare-workers", type=int, default=0, choices=(0, 1),
+                        help="keep one loaded spare worker per model, so a crashed or timed-out worker is "
+                             "replaced at once (costs one more copy of the weights; default 0)")
+    parser.add_argument("--no-read-only-weights", action="store_true",
+                        help="do not map CPU weights read-only (then every weight is checksummed after each request)")
+    parser.add_argument("--job-ttl", type=float, default=3600.0, metavar="SECONDS",
+                        help="how long finished requests and their results are kept (default 3600)")
+    parser.add_argument("--max-queued", type=int, default=1000, metavar="N",
+                        help="queued requests per model before new ones are refused with 429 (default 1000)")
+    parser.add_argument("--max-queued-per-key", type=int, default=100, metavar="N",
+                        help="queued requests per model and API key (default 100)")
+    parser.add_argument("--max-log-lines", type=int, default=10_000, metavar="N",
+                        help="printed lines streamed back per request (default 10000)")
+    parser.add_argument("--max-log-bytes", default="1M", metavar="BYTES",
+                        help="printed bytes streamed back per request (default 1M)")
+    parser.add_argument("--start-method", default=_DEFAULT_START, choices=("spawn", "forkserver"),
+                        help="how workers start: 'forkserver' (default on Linux: forked from a clean helper that "
+                             "imported torch and transformers once, so a replaced worker is ready in about the time "
+                             "its weights take to load) or 'spawn' (each a new interpreter; default elsewhere)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads per worker")
+    parser.add_argument("--startup-timeout", type=float, default=600.0, metavar="SECONDS",
+                        help="how long a worker may take to load its model (default 600)")
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    return parser
+
+
+def parse_args(argv: list[str] | None = None, prog: str = "seethrough serve") -> Settings:
+    """Settings from the command line; raises :class:`SettingsError` for bad values."""
+    options = build_parser(prog).parse_args(argv)
+    models = tuple(_model_spec(text) for text in options.model)
+    names = [spec.name for spec in models]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise SettingsError(f"--model: the name(s) {', '.join(duplicates)} are given twice; give each model its own name")
+    positive = {"--timeout": options.timeout, "--workers-per-model": options.workers_per_model,
+                "--job-ttl": options.job_ttl, "--max-queued": options.max_queued,
+                "--max-queued-per-key": options.max_queued_per_key, "--max-log-lines": options.max_log_lines,
+                "--startup-timeout": options.startup_timeout}
+    for flag, value in positive.items():
+        if value <= 0:
+            raise SettingsError(f"{flag} must be positive, got {value}")
+    if options.threads is not None and options.threads <= 0:
+        raise SettingsError(f"--threads must be positive, got {options.threads}")
+    if not 0 < options.port < 65536:
+        raise SettingsError(f"--port must be between 1 and 65535, got {options.port}")
+    return Settings(
+        models=models,
+        host=options.host,
+        port=options.port,
+        api_keys=load_api_keys(options.api_keys) if options.api_keys else None,
+        timeout=options.timeout,
+        memory_limit=_size_or_off(options.memory_limit),
+        max_request_bytes=parse_size(options.max_request_bytes),
+        max_unpacked_bytes=parse_size(options.max_unpacked_bytes),
+        max_result_bytes=parse_size(options.max_result_bytes),
+        workers_per_model=options.workers_per_model,
+        spare_workers=options.spare_workers,
+        read_only_weights=not options.no_read_only_weights,
+        job_ttl=options.job_ttl,
+        max_queued=options.max_queued,
+        max_queued_per_key=options.max_queued_per_key,
+        max_log_lines=options.max_log_lines,
+        max_log_bytes=parse_size(options.max_log_bytes),
+        startup_timeout=options.startup_timeout,
+        threads=options.threads,
+        start_method=options.start_method,
+        log_level=options.log_level,
+    )

@@ -1,0 +1,388 @@
+"""The worker process: one loaded model, one request at a time.
+
+Started by the API process (``multiprocessing``, spawn context) with
+:func:`run_worker`.  It loads its model once (``LanguageModel(source,
+dispatch=True)``), makes the CPU weights read-only, warms the model up,
+fingerprints it (:mod:`.guard`), caps its own address space
+(``RLIMIT_AS``: its size now plus the per-request budget) and sends
+``ready`` with the model's description.  Then, for each ``run`` message:
+
+1. unpack the wire bytes and check the request (:mod:`..protocol`);
+2. :func:`~seethrough.remote.execute.execute` it, with ``print`` (and
+   ``sys.stdout``) streaming each printed line to the API process as it is
+   printed (capped per request in lines and bytes);
+3. check the model against its fingerprint; if the request changed it, the
+   answer becomes an error and the worker asks to be replaced;
+4. send the wire-packed answer back.
+
+A request that allocates past the memory limit gets a ``MemoryError`` (or
+torch's allocation ``RuntimeError``) as its answer; anything worse kills
+the process, and the API process answers for it and starts a new worker.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import os
+import resource
+import signal
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import framing
+
+__all__ = ["LogStream", "WorkerOptions", "describe_model", "run_worker"]
+
+logger = logging.getLogger("seethrough.server.worker")
+
+_MAX_LINE_CHARS = 16_384  # one printed line; longer ones are cut
+_MAX_PENDING_CHARS = 65_536  # text printed without a newline is sent once this long
+_MAX_ERROR_FIELD = 16_000
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """What a worker needs to know (sent from the API process at spawn)."""
+
+    name: str
+    source: str
+    memory_limit: int | None
+    read_only_weights: bool
+    max_request_bytes: int
+    max_unpacked_bytes: int
+    max_result_bytes: int
+    max_log_lines: int
+    max_log_bytes: int
+    threads: int | None = None
+    log_level: str = "info"
+
+
+class LogStream:
+    """``print`` and ``sys.stdout`` of a running request: each line goes to the API process at once."""
+
+    encoding = "utf-8"
+    errors = "replace"
+
+    def __init__(self, conn: Any, max_lines: int, max_bytes: int) -> None:
+        self._conn = conn
+        self._max_lines = max_lines
+        self._max_bytes = max_bytes
+        self._pending = ""
+        self.lines = 0
+        self.bytes = 0
+        self.truncated = False
+
+    # the file-like side (sys.stdout while a request runs)
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        if self.truncated:
+            return len(text)
+        self._pending += text
+        while "\n" in self._pending:
+            line, self._pending = self._pending.split("\n", 1)
+            self._emit(line)
+        if len(self._pending) > _MAX_PENDING_CHARS:
+            line, self._pending = self._pending, ""
+            self._emit(line)
+        return len(text)
+
+    def flush(self) -> None:
+        """Nothing to do: whole lines are sent as soon as they are written."""
+
+    def isatty(self) -> bool:
+        return False
+
+    def writable(self) -> bool:
+        return True
+
+    def finish(self) -> None:
+        """Send the text printed without a final newline."""
+        if self._pending and not self.truncated:
+            line, self._pending = self._pending, ""
+            self._emit(line)
+        self._pending = ""
+
+    # the builtin `print` of remote bodies
+    def print(self, *values: Any, sep: str | None = " ", end: str | None = "\n", file: Any = None,
+              flush: bool = False) -> None:
+        sep = " " if sep is None else sep
+        end = "\n" if end is None else end
+        if not isinstance(sep, str) or not isinstance(end, str):
+            raise TypeError("print(): sep and end must be None or strings")
+        self.write(sep.join(str(value) for value in values) + end)
+
+    def _emit(self, line: str) -> None:
+        if len(line) > _MAX_LINE_CHARS:
+            line = line[:_MAX_LINE_CHARS] + f" [... line cut at {_MAX_LINE_CHARS:,} characters]"
+        size = len(line.encode("utf-8", "replace")) + 1
+        if self.lines >= self._max_lines or self.bytes + size > self._max_bytes:
+            self.truncated = True
+            line = (f"[seethrough server: output cut here; a request may print at most {self._max_lines:,} "
+                    f"lines and {self._max_bytes:,} bytes]")
+        self.lines += 1
+        self.bytes += size
+        self._conn.send_bytes(framing.encode("log", text=line))
+
+
+# -- the model's description ----------------------------------------------------------------
+
+
+def describe_model(name: str, model: Any) -> dict:
+    """What ``/v1/models`` shows: enough for a client to build the model without weights
+    (not where the server loaded it from: that is the operator's business)."""
+    module = model._model
+    config = getattr(module, "config", None)
+    try:
+        config_dict = json.loads(config.to_json_string(use_diff=False)) if config is not None else {}
+    except (AttributeError, TypeError, ValueError):
+        config_dict = {}
+    architectures = list(getattr(config, "architectures", None) or [type(module).__name__])
+    first = next(module.parameters(), None)
+    return {
+        "name": name,
+        "architectures": architectures,
+        "config": config_dict,
+        "modules": [path for path, _ in module.named_modules() if path],
+        "repr": repr(module),
+        "dtype": str(first.dtype).removeprefix("torch.") if first is not None else None,
+        "parameters": sum(p.numel() for p in module.parameters()),
+        "tokenizer": _tokenizer_files(getattr(model, "tokenizer", None)),
+    }
+
+
+def _tokenizer_files(tokenizer: Any) -> dict:
+    if tokenizer is None:
+        return {"files": {}, "binary_files": {}}
+    files: dict[str, str] = {}
+    binary: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="seethrough-tokenizer-") as folder:
+        tokenizer.save_pretrained(folder)
+        for path in sorted(Path(folder).rglob("*")):
+            if not path.is_file():
+                continue
+            data = path.read_bytes()
+            key = path.relative_to(folder).as_posix()
+            try:
+                files[key] = data.decode("utf-8")
+            except UnicodeDecodeError:
+                binary[key] = base64.b64encode(data).decode("ascii")
+    return {"files": files, "binary_files": binary}
+
+
+# -- process set-up -------------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """Exit as soon as the API process goes away, even in the middle of a request.
+
+    (``PR_SET_PDEATHSIG`` would follow the *thread* that spawned the worker,
+    and dispatcher threads come and go, so a watchdog thread polls instead.)
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="seethrough-parent-watchdog", daemon=True).start()
+
+
+def _address_space() -> int | None:
+    try:
+        with open("/proc/self/statm", encoding="ascii") as handle:
+            return int(handle.read().split()[0]) * resource.getpagesize()
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _limit_memory(budget: int | None, uses_cuda: bool) -> str:
+    """Cap the address space at its current size plus ``budget``; say what was done."""
+    if budget is None:
+        return "no memory limit"
+    if uses_cuda:
+        return "no memory limit (RLIMIT_AS would break CUDA)"
+    current = _address_space()
+    if current is None:
+        return "no memory limit (cannot read this process's size on this platform)"
+    limit = current + budget
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY and hard < limit:
+        limit = hard
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    return f"memory limit {limit / 2**30:.2f} GiB of address space ({budget / 2**30:.2f} GiB per request)"
+
+
+def _warm_up(model: Any) -> None:
+    """One forward and a one-token generation, so lazy state exists before the fingerprint."""
+    import torch
+
+    tokenizer = getattr(model, "tokenizer", None)
+    token = getattr(tokenizer, "bos_token_id", None) or getattr(tokenizer, "eos_token_id", None) or 0
+    ids = torch.tensor([[int(token)]], device=model.device)
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a one-token prompt draws warnings that mean nothing here
+    try:
+        _forward_and_generate(model, ids)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def _forward_and_generate(model: Any, ids: Any) -> None:
+    import torch
+
+    with torch.no_grad():
+        model._model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        generate = getattr(model._model, "generate", None)
+        if callable(generate):
+            with contextlib.suppress(TypeError, ValueError, RuntimeError):
+                generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False)
+
+
+# -- the loop -----------------------------------------------------------------------------
+
+
+def run_worker(conn: Any, options: WorkerOptions) -> None:
+    """Entry point of a worker process (see the module docs)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the API process's business
+    _die_with_parent()
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    logging.basicConfig(level=options.log_level.upper(), format=f"%(asctime)s worker[{options.name}] %(message)s")
+    try:
+        state = _load(options)
+    except Exception as error:  # noqa: BLE001 - any load failure is reported to the API process
+        conn.send_bytes(framing.encode("failed", message=f"{type(error).__name__}: {error}"[:_MAX_ERROR_FIELD]))
+        return
+    model, guard, info = state
+    memory = _limit_memory(options.memory_limit, _uses_cuda(model))
+    logger.info("serving %s from %s (pid %d, %s)", options.name, options.source, os.getpid(), memory)
+    conn.send_bytes(framing.encode("ready", json.dumps(info).encode("utf-8"), pid=os.getpid(), memory=memory))
+    while True:
+        try:
+            message = framing.decode(conn.recv_bytes())
+        except (EOFError, OSError):
+            return  # the API process is gone
+        if message.type == "stop":
+            return
+        if message.type != "run":
+            continue
+        started = time.perf_counter()
+        answer, error, problems = _handle(conn, message.payload, model, guard, options)
+        logger.debug("request %s handled in %.1f ms", message.fields.get("job"), 1e3 * (time.perf_counter() - started))
+        conn.send_bytes(framing.encode(
+            "answer", answer, error=error, replace=bool(problems), reason="; ".join(problems) or None,
+        ))
+        if problems:
+            return  # the model is no longer the one loaded: the API process starts a fresh worker
+
+
+def _uses_cuda(model: Any) -> bool:
+    import torch
+
+    device = model.device
+    return (device is not None and device.type == "cuda") or torch.cuda.is_initialized()
+
+
+def _load(options: WorkerOptions) -> tuple[Any, Any, dict]:
+    import torch
+
+    from ...models.language import LanguageModel
+    from .guard import ModelGuard, ReadOnlyWeights
+
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Loading weights" bars in the server's log
+    model = LanguageModel(options.source, dispatch=True)
+    read_only = ReadOnlyWeights.apply(model._model) if options.read_only_weights else None
+    _warm_up(model)
+    guard = ModelGuard(model._model, model.tokenizer, read_only)
+    info = describe_model(options.name, model)
+    info["read_only_weights"] = read_only is not None
+    return model, guard, info
+
+
+def _handle(conn: Any, payload: bytes, model: Any, guard: Any, options: WorkerOptions) -> tuple[bytes, Any, list[str]]:
+    """Run one request; return (packed answer, error dict or None, problems with the model)."""
+    from ... import __version__
+    from .. import wire
+    from ..execute import execute
+    from ..protocol import PROTOCOL, ProtocolError, parse_request
+
+    stream = LogStream(conn, options.max_log_lines, options.max_log_bytes)
+    try:
+        request = parse_request(
+            wire.unpack(payload, max_bytes=options.max_request_bytes, max_unpacked_bytes=options.max_unpacked_bytes),
+            PROTOCOL, __version__,
+        )
+    except (wire.WireError, ProtocolError) as error:  # the API process checked it; only a bug lands here
+        answer: dict = {"error": _error(type(error).__name__, str(error))}
+    else:
+        with contextlib.redirect_stdout(stream):
+            answer = execute(request, model, print_function=stream.print)
+        stream.finish()
+        del request
+    problems = guard.check()
+    if problems:
+        answer = {"error": _error(
+            "WeightsModifiedError",
+            "this request changed the served model, so its results were discarded and the server reloads the "
+            f"model: {'; '.join(problems)}. Edit activations inside the trace (`.output`, `.input`, `.skip()`) "
+            "instead; the served model's weights, modules and config must stay as they are.",
+            module="seethrough.errors",
+        )}
+    error = answer.get("error")
+    if isinstance(error, dict):
+        error = _explain_memory(error, options.memory_limit)
+        answer = {"error": error}
+    try:
+        packed = wire.pack(answer, max_bytes=options.max_result_bytes)
+    except wire.WireError as failure:
+        error = _error(type(failure).__name__, f"the request ran, but its result cannot be sent back: {failure}",
+                       module="seethrough.remote.wire")
+        packed = wire.pack({"error": error}, max_bytes=options.max_result_bytes)
+    except MemoryError:
+        error = _error("MemoryError", "the request ran, but packing its result ran out of memory; save less")
+        packed = wire.pack({"error": error}, max_bytes=options.max_result_bytes)
+    return packed, _short(error) if isinstance(error, dict) else None, problems
+
+
+def _error(kind: str, message: str, module: str = "builtins") -> dict:
+    from ... import __version__
+
+    return {"type": kind, "module": module, "message": message, "filename": "", "line": None, "code": "",
+            "traceback": "", "server_version": __version__}
+
+
+def _explain_memory(error: dict, budget: int | None) -> dict:
+    message = str(error.get("message", ""))
+    is_memory = error.get("type") in ("MemoryError", "OutOfMemoryError") or (
+        error.get("type") == "RuntimeError" and "allocate" in message and "memory" in message.lower())
+    if not is_memory or budget is None:
+        return error
+    hint = (f" (this server lets one request allocate about {budget / 2**30:.1f} GiB on top of the model; "
+            "work on smaller pieces, save less, or ask the operator to raise --memory-limit)")
+    return {**error, "message": message + hint}
+
+
+def _short(error: dict) -> dict:
+    """The error dict cut to fit a pipe message header."""
+    out = {}
+    for key, value in error.items():
+        if isinstance(value, str) and len(value) > _MAX_ERROR_FIELD:
+            value = value[:_MAX_ERROR_FIELD] + " [...]"
+        out[key] = value if isinstance(value, (str, int, float, bool, type(None))) else str(value)[:_MAX_ERROR_FIELD]
+    return out
