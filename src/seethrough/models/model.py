@@ -74,17 +74,17 @@ class Model(Envoy):
             object.__setattr__(self, "_device_probe", probe)
         return probe.device
 
-    def _hook_plan(self, module: torch.nn.Module) -> list[torch.nn.Module]:
-        """``module`` and every module containing it: whose outputs get hooked
-        together (see ``Interleaver.hook``); cached per module."""
+    def _hook_plan(self, module: torch.nn.Module) -> list[tuple[torch.nn.Module, tuple]]:
+        """``(module, output key)`` for ``module`` and every module containing
+        it: whose outputs get hooked together (see ``Interleaver.hook``)."""
         plans = self.__dict__.get("_hook_plans")
         if plans is None:
             plans = {}
             object.__setattr__(self, "_hook_plans", plans)
         found = plans.get(id(module))
-        if found is not None and found[0] is module:
+        if found is not None and found[0][0] is module:
             return found
-        plan = [module, *self._ancestors(module)]
+        plan = [(each, (id(each), "output")) for each in (module, *self._ancestors(module))]
         plans[id(module)] = plan
         return plan
 

@@ -37,7 +37,8 @@ class HookSet:
 
     def add_output(self, module: torch.nn.Module, hook: Callable) -> None:
         if _DIRECT:
-            hook_id = _next_id()
+            hook_id = RemovableHandle.next_id
+            RemovableHandle.next_id = hook_id + 1
             module._forward_hooks[hook_id] = hook
             self._entries.append((module, "output", hook_id))
         else:  # pragma: no cover - older/newer PyTorch layouts

@@ -260,9 +260,9 @@ class Interleaver:
     # -- called from inside a task -------------------------------------------
     def request(self, task: Task, envoy: "Envoy", kind: str, skip_current: bool = False) -> Any:
         """The value of ``kind`` ("input"/"output") of ``envoy``'s module for ``task``."""
-        if self.closing:
-            raise greenlet.GreenletExit()
-        if not task.is_invoke:
+        if self.closing or not task.is_invoke:
+            if self.closing:
+                raise greenlet.GreenletExit()
             raise InvokeError(self.run.module_access_outside_invoke(envoy, kind))
         module = envoy._module
         key = (id(module), kind)
@@ -270,13 +270,14 @@ class Interleaver:
         if event is not None and event.key == key:
             if not (skip_current and task.index in event.served):
                 event.served.add(task.index)
-                return self._view(event, task)
-        if self.run.caches:
-            cached = self.run.cached_value(task, envoy, kind)
-            if cached is not _MISSING:
-                return cached
-        if self.forward_done:
-            raise OutOfOrderError(self._too_late_message(envoy, kind, sys._getframe(1), finished=True))
+                return event.value if task.rows is None and kind != "step" else self._view(event, task)
+        if self.forward_done or self.run.caches:
+            if self.run.caches:
+                cached = self.run.cached_value(task, envoy, kind)
+                if cached is not _MISSING:
+                    return cached
+            if self.forward_done:
+                raise OutOfOrderError(self._too_late_message(envoy, kind, sys._getframe(1), finished=True))
         if key not in self.hooks:
             self.hook(module, kind)
         task.pending_envoy = envoy
@@ -354,8 +355,7 @@ class Interleaver:
         if kind == "input":
             self._install(module, "input", key)
         hooks = self.hooks
-        for each in self.run.model._hook_plan(module):
-            each_key = (id(each), "output")
+        for each, each_key in self.run.model._hook_plan(module):
             if each_key not in hooks:
                 self._install(each, "output", each_key)
 
@@ -369,7 +369,7 @@ class Interleaver:
             self.hooks[key] = True
             return
         if kind == "output":
-            self.hook_set.add_output(module, self._make_output_hook(module, key))
+            self.hook_set.add_output(module, self._make_output_hook(key))
         else:
             self.hook_set.add_input(module, self._make_input_hook(module, key))
         self.hooks[key] = True
@@ -381,7 +381,7 @@ class Interleaver:
         # thread runs the same model: only our own forward pass counts.
         return self.forward_running and greenlet.getcurrent() is self.main
 
-    def _make_output_hook(self, module: torch.nn.Module, key: tuple) -> Callable:
+    def _make_output_hook(self, key: tuple) -> Callable:
         getcurrent = greenlet.getcurrent
 
         def output_hook(mod: torch.nn.Module, args: Any, output: Any) -> Any:
@@ -430,7 +430,18 @@ class Interleaver:
         previous = self.current
         self.current = event
         try:
-            self.drain(event)
+            queue = self.waiting.get(event.key)
+            if queue is not None and len(queue) == 1 and not self.blocked:
+                # The common case: exactly one task waits for this value.
+                task = queue[0]
+                del self.waiting[event.key]
+                task.pending = None
+                event.served.add(task.index)
+                self._switch(task, event.value if task.rows is None and event.kind in ("output", "input") else self._view(event, task))
+                if event.key in self.waiting or self.blocked:
+                    self.drain(event)
+            else:
+                self.drain(event)
         finally:
             self.current = previous
         return event.value
