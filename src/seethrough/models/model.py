@@ -165,6 +165,12 @@ class Model(Envoy):
     # -- inputs (overridden by LanguageModel) ---------------------------------------
     def _prepare_input(self, args: tuple, kwargs: dict) -> PreparedInput:
         device = self.device
+        if not kwargs and len(args) == 1 and type(args[0]) is torch.Tensor:
+            # The common case, kept cheap: one tensor input.
+            x = args[0]
+            if device is not None and x.device != device:
+                x = x.to(device)
+            return PreparedInput((x,), kwargs, int(x.shape[0]) if x.dim() else 1)
         if device is not None:
             args = tuple(to_device(a, device) for a in args)
             if kwargs:

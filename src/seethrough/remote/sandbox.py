@@ -107,6 +107,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ..errors import SeethroughError
+from ..tracing.capture import PARSE_LOCK
 
 __all__ = [
     "ALLOWED_MODULES", "ASSIGNABLE_ATTRIBUTES", "FORBIDDEN_ATTRIBUTES", "FORBIDDEN_ATTRIBUTE_PREFIXES",
@@ -236,7 +237,8 @@ def validate(source: str, filename: str = DEFAULT_FILENAME) -> ast.Module:
                                f"{MAX_SOURCE_CHARS:,}; move data into variables instead of source text",
                                filename=filename)
     try:
-        tree = ast.parse(source, filename=filename, mode="exec")
+        with PARSE_LOCK:  # parses from two threads can corrupt CPython's AST state
+            tree = ast.parse(source, filename=filename, mode="exec")
     except SyntaxError as error:
         raise SandboxViolation(f"{_where(error.lineno, filename)}: syntax error in the remote trace body: {error.msg}",
                                lineno=error.lineno, filename=filename) from None

@@ -19,6 +19,7 @@ import dis
 import linecache
 import sys
 import textwrap
+import threading
 from dataclasses import dataclass, field
 from types import CodeType, FrameType
 
@@ -59,6 +60,9 @@ class CapturedBlock:
 _cache: dict[tuple[CodeType, int], CapturedBlock] = {}
 _parse_cache: dict[str, tuple[str, ast.Module]] = {}
 _CACHE_LIMIT = 2048
+# Held while parsing or compiling user code anywhere in seethrough (see
+# capture_with_block for why).
+PARSE_LOCK = threading.RLock()
 
 
 def capture_with_block(frame: FrameType, what: str = "model.trace(...)") -> CapturedBlock:
@@ -67,10 +71,16 @@ def capture_with_block(frame: FrameType, what: str = "model.trace(...)") -> Capt
     found = _cache.get(key)
     if found is not None:
         return found
-    found = _capture(frame, what)
-    if len(_cache) >= _CACHE_LIMIT:
-        _cache.clear()
-    _cache[key] = found
+    # CPython's AST conversion keeps interpreter-wide state that concurrent
+    # parses from two threads can corrupt ("AST constructor recursion depth
+    # mismatch"): parse one block at a time.
+    with PARSE_LOCK:
+        found = _cache.get(key)
+        if found is None:
+            found = _capture(frame, what)
+            if len(_cache) >= _CACHE_LIMIT:
+                _cache.clear()
+            _cache[key] = found
     return found
 
 
@@ -82,8 +92,9 @@ def capture_source_block(source: str, filename: str, what: str = "trace") -> Cap
     found again the same way as in a file."""
     lines = source.splitlines(keepends=True)
     linecache.cache[filename] = (len(source), None, lines, filename)
-    tree = _parse(source, filename)
-    return _build(tree.body, filename, 1, 1, None, lines, what)
+    with PARSE_LOCK:
+        tree = _parse(source, filename)
+        return _build(tree.body, filename, 1, 1, None, lines, what)
 
 
 def _source_lines(frame: FrameType) -> list[str]:

@@ -22,7 +22,6 @@ more than the hook itself.
 from __future__ import annotations
 
 import sys
-import threading
 from typing import TYPE_CHECKING, Any, Callable
 
 import greenlet
@@ -134,12 +133,22 @@ class Event:
 class Interleaver:
     """Schedules the tasks of one trace around one forward (or generate) call."""
 
+    # Defaults on the class: a trace creates one interleaver per run, so its
+    # construction is part of every trace's fixed cost.
+    current: Event | None = None
+    forward_running = False
+    forward_done = False
+    stopped = False
+    closing = False
+    batch_size = 0
+    step = -1  # index of the current call of the root module (generation step)
+    root_output_by_return = False  # see `root_returned`
+    on_module_hooked: Callable[[torch.nn.Module], None] | None = None
+
     def __init__(self, run: "TraceRun") -> None:
         self.run = run
         self.tasks: list[Task] = []
         self.main = greenlet.getcurrent()
-        self.thread = threading.get_ident()
-        self.current: Event | None = None
         # Tasks waiting for each event key, in invoke order, and tasks blocked
         # on a name: hooks look here instead of scanning every task.
         self.waiting: dict[tuple, list[Task]] = {}
@@ -147,14 +156,6 @@ class Interleaver:
         self.hooks: dict[tuple, bool] = {}
         self.hook_set = HookSet()
         self.fired: dict[tuple, bool] = {}  # events that have happened in this forward
-        self.forward_running = False
-        self.forward_done = False
-        self.stopped = False
-        self.closing = False
-        self.batch_size = 0
-        self.step = -1  # index of the current call of the root module (generation step)
-        self.root_output_by_return = False  # see `root_returned`
-        self.on_module_hooked: Callable[[torch.nn.Module], None] | None = None
         # Callbacks run after the tasks at an event (tracer.cache records there).
         self.after: dict[tuple, list[Callable[[Any], None]]] = {}
 
@@ -480,6 +481,8 @@ class Interleaver:
             pairs = list(zip(value, view))
         for full, part in pairs:
             if isinstance(part, torch.Tensor) and part is not full and part.requires_grad:
+                if not self.run.narrowed:
+                    self.run.narrowed = {}
                 self.run.narrowed[id(part)] = (part, full, rows)
 
     def request_result(self, task: Task) -> Any:
@@ -586,11 +589,13 @@ class Interleaver:
     def close(self) -> None:
         """Remove every hook and end every task that has not ended."""
         self.closing = True
-        self.hook_set.remove_all()
-        self.hooks.clear()
-        self.after.clear()
-        self.waiting.clear()
-        self.blocked.clear()
+        if self.hooks:
+            self.hook_set.remove_all()
+            self.hooks.clear()
+        if self.after or self.waiting or self.blocked:
+            self.after.clear()
+            self.waiting.clear()
+            self.blocked.clear()
         for task in self.tasks:
             worker = task.greenlet
             if worker is not None and not worker.dead:

@@ -18,6 +18,7 @@ Local traces, scans, edits, sessions and the remote server all use this class.
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -52,8 +53,28 @@ class EditSpec:
         self.globals = globals_
 
 
+_NOTHING: Any = MappingProxyType({})  # an empty, read-only default for rarely used maps
+
+
 class TraceRun:
     """Runs one captured trace body against one call of the model."""
+
+    # Defaults on the class (a run is built for every trace); the maps are
+    # replaced by real dicts where something is first stored.
+    output: Any = None
+    setup_done = False
+    flow: CrossFlow | None = None
+    shared_kwargs: Any = _NOTHING  # `model.trace(**kwargs)` with invokes: for every invoke
+    skips: Any = _NOTHING  # id(module) -> ForwardSkip
+    _skip_values: Any = _NOTHING  # id(module) -> [(rows, value, what)]
+    caches: Any = ()  # Cache objects of tracer.cache()
+    _weights: Any = _NOTHING  # id(tensor) -> (name, tensor, version) of weights read in the body
+    # id(view) -> (view, batched tensor, rows): gradients of an invoke's views
+    # come from their batched tensors (filled only when backward is used).
+    narrowed: Any = _NOTHING
+    _uses_backward = False  # `with loss.backward():` needs the Tensor.backward patch
+    _backward_patched = False
+    _executing = False
 
     def __init__(
         self,
@@ -79,22 +100,10 @@ class TraceRun:
         self.interleaver = Interleaver(self)
         # Backends that call the root module exactly once say so; its output
         # is then observed from their return value instead of a hook.
-        self.interleaver.root_output_by_return = bool(getattr(backend, "single_call", False))
-        self.output: Any = None
-        self.setup_done = False
+        if getattr(backend, "single_call", False):
+            self.interleaver.root_output_by_return = True
         self.invoke_inputs: list[tuple[Task, tuple[tuple, dict]]] = []
-        self.shared_kwargs: dict = {}  # `model.trace(**kwargs)` with invokes: for every invoke
         self.explicit_invokes: list[Task] = []
-        self.skips: dict[int, ForwardSkip] = {}
-        self._skip_values: dict[int, list[tuple[slice | None, Any, str]]] = {}
-        self.caches: list["Cache"] = []
-        self._weights: dict[int, tuple[str, torch.Tensor, int]] = {}
-        self._uses_backward = False  # `with loss.backward():` needs the Tensor.backward patch
-        # id(view) -> (view, batched tensor, rows): gradients of an invoke's
-        # views come from their batched tensors (filled only when backward is used).
-        self.narrowed: dict[int, tuple[torch.Tensor, torch.Tensor, slice]] = {}
-        self._backward_patched = False
-        self._executing = False
 
         if captured.uses_invoke:
             body_ns: BodyNamespace = TracedNamespace(seed, globals_)
@@ -103,7 +112,8 @@ class TraceRun:
         if captured.as_name:
             dict.__setitem__(body_ns, captured.as_name, tracer)
         self.body = Task(self, 0, "the trace body", captured.code, body_ns, None, captured.stored, self.has_input)
-        self.flow: CrossFlow | None = CrossFlow(self.interleaver, self.body, globals_) if captured.uses_invoke else None
+        if captured.uses_invoke:
+            self.flow = CrossFlow(self.interleaver, self.body, globals_)
         self.edit_tasks: list[Task] = []
         self._note(captured)
         for spec in model._edits:
@@ -147,7 +157,7 @@ class TraceRun:
                 if self.skips:
                     for skip in self.skips.values():
                         skip.restore()
-                    self.skips.clear()
+                    self.skips = _NOTHING
             finally:
                 self._executing = False
                 if self._backward_patched:
@@ -292,6 +302,8 @@ class TraceRun:
         return MISSING
 
     def add_cache(self, cache: "Cache") -> None:
+        if not self.caches:
+            self.caches = []
         self.caches.append(cache)
         interleaver = self.interleaver
         for envoy in cache._envoys:
@@ -306,6 +318,8 @@ class TraceRun:
     def skip(self, task: Task, envoy: "Envoy", value: Any) -> None:
         module = envoy._module
         current = self.interleaver.current
+        if not self.skips:
+            self.skips, self._skip_values = {}, {}
         if id(module) not in self.skips:
             if current is not None and current.key == (id(module), "input"):
                 raise InvokeError(
@@ -331,11 +345,15 @@ class TraceRun:
         return call
 
     def _make_skippable(self, module: torch.nn.Module) -> None:
+        if not self.skips:
+            self.skips, self._skip_values = {}, {}
         if id(module) not in self.skips:
             self.skips[id(module)] = ForwardSkip(module)
 
     def touched_weight(self, name: str, tensor: torch.Tensor) -> None:
         if id(tensor) not in self._weights and tensor.grad_fn is None:
+            if not self._weights:
+                self._weights = {}
             self._weights[id(tensor)] = (name, tensor, tensor._version)
 
     def deadlock_error(self, task: Task) -> BaseException:
@@ -392,7 +410,7 @@ class TraceRun:
         if not self._weights:
             return
         changed = [name for name, tensor, version in self._weights.values() if tensor._version != version]
-        self._weights.clear()
+        self._weights = _NOTHING
         if changed:
             raise WeightsModifiedError(
                 f"the trace at {self._where()} changed model weights in place: {', '.join(changed)}. "
@@ -408,8 +426,8 @@ class TraceRun:
         if self.caches:
             for cache in self.caches:
                 cache._detach_run()
-            self.caches.clear()
-        self.narrowed.clear()
+            self.caches = ()
+        self.narrowed = _NOTHING
         self.edit_tasks.clear()
         self.explicit_invokes.clear()
         self.invoke_inputs.clear()
