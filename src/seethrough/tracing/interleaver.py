@@ -280,7 +280,7 @@ class Interleaver:
             if self.forward_done:
                 raise OutOfOrderError(self._too_late_message(envoy, kind, sys._getframe(1), finished=True))
         if key not in self.hooks:
-            self.hook(module, kind)
+            self.hook(module, kind, envoy)
         task.pending_envoy = envoy
         task.pending_kind = kind
         task.pending_frame = sys._getframe(1)  # the user's frame is found from here on error
@@ -341,7 +341,7 @@ class Interleaver:
             event.value = (args, kwargs)
 
     # -- hooks ---------------------------------------------------------------
-    def hook(self, module: torch.nn.Module, kind: str) -> None:
+    def hook(self, module: torch.nn.Module, kind: str, envoy: "Envoy | None" = None) -> None:
         """Hook ``kind`` of ``module`` (once per trace).
 
         A hook added to a module whose call has already begun does not fire
@@ -356,7 +356,12 @@ class Interleaver:
         if kind == "input":
             self._install(module, "input", key)
         hooks = self.hooks
-        for each, each_key in self.run.model._hook_plan(module):
+        plan = envoy.__dict__.get("_plan") if envoy is not None else None
+        if plan is None or plan[0][0] is not module:
+            plan = self.run.model._hook_plan(module)
+            if envoy is not None:
+                envoy.__dict__["_plan"] = plan  # the same module tree every trace
+        for each, each_key in plan:
             if each_key not in hooks:
                 self._install(each, "output", each_key)
 

@@ -29,18 +29,21 @@ _MAX_WALK = 10_000  # elements inspected per container before giving up on preci
 class SaveRegistry:
     """The values saved in one trace (strong references until the trace ends)."""
 
-    __slots__ = ("_saved", "keep_graph", "_keep", "_decorated")
+    __slots__ = ("_saved", "keep_graph", "_keep", "_decorated", "_may_hold_graph")
 
     def __init__(self, keep_graph: bool = False) -> None:
         self._saved: dict[int, Any] = {}
         self._keep: set[int] = set()
         self._decorated: list[Any] = []
         self.keep_graph = keep_graph
+        self._may_hold_graph = False
 
     def add(self, value: Any, keep_graph: bool | None = None) -> Any:
         self._saved[id(value)] = value
         if keep_graph:
             self._keep.add(id(value))
+        elif type(value) is not torch.Tensor or value.grad_fn is not None:
+            self._may_hold_graph = True  # finish() has something to detach
         return value
 
     def __contains__(self, value: Any) -> bool:
@@ -82,7 +85,7 @@ class SaveRegistry:
         Returns a map from the id of each saved object that had to be replaced
         (views cannot be detached in place) to its replacement."""
         replaced: dict[int, Any] = {}
-        if self.keep_graph:
+        if self.keep_graph or not self._may_hold_graph:
             return replaced
         for key, value in list(self._saved.items()):
             if key in self._keep:
@@ -249,6 +252,8 @@ def _substitute(value: Any, replaced: dict[int, Any]) -> Any:
 def _scan(value: Any, saves: SaveRegistry | None, budget: list[int]) -> str:
     """'plain' (no tensors), 'saved' (all tensors saved), 'unsaved' or 'mixed'."""
     budget[0] -= 1
+    if type(value) is torch.Tensor:  # the common case first
+        return "saved" if saves is not None and id(value) in saves._saved else "unsaved"
     if budget[0] < 0:
         return "plain"
     if saves is not None and value in saves:
