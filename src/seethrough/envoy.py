@@ -26,7 +26,7 @@ from greenlet import getcurrent
 
 from ._frames import where_user_is
 from .errors import ModulePathError, NotInTraceError
-from .tracing.runtime import TaskGreenlet, current_run, current_task
+from .tracing.runtime import TaskGreenlet, current_run
 
 if TYPE_CHECKING:
     from .models.model import Model

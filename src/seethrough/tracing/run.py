@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from .._frames import describe_location, is_library_file, strip_library_frames
-from ..errors import InvokeError, TraceSourceError, WeightsModifiedError
+from .._frames import describe_location, strip_library_frames
+from ..errors import InvokeError, WeightsModifiedError
 from .capture import CapturedBlock
 from .interleaver import MISSING, Interleaver, Task, _StopForward, _StopTrace
 from .namespace import BodyNamespace, CrossFlow, TracedNamespace
@@ -460,7 +460,3 @@ class TraceRun:
             error.__traceback__ = first_body
         else:
             error.__traceback__ = strip_library_frames(tb) or tb
-
-
-def _is_library_frame(frame: Any) -> bool:
-    return is_library_file(frame.f_code.co_filename)

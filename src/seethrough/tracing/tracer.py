@@ -24,7 +24,6 @@ from .takeover import TAKEN_OVER, Takeover, frame_namespace, write_back
 from .values import narrow
 
 if TYPE_CHECKING:
-    from ..envoy import Envoy
     from ..models.model import Model
 
 

@@ -70,3 +70,10 @@ def decode(data: bytes) -> Message:
         raise FramingError("pipe message header is not an object with a type")
     kind = header.pop("type")
     return Message(kind, header, bytes(data[_LENGTH.size + length:]))
+
+
+def log_cut_notice(max_lines: int, max_bytes: int) -> str:
+    """The line that replaces a request's printed output past its limits
+    (the worker cuts it, and the API process again, not trusting the worker)."""
+    return (f"[seethrough server: output cut here; a request may print at most {max_lines:,} "
+            f"lines and {max_bytes:,} bytes]")

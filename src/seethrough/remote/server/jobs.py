@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from .framing import log_cut_notice
+
 __all__ = ["Job", "JobStore", "TERMINAL"]
 
 TERMINAL = ("completed", "error")
@@ -112,8 +114,7 @@ class JobStore:
             size = len(text.encode("utf-8", "replace")) + 1
             if job.log_lines >= self.max_log_lines or job.log_bytes + size > self.max_log_bytes:
                 job.log_truncated = True
-                text = (f"[seethrough server: output cut here; a request may print at most {self.max_log_lines:,} "
-                        f"lines and {self.max_log_bytes:,} bytes]")
+                text = log_cut_notice(self.max_log_lines, self.max_log_bytes)
             job.log_lines += 1
             job.log_bytes += size
             self._publish(job, "log", {"text": text})

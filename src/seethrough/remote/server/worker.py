@@ -125,8 +125,7 @@ class LogStream:
         size = len(line.encode("utf-8", "replace")) + 1
         if self.lines >= self._max_lines or self.bytes + size > self._max_bytes:
             self.truncated = True
-            line = (f"[seethrough server: output cut here; a request may print at most {self._max_lines:,} "
-                    f"lines and {self._max_bytes:,} bytes]")
+            line = framing.log_cut_notice(self._max_lines, self._max_bytes)
         self.lines += 1
         self.bytes += size
         self._conn.send_bytes(framing.encode("log", text=line))
