@@ -366,19 +366,19 @@ class Interleaver:
                 self._install(each, "output", each_key)
 
     def _install(self, module: torch.nn.Module, kind: str, key: tuple) -> None:
-        if key in self.hooks:
+        hooks = self.hooks
+        if key in hooks:
             return
-        if kind == "output" and self.root_output_by_return and module is self.run.root_module:
-            # The root runs once and its output is what the backend returns:
-            # served from there (see `root_returned`), saving a hook on the
-            # root and PyTorch's slow call path for it.
-            self.hooks[key] = True
-            return
+        hooks[key] = True
         if kind == "output":
+            if self.root_output_by_return and module is self.run.root_module:
+                # The root runs once and its output is what the backend returns:
+                # served from there (see `root_returned`), saving a hook on the
+                # root and PyTorch's slow call path for it.
+                return
             self.hook_set.add_output(module, self._make_output_hook(key))
         else:
             self.hook_set.add_input(module, self._make_input_hook(module, key))
-        self.hooks[key] = True
         if self.on_module_hooked is not None:
             self.on_module_hooked(module)
 
