@@ -55,26 +55,16 @@ class _EndOfSteps(BaseException):
 class Task:
     """One body (an invoke, the trace body, or a persistent edit) in a trace."""
 
-    __slots__ = (
-        "run",
-        "index",
-        "label",
-        "code",
-        "ns",
-        "rows",
-        "greenlet",
-        "state",
-        "pending",
-        "pending_envoy",
-        "pending_kind",
-        "pending_frame",
-        "ran_before",
-        "blocked_until",
-        "grad_enabled",
-        "stored",
-        "is_invoke",
-        "waited_for",
-    )
+    # Defaults on the class: several tasks are built for every trace.
+    greenlet: Any = None  # its worker greenlet while it runs
+    state = NEW
+    pending: tuple | None = None  # the event key it waits for
+    pending_envoy: "Envoy | None" = None
+    pending_kind = ""
+    pending_frame: Any = None
+    ran_before = False
+    blocked_until: Callable[[], bool] | None = None
+    waited_for: tuple[str, str] | None = None  # (name, invoke) it last waited for
 
     def __init__(
         self,
@@ -93,18 +83,9 @@ class Task:
         self.code = code
         self.ns = ns
         self.rows = rows
-        self.greenlet: Any = None  # its worker greenlet while it runs
-        self.state = NEW
-        self.pending: tuple | None = None
-        self.pending_envoy: "Envoy | None" = None
-        self.pending_kind = ""
-        self.pending_frame: Any = None
-        self.ran_before = False
-        self.blocked_until: Callable[[], bool] | None = None
         self.grad_enabled = torch.is_grad_enabled()
         self.stored = stored
         self.is_invoke = is_invoke
-        self.waited_for: tuple[str, str] | None = None  # (name, invoke) it last waited for
 
     def _body(self, *_: Any) -> None:
         exec(self.code, self.ns)
@@ -603,17 +584,19 @@ class Interleaver:
             self.blocked.clear()
         for task in self.tasks:
             worker = task.greenlet
-            if worker is not None and not worker.dead:
-                try:
-                    result = worker.throw(greenlet.GreenletExit())
-                except BaseException:  # noqa: BLE001 - a dying body may raise anything
-                    result = FINISHED
-                if result is FINISHED and worker.task is None:
-                    give_back_worker(worker)
-            task.greenlet = None
-            task.state = DONE
-            task.blocked_until = None
-            task.pending_frame = None
+            if worker is not None:
+                if not worker.dead:
+                    try:
+                        result = worker.throw(greenlet.GreenletExit())
+                    except BaseException:  # noqa: BLE001 - a dying body may raise anything
+                        result = FINISHED
+                    if result is FINISHED and worker.task is None:
+                        give_back_worker(worker)
+                task.greenlet = None
+                task.state = DONE
+                task.blocked_until = None
+            if task.pending_frame is not None:
+                task.pending_frame = None  # frames of the user's code: let them go
         self.current = None
 
 

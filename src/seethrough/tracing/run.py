@@ -428,12 +428,9 @@ class TraceRun:
                 cache._detach_run()
             self.caches = ()
         self.narrowed = _NOTHING
-        self.edit_tasks.clear()
-        self.explicit_invokes.clear()
-        self.invoke_inputs.clear()
-        self.interleaver.tasks.clear()
+        # The one cycle left (tasks no longer point here, see _scrub): the
+        # interleaver and this run.  The rest goes when the run is dropped.
         self.interleaver.run = None  # type: ignore[assignment]
-        self.interleaver.current = None
         self.body = None  # type: ignore[assignment]
         self.seed = self.globals = self.inputs = self.output = None  # type: ignore[assignment]
         self.tracer = None
