@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from .._frames import describe_location, strip_library_frames
-from ..errors import InvokeError, WeightsModifiedError
+from ..errors import InvokeError, SeethroughError, WeightsModifiedError
 from .capture import CapturedBlock
 from .interleaver import MISSING, Interleaver, Task, _StopForward, _StopTrace
 from .namespace import BodyNamespace, CrossFlow, TracedNamespace
@@ -210,11 +210,23 @@ class TraceRun:
         if len(entries) == 1 and entries[0][0] is self.body:
             # One input: no batching, no narrowing, no copies.
             args, kwargs = entries[0][1]
-            prepared = self.model._prepare_input(args, kwargs)
+            try:
+                prepared = self.model._prepare_input(args, kwargs)
+            except SeethroughError as error:
+                raise _located(error, f"the input of the trace at {self._where()}") from None
             self.interleaver.batch_size = prepared.rows
             return prepared.args, prepared.kwargs
-        prepared = [self.model._prepare_input(*inputs) for _, inputs in entries]
-        args, kwargs = self.model._batch_inputs(prepared)
+        prepared = []
+        for task, inputs in entries:
+            try:
+                prepared.append(self.model._prepare_input(*inputs))
+            except SeethroughError as error:
+                code = task.code
+                raise _located(error, f"the input of {task.label} at {describe_location(code.co_filename, code.co_firstlineno)}") from None
+        try:
+            args, kwargs = self.model._batch_inputs(prepared)
+        except SeethroughError as error:
+            raise _located(error, f"batching the invokes of the trace at {self._where()}") from None
         start = 0
         for (task, _), item in zip(entries, prepared):
             task.rows = slice(start, start + item.rows)
@@ -457,3 +469,11 @@ class TraceRun:
             error.__traceback__ = first_body
         else:
             error.__traceback__ = strip_library_frames(tb) or tb
+
+
+def _located(error: SeethroughError, where: str) -> SeethroughError:
+    """The same error, its message ending with where in the user's code it arose."""
+    try:
+        return type(error)(f"{error} ({where})")
+    except TypeError:  # an error class with a different constructor: keep it as is
+        return error
