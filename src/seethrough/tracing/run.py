@@ -26,7 +26,7 @@ import torch
 from .._frames import describe_location, strip_library_frames
 from ..errors import InvokeError, SeethroughError, WeightsModifiedError
 from .capture import CapturedBlock
-from .interleaver import MISSING, Interleaver, Task, _StopForward, _StopTrace
+from .interleaver import MISSING, WAITING, Interleaver, Task, _StopForward, _StopTrace
 from .namespace import BodyNamespace, CrossFlow, TracedNamespace
 from .patches import ForwardSkip, enter_backward_patch, enter_save_patch, exit_backward_patch, exit_save_patch
 from .runtime import current_task, running_traces
@@ -242,7 +242,7 @@ class TraceRun:
                 f"`tracer.invoke(...)` at {describe_location(captured.filename, captured.with_lineno)} "
                 "is inside another invoke (or an edit); open invokes directly in the trace body."
             )
-        if self.has_input and not self.inputs[0] and not self.explicit_invokes and self.body.state != "waiting":
+        if self.has_input and not self.inputs[0] and not self.explicit_invokes and self.body.state != WAITING:
             # `model.trace(logits_to_keep=1)` + invokes: keyword arguments only,
             # shared by every invoke's forward, not an input of their own.
             self.shared_kwargs = self.inputs[1]

@@ -210,11 +210,6 @@ for _op in (
     setattr(NotSaved, f"__{_op}__", _raiser(f"__{_op}__"))
 
 
-def is_plain_data(value: Any, budget: list[int] | None = None) -> bool:
-    """True for values with no tensors in them (numbers, strings, containers of those)."""
-    return _scan(value, None, budget if budget is not None else [_MAX_WALK]) == "plain"
-
-
 def hand_back(name: str, value: Any, saves: SaveRegistry, replaced: dict[int, Any], where: Any) -> Any:
     """The value a name gets in the caller's scope after the trace (see module doc)."""
     if id(value) in replaced:
