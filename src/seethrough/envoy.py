@@ -22,11 +22,10 @@ import difflib
 from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
-from greenlet import getcurrent
 
 from ._frames import where_user_is
 from .errors import ModulePathError, NotInTraceError
-from .tracing.runtime import TaskGreenlet, current_run
+from .tracing.runtime import current_run, current_task
 
 if TYPE_CHECKING:
     from .models.model import Model
@@ -165,13 +164,7 @@ class Envoy:
     @property
     def output(self) -> Any:
         """The module's output in the running trace."""
-        current = getcurrent()
-        task = current.task if type(current) is TaskGreenlet else None
-        if task is None:
-            _task_or_raise(self, "output")
-        run = task.run
-        value = run.interleaver.request(task, self, "output")
-        return value if type(value) is torch.Tensor else run.present(value)
+        return _read(self, "output", "output", 0)
 
     @output.setter
     def output(self, value: Any) -> None:
@@ -257,8 +250,7 @@ class NextCall:
 
 
 def _task_or_raise(envoy: Envoy, accessor: str) -> Any:
-    current = getcurrent()
-    task = current.task if type(current) is TaskGreenlet else None
+    task = current_task()
     if task is None:
         raise NotInTraceError(
             f"`{envoy._display_path()}.{accessor}` was used outside a trace "

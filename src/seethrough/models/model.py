@@ -25,9 +25,8 @@ import torch
 
 from ..envoy import Envoy
 from ..errors import ModulePathError, SeethroughError
-from ..tracing.capture import capture_with_block
 from ..tracing.run import EditSpec, TraceRun
-from ..tracing.takeover import TAKEN_OVER, Takeover, frame_namespace, write_back
+from ..tracing.takeover import Takeover, frame_namespace, write_back
 from ..tracing.tracer import Tracer
 from .aliases import split_rename, standard_aliases
 from .batching import PreparedInput, concat_inputs, count_rows, to_device
@@ -272,28 +271,22 @@ class EditContext:
     def __init__(self, model: Model, inplace: bool) -> None:
         self._model = model
         self._inplace = inplace
-        self._frame: Any = None
         self._takeover: Takeover | None = None
 
     def __enter__(self) -> Model:
-        frame = sys._getframe(1)
-        self._captured = capture_with_block(frame, "model.edit()")
-        self._frame = frame
-        self._takeover = Takeover(frame)
-        self._takeover.arm()
+        self._takeover = Takeover.of_block(sys._getframe(1), "model.edit()")
         return self._model
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
-        frame, self._frame = self._frame, None
-        self._takeover.disarm()
-        self._takeover = None
-        if exc_type is not TAKEN_OVER:
+        takeover, self._takeover = self._takeover, None
+        if not takeover.end(exc_type):
             return False
+        frame, captured = takeover.frame, takeover.captured
         seed, globals_, _ = frame_namespace(frame)
         target = self._model if self._inplace else self._model._clone()
-        target._edits.append(EditSpec(self._captured, seed, globals_))
-        if self._captured.as_name:
-            write_back(frame, {self._captured.as_name: target})
+        target._edits.append(EditSpec(captured, seed, globals_))
+        if captured.as_name:
+            write_back(frame, {captured.as_name: target})
         return True
 
 
@@ -320,34 +313,24 @@ class Session:
     def __init__(self, model: Model, remote: Any = None) -> None:
         self._model = model
         self._remote = remote
-        self._frame: Any = None
         self._takeover: Takeover | None = None
         self.job: Any = None
 
     def __enter__(self) -> "Session":
         if self._remote is not None:
-            frame = sys._getframe(1)
-            self._captured = capture_with_block(frame, "model.session()")
-            self._frame = frame
-            self._takeover = Takeover(frame)
-            self._takeover.arm()
+            self._takeover = Takeover.of_block(sys._getframe(1), "model.session()")
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
         if self._remote is None:
             return False
-        frame, self._frame = self._frame, None
-        self._takeover.disarm()
-        self._takeover = None
-        if exc_type is not TAKEN_OVER:
+        takeover, self._takeover = self._takeover, None
+        if not takeover.end(exc_type):
             return False
         from ..remote.backend import run_remote
 
-        try:
-            run_remote(options=self._remote, kind="session", model=self._model, captured=self._captured, frame=frame, holder=self)
-        except BaseException as error:
-            error.__suppress_context__ = True
-            raise
+        run_remote(options=self._remote, kind="session", model=self._model, captured=takeover.captured,
+                   frame=takeover.frame, holder=self)
         return True
 
     def log(self, *values: Any) -> None:

@@ -47,7 +47,20 @@ def run_remote(
     """Run the block on the server; bind its values in ``frame``; return them.
 
     ``holder`` is the tracer or session object: it gets ``.job`` (and, for
-    generation, the result) and is bound to the block's ``as`` name."""
+    generation, the result) and is bound to the block's ``as`` name.  Called
+    from the block's ``__exit__``: errors are raised without the internal
+    take-over signal as their context."""
+    try:
+        return _run_remote(options, kind, model, captured, frame, holder, args, kwargs, keep_graph, generate)
+    except BaseException as error:
+        error.__suppress_context__ = True  # not "during handling of" our internal signal
+        raise
+
+
+def _run_remote(
+    options: RemoteOptions, kind: str, model: Any, captured: CapturedBlock, frame: FrameType, holder: Any,
+    args: tuple, kwargs: dict | None, keep_graph: bool, generate: dict | None,
+) -> dict[str, Any]:
     seed, globals_, _ = frame_namespace(frame)
     request = build_request(
         kind=kind, model=model, captured=captured, seed=seed, globals_=globals_,

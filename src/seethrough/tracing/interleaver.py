@@ -211,13 +211,13 @@ class Interleaver:
                 task.blocked_until = None
                 self._switch(task, None)
                 continue
-            self._unwait(task)
-            event.served.add(task.index)
-            if task.rows is None and (event.kind == "output" or event.kind == "input"):
-                view = event.value  # the whole batch: no narrowing needed
-            else:
-                view = self._view(event, task)
-            self._switch(task, view)
+            self._resume(task, event)
+
+    def _resume(self, task: Task, event: Event) -> None:
+        """Hand ``event``'s value to ``task``, which waited for it."""
+        self._unwait(task)
+        event.served.add(task.index)
+        self._switch(task, self._view(event, task))
 
     def _wait(self, task: Task, key: tuple) -> None:
         task.pending = key
@@ -252,7 +252,7 @@ class Interleaver:
         if event is not None and event.key == key:
             if not (skip_current and task.index in event.served):
                 event.served.add(task.index)
-                return event.value if task.rows is None and kind != "step" else self._view(event, task)
+                return self._view(event, task)
         if self.forward_done or self.run.caches:
             if self.run.caches:
                 cached = self.run.cached_value(task, envoy, kind)
@@ -375,13 +375,7 @@ class Interleaver:
             # Only our own forward pass counts (see `_in_our_forward`).
             if not self.forward_running or getcurrent() is not self.main:
                 return None
-            self.fired[key] = True
-            if key not in self.waiting and not self.blocked and key not in self.after:
-                return None  # nobody asked: only keeps an ancestor observable
-            event = Event(key, "output", output, self.batch_size)
-            result = self._serve(event)
-            for record in self.after.get(key, ()):
-                record(result)
+            result = self._reached(key, "output", output)
             return result if result is not output else None
 
         return output_hook
@@ -395,14 +389,8 @@ class Interleaver:
             if is_root:
                 self.step += 1
                 self._serve_step()
-            self.fired[key] = True
-            if not self._wanted(key):
-                return None
             value = (args, kwargs)
-            event = Event(key, "input", value, self.batch_size)
-            result = self._serve(event)
-            for record in self.after.get(key, ()):
-                record(result)
+            result = self._reached(key, "input", value)
             return result if result is not value else None
 
         return input_hook
@@ -413,6 +401,17 @@ class Interleaver:
         find nobody and return at once."""
         return key in self.waiting or bool(self.blocked) or key in self.after
 
+    def _reached(self, key: tuple, kind: str, value: Any) -> Any:
+        """The forward pass reached ``key`` with ``value``: serve the tasks that
+        want it, let caches record it; return it as the tasks left it."""
+        self.fired[key] = True
+        if not self._wanted(key):
+            return value  # nobody asked: the hook only keeps an ancestor observable
+        result = self._serve(Event(key, kind, value, self.batch_size))
+        for record in self.after.get(key, ()):
+            record(result)
+        return result
+
     def _serve(self, event: Event) -> Any:
         previous = self.current
         self.current = event
@@ -420,11 +419,7 @@ class Interleaver:
             queue = self.waiting.get(event.key)
             if queue is not None and len(queue) == 1 and not self.blocked:
                 # The common case: exactly one task waits for this value.
-                task = queue[0]
-                del self.waiting[event.key]
-                task.pending = None
-                event.served.add(task.index)
-                self._switch(task, event.value if task.rows is None and event.kind in ("output", "input") else self._view(event, task))
+                self._resume(queue[0], event)
                 if event.key in self.waiting or self.blocked:
                     self.drain(event)
             else:
@@ -444,12 +439,15 @@ class Interleaver:
             self._serve(event)
 
     def _view(self, event: Event, task: Task) -> Any:
+        """``task``'s view of ``event``'s value (narrowed to its rows)."""
+        rows = task.rows
+        if rows is None and (event.kind == "output" or event.kind == "input"):
+            return event.value  # the whole batch: nothing to narrow
         if event.kind == "step":
             return None
         if event.kind == "result":
             return event.value
         value = event.value
-        rows = task.rows
         if event.kind == "output":
             view = narrow(value, rows, event.batch_size)
             if self.run._uses_backward and rows is not None:
@@ -487,14 +485,7 @@ class Interleaver:
         as the root's output event; return it, as edited by the bodies."""
         if not self.root_output_by_return:
             return output
-        key = (id(self.run.root_module), "output")
-        self.fired[key] = True
-        if not self._wanted(key):
-            return output
-        result = self._serve(Event(key, "output", output, self.batch_size))
-        for record in self.after.get(key, ()):
-            record(result)
-        return result
+        return self._reached((id(self.run.root_module), "output"), "output", output)
 
     def finish_with_result(self, result: Any) -> None:
         """The backend returned ``result``: hand it to tasks waiting for it, then

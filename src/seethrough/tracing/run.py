@@ -330,8 +330,6 @@ class TraceRun:
     def skip(self, task: Task, envoy: "Envoy", value: Any) -> None:
         module = envoy._module
         current = self.interleaver.current
-        if not self.skips:
-            self.skips, self._skip_values = {}, {}
         if id(module) not in self.skips:
             if current is not None and current.key == (id(module), "input"):
                 raise InvokeError(
@@ -339,7 +337,7 @@ class TraceRun:
                     "started (from its own `.input`), too late to skip it this time. Call `.skip()` "
                     "before reading values of that module."
                 )
-            self.skips[id(module)] = ForwardSkip(module)
+            self._make_skippable(module)
         self._skip_values.setdefault(id(module), []).append((task.rows, value, f"{envoy._display_path()}.skip(...)"))
         self.skips[id(module)].replacement = self._skipped_call(module)
 

@@ -114,7 +114,4 @@ def save(value: T, *, keep_graph: bool | None = None) -> T:
 
 def tensor_save(self: Any) -> Any:
     """``Tensor.save()`` while a trace runs (installed by :mod:`.patches`)."""
-    current = greenlet.getcurrent()
-    if type(current) is TaskGreenlet and current.task is not None and current.task.run is not None:
-        return current.task.run.saves.add(self)
     return save(self)

@@ -18,6 +18,8 @@ import sys
 from types import FrameType
 from typing import Any, Callable
 
+from .capture import capture_with_block
+
 
 _CO_OPTIMIZED = inspect.CO_OPTIMIZED  # set on function code: locals live in fast slots
 
@@ -38,11 +40,25 @@ def _noop_trace(frame: FrameType, event: str, arg: Any) -> None:
 class Takeover:
     """One armed skip of one ``with`` body in one frame."""
 
-    __slots__ = ("frame", "_old_global", "_old_local", "_old_opcodes", "_armed")
+    __slots__ = ("frame", "captured", "_old_global", "_old_local", "_old_opcodes", "_armed")
 
     def __init__(self, frame: FrameType) -> None:
         self.frame = frame
         self._armed = False
+
+    @classmethod
+    def of_block(cls, frame: FrameType, what: str) -> "Takeover":
+        """Capture the body of the ``with`` statement ``frame`` is entering
+        (``.captured``) and stop Python from running it."""
+        takeover = cls(frame)
+        takeover.captured = capture_with_block(frame, what)
+        takeover.arm()
+        return takeover
+
+    def end(self, exc_type: Any) -> bool:
+        """Undo :meth:`arm`; True when the body was taken over, i.e. is ours to run."""
+        self.disarm()
+        return exc_type is TAKEN_OVER
 
     def arm(self) -> None:
         frame = self.frame

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any, Iterator
 from .._frames import where_user_is
 from ..errors import InvokeError, SeethroughError, TraceSourceError
 from .cache import Cache
-from .capture import CapturedBlock, capture_with_block
+from .capture import CapturedBlock
 from .interleaver import _EndOfSteps, _StopTrace
 from .run import Backend, TraceRun
 from .runtime import current_task
-from .takeover import TAKEN_OVER, Takeover, frame_namespace, write_back
+from .takeover import Takeover, frame_namespace, write_back
 from .values import narrow
 
 if TYPE_CHECKING:
@@ -65,18 +65,15 @@ class Tracer:
     def __enter__(self) -> "Tracer":
         if self._frame is not None:
             raise SeethroughError("this tracer is already running; each `with model.trace(...)` needs its own tracer.")
-        frame = sys._getframe(1)
-        self._captured = capture_with_block(frame, self._what)
-        self._frame = frame
-        self._takeover = Takeover(frame)
-        self._takeover.arm()
+        self._takeover = Takeover.of_block(sys._getframe(1), self._what)
+        self._captured = self._takeover.captured
+        self._frame = self._takeover.frame
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
         frame, self._frame = self._frame, None
         takeover, self._takeover = self._takeover, None
-        takeover.disarm()
-        if exc_type is not TAKEN_OVER:
+        if not takeover.end(exc_type):
             if exc_type is None:
                 raise TraceSourceError(
                     f"the body of `with {self._what}` ran without seethrough: something else changed "
@@ -114,15 +111,11 @@ class Tracer:
         from ..remote.backend import run_remote
 
         generate = getattr(self._backend, "generate_kwargs", None)
-        try:
-            run_remote(
-                options=self._remote, kind="generate" if generate is not None else "trace",
-                model=self._model, captured=self._captured, frame=frame, holder=self,
-                args=self._args, kwargs=self._kwargs, keep_graph=self._keep_graph, generate=generate,
-            )
-        except BaseException as error:
-            error.__suppress_context__ = True  # not "during handling of" our internal signal
-            raise
+        run_remote(
+            options=self._remote, kind="generate" if generate is not None else "trace",
+            model=self._model, captured=self._captured, frame=frame, holder=self,
+            args=self._args, kwargs=self._kwargs, keep_graph=self._keep_graph, generate=generate,
+        )
 
     def _finish(self, run: TraceRun, frame: Any) -> None:
         try:
@@ -277,16 +270,13 @@ class Invoker:
                 f"`tracer.invoke(...)` was used outside its trace ({where_user_is()}); open it "
                 "inside the `with model.trace() as tracer:` block."
             )
-        frame = sys._getframe(1)
-        self._captured = capture_with_block(frame, "tracer.invoke(...)")
-        self._takeover = Takeover(frame)
-        self._takeover.arm()
+        self._takeover = Takeover.of_block(sys._getframe(1), "tracer.invoke(...)")
+        self._captured = self._takeover.captured
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
         takeover, self._takeover = self._takeover, None
-        takeover.disarm()
-        if exc_type is not TAKEN_OVER:
+        if not takeover.end(exc_type):
             return False
         task = current_task()
         captured = self._captured
