@@ -16,15 +16,13 @@ import textwrap
 import types
 from typing import Any
 
-import torch
 
 from .. import __version__
 from ..envoy import Envoy
 from ..errors import SeethroughError
 from ..tracing.capture import CapturedBlock
-from .protocol import MODULES, Request
+from .protocol import MODULES, PORTABLE_LEAVES, Request
 
-_PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.Tensor, torch.Size, torch.dtype, torch.device, slice)
 
 
 class RemoteInputError(SeethroughError, TypeError):
@@ -162,7 +160,7 @@ def _function_source(name: str, function: types.FunctionType) -> str:
 def _is_portable(value: Any, depth: int = 0) -> bool:
     if depth > 32:
         return False
-    if isinstance(value, _PLAIN) or value is Ellipsis:
+    if isinstance(value, PORTABLE_LEAVES) or value is Ellipsis:
         return True
     if isinstance(value, dict):
         return all(isinstance(k, (str, int)) and _is_portable(v, depth + 1) for k, v in value.items())

@@ -15,7 +15,6 @@ from __future__ import annotations
 import traceback
 from typing import Any, Callable
 
-import torch
 
 from .. import __version__
 from ..tracing.capture import capture_source_block
@@ -23,7 +22,7 @@ from ..tracing.run import TraceRun
 from ..tracing.saving import NotSaved
 from ..tracing.tracer import Tracer
 from . import sandbox
-from .protocol import Request
+from .protocol import PORTABLE_LEAVES, Request
 
 REMOTE_PREFIX = "remote:"
 
@@ -119,7 +118,6 @@ class _Drop:
 
 
 _DROP = _Drop()
-_PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.Tensor, torch.Size, torch.dtype, torch.device, slice)
 
 
 def _portable(value: Any, depth: int = 0) -> Any:
@@ -129,7 +127,7 @@ def _portable(value: Any, depth: int = 0) -> Any:
         return _DROP
     if isinstance(value, NotSaved):
         return None
-    if isinstance(value, _PLAIN) or value is Ellipsis:
+    if isinstance(value, PORTABLE_LEAVES) or value is Ellipsis:
         return value
     if isinstance(value, dict):
         items = {k: _portable(v, depth + 1) for k, v in value.items() if isinstance(k, (str, int))}

@@ -31,12 +31,18 @@ import keyword
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from ..errors import SeethroughError
 
 PROTOCOL = 1
 KINDS = ("trace", "generate", "session")
 MODULES = ("torch", "torch.nn", "torch.nn.functional", "torch.linalg", "torch.fft", "math", "einops")
 MAX_NAMES = 1_000
+# Values that travel as they are (with lists, tuples, sets, dicts of them, and
+# Ellipsis); both the client's check and the server's answer use this.
+PORTABLE_LEAVES = (type(None), bool, int, float, complex, str, bytes, torch.Tensor, torch.Size, torch.dtype,
+                   torch.device, slice)
 
 
 class ProtocolError(SeethroughError, ValueError):
