@@ -10,6 +10,8 @@ the caller's scope with the same rules as a local run.  With
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -18,7 +20,7 @@ from ..tracing.capture import CapturedBlock
 from ..tracing.saving import NotSaved
 from ..tracing.takeover import frame_namespace, write_back
 from . import wire
-from .client import MAX_REQUEST_BYTES, RemoteClient, RemoteJob
+from .client import MAX_REQUEST_BYTES, RemoteClient, RemoteError, RemoteJob
 from .collect import build_request
 
 
@@ -77,7 +79,12 @@ def _run_remote(
     if not options.blocking:
         write_back(frame, values)
         return values
-    answer = job.wait()
+    try:
+        answer = job.wait()
+    finally:
+        # Nobody else holds this job's id: free the server's copy of its result at once.
+        with contextlib.suppress(RemoteError):
+            job.delete()
     returned = dict(answer.get("values", {}))
     if "__result__" in returned:
         holder._result = returned.pop("__result__")

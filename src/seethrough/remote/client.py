@@ -120,6 +120,13 @@ class RemoteClient:
     def result_bytes(self, job_id: str) -> bytes:
         return self._call("GET", f"/v1/requests/{urllib.parse.quote(job_id)}/result")
 
+    def delete(self, job_id: str) -> dict:
+        return self._json("DELETE", f"/v1/requests/{urllib.parse.quote(job_id)}")
+
+    def usage(self) -> dict:
+        """What this key stores on the server (jobs, bytes) and the limits."""
+        return self._json("GET", "/v1/usage")
+
     def events(self, job_id: str, timeout: float | None = None) -> Iterator[tuple[str, dict]]:
         """Server-sent events of a request, from its start, until it ends."""
         response = self._send("GET", f"/v1/requests/{urllib.parse.quote(job_id)}/events",
@@ -231,6 +238,10 @@ class RemoteJob:
         if "error" in answer:
             raise rebuild_error(answer["error"])
         return answer
+
+    def delete(self) -> None:
+        """Forget the finished request on the server (frees this key's storage quota there)."""
+        self.client.delete(self.id)
 
     def result(self) -> dict:
         """The saved values of the finished request, by name (waits if needed)."""

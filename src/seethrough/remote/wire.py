@@ -61,7 +61,8 @@ import torch
 from ..errors import SeethroughError
 
 __all__ = [
-    "FORMAT_VERSION", "MAX_DEPTH", "WireError", "WireSizeError", "WireVersionError", "pack", "payload_stats", "unpack",
+    "FORMAT_VERSION", "MAX_DEPTH", "WireError", "WireSizeError", "WireVersionError", "inspect", "pack", "payload_stats",
+    "unpack",
 ]
 
 MAGIC = b"STWF"
@@ -371,6 +372,132 @@ def unpack(data: bytes, *, max_bytes: int, max_unpacked_bytes: int | None = None
     tree = _read_structure(payload[_LENGTH.size:structure_end])
     tensors = _read_tensors(payload[structure_end:])
     return _Decoder(tensors).decode(tree, 0)
+
+
+def inspect(data: bytes, *, max_bytes: int, max_unpacked_bytes: int | None = None) -> Any:
+    """Check a frame as :func:`unpack` does, without holding its tensor data.
+
+    The body is decompressed a chunk at a time: the structure and the
+    safetensors header are kept (each under its own cap), the tensor bytes are
+    only counted.  Tensors come back as ``meta`` tensors with the frame's dtypes
+    and shapes, so a server can validate a request from a stranger in bounded
+    memory, however far it would inflate.  Raises :class:`WireError` for
+    everything :func:`unpack` refuses.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise WireError(f"a frame must be bytes, not {_type_name(data)}")
+    if len(data) > max_bytes:
+        raise WireSizeError(f"the message is {len(data):,} bytes, over the limit of {max_bytes:,} bytes")
+    limit = DEFAULT_EXPANSION * max_bytes if max_unpacked_bytes is None else max_unpacked_bytes
+    flags, body = _read_header(bytes(data))
+    reader = _StreamingBody(limit)
+    if flags & FLAG_ZLIB:
+        _decompress_into(body, limit, reader.feed)
+    else:
+        reader.feed(body)
+    tree, header, data_length = reader.finish()
+    for name, entry in header.items():
+        _check_tensor_entry(name, entry, data_length, len(header))
+    shapes = {name: torch.empty(entry["shape"], dtype=_SAFETENSORS_DTYPES[entry["dtype"]], device="meta")
+              for name, entry in header.items()}
+    return _Decoder(shapes).decode(tree, 0)
+
+
+_CHUNK = 1 << 20
+
+
+def _decompress_into(body: bytes, limit: int, sink: Any) -> None:
+    """Decompress ``body`` a chunk at a time into ``sink``, stopping past ``limit`` bytes."""
+    decompressor = zlib.decompressobj()
+    total = 0
+    pending = body
+    try:
+        while True:
+            chunk = decompressor.decompress(pending, _CHUNK)
+            pending = decompressor.unconsumed_tail
+            total += len(chunk)
+            if total > limit:
+                raise WireSizeError(f"the message decompresses to more than the limit of {limit:,} bytes")
+            if chunk:
+                sink(chunk)
+            if decompressor.eof or (not chunk and not pending):
+                break
+    except zlib.error as error:
+        raise WireError(f"the message body is not valid compressed data ({error})") from None
+    if not decompressor.eof:
+        raise WireError("the message is truncated: its compressed body ends early")
+    if decompressor.unused_data:
+        raise WireError(f"the message has {len(decompressor.unused_data)} unexpected bytes after its compressed body")
+
+
+class _StreamingBody:
+    """Reads a frame body chunk by chunk: keeps the structure and the tensor
+    header (each capped), counts the tensor bytes without keeping them."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._kept = bytearray()  # the structure length, structure and tensor header, as they arrive
+        self._total = 0
+        self._structure_end: int | None = None
+        self._header_end: int | None = None
+        self._oversized_header: int | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        self._total += len(chunk)
+        if self._total > self._limit:
+            raise WireSizeError(f"the message body is {self._total:,} bytes, over the limit of {self._limit:,} bytes")
+        if self._header_end is not None:
+            return  # tensor data: counted, not kept
+        self._kept += chunk
+        self._find_ends()
+        if self._header_end is not None:
+            del self._kept[self._header_end:]
+
+    def _find_ends(self) -> None:
+        kept = self._kept
+        if self._structure_end is None and len(kept) >= _LENGTH.size:
+            (length,) = _LENGTH.unpack_from(kept)
+            if length > MAX_STRUCTURE_BYTES:
+                raise WireSizeError(_structure_too_big(length))
+            self._structure_end = _LENGTH.size + length
+        start = self._structure_end
+        if start is not None and self._header_end is None and len(kept) >= start + _LENGTH.size:
+            (length,) = _LENGTH.unpack_from(kept, start)
+            if length > MAX_STRUCTURE_BYTES:
+                # Keep nothing more; finish() tells a lie about the length from a header too big.
+                self._oversized_header = length
+                self._header_end = start + _LENGTH.size
+            elif len(kept) >= start + _LENGTH.size + length:
+                self._header_end = start + _LENGTH.size + length
+
+    def finish(self) -> tuple[Any, dict, int]:
+        """The structure, the tensor header (without metadata) and the length of the tensor data."""
+        kept = self._kept
+        if len(kept) < _LENGTH.size:
+            raise WireError(f"the message body is truncated: {len(kept)} bytes, too short to hold its layout")
+        if self._structure_end is None or self._structure_end > len(kept):
+            raise WireError("the message body is truncated: its structure claims more bytes than follow")
+        tree = _read_structure(bytes(kept[_LENGTH.size:self._structure_end]))
+        if self._total == self._structure_end:
+            return tree, {}, 0
+        if self._header_end is None:
+            raise WireError("malformed tensor data: the safetensors header is truncated")
+        if self._oversized_header is not None:
+            follow = self._total - self._header_end
+            if self._oversized_header > follow:
+                raise WireError(f"malformed tensor data: the safetensors header claims {self._oversized_header:,} "
+                                f"bytes but only {follow:,} follow")
+            raise WireSizeError(f"the tensor header is {self._oversized_header:,} bytes, over the limit of "
+                                f"{MAX_STRUCTURE_BYTES:,}; send fewer, larger tensors")
+        raw = bytes(kept[self._structure_end + _LENGTH.size:self._header_end])
+        try:
+            header = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as error:
+            raise WireError(f"malformed tensor data: the safetensors header is not valid JSON ({error})") from None
+        if not isinstance(header, dict):
+            raise WireError("malformed tensor data: the safetensors header is not a JSON object")
+        header.pop("__metadata__", None)
+        return tree, header, self._total - self._header_end
 
 
 def _read_header(data: bytes) -> tuple[int, bytes]:

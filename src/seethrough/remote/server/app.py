@@ -9,10 +9,18 @@ Endpoints (all JSON unless noted; errors are ``{"detail": message}``):
 * ``GET /v1/requests/{id}/events`` — server-sent events, replayed from the
   start: ``status``, ``log``, then one ``completed`` or ``error``.
 * ``GET /v1/requests/{id}/result`` — the wire-packed answer (409 until done).
+* ``DELETE /v1/requests/{id}`` — forget a finished request and its result
+  (frees the key's quota; 409 while it is queued or running).
+* ``GET /v1/usage`` — what the caller's key stores (jobs, bytes) and its limits.
 * ``GET /v1/models`` — each model's name, architectures, config, module paths
   and ``repr``; ``GET /v1/models/{name}/tokenizer`` — its tokenizer files.
-* ``GET /v1/health`` — status, versions, and each model's workers (no key needed).
+* ``GET /v1/health`` — status, versions, each model's workers, and request
+  counts (no key needed; no request ids).
 * ``/docs`` and ``/openapi.json`` — FastAPI's interactive documentation.
+
+Submitted bodies are checked in separate processes (:mod:`.checkers`), never
+on the event loop; bodies and results wait on disk (:mod:`.jobs`), under
+per-key quotas.
 
 Every endpoint but health and the docs needs the ``X-API-Key`` header when
 the server has keys (401 without it, 403 for an unknown key); a request's
@@ -23,21 +31,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import hashlib
 import json
 import logging
+import multiprocessing
 from typing import Any, AsyncIterator
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
 from ... import __version__
 from ..client import CONTENT_TYPE
 from ..protocol import PROTOCOL
-from .intake import IntakeError, check_request
-from .jobs import Job
+from .checkers import CheckerPool, CheckLimits
+from .intake import IntakeError
+from .jobs import Job, QuotaExceeded
 from .scheduler import QueueFull
 from .service import ServerRuntime
 
@@ -46,7 +54,6 @@ __all__ = ["create_app"]
 logger = logging.getLogger("seethrough.server")
 
 _KEEPALIVE_SECONDS = 15.0
-_INLINE_CHECK_BYTES = 64 * 1024
 _EXPIRY_INTERVAL = 30.0
 
 
@@ -59,6 +66,14 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
     settings = runtime.settings
     store = runtime.store
     allowed = frozenset(_digest(key) for key in settings.api_keys) if settings.api_keys is not None else None
+    checkers = CheckerPool(
+        multiprocessing.get_context(settings.start_method),
+        CheckLimits(max_bytes=settings.max_request_bytes, max_unpacked_bytes=settings.max_unpacked_bytes,
+                    max_source_bytes=settings.max_source_bytes, memory=settings.check_memory),
+        size=settings.check_workers, timeout=settings.check_timeout)
+
+    def module_paths() -> dict[str, list[str]]:
+        return {name: list((service.info or {}).get("modules") or ()) for name, service in runtime.services.items()}
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -69,11 +84,13 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
                 if removed:
                     logger.debug("forgot %d finished requests", removed)
 
+        await asyncio.get_running_loop().run_in_executor(None, checkers.start)
         task = asyncio.create_task(expire())
         try:
             yield
         finally:
             task.cancel()
+            checkers.stop()
 
     app = FastAPI(
         title="seethrough server",
@@ -114,16 +131,17 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
             raise HTTPException(415, f"requests must be sent as {CONTENT_TYPE} (the seethrough wire format), not "
                                      f"{content_type or 'a body without a Content-Type'}; use the seethrough client.")
         body = await _read_body(request, settings.max_request_bytes)
-        models = {name: service.info for name, service in runtime.services.items()}
-        check = functools.partial(check_request, body, max_bytes=settings.max_request_bytes,
-                                  max_unpacked_bytes=settings.max_unpacked_bytes, models=models)
         try:
-            # Small requests are checked at once; big ones in a thread, so the loop stays free.
-            checked = check() if len(body) <= _INLINE_CHECK_BYTES else await run_in_threadpool(check)
+            checked = await checkers.check(body, module_paths())
         except IntakeError as error:
             raise HTTPException(error.status, error.detail) from None
-        service = runtime.services[checked.model]
-        job = store.create(caller, checked.model, checked.filename, body)
+        service = runtime.services.get(checked.model)
+        if service is None:  # a checker answered with a name it was not given: trust nothing
+            raise HTTPException(400, "the request names no model this server serves")
+        try:
+            job = store.create(caller, checked.model, checked.filename, body)
+        except QuotaExceeded as error:
+            raise HTTPException(429, str(error)) from None
         fairness = caller or f"address:{request.client.host if request.client else '?'}"
         try:
             position = service.submit(job, fairness)
@@ -144,12 +162,25 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
 
     @app.get("/v1/requests/{job_id}/result", summary="A finished request's answer (wire-encoded)",
              response_class=Response)
-    async def result(job_id: str, caller: str | None = Depends(owner)) -> Response:
+    async def result(job_id: str, caller: str | None = Depends(owner)) -> FileResponse:
         job = find(job_id, caller)
-        if job.result is None:
+        if job.result_size is None:
             raise HTTPException(409, f"request {job_id} is {job.status}, not finished; follow "
                                      f"/v1/requests/{job_id}/events and fetch the result once it completes.")
-        return Response(job.result, media_type=CONTENT_TYPE)
+        return FileResponse(job.result_path, media_type=CONTENT_TYPE)
+
+    @app.delete("/v1/requests/{job_id}", summary="Forget a finished request and its result")
+    async def delete(job_id: str, caller: str | None = Depends(owner)) -> dict:
+        job = find(job_id, caller)
+        if job.finished is None:
+            raise HTTPException(409, f"request {job_id} is {job.status}; only finished requests can be deleted "
+                                     "(wait for it to complete)")
+        store.discard(job)
+        return {"id": job_id, "deleted": True}
+
+    @app.get("/v1/usage", summary="What the caller's API key stores on the server, and its limits")
+    async def usage(caller: str | None = Depends(owner)) -> dict:
+        return store.usage(caller)
 
     @app.get("/v1/models", summary="The served models: configs, module paths, printed structure")
     async def models(caller: str | None = Depends(owner)) -> list[dict]:

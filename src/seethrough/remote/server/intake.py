@@ -28,11 +28,15 @@ class IntakeError(Exception):
         self.detail = detail
 
 
-def check_request(body: bytes, *, max_bytes: int, max_unpacked_bytes: int, models: dict[str, dict | None]) -> Request:
+def check_request(body: bytes, *, max_bytes: int, max_unpacked_bytes: int, max_source_bytes: int,
+                  models: dict[str, dict | None]) -> Request:
     """The checked request in ``body``; raises :class:`IntakeError` (400, 404 or 413).
 
     ``models`` maps each served model's name to its description (its
     ``modules`` list is used to check the module paths the request names).
+    The request's tensors are never materialised here: they come back as
+    ``meta`` tensors (dtype and shape only), so checking a request costs
+    memory bounded by the caps on its structure, whatever its tensors weigh.
     """
     value = _decode(body, max_bytes, max_unpacked_bytes)
     try:
@@ -45,6 +49,7 @@ def check_request(body: bytes, *, max_bytes: int, max_unpacked_bytes: int, model
         served = ", ".join(repr(name) for name in sorted(models)) or "none"
         raise IntakeError(404, f"this server does not serve a model named {request.model!r}; it serves: {served}. "
                                "Load the model by one of these names (GET /v1/models lists them).")
+    _check_source_size(request, max_source_bytes)
     _validate_code(request)
     _check_envoys(request, models[request.model])
     return request
@@ -55,7 +60,7 @@ def _decode(body: bytes, max_bytes: int, max_unpacked_bytes: int) -> Any:
         raise IntakeError(400, "the request body is empty; send the wire-encoded request made by the seethrough "
                                "client (Content-Type: application/x-seethrough)")
     try:
-        return wire.unpack(body, max_bytes=max_bytes, max_unpacked_bytes=max_unpacked_bytes)
+        return wire.inspect(body, max_bytes=max_bytes, max_unpacked_bytes=max_unpacked_bytes)
     except wire.WireSizeError as error:
         raise IntakeError(413, f"the request is too large: {error}. Send smaller tensors (or fewer), or ask the "
                                "server's operator to raise --max-request-bytes / --max-unpacked-bytes.") from None
@@ -66,6 +71,19 @@ def _decode(body: bytes, max_bytes: int, max_unpacked_bytes: int) -> Any:
     except (RecursionError, MemoryError, ValueError, TypeError, OverflowError) as error:
         raise IntakeError(400, f"the request body cannot be read ({type(error).__name__}: {error}); send the "
                                "request made by the seethrough client") from None
+
+
+def _check_source_size(request: Request, limit: int) -> None:
+    """Code is parsed and compiled at several times its size: cap it before any of that."""
+    sizes = {"the trace body": len(request.source.encode("utf-8", "replace"))}
+    sizes.update({f"the helper function `{name}`": len(source.encode("utf-8", "replace"))
+                  for name, source in request.functions.items()})
+    total = sum(sizes.values())
+    if total > limit:
+        largest = max(sizes, key=sizes.get)
+        raise IntakeError(413, f"the request's code is {total:,} bytes (largest: {largest}, {sizes[largest]:,} bytes), "
+                               f"over this server's limit of {limit:,} bytes; move data into tensors or variables "
+                               "instead of source text, or ask the operator to raise --max-source-bytes.")
 
 
 def _validate_code(request: Request) -> None:

@@ -11,23 +11,50 @@ change happens under one lock, and waiting event streams are woken through
 their own event loop.  Printed lines are capped per job; finished jobs are
 forgotten after ``ttl`` seconds (and the oldest first when there are too many),
 so memory does not grow with the server's age.
+
+Request bodies and results live on disk, not in the API process's memory: a
+private spool folder (``--spool-dir``, or a fresh temporary folder removed at
+shutdown) holds one file per request body until it runs and one per result
+until it is read back or expires.  Each API key has a quota of stored bytes
+(bodies, results and printed lines together) and of stored jobs
+(``--max-stored-bytes-per-key``, ``--max-jobs-per-key``): a submission past it
+is refused (:class:`QuotaExceeded`, HTTP 429), and a result that would pass it
+is replaced by an error that says so.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
+import shutil
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from ... import __version__
+from .. import wire
 from .framing import log_cut_notice
 
-__all__ = ["Job", "JobStore", "TERMINAL"]
+__all__ = ["Job", "JobStore", "QuotaExceeded", "TERMINAL", "server_error"]
 
 TERMINAL = ("completed", "error")
 MAX_FINISHED_JOBS = 10_000
+DEFAULT_MAX_STORED_BYTES_PER_KEY = 2 * 1024**3
+DEFAULT_MAX_JOBS_PER_KEY = 200
+
+
+def server_error(kind: str, message: str, module: str = "seethrough.remote.server", filename: str = "") -> dict:
+    """An error answer made by the server itself (same shape as the worker's)."""
+    return {"type": kind, "module": module, "message": message, "filename": filename, "line": None, "code": "",
+            "traceback": "", "server_version": __version__}
+
+
+class QuotaExceeded(Exception):
+    """A submission refused because its key stores too much already (HTTP 429)."""
 
 
 @dataclass(eq=False)
@@ -38,12 +65,13 @@ class Job:
     owner: str | None  # digest of the submitting API key (None on an open server)
     model: str
     filename: str
-    payload: bytes | None  # the request's wire bytes, dropped once it runs
+    spool: Path  # where the body (<id>.request) and the result (<id>.result) are kept
     created: float = field(default_factory=time.time)
     status: str = "queued"
     position: int | None = None
     events: list[tuple[str, dict]] = field(default_factory=list)
-    result: bytes | None = None
+    result_size: int | None = None  # set once the result is stored
+    payload_size: int = 0
     error: dict | None = None
     started: float | None = None
     finished: float | None = None
@@ -51,6 +79,35 @@ class Job:
     log_bytes: int = 0
     log_truncated: bool = False
     waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = field(default_factory=list)
+
+    @property
+    def payload(self) -> bytes | None:
+        """The request's wire bytes (read from the spool), None once it has run."""
+        try:
+            return self.request_path.read_bytes()
+        except FileNotFoundError:
+            return None
+
+    @property
+    def request_path(self) -> Path:
+        return self.spool / f"{self.id}.request"
+
+    @property
+    def result_path(self) -> Path:
+        return self.spool / f"{self.id}.result"
+
+    @property
+    def result(self) -> bytes | None:
+        """The stored answer (read from the spool), None until the request finishes."""
+        if self.result_size is None:
+            return None
+        try:
+            return self.result_path.read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def stored_bytes(self) -> int:
+        return self.payload_size + (self.result_size or 0) + self.log_bytes
 
     def public(self) -> dict:
         """What ``GET /v1/requests/{id}`` shows."""
@@ -69,21 +126,54 @@ class Job:
 class JobStore:
     """All jobs of the server, by id (see the module docs)."""
 
-    def __init__(self, ttl: float, max_log_lines: int, max_log_bytes: int) -> None:
+    def __init__(self, ttl: float, max_log_lines: int, max_log_bytes: int, *, spool_dir: str | None = None,
+                 max_stored_bytes_per_key: int = DEFAULT_MAX_STORED_BYTES_PER_KEY,
+                 max_jobs_per_key: int = DEFAULT_MAX_JOBS_PER_KEY) -> None:
         self.ttl = ttl
         self.max_log_lines = max_log_lines
         self.max_log_bytes = max_log_bytes
+        self.max_stored_bytes_per_key = max_stored_bytes_per_key
+        self.max_jobs_per_key = max_jobs_per_key
+        self._own_spool = spool_dir is None
+        self.spool = Path(tempfile.mkdtemp(prefix="seethrough-spool-") if spool_dir is None else spool_dir)
+        self.spool.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._jobs: dict[str, Job] = {}
+        self._stored: dict[str | None, int] = {}  # bytes each key stores
+        self._counts: dict[str | None, int] = {}  # jobs each key has (queued, running or kept)
         self._lock = threading.RLock()
 
     def __len__(self) -> int:
         return len(self._jobs)
 
+    def close(self) -> None:
+        """Forget every job; remove the spool folder if this store made it."""
+        with self._lock:
+            for job in list(self._jobs.values()):
+                self._remove(job)
+        if self._own_spool:
+            shutil.rmtree(self.spool, ignore_errors=True)
+
     # -- creation and lookup ----------------------------------------------------------
     def create(self, owner: str | None, model: str, filename: str, payload: bytes) -> Job:
-        job = Job(id=secrets.token_urlsafe(18), owner=owner, model=model, filename=filename, payload=payload)
+        """A new queued job holding ``payload``; raises :class:`QuotaExceeded` past the key's quota."""
+        job = Job(id=secrets.token_urlsafe(18), owner=owner, model=model, filename=filename, spool=self.spool,
+                  payload_size=len(payload))
         with self._lock:
+            count, stored = self._counts.get(owner, 0), self._stored.get(owner, 0)
+            if count >= self.max_jobs_per_key:
+                raise QuotaExceeded(
+                    f"this API key already has {count:,} requests on the server (the limit is "
+                    f"{self.max_jobs_per_key:,}, queued and finished ones kept for {self.ttl:g} s); fetch the results "
+                    "you need and delete them (DELETE /v1/requests/{id}, or job.delete()), or wait")
+            if stored + len(payload) > self.max_stored_bytes_per_key:
+                raise QuotaExceeded(
+                    f"this API key stores {stored:,} bytes on the server and this request adds {len(payload):,}, over "
+                    f"the limit of {self.max_stored_bytes_per_key:,} bytes; fetch and delete finished results "
+                    "(DELETE /v1/requests/{id}), or wait for them to expire")
+            self._write(job.request_path, payload)
             self._jobs[job.id] = job
+            self._counts[owner] = count + 1
+            self._stored[owner] = stored + len(payload)
         return job
 
     def get(self, job_id: str) -> Job | None:
@@ -91,8 +181,32 @@ class JobStore:
             return self._jobs.get(job_id)
 
     def discard(self, job: Job) -> None:
+        """Forget ``job`` and its files (a refused submission, or a finished job its owner deleted)."""
         with self._lock:
-            self._jobs.pop(job.id, None)
+            if self._jobs.get(job.id) is job:
+                self._remove(job)
+
+    def usage(self, owner: str | None) -> dict[str, int]:
+        """What ``owner`` stores: jobs and bytes, with the limits."""
+        with self._lock:
+            return {"jobs": self._counts.get(owner, 0), "max_jobs": self.max_jobs_per_key,
+                    "bytes": self._stored.get(owner, 0), "max_bytes": self.max_stored_bytes_per_key}
+
+    def _remove(self, job: Job) -> None:
+        del self._jobs[job.id]
+        self._counts[job.owner] = self._counts.get(job.owner, 1) - 1
+        self._stored[job.owner] = self._stored.get(job.owner, 0) - job.stored_bytes()
+        if self._counts[job.owner] <= 0:
+            self._counts.pop(job.owner, None)
+            self._stored.pop(job.owner, None)
+        for path in (job.request_path, job.result_path):
+            path.unlink(missing_ok=True)
+
+    @staticmethod
+    def _write(path: Path, data: bytes) -> None:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
 
     # -- state changes (any thread) ---------------------------------------------------
     def queued(self, job: Job, position: int) -> None:
@@ -117,15 +231,27 @@ class JobStore:
                 text = log_cut_notice(self.max_log_lines, self.max_log_bytes)
             job.log_lines += 1
             job.log_bytes += size
+            self._stored[job.owner] = self._stored.get(job.owner, 0) + size
             self._publish(job, "log", {"text": text})
 
     def finish(self, job: Job, result: bytes, error: dict | None) -> None:
         """Store the answer and send the last event (``completed`` or ``error``)."""
         with self._lock:
-            if job.finished is not None:
+            if job.finished is not None or self._jobs.get(job.id) is not job:
                 return
-            job.payload = None
-            job.result = result
+            job.request_path.unlink(missing_ok=True)
+            stored = self._stored.get(job.owner, 0) - job.payload_size
+            job.payload_size = 0
+            if stored + len(result) > self.max_stored_bytes_per_key:
+                error = server_error("ResultTooLargeError", (
+                    f"the result is {len(result):,} bytes, and this API key already stores {stored:,} bytes on the "
+                    f"server (the limit is {self.max_stored_bytes_per_key:,}); save less (fewer or smaller "
+                    "tensors), or fetch and delete earlier results first (DELETE /v1/requests/{id})"),
+                    filename=job.filename)
+                result = wire.pack({"error": error}, max_bytes=1 << 20)
+            self._write(job.result_path, result)
+            self._stored[job.owner] = stored + len(result)
+            job.result_size = len(result)
             job.error = error
             job.status = "error" if error is not None else "completed"
             job.position = None
@@ -170,7 +296,7 @@ class JobStore:
             old = [job for job in finished if now - job.finished > self.ttl]
             extra = finished[len(old):][:max(0, len(finished) - len(old) - MAX_FINISHED_JOBS)]
             for job in old + extra:
-                del self._jobs[job.id]
+                self._remove(job)
             return len(old) + len(extra)
 
     def counts(self) -> dict[str, int]:

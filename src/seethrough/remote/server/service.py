@@ -26,10 +26,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ... import __version__
 from .. import wire
 from . import framing
-from .jobs import Job, JobStore
+from .jobs import Job, JobStore, server_error
 from .process import WorkerDied, WorkerProcess, WorkerStartError, start_context
 from .scheduler import FairQueue
 from .settings import ModelSpec, Settings
@@ -41,12 +40,6 @@ logger = logging.getLogger("seethrough.server")
 
 _POSITION_UPDATES = 100  # queued jobs told their new position after each dequeue
 _START_ATTEMPTS = 3
-
-
-def server_error(kind: str, message: str, module: str = "seethrough.remote.server", filename: str = "") -> dict:
-    """An error answer made by the server itself (same shape as the worker's)."""
-    return {"type": kind, "module": module, "message": message, "filename": filename, "line": None, "code": "",
-            "traceback": "", "server_version": __version__}
 
 
 class WorkerSlot:
@@ -65,7 +58,7 @@ class WorkerSlot:
     def describe(self) -> dict:
         worker = self.worker
         return {"state": self.state, "pid": worker.pid if worker is not None else None, "restarts": self.restarts,
-                "running": self.current.id if self.current is not None else None}
+                "busy": self.current is not None}
 
     # -- the dispatcher ---------------------------------------------------------------
     def _loop(self) -> None:
@@ -325,7 +318,9 @@ class ServerRuntime:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.store = JobStore(settings.job_ttl, settings.max_log_lines, settings.max_log_bytes)
+        self.store = JobStore(settings.job_ttl, settings.max_log_lines, settings.max_log_bytes,
+                              spool_dir=settings.spool_dir, max_stored_bytes_per_key=settings.max_stored_bytes_per_key,
+                              max_jobs_per_key=settings.max_jobs_per_key)
         context = start_context(settings.start_method, [spec.source for spec in settings.models])
         self.services = {spec.name: ModelService(spec, settings, self.store, context) for spec in settings.models}
 
@@ -345,6 +340,7 @@ class ServerRuntime:
     def stop(self) -> None:
         for service in self.services.values():
             service.stop()
+        self.store.close()
 
     def health(self) -> dict:
         return {name: service.health() for name, service in self.services.items()}

@@ -66,6 +66,13 @@ class Settings:
     threads: int | None = None  # torch threads in each worker (None: torch's default)
     start_method: str = _DEFAULT_START  # how worker processes start: forkserver or spawn
     log_level: str = "info"
+    max_source_bytes: int = 1024**2  # a request's code (body and helpers)
+    check_workers: int = 2  # processes that check submitted requests
+    check_timeout: float = 10.0  # wall-clock seconds to check one request
+    check_memory: int | None = 1024**3  # address space one check may add to its checker process
+    spool_dir: str | None = None  # None: a fresh temporary folder, removed at shutdown
+    max_stored_bytes_per_key: int = 2 * 1024**3  # bodies, results and printed lines kept per key
+    max_jobs_per_key: int = 200  # queued, running and kept requests per key
 
 
 def parse_size(text: str | int) -> int:
@@ -161,7 +168,23 @@ def build_parser(prog: str = "seethrough serve") -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads per worker")
     parser.add_argument("--startup-timeout", type=float, default=600.0, metavar="SECONDS",
                         help="how long a worker may take to load its model (default 600)")
-    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    parser.add_argument("--max-source-bytes", default="1M", metavar="BYTES",
+                        help="largest code (trace body and helper functions together) a request may send (default 1M)")
+    parser.add_argument("--check-workers", type=int, default=2, metavar="N",
+                        help="processes that check submitted requests off the API's event loop (default 2)")
+    parser.add_argument("--check-timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="wall-clock limit to check one request; past it the request is refused (default 10)")
+    parser.add_argument("--spool-dir", default=None, metavar="DIR",
+                        help="folder for request bodies and results waiting to be read (default: a private temporary "
+                             "folder, removed at shutdown)")
+    parser.add_argument("--max-stored-bytes-per-key", default="2G", metavar="BYTES",
+                        help="request bodies, results and printed lines one API key may keep on the server; past it "
+                             "new requests get 429 (default 2G)")
+    parser.add_argument("--max-jobs-per-key", type=int, default=200, metavar="N",
+                        help="requests (queued, running, or finished and not yet expired or deleted) one API key may "
+                             "have; past it new requests get 429 (default 200)")
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                        help="how much the server logs (default info)")
     return parser
 
 
@@ -176,7 +199,8 @@ def parse_args(argv: list[str] | None = None, prog: str = "seethrough serve") ->
     positive = {"--timeout": options.timeout, "--workers-per-model": options.workers_per_model,
                 "--job-ttl": options.job_ttl, "--max-queued": options.max_queued,
                 "--max-queued-per-key": options.max_queued_per_key, "--max-log-lines": options.max_log_lines,
-                "--startup-timeout": options.startup_timeout}
+                "--startup-timeout": options.startup_timeout, "--check-workers": options.check_workers,
+                "--check-timeout": options.check_timeout, "--max-jobs-per-key": options.max_jobs_per_key}
     for flag, value in positive.items():
         if value <= 0:
             raise SettingsError(f"{flag} must be positive, got {value}")
@@ -206,4 +230,10 @@ def parse_args(argv: list[str] | None = None, prog: str = "seethrough serve") ->
         threads=options.threads,
         start_method=options.start_method,
         log_level=options.log_level,
+        max_source_bytes=parse_size(options.max_source_bytes),
+        check_workers=options.check_workers,
+        check_timeout=options.check_timeout,
+        spool_dir=options.spool_dir,
+        max_stored_bytes_per_key=parse_size(options.max_stored_bytes_per_key),
+        max_jobs_per_key=options.max_jobs_per_key,
     )
