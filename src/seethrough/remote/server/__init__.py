@@ -4,11 +4,13 @@
 ``python -m seethrough.remote.server ...``).  Two kinds of processes:
 
 * the **API process** (FastAPI + uvicorn; :mod:`.app`) authenticates,
-  checks every request before queueing it (:mod:`.intake`: size caps, wire
-  decoding, protocol and version, sandbox validation), keeps a fair queue per
-  model (:mod:`.scheduler`), the jobs with their events and results
-  (:mod:`.jobs`), and one dispatcher thread per worker (:mod:`.service`)
-  that enforces the wall-clock limit;
+  has every request checked before queueing it — in checker processes
+  (:mod:`.checkers`), with :mod:`.intake`: size caps, wire decoding without
+  inflating tensors, protocol and version, sandbox validation — keeps a fair
+  queue per model (:mod:`.scheduler`), the jobs with their events, and their
+  bodies and results spooled to disk under per-key quotas (:mod:`.jobs`), and
+  one dispatcher thread per worker (:mod:`.service`) that enforces the
+  wall-clock limit;
 * **worker processes** (:mod:`.worker`, started by :mod:`.process` in a spawn
   context, talking over a pipe with :mod:`.framing` — never pickles): each
   loads its model once, makes its weights read-only, caps its memory, runs
