@@ -9,7 +9,14 @@ trace, give the real values flowing through their module:
 * ``.input`` — its first argument; ``.inputs`` — ``(args, kwargs)``;
 * ``.skip(value)`` — do not run the module; use ``value`` as its output;
 * ``.next()`` — the call after the current one, for modules called several
-  times per forward pass.
+  times per forward pass;
+* ``.get("a.b.0")`` — the envoy at a dotted path below this one;
+* calling an envoy runs its module on your own data; ``hook=True`` lets the
+  trace watch that call (bodies waiting for its submodules' values get them).
+
+Custom envoys: subclass :class:`Envoy` (add properties and methods built on
+``.output``/``.input``), and give them to modules with the wrapper's
+``envoys=`` argument (see :class:`~seethrough.models.model.Model`).
 
 A child module whose name collides with these (BERT has a submodule called
 ``output``) is reachable with a trailing underscore: ``layer.output_``.
@@ -59,9 +66,14 @@ class Envoy:
         if child is None:
             module = self._module._modules[name]
             path = f"{self._path}.{name}" if self._path else name
-            child = Envoy(module, path, self._root)
+            child = self._root._envoy_class(module, path)(module, path, self._root)
             self._children[name] = child
         return child
+
+    def _envoy_class(self, module: torch.nn.Module, path: str) -> type["Envoy"]:
+        """The envoy class for the module at ``path`` (the wrapper's ``envoys=``
+        chooses; a bare envoy tree uses :class:`Envoy` throughout)."""
+        return Envoy
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
@@ -85,6 +97,14 @@ class Envoy:
         return value
 
     def _unknown(self, name: str) -> ModulePathError:
+        defined = _defined_by_subclass(type(self), name)
+        if defined is not None:
+            # A property of a custom envoy raised AttributeError, so Python
+            # tried __getattr__: say that, not "no such submodule".
+            return ModulePathError(
+                f"`{name}` of `{self._display_path()}` is defined by {defined.__name__}, and reading it raised "
+                f"AttributeError inside ({where_user_is()}): look for the failing attribute access in it."
+            )
         children = list(self._module._modules)
         aliases = self._root._alias_names(self)
         candidates = list(dict.fromkeys(children + aliases + [a for a in dir(self._module) if not a.startswith("_")]))
@@ -155,9 +175,49 @@ class Envoy:
             if self._module._modules[name] is not None:
                 yield from self._child(name).modules()
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def get(self, path: str) -> Any:
+        """The envoy at the dotted ``path`` below this one (``"model.layers.0"``:
+        names and indices as parts).  Inside a trace a last part ``output``,
+        ``input`` or ``inputs`` gives that value."""
+        if not isinstance(path, str):
+            raise TypeError(f"`get` takes a dotted path like 'model.layers.0', not a {type(path).__name__}.")
+        parts = path.lstrip(".").split(".") if path.strip(".") else []
+        target: Any = self
+        for index, part in enumerate(parts):
+            if not isinstance(target, Envoy) or not part:
+                raise self._bad_path(path, parts[:index], part)
+            if part.lstrip("-").isdigit() and part not in target._module._modules:
+                try:
+                    target = target[int(part)]
+                except ModulePathError:
+                    raise self._bad_path(path, parts[:index], part) from None
+                continue
+            try:
+                target = getattr(target, part)
+            except ModulePathError:
+                raise self._bad_path(path, parts[:index], part) from None
+        return target
+
+    def _bad_path(self, path: str, found: list[str], part: str) -> ModulePathError:
+        under = self._display_path() + "".join(f".{p}" for p in found)
+        return ModulePathError(
+            f"`{self._display_path()}.get({path!r})`: there is no `{part}` under `{under}` ({where_user_is()}). "
+            "Paths are dotted and relative to this envoy, with indices as parts ('model.layers.0'); "
+            "`print(model)` shows the tree."
+        )
+
+    def __call__(self, *args: Any, hook: bool = False, **kwargs: Any) -> Any:
         """Call the module on your own data (e.g. ``model.lm_head(h)`` for a
-        logit lens); inside a trace this does not disturb the traced pass."""
+        logit lens).  Inside a trace the call is invisible to the trace: it
+        serves no values and leaves the module's place in the forward pass
+        alone.  With ``hook=True`` the trace watches it: bodies waiting for the
+        values of this module or its submodules get those of this call (e.g.
+        an SAE attached to a layer, applied in an edit, whose ``encoder``
+        output a trace reads)."""
+        if hook:
+            task = current_task()
+            if task is not None and task.run is not None:
+                return task.run.interleaver.call_hooked(task, self._module, args, kwargs)
         return self._module(*args, **kwargs)
 
     # -- values inside a trace ---------------------------------------------------
@@ -207,11 +267,35 @@ class Envoy:
         if name in ("output", "input", "inputs"):
             object.__setattr__(self, name, value)
             return
+        if _is_user_subclass(type(self)) and (
+            name.startswith("_") or _defined_by_subclass(type(self), name) is not None
+            or (name not in self._module._modules and not hasattr(self._module, name))
+        ):
+            # A custom envoy's (or wrapper's) own state, or a property it defines
+            # with a setter; never a name of the module (`weight`, a submodule).
+            object.__setattr__(self, name, value)
+            return
         raise AttributeError(
             f"cannot set `{name}` on `{self._display_path()}` ({where_user_is()}): envoys only "
             "take `.output`, `.input` and `.inputs` assignments inside a trace. To change the "
             "module itself, use `model._model` outside a trace."
         )
+
+
+def _is_user_subclass(cls: type) -> bool:
+    """Is ``cls`` an envoy class of the user's (not seethrough's own)?"""
+    return not cls.__module__.startswith("seethrough.")
+
+
+def _defined_by_subclass(cls: type, name: str) -> type | None:
+    """The user's envoy class (in ``cls``'s MRO, above seethrough's classes)
+    that defines ``name``, if any."""
+    for klass in cls.__mro__:
+        if not _is_user_subclass(klass):
+            return None
+        if name in klass.__dict__:
+            return klass
+    return None
 
 
 class NextCall:

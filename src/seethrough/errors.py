@@ -22,12 +22,25 @@ class NotInTraceError(SeethroughError):
     """A module value (``.output``, ``.input``, ...) was read outside a trace."""
 
 
-class OutOfOrderError(SeethroughError):
+class MissedProviderError(SeethroughError):
+    """A value was asked for that the model never provided: the forward pass
+    ended without reaching it (the module did not run, or had already run).
+
+    nnsight code catches it as ``Mediator.MissedProviderError``; an
+    :class:`OutOfOrderError` is one (the module ran before the request)."""
+
+
+class OutOfOrderError(MissedProviderError):
     """A value was asked for after the forward (or backward) pass had gone past it."""
 
 
 class ModulePathError(SeethroughError, AttributeError):
     """A module path that does not exist in the wrapped model."""
+
+
+class EnvoyClassError(SeethroughError, TypeError):
+    """``envoys=`` names something that is not an Envoy subclass, or keys it by
+    something that is neither a module type nor a path."""
 
 
 class ShapeMismatchError(SeethroughError, ValueError):

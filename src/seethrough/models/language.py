@@ -60,6 +60,7 @@ class LanguageModel(Model):
         dispatch: bool = False,
         automodel: Any = None,
         rename: dict[str, str] | None = None,
+        envoys: Any = None,
         remote_name: str | None = None,
         host: str | None = None,
         api_key: str | None = None,
@@ -93,7 +94,7 @@ class LanguageModel(Model):
                     tokenizer = _load_tokenizer(folder, None)
                 server_only = True
             loaded = False
-        super().__init__(module, rename=rename)
+        super().__init__(module, rename=rename, envoys=envoys)
         object.__setattr__(self, "_source", source)
         # The name a seethrough server serves this model under (remote=True).
         object.__setattr__(self, "_remote_name", remote_name or source)

@@ -14,6 +14,14 @@ trace is exactly calling the bare module.
 Subclasses (``LanguageModel``) change how inputs are prepared and batched and
 what a trace calls, by overriding ``_prepare_input``, ``_batch_inputs`` and
 ``_run_forward``.
+
+Custom envoys (as nnsight 0.8's ``envoys=``): ``Model(module, envoys=X)``
+makes every module's envoy an ``X`` (a subclass of
+:class:`~seethrough.envoy.Envoy`); ``envoys={torch.nn.Linear: X, "attn": Y}``
+chooses per module, by module type (matched along the module class's MRO,
+tried first) or by path suffix (dotted, matched part by part, ``*`` for any
+one part; a part also matches under its aliases).  A class attribute
+``envoys`` on a wrapper subclass is the default for its instances.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from typing import Any
 import torch
 
 from ..envoy import Envoy
-from ..errors import ModulePathError, SeethroughError
+from ..errors import EnvoyClassError, ModulePathError, SeethroughError
 from ..tracing.run import EditSpec, TraceRun
 from ..tracing.takeover import Takeover, frame_namespace, write_back
 from ..tracing.tracer import Tracer
@@ -37,10 +45,20 @@ _TRACE_OPTIONS = ("remote", "keep_graph", "host", "blocking", "backend")
 class Model(Envoy):
     """Wraps any ``torch.nn.Module`` for tracing (see the module docs)."""
 
-    def __init__(self, module: torch.nn.Module, *, rename: dict[str, str] | None = None, standard_names: bool = True) -> None:
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        *,
+        rename: dict[str, str] | None = None,
+        standard_names: bool = True,
+        envoys: Any = None,
+    ) -> None:
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"seethrough.Model wraps a torch.nn.Module, not a {type(module).__name__}.")
         super().__init__(module, "", None)
+        if envoys is None:
+            envoys = _class_envoys(type(self))
+        object.__setattr__(self, "_envoys", _check_envoys(envoys))
         paths, names = standard_aliases(module) if standard_names else ({}, {})
         if rename:
             extra_paths, extra_names = split_rename(rename)
@@ -115,6 +133,42 @@ class Model(Envoy):
         result = list(found.values())
         cache[id(module)] = (module, result)
         return result
+
+    # -- custom envoys --------------------------------------------------------------
+    def _envoy_class(self, module: torch.nn.Module, path: str) -> type[Envoy]:
+        """The envoy class ``envoys=`` gives the module at ``path``."""
+        mapping = self._envoys
+        if mapping is None:
+            return Envoy
+        if isinstance(mapping, type):
+            return mapping
+        for klass in type(module).__mro__:
+            found = mapping.get(klass)
+            if found is not None:
+                return found
+        keys = [(key, value) for key, value in mapping.items() if isinstance(key, str)]
+        if not keys:
+            return Envoy
+        parts = path.split(".") if path else []
+        native = ["model", *parts]  # nnsight's paths start at the root, "model"
+        for key, value in keys:  # the native path first
+            if _suffix_matches(native, key, None):
+                return value
+        spellings = self._spellings(parts)
+        for key, value in keys:
+            if any(_suffix_matches(spelled, key, self._name_aliases) for spelled in spellings):
+                return value
+        return Envoy
+
+    def _spellings(self, parts: list[str]) -> list[list[str]]:
+        """``parts`` as written from the root, and with a root path alias
+        (``layers`` for ``transformer.h``) in place of the path it stands for."""
+        out = [["model", *parts]]
+        for alias, real in self._path_aliases.items():
+            real_parts = real.split(".")
+            if parts[: len(real_parts)] == real_parts:
+                out.append(["model", alias, *parts[len(real_parts):]])
+        return out
 
     # -- aliases ------------------------------------------------------------------
     def _resolve_alias(self, envoy: Envoy, name: str) -> Envoy | None:
@@ -238,6 +292,54 @@ class Model(Envoy):
         object.__setattr__(clone, "_children", {})
         object.__setattr__(clone, "_edits", list(self._edits))
         return clone
+
+
+def _class_envoys(cls: type) -> Any:
+    """The ``envoys`` class attribute of a wrapper subclass (its default)."""
+    for klass in cls.__mro__:
+        found = klass.__dict__.get("envoys")
+        if found is not None:
+            return found
+    return None
+
+
+def _check_envoys(envoys: Any) -> Any:
+    """``envoys=`` as given, once checked: an Envoy subclass, or a mapping from
+    module types or path suffixes to Envoy subclasses."""
+    if envoys is None:
+        return None
+    if isinstance(envoys, type):
+        if not issubclass(envoys, Envoy):
+            raise EnvoyClassError(f"envoys={envoys.__name__}: the class must be a subclass of seethrough.Envoy.")
+        return envoys
+    if not isinstance(envoys, dict):
+        raise EnvoyClassError(
+            f"envoys= takes an Envoy subclass or a dict from module types or path suffixes to Envoy subclasses, "
+            f"not a {type(envoys).__name__}."
+        )
+    for key, value in envoys.items():
+        if not (isinstance(key, str) or (isinstance(key, type) and issubclass(key, torch.nn.Module))):
+            raise EnvoyClassError(
+                f"envoys={{{key!r}: ...}}: keys are module types (torch.nn.Linear) or dotted path suffixes "
+                "('self_attn', 'layers.*')."
+            )
+        if not (isinstance(value, type) and issubclass(value, Envoy)):
+            raise EnvoyClassError(f"envoys={{{key!r}: {value!r}}}: the value must be a subclass of seethrough.Envoy.")
+    return dict(envoys)
+
+
+def _suffix_matches(parts: list[str], key: str, names: dict | None) -> bool:
+    """Does the dotted ``key`` match the end of ``parts``, part by part (``*``
+    matches any one part; with ``names``, a part also matches its aliases)?"""
+    key_parts = key.lstrip(".").split(".")
+    if not key_parts[0] or len(key_parts) > len(parts):
+        return False
+    for part, wanted in zip(parts[len(parts) - len(key_parts):], key_parts):
+        if wanted == "*" or wanted == part:
+            continue
+        if names is None or part not in names.get(wanted, ()):
+            return False
+    return True
 
 
 def _forward_backend(run: TraceRun, args: tuple, kwargs: dict) -> Any:

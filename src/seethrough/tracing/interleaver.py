@@ -28,7 +28,7 @@ import greenlet
 import torch
 
 from .._frames import describe_frame, user_frame, where_user_is
-from ..errors import InvokeError, OutOfOrderError, ShapeMismatchError
+from ..errors import InvokeError, MissedProviderError, OutOfOrderError, ShapeMismatchError
 from .hooks import HookSet
 from .runtime import FINISHED, give_back_worker, take_worker
 from .values import narrow, splice
@@ -65,6 +65,13 @@ class Task:
     ran_before = False
     blocked_until: Callable[[], bool] | None = None
     waited_for: tuple[str, str] | None = None  # (name, invoke) it last waited for
+    asked_before_forward = False  # its pending request was made before the forward began
+    hooked_calls: set[int] | None = None  # ids of modules it ran itself with `hook=True`
+
+    # nnsight code catches these as `Mediator.OutOfOrderError` / `Mediator.
+    # MissedProviderError`; `seethrough.intervention.interleaver.Mediator` is this class.
+    OutOfOrderError = OutOfOrderError
+    MissedProviderError = MissedProviderError
 
     def __init__(
         self,
@@ -98,6 +105,23 @@ class Task:
         return f"<Task {self.label} {self.state}>"
 
 
+class _HookedCall:
+    """What a task switches to the main greenlet with to run a module there,
+    watched by the trace (``envoy(..., hook=True)``, see :meth:`Interleaver.call_hooked`)."""
+
+    __slots__ = ("module", "args", "kwargs")
+
+    def __init__(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        self.module = module
+        self.args = args
+        self.kwargs = kwargs
+
+
+# The batch size of events from a hooked call: its values are that call's
+# own, not rows of the traced batch, so no invoke's view narrows them.
+_UNBATCHED = -1
+
+
 class Event:
     """A value the forward pass has reached: a module's inputs or its output."""
 
@@ -124,6 +148,7 @@ class Interleaver:
     batch_size = 0
     step = -1  # index of the current call of the root module (generation step)
     root_output_by_return = False  # see `root_returned`
+    hooked_calls_running = 0  # modules a body runs with `hook=True`, now running (see `call_hooked`)
     on_module_hooked: Callable[[torch.nn.Module], None] | None = None
 
     def __init__(self, run: "TraceRun") -> None:
@@ -163,6 +188,8 @@ class Interleaver:
                 result = worker.switch()
             else:
                 result = worker.switch(value)
+            while type(result) is _HookedCall:
+                result = self._run_hooked_call(worker, result)
         except _StopTrace:
             self._ended(task)
             self.stopped = True
@@ -178,6 +205,19 @@ class Interleaver:
                 torch.set_grad_enabled(main_grad)
         if result is FINISHED:
             self._ended(task)
+
+    def _run_hooked_call(self, worker: Any, call: _HookedCall) -> Any:
+        """Run a module a body called with ``hook=True``, here in the main
+        greenlet, so that its hooks serve the tasks waiting for its values;
+        hand the result (or the error) back to the body."""
+        self.hooked_calls_running += 1
+        try:
+            value = call.module(*call.args, **call.kwargs)
+        except BaseException as error:  # noqa: BLE001 - it belongs to the body that made the call
+            self.hooked_calls_running -= 1
+            return worker.throw(error)
+        self.hooked_calls_running -= 1
+        return worker.switch(value)
 
     def _ended(self, task: Task) -> None:
         task.state = DONE
@@ -266,8 +306,21 @@ class Interleaver:
         task.pending_kind = kind
         task.pending_frame = sys._getframe(1)  # the user's frame is found from here on error
         task.ran_before = key in self.fired
+        task.asked_before_forward = not (self.forward_running or self.forward_done)
         self._wait(task, key)
         return self.main.switch()
+
+    def call_hooked(self, task: Task, module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+        """Run ``module(*args, **kwargs)`` for ``task`` with the trace watching:
+        its hooks (and its submodules') serve the bodies waiting for their
+        values, as the forward pass's own calls do.  Those values are the
+        call's own, not rows of the batch, so every body sees them whole."""
+        if self.closing:
+            raise greenlet.GreenletExit()
+        if task.hooked_calls is None:
+            task.hooked_calls = set()
+        task.hooked_calls.update(id(each) for each in module.modules())
+        return self.main.switch(_HookedCall(module, args, kwargs))
 
     def wait_for_step(self, task: Task, step: int) -> None:
         """Sleep until the root module's call number ``step`` begins (generation)."""
@@ -365,15 +418,17 @@ class Interleaver:
 
     def _in_our_forward(self) -> bool:
         # Hooks also fire when a body calls a module itself, or when another
-        # thread runs the same model: only our own forward pass counts.
-        return self.forward_running and greenlet.getcurrent() is self.main
+        # thread runs the same model: only our own forward pass counts, and
+        # the calls a body makes with `hook=True` (run in the main greenlet).
+        return (self.forward_running or self.hooked_calls_running > 0) and greenlet.getcurrent() is self.main
 
     def _make_output_hook(self, key: tuple) -> Callable:
         getcurrent = greenlet.getcurrent
 
         def output_hook(mod: torch.nn.Module, args: Any, output: Any) -> Any:
-            # Only our own forward pass counts (see `_in_our_forward`).
-            if not self.forward_running or getcurrent() is not self.main:
+            # Only our own forward pass (and calls made with `hook=True`) count
+            # (see `_in_our_forward`).
+            if not (self.forward_running or self.hooked_calls_running) or getcurrent() is not self.main:
                 return None
             result = self._reached(key, "output", output)
             return result if result is not output else None
@@ -407,7 +462,8 @@ class Interleaver:
         self.fired[key] = True
         if not self._wanted(key):
             return value  # nobody asked: the hook only keeps an ancestor observable
-        result = self._serve(Event(key, kind, value, self.batch_size))
+        batch_size = self.batch_size if not self.hooked_calls_running else _UNBATCHED
+        result = self._serve(Event(key, kind, value, batch_size))
         for record in self.after.get(key, ()):
             record(result)
         return result
@@ -515,16 +571,38 @@ class Interleaver:
             if key[0] == "step":
                 self._switch(waiting, None, throw=_EndOfSteps())
             else:
-                error = OutOfOrderError(
-                    self._too_late_message(
-                        waiting.pending_envoy, waiting.pending_kind, waiting.pending_frame,
-                        ran_before=waiting.ran_before, waited_for=waiting.waited_for,
-                    )
-                )
-                self._switch(waiting, None, throw=error)
+                self._switch(waiting, None, throw=self._not_provided(waiting, key))
         blocked, self.blocked = self.blocked, []
         for task in blocked:
             self._switch(task, None, throw=self.run.deadlock_error(task))
+
+    def _not_provided(self, task: Task, key: tuple) -> MissedProviderError:
+        """The error for ``task``, still waiting for ``key`` when the forward ended."""
+        envoy, kind, frame = task.pending_envoy, task.pending_kind, task.pending_frame
+        if task.asked_before_forward and key not in self.fired and kind in ("input", "output"):
+            # Hooked before the forward began and never reached: the model did
+            # not call the module at all (not a question of order).
+            return MissedProviderError(self._never_called_message(envoy, kind, frame))
+        message = self._too_late_message(envoy, kind, frame, ran_before=task.ran_before, waited_for=task.waited_for)
+        if task.hooked_calls and key[0] in task.hooked_calls:
+            path = envoy._display_path() if envoy is not None else "the module"
+            message += (
+                f" This invoke ran `{path}` itself (with `hook=True`) before that line: the values of such a "
+                "call reach only the bodies already waiting for them (another invoke, or the trace when an edit "
+                "makes the call). Use the call's return value here, or read the value in a body that waits for it."
+            )
+        return OutOfOrderError(message)
+
+    def _never_called_message(self, envoy: "Envoy", kind: str, frame: Any) -> str:
+        path = envoy._display_path() if envoy is not None else "the model"
+        where = describe_frame(user_frame(frame))
+        at = f" (at {where})" if where else ""
+        return (
+            f"`{path}.{kind}` was asked for{at}, but the model never called `{path}` in this forward pass, so "
+            "no value was provided. Check that the model uses this module for this input (`print(model)` shows "
+            "the tree; a module attached to the model but not used by its forward runs only when a body calls "
+            "it with `hook=True`)."
+        )
 
     def _too_late_message(
         self,

@@ -1,0 +1,18 @@
+"""``seethrough.intervention.interleaver``: nnsight's path to the interleaver's names.
+
+* ``OutOfOrderError`` — a value asked for after its module had run;
+* ``MissedProviderError`` — a value the model never provided (an
+  ``OutOfOrderError`` is one);
+* ``Mediator`` — nnsight's name for the body of one invoke, seethrough's
+  :class:`~seethrough.tracing.interleaver.Task`; ``Mediator.OutOfOrderError``
+  and ``Mediator.MissedProviderError`` are the two errors above;
+* ``Interleaver`` — seethrough's interleaver.
+
+All are seethrough's own classes, not copies.
+"""
+
+from ..errors import MissedProviderError, OutOfOrderError
+from ..tracing.interleaver import Interleaver
+from ..tracing.interleaver import Task as Mediator
+
+__all__ = ["Interleaver", "Mediator", "MissedProviderError", "OutOfOrderError"]
