@@ -329,7 +329,7 @@ class LanguageModel(Model):
         return self._module(*args, **self._positions(kwargs))
 
     # -- entry points -------------------------------------------------------------
-    def trace(self, *args: Any, remote: bool = False, keep_graph: bool = False, **kwargs: Any) -> Tracer:
+    def trace(self, *args: Any, remote: bool | str = False, keep_graph: bool = False, **kwargs: Any) -> Tracer:
         if not remote:
             self._ensure_loaded()  # a remote trace needs no local weights
         return super().trace(*args, remote=remote, keep_graph=keep_graph, **kwargs)
@@ -343,7 +343,7 @@ class LanguageModel(Model):
     def generate(
         self,
         *args: Any,
-        remote: bool = False,
+        remote: bool | str = False,
         keep_graph: bool = False,
         host: str | None = None,
         api_key: str | None = None,

@@ -240,7 +240,7 @@ class Model(Envoy):
     def trace(
         self,
         *args: Any,
-        remote: bool = False,
+        remote: bool | str = False,
         keep_graph: bool = False,
         host: str | None = None,
         api_key: str | None = None,
@@ -255,7 +255,9 @@ class Model(Envoy):
         ``keep_graph=True`` keeps the autograd graph of saved tensors (by default
         they are detached when the trace ends).  ``remote=True`` runs the block
         on a seethrough server (``host``/``api_key`` override ``CONFIG``;
-        ``blocking=False`` returns at once, with ``tracer.job`` the handle)."""
+        ``blocking=False`` returns at once, with ``tracer.job`` the handle);
+        ``remote="local"`` runs the server's steps (wire, sandbox, execution)
+        in this process, to check a body before submitting it."""
         return Tracer(
             self, args, kwargs, _forward_backend, has_input=bool(args or kwargs), keep_graph=keep_graph,
             remote=_remote_options(remote, host, api_key, blocking, self.__dict__.get("_remote_host")),
@@ -278,11 +280,12 @@ class Model(Envoy):
         self._edits.clear()
 
     def session(
-        self, *, remote: bool = False, host: str | None = None, api_key: str | None = None, blocking: bool = True
+        self, *, remote: bool | str = False, host: str | None = None, api_key: str | None = None, blocking: bool = True
     ) -> "Session":
         """``with model.session():`` — group several traces; values saved in one
         are used by the next.  With ``remote=True`` the whole block is one
-        request to the server."""
+        request to the server (``remote="local"``: checked and run as a server
+        would, in this process)."""
         return Session(self, _remote_options(remote, host, api_key, blocking, self.__dict__.get("_remote_host")))
 
     def _clone(self) -> "Model":
@@ -393,14 +396,26 @@ class EditContext:
 
 
 def _remote_options(
-    remote: bool, host: str | None, api_key: str | None, blocking: bool, default_host: str | None = None
+    remote: bool | str, host: str | None, api_key: str | None, blocking: bool, default_host: str | None = None
 ) -> Any:
+    if remote is not None and not isinstance(remote, bool) and remote != "local":
+        raise SeethroughError(
+            f"remote={remote!r}: use remote=True (run on a seethrough server), remote='local' (the server's "
+            "checks and execution, in this process), or remote=False."
+        )
     if not remote:
         if host is not None or not blocking:
             raise SeethroughError("`host=` and `blocking=False` only apply with `remote=True`.")
         return None
     from ..remote.backend import RemoteOptions
 
+    if remote == "local":
+        if host is not None or not blocking:
+            raise SeethroughError(
+                "remote='local' runs the request in this process, with no server: `host=` and `blocking=False` "
+                "do not apply (use remote=True for a server)."
+            )
+        return RemoteOptions(local=True)
     return RemoteOptions(host=host or default_host, api_key=api_key, blocking=blocking)
 
 

@@ -6,6 +6,8 @@ module packs the body and the data it reads into a request, submits it,
 follows it (printing what the body prints), and binds the returned values in
 the caller's scope with the same rules as a local run.  With
 ``blocking=False`` it returns after submitting; ``tracer.job`` is the handle.
+With ``remote="local"`` the same request goes through the server's steps in
+this process instead (:mod:`.local`), to check a body before submitting it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from ..tracing.takeover import frame_namespace, write_back
 from . import wire
 from .client import MAX_REQUEST_BYTES, RemoteClient, RemoteError, RemoteJob
 from .collect import build_request
+from .local import run_local
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,7 @@ class RemoteOptions:
     host: str | None = None
     api_key: str | None = None
     blocking: bool = True
+    local: bool = False  # remote="local": the server's steps in this process (see .local)
 
 
 def run_remote(
@@ -67,24 +71,28 @@ def _run_remote(
     request = build_request(
         kind=kind, model=model, captured=captured, seed=seed, globals_=globals_,
         args=args, kwargs=kwargs, keep_graph=keep_graph, generate=generate,
+        model_name=_local_name(model) if options.local else None,
     )
-    client = RemoteClient(options.host, options.api_key)
-    payload = wire.pack(request.to_wire(), max_bytes=MAX_REQUEST_BYTES)
-    submitted = client.submit(payload)
-    job = RemoteJob(client, submitted["id"])
-    holder.job = job
     values: dict[str, Any] = {}
     if captured.as_name:
         values[captured.as_name] = holder
-    if not options.blocking:
-        write_back(frame, values)
-        return values
-    try:
-        answer = job.wait()
-    finally:
-        # Nobody else holds this job's id: free the server's copy of its result at once.
-        with contextlib.suppress(RemoteError):
-            job.delete()
+    if options.local:
+        answer = run_local(request, model)
+    else:
+        client = RemoteClient(options.host, options.api_key)
+        payload = wire.pack(request.to_wire(), max_bytes=MAX_REQUEST_BYTES)
+        submitted = client.submit(payload)
+        job = RemoteJob(client, submitted["id"])
+        holder.job = job
+        if not options.blocking:
+            write_back(frame, values)
+            return values
+        try:
+            answer = job.wait()
+        finally:
+            # Nobody else holds this job's id: free the server's copy of its result at once.
+            with contextlib.suppress(RemoteError):
+                job.delete()
     returned = dict(answer.get("values", {}))
     if "__result__" in returned:
         holder._result = returned.pop("__result__")
@@ -94,3 +102,13 @@ def _run_remote(
     values.update(returned)
     write_back(frame, values)
     return values
+
+
+def _local_name(model: Any) -> str:
+    """The model's name in a local check: its served name, else any (a plain
+    ``Model(module)`` has none, and the check needs no server to find it)."""
+    for attribute in ("_remote_name", "_source"):
+        name = model.__dict__.get(attribute)
+        if isinstance(name, str) and name:
+            return name
+    return type(model._model).__name__

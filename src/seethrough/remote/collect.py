@@ -40,12 +40,14 @@ def build_request(
     kwargs: dict | None = None,
     keep_graph: bool = False,
     generate: dict | None = None,
+    model_name: str | None = None,
 ) -> Request:
-    """The request that runs ``captured`` on the server's copy of ``model``."""
+    """The request that runs ``captured`` on the server's copy of ``model``
+    (addressed as ``model_name``, by default the name it was loaded from)."""
     args = tuple(_plain_mapping(a) for a in args)
     kwargs = {k: _plain_mapping(v) for k, v in (kwargs or {}).items()}
     request = Request(
-        model=remote_name(model),
+        model=model_name or remote_name(model),
         kind=kind,
         source=captured.body_source,
         filename=captured.filename,
