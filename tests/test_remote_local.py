@@ -141,7 +141,7 @@ def test_a_plain_module_runs_locally_remote(mlp):
 def test_prints_and_helper_functions_travel(gpt2, capsys):
     with gpt2.trace("Hello", remote="local"):
         hidden = gpt2.layers[0].output
-        print("norm", round(float(scale(hidden).norm()), 3))
+        print("norm", round(scale(hidden).norm().item(), 3))
         doubled = scale(hidden).save()
     printed = capsys.readouterr().out
     assert printed.startswith("norm ") and torch.equal(doubled, scale(first(gpt2_hidden(gpt2, "Hello"))))
@@ -239,3 +239,20 @@ def test_options_that_need_a_server_are_refused(gpt2):
         gpt2.generate("Hello", remote="local", blocking=False)
     with pytest.raises(SeethroughError, match="remote='server'"):
         gpt2.trace("Hello", remote="server")
+
+
+def test_a_custom_envoy_property_is_explained_as_client_side_only(tiny_gpt2, gpt2_tokenizer):
+    class Doubling(seethrough.Envoy):
+        @property
+        def doubled(self):
+            return self.output * 2
+
+    model = LanguageModel(tiny_gpt2, tokenizer=gpt2_tokenizer, envoys={"mlp": Doubling})
+    with model.trace("Hello"):
+        local = model.transformer.h[0].mlp.doubled.save()
+    with pytest.raises(ModulePathError, match="defined by your envoy class Doubling.*runs only on your machine"):
+        with model.trace("Hello", remote="local"):
+            model.transformer.h[0].mlp.doubled.save()
+    with model.trace("Hello", remote="local"):  # the same value, computed in the body
+        remote = (model.transformer.h[0].mlp.output * 2).save()
+    assert torch.equal(local, remote)

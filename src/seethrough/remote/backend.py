@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
+from ..errors import ModulePathError
 from ..tracing.capture import CapturedBlock
 from ..tracing.saving import NotSaved
 from ..tracing.takeover import frame_namespace, write_back
@@ -58,6 +59,12 @@ def run_remote(
     take-over signal as their context."""
     try:
         return _run_remote(options, kind, model, captured, frame, holder, args, kwargs, keep_graph, generate)
+    except ModulePathError as error:
+        hinted = _custom_envoy_hint(error, model)
+        if hinted is not None:
+            raise hinted from None
+        error.__suppress_context__ = True
+        raise
     except BaseException as error:
         error.__suppress_context__ = True  # not "during handling of" our internal signal
         raise
@@ -112,3 +119,25 @@ def _local_name(model: Any) -> str:
         if isinstance(name, str) and name:
             return name
     return type(model._model).__name__
+
+
+def _custom_envoy_hint(error: ModulePathError, model: Any) -> ModulePathError | None:
+    """The server's "no such attribute" for a name the user's own envoy classes
+    (``envoys=``) define: say why (the server's envoys are the base class)."""
+    mapping = model.__dict__.get("_envoys")
+    if mapping is None:
+        return None
+    classes = [mapping] if isinstance(mapping, type) else list(mapping.values())
+    message = str(error)
+    for klass in classes:
+        for owner in klass.__mro__:
+            if owner.__module__.startswith("seethrough."):
+                break
+            for name in owner.__dict__:
+                if not name.startswith("_") and f"attribute `{name}`" in message:
+                    return ModulePathError(
+                        f"{message}\n`{name}` is defined by your envoy class {owner.__name__} (`envoys=`), which "
+                        "runs only on your machine: a server's envoys are seethrough's own. In a remote body, "
+                        "compute it from `.output`/`.input` (in the body, or a helper function that travels)."
+                    )
+    return None
