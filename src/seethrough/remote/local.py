@@ -35,7 +35,7 @@ from ..config import CONFIG
 from . import wire
 from .client import MAX_REQUEST_BYTES, MAX_RESULT_BYTES, _http_error, rebuild_error
 from .execute import execute
-from .protocol import Request
+from .protocol import PROTOCOL, Request, parse_request
 from .server.guard import ModelGuard
 from .server.intake import IntakeError, check_request
 from .server.settings import Settings
@@ -52,11 +52,16 @@ def run_local(request: Request, model: Any) -> dict:
     module = served._model
     info = {"modules": [path for path, _ in module.named_modules() if path]}
     try:
-        checked = check_request(payload, max_bytes=_LIMITS.max_request_bytes,
-                                max_unpacked_bytes=_LIMITS.max_unpacked_bytes, models={request.model: info})
+        check_request(payload, max_bytes=_LIMITS.max_request_bytes, max_unpacked_bytes=_LIMITS.max_unpacked_bytes,
+                      max_source_bytes=_LIMITS.max_source_bytes, models={request.model: info})
     except IntakeError as error:
         # What the client raises for the server's refusal (HTTP status and all).
         raise _http_error(error.status, json.dumps({"detail": error.detail}).encode(), LOCAL_HOST) from None
+    # The worker's side: decode the request again, tensors and all.
+    checked = parse_request(
+        wire.unpack(payload, max_bytes=_LIMITS.max_request_bytes, max_unpacked_bytes=_LIMITS.max_unpacked_bytes),
+        PROTOCOL, __version__,
+    )
     answer = _execute_guarded(checked, served)
     try:
         packed = wire.pack(answer, max_bytes=_LIMITS.max_result_bytes)
