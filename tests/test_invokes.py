@@ -199,8 +199,23 @@ def test_invoke_outside_trace_body_is_refused(mlp):
             pass
 
 
-def test_cross_invoke_error_type_exists():
-    assert issubclass(CrossInvokeError, seethrough.SeethroughError)
+def test_stale_value_between_invokes_raises_cross_invoke_error(mlp):
+    """Invoke 2 reads `h` (fc1's output); invoke 1 then assigns `h` again: the
+    value invoke 2 used is not invoke 1's any more, so the trace fails."""
+    model = seethrough.Model(mlp)
+    with pytest.raises(CrossInvokeError) as info:
+        with model.trace() as tracer:
+            with tracer.invoke(torch.randn(1, 4)):
+                h = model.fc1.output
+                h = model.fc2.output
+            with tracer.invoke(torch.randn(1, 4)):
+                model.act.output[:] = h
+    error = info.value
+    assert isinstance(error, seethrough.SeethroughError) and isinstance(error, NameError)
+    message = str(error)
+    assert "h = model.fc2.output" in message and "model.act.output[:] = h" in message
+    assert "tracer.barrier(2)" in message
+    assert not mlp.fc1._forward_hooks and not mlp.fc2._forward_hooks and not mlp.act._forward_hooks
 
 
 def test_trace_keyword_arguments_apply_to_every_invoke(tiny_gpt2):

@@ -236,14 +236,19 @@ def test_nnsight_names_exist():
     assert seethrough.save(x) is x  # outside a trace: a no-op
 
 
-def test_barrier_is_accepted(mlp):
+def test_barrier_hands_a_value_to_the_next_invoke(mlp):
     model = seethrough.Model(mlp)
-    with model.trace() as tracer:
-        barrier = tracer.barrier(2)
-        with tracer.invoke(torch.randn(1, 4)):
-            h = model.fc1.output.save()
-            barrier()
-        with tracer.invoke(torch.randn(1, 4)):
-            barrier()
-            model.fc1.output[:] = h
-    assert h.shape == (1, 8)
+    a, b = torch.randn(1, 4), torch.randn(1, 4)
+    with torch.no_grad():
+        with model.trace() as tracer:
+            barrier = tracer.barrier(2)
+            with tracer.invoke(a):
+                h = model.fc1.output.save()
+                barrier()
+            with tracer.invoke(b):
+                barrier()
+                model.fc1.output[:] = h
+                out = model.output.save()
+        # Reference: plain forwards; b's fc1 output replaced by a's.
+        assert torch.allclose(h, mlp.fc1(a), atol=1e-6)
+        assert torch.allclose(out, mlp.fc2(mlp.act(mlp.fc1(a))), atol=1e-6)

@@ -64,7 +64,8 @@ class Task:
     pending_frame: Any = None
     ran_before = False
     blocked_until: Callable[[], bool] | None = None
-    waited_for: tuple[str, str] | None = None  # (name, invoke) it last waited for
+    blocked_at: Any = None  # the barrier it waits at (for messages), if any
+    waited_for: str | None = None  # what it last waited for, as a sentence for messages
     asked_before_forward = False  # its pending request was made before the forward began
     hooked_calls: set[int] | None = None  # ids of modules it ran itself with `hook=True`
 
@@ -611,7 +612,7 @@ class Interleaver:
         frame: Any,
         finished: bool = False,
         ran_before: bool = False,
-        waited_for: tuple[str, str] | None = None,
+        waited_for: str | None = None,
     ) -> str:
         path = envoy._display_path() if envoy is not None else "the model"
         accessor = "output" if kind == "output" else "input"
@@ -633,12 +634,7 @@ class Interleaver:
             "values after their module ran."
         )
         if waited_for is not None:
-            name, writer = waited_for
-            message += (
-                f" Before that line this invoke waited for `{name}` from {writer}, which assigned it "
-                f"only after the forward pass had moved on: in {writer}, assign `{name}` (or the "
-                "value you need from it) right after the module that produces it."
-            )
+            message += " " + waited_for
         return message
 
     def close(self) -> None:
@@ -664,6 +660,7 @@ class Interleaver:
                 task.greenlet = None
                 task.state = DONE
                 task.blocked_until = None
+                task.blocked_at = None
             if task.pending_frame is not None:
                 task.pending_frame = None  # frames of the user's code: let them go
         self.current = None

@@ -21,12 +21,24 @@ When an invoke reads a name that an earlier invoke assigns, it waits (its
 greenlet sleeps) until that invoke has assigned it, then reads the current
 value.  Code of the trace body after the invokes waits until they have ended.
 Which invoke "comes before" is the order of the source, as in plain Python.
+
+A value read that way is the one assigned so far.  Should the earlier invoke
+assign the name again after a later invoke read it, the reader would go on
+with a stale value: the assignment fails with a :class:`CrossInvokeError`
+naming both lines (the writer's namespace becomes a :class:`WatchedNamespace`
+once a running invoke's name has been read, so traces that share nothing pay
+nothing).  A barrier (``tracer.barrier(n)``, see :mod:`.barrier`) is how a
+reader asks for the value at a chosen point instead: when n invokes meet
+there, each one's reads from earlier participants are pinned to their values
+at that moment (:meth:`CrossFlow.synchronise`).
 """
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Any
 
+from .._frames import describe_location, user_frame
 from ..errors import CrossInvokeError
 
 if TYPE_CHECKING:
@@ -41,7 +53,9 @@ class BodyNamespace(dict):
     """Globals-and-locals of a running body; misses fall back to the caller's
     globals, or to a resolver that knows about other invokes."""
 
-    __slots__ = ("fallback", "resolver")
+    # `watch` is used by WatchedNamespace only; declared here so that a
+    # running invoke's namespace can become one (same layout).
+    __slots__ = ("fallback", "resolver", "watch")
 
     def __init__(self, seed: dict, fallback: dict) -> None:
         super().__init__(seed)
@@ -56,6 +70,41 @@ class BodyNamespace(dict):
 
     def __repr__(self) -> str:  # a namespace can be huge; keep debugger views short
         return f"<trace namespace with {len(self)} names>"
+
+
+class WatchedNamespace(BodyNamespace):
+    """The namespace of an invoke whose names later invokes have read while it
+    ran: assigning such a name again fails instead of leaving the readers with
+    a stale value.  (``del`` of such a name is let through: Python turns any
+    error raised there into a NameError; assigning it again afterwards fails.)
+
+    ``watch`` maps a name to ``{reader index: (reader label, writer label,
+    file, line of the read)}``."""
+
+    __slots__ = ()
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        readers = self.watch.get(name)
+        if readers and dict.get(self, name, _ABSENT) is not value:
+            raise CrossInvokeError(_stale_message(name, readers, sys._getframe(1)))
+        dict.__setitem__(self, name, value)
+
+
+def _stale_message(name: str, readers: dict, frame: Any) -> str:
+    reader, writer, filename, lineno = next(iter(readers.values()))
+    user = user_frame(frame)
+    at = describe_location(user.f_code.co_filename, user.f_lineno) if user is not None else "in your code"
+    return (
+        f"`{name}` was assigned again in {writer} (at {at}) after {reader} had read it "
+        f"(at {describe_location(filename, lineno)}), so {reader} went on with a value that is not "
+        f"{writer}'s any more. Invokes run side by side in one forward pass: a later invoke reads an "
+        f"earlier invoke's name as soon as it is assigned. To hand over the value from a chosen point, "
+        f"synchronise the two invokes with a barrier: `b = tracer.barrier(2)` before the invokes, "
+        f"`b()` in {writer} right after the assignment whose value {reader} needs, and `b()` in "
+        f"{reader} before it reads `{name}` (in a loop, one barrier per step: "
+        "`bs = [tracer.barrier(2) for _ in steps]`). Or keep each value under its own name "
+        "(a list or dict entry)."
+    )
 
 
 class TracedNamespace(BodyNamespace):
@@ -89,6 +138,9 @@ class CrossFlow:
         self.globals = globals_
         self.invokes: list[Task] = []
         self.stores: dict[int, frozenset[str]] = {}
+        # Per invoke position: (its cross-invoke names -> body segment, its pins).
+        self.readers: dict[int, tuple[dict, dict]] = {}
+        self.position_of: dict[int, int] = {}  # task index -> invoke position
         ns = body.ns
         if isinstance(ns, TracedNamespace):
             ns.resolver = self._body_resolver
@@ -113,7 +165,10 @@ class CrossFlow:
         position = len(self.invokes) + 1
         self.invokes.append(task)
         self.stores[position] = captured.stored
-        task.ns.resolver = self._invoke_resolver(task, position, side, cross_segments)
+        self.position_of[task.index] = position
+        pins: dict[str, Any] = {}  # names pinned by barriers (see `synchronise`)
+        self.readers[position] = (cross_segments, pins)
+        task.ns.resolver = self._invoke_resolver(task, position, side, cross_segments, pins)
         body_ns = self.body.ns
         if isinstance(body_ns, TracedNamespace):
             # Names this invoke may assign are, for the code after it, the invoke's.
@@ -123,19 +178,24 @@ class CrossFlow:
             body_ns.segment = position
 
     # -- resolvers (run inside the reading task's greenlet) ---------------------
-    def _invoke_resolver(self, task: "Task", position: int, side: dict, cross_segments: dict) -> Any:
+    def _invoke_resolver(self, task: "Task", position: int, side: dict, cross_segments: dict, pins: dict) -> Any:
         fallback = self.globals
 
         def resolve(name: str) -> Any:
             segment = cross_segments.get(name)
             if segment is not None:
+                if pins and name in pins:
+                    return pins[name]  # as it was at the last barrier shared with its writer
                 for writer_position in range(position - 1, 0, -1):
                     if name not in self.stores[writer_position]:
                         continue
                     if writer_position <= segment:
                         break  # the trace body assigned it after that invoke
-                    found, value = self._wait_for(task, self.invokes[writer_position - 1], name, until_done=False)
+                    writer = self.invokes[writer_position - 1]
+                    found, value = self._wait_for(task, writer, name, until_done=False)
                     if found:
+                        if not writer.done:
+                            _watch(writer, name, task)
                         return value
             if name in side:
                 return side[name]
@@ -172,10 +232,50 @@ class CrossFlow:
         if waited:
             # Remembered for messages: values the reader asks for later may
             # already be gone by the time `name` was assigned.
-            reader.waited_for = (name, writer.label)
+            reader.waited_for = (
+                f"Before that line this invoke waited for `{name}` from {writer.label}, which assigned it "
+                f"only after the forward pass had moved on: in {writer.label}, assign `{name}` (or the "
+                "value you need from it) right after the module that produces it."
+            )
         if _contains(ns, name):
             return True, _getitem(ns, name)
         return False, None
+
+    # -- barriers ------------------------------------------------------------------
+    def synchronise(self, participants: list["Task"]) -> None:
+        """``participants`` all stand at one barrier: pin each one's reads from
+        an earlier participant to the values assigned so far."""
+        involved = {self.position_of[t.index] for t in participants if t.index in self.position_of}
+        for position in sorted(involved):
+            cross_segments, pins = self.readers[position]
+            reader = self.invokes[position - 1]
+            for name, segment in cross_segments.items():
+                writer_position = self._current_writer(position, name, segment)
+                if writer_position not in involved:
+                    continue
+                writer = self.invokes[writer_position - 1]
+                ns = writer.ns
+                if _contains(ns, name):
+                    pins[name] = _getitem(ns, name)
+                    if type(ns) is WatchedNamespace:
+                        readers = ns.watch.get(name)
+                        if readers:
+                            readers.pop(reader.index, None)  # read before: the same value, now settled
+                else:
+                    pins.pop(name, None)
+
+    def _current_writer(self, position: int, name: str, segment: int) -> int | None:
+        """The invoke a read of ``name`` at ``position`` would take it from now
+        (the resolver's choice, without waiting)."""
+        for writer_position in range(position - 1, 0, -1):
+            if name not in self.stores[writer_position]:
+                continue
+            if writer_position <= segment:
+                return None
+            writer = self.invokes[writer_position - 1]
+            if _contains(writer.ns, name) or not writer.done:
+                return writer_position
+        return None
 
     # -- the end of the trace ---------------------------------------------------
     def final_values(self, names: set[str]) -> dict[str, Any]:
@@ -199,9 +299,42 @@ class CrossFlow:
                     out[name] = body_ns.side[name]
         return out
 
+    def release(self) -> None:
+        """After the trace: namespaces (kept by functions the body defined) go
+        back to plain ones, and the barrier pins are dropped."""
+        for task in self.invokes:
+            ns = task.ns
+            if type(ns) is WatchedNamespace:
+                ns.__class__ = BodyNamespace
+                ns.watch = None
+        for _, pins in self.readers.values():
+            pins.clear()
+
     def deadlock_error(self, task: "Task") -> CrossInvokeError:
         return CrossInvokeError(
             f"{task.label} waited for a name assigned by another invoke that could not be "
             "assigned in the same forward pass. Values flow forward only: an invoke can use "
             "what an earlier invoke computed at the same or an earlier module."
         )
+
+
+def _watch(writer: "Task", name: str, reader: "Task") -> None:
+    """Remember that ``reader`` read ``name`` from ``writer``, which still runs."""
+    ns = writer.ns
+    if type(ns) is not WatchedNamespace:
+        ns.__class__ = WatchedNamespace  # same layout (see BodyNamespace.__slots__)
+        ns.watch = {}
+    readers = ns.watch.get(name)
+    if readers is None:
+        readers = ns.watch[name] = {}
+    if reader.index not in readers:
+        frame = user_frame(sys._getframe(1))
+        filename, lineno = (frame.f_code.co_filename, frame.f_lineno) if frame is not None else ("<trace>", None)
+        readers[reader.index] = (reader.label, writer.label, filename, lineno)
+
+
+class _Absent:
+    __slots__ = ()
+
+
+_ABSENT = _Absent()

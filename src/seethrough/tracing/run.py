@@ -72,6 +72,7 @@ class TraceRun:
     # id(view) -> (view, batched tensor, rows): gradients of an invoke's views
     # come from their batched tensors (filled only when backward is used).
     narrowed: Any = _NOTHING
+    meetings: Any = _NOTHING  # Barrier -> Meeting: the barriers' rounds in this run
     _uses_backward = False  # `with loss.backward():` needs the Tensor.backward patch
     _backward_patched = False
     _executing = False
@@ -270,8 +271,8 @@ class TraceRun:
             dict.__setitem__(ns, as_name, invoker)
         number = len(self.explicit_invokes) + 1
         invoke = Task(self, 0, f"invoke {number}", captured.code, ns, None, captured.stored, True)
+        self.interleaver.add(invoke)  # gives it its index, which the flow keys on
         self.flow.add_invoke(invoke, captured, side, segments)
-        self.interleaver.add(invoke)
         self.explicit_invokes.append(invoke)
         if has_input:
             if self.shared_kwargs:
@@ -367,6 +368,10 @@ class TraceRun:
             self._weights[id(tensor)] = (name, tensor, tensor._version)
 
     def deadlock_error(self, task: Task) -> BaseException:
+        """The error for ``task``, still blocked when the forward pass has ended."""
+        if task.blocked_at is not None:
+            meeting, called_at = task.blocked_at
+            return InvokeError(meeting.never_met_message(task, called_at))
         assert self.flow is not None
         return self.flow.deadlock_error(task)
 
@@ -405,6 +410,8 @@ class TraceRun:
             if isinstance(ns, TracedNamespace):
                 ns.side.clear()
             task.run = None  # type: ignore[assignment]
+        if self.flow is not None:
+            self.flow.release()
         self.flow = None
         if not (self.captured.defines_scopes or any(t.code is not self.captured.code for t in self.explicit_invokes)):
             return
@@ -438,6 +445,7 @@ class TraceRun:
                 cache._detach_run()
             self.caches = ()
         self.narrowed = _NOTHING
+        self.meetings = _NOTHING
         # The one cycle left (tasks no longer point here, see _scrub): the
         # interleaver and this run.  The rest goes when the run is dropped.
         self.interleaver.run = None  # type: ignore[assignment]

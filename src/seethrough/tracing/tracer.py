@@ -13,8 +13,9 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING, Any, Iterator
 
-from .._frames import where_user_is
+from .._frames import describe_frame, user_frame, where_user_is
 from ..errors import InvokeError, SeethroughError, TraceSourceError
+from .barrier import Barrier
 from .cache import Cache
 from .capture import CapturedBlock
 from .interleaver import _EndOfSteps, _StopTrace
@@ -196,10 +197,19 @@ class Tracer:
             )
         return self._result
 
-    def barrier(self, participants: int = 0) -> "_Barrier":
-        """Accepted for nnsight compatibility; values already flow between
-        invokes in source order, so the barrier does nothing."""
-        return _Barrier()
+    def barrier(self, n_participants: int) -> Barrier:
+        """A meeting point for ``n_participants`` invokes: each invoke that
+        calls the returned barrier (``b()``) waits there until all of them
+        have called it; names read after it from an earlier participant have
+        their values as they were there (see :mod:`.barrier`)."""
+        self._task("barrier(...)")
+        if isinstance(n_participants, bool) or not isinstance(n_participants, int) or n_participants < 1:
+            raise InvokeError(
+                f"`tracer.barrier({n_participants!r})` ({where_user_is()}): the argument is the number "
+                "of invokes that meet at the barrier, a whole number of at least 1 "
+                "(e.g. `tracer.barrier(2)` for two invokes)."
+            )
+        return Barrier(self, n_participants, describe_frame(user_frame(sys._getframe(1))) or "your code")
 
     def log(self, *values: Any) -> None:
         """``print`` (kept for nnsight compatibility)."""
@@ -207,11 +217,6 @@ class Tracer:
 
     def __repr__(self) -> str:
         return f"<Tracer {self._what}>"
-
-
-class _Barrier:
-    def __call__(self) -> None:
-        return None
 
 
 class _Steps:
