@@ -15,6 +15,7 @@ from torch import nn
 
 import seethrough
 from seethrough import CrossInvokeError, InvokeError, LanguageModel
+from test_server import ALICE, server, smollm2_small_dir  # noqa: F401 - the shared server fixtures
 
 
 class Stack(nn.Module):
@@ -565,3 +566,48 @@ def test_waiting_at_a_barrier_past_a_module_names_the_barrier(stack):
                 model.layers[0].output.save()
     assert "waited at a barrier until invoke 1 reached it" in str(info.value)
     assert _no_hooks(stack)
+
+
+# -- the same on a server ------------------------------------------------------------------------
+
+
+def _patching_body(model, options):
+    with model.trace(**options) as tracer:
+        res = []  # made in the body, so that it comes back from a server too
+        bs = [tracer.barrier(2) for _ in (0, 2)]
+        with tracer.invoke("The Eiffel Tower is in the city of"):
+            for i, l in enumerate((0, 2)):
+                hidden_state = model.model.layers[l].output
+                bs[i]()
+        for i, l in enumerate((0, 2)):
+            with tracer.invoke("The Colosseum is in the city of"):
+                bs[i]()
+                model.model.layers[l].output[:, 3] = hidden_state[:, 3]
+                res.append(model.lm_head.output[:, -1].save())
+    return res
+
+
+@pytest.mark.timeout(300)
+def test_barriers_and_stale_reads_remotely(server, smollm2_small_dir):
+    """The server runs the same mechanism: the same numbers with barriers, the
+    same error without."""
+    model = LanguageModel(str(smollm2_small_dir))
+    object.__setattr__(model, "_remote_name", "smollm2")  # the name the server serves it under
+    options = {"remote": True, "host": server.url, "api_key": ALICE}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the server's workers: bitwise-equal values
+    try:
+        local, remote = _patching_body(model, {}), _patching_body(model, options)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(local) == len(remote) == 2
+    for a, b in zip(local, remote):
+        assert torch.equal(a, b)
+    assert not torch.equal(local[0], local[1])
+    with pytest.raises(CrossInvokeError, match="`h` was assigned again in invoke 1"):
+        with model.trace(**options) as tracer:
+            with tracer.invoke("Hello there"):
+                h = model.model.layers[0].output
+                h = model.model.layers[2].output
+            with tracer.invoke("Hello again"):
+                model.model.layers[1].output[:] = h
