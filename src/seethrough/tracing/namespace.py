@@ -85,7 +85,7 @@ class WatchedNamespace(BodyNamespace):
 
     def __setitem__(self, name: str, value: Any) -> None:
         readers = self.watch.get(name)
-        if readers and dict.get(self, name, _ABSENT) is not value:
+        if readers and not (_contains(self, name) and _getitem(self, name) is value):
             raise CrossInvokeError(_stale_message(name, readers, sys._getframe(1)))
         dict.__setitem__(self, name, value)
 
@@ -331,10 +331,3 @@ def _watch(writer: "Task", name: str, reader: "Task") -> None:
         frame = user_frame(sys._getframe(1))
         filename, lineno = (frame.f_code.co_filename, frame.f_lineno) if frame is not None else ("<trace>", None)
         readers[reader.index] = (reader.label, writer.label, filename, lineno)
-
-
-class _Absent:
-    __slots__ = ()
-
-
-_ABSENT = _Absent()
