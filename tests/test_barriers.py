@@ -77,14 +77,29 @@ def _no_hooks(module: nn.Module) -> bool:
 # -- the issue's reproducer, on the real model ----------------------------------------------
 
 
-def _patching_reference(hf, clean_ids, corrupt_ids, layer: int, position: int) -> torch.Tensor:
-    """Last-position logits of ``corrupt`` with layer ``layer``'s output at ``position``
-    replaced by the clean run's (raw hooks, plain forwards, one prompt at a time)."""
-    block = hf.model.layers[layer]
-    clean_hidden = _hook_output(block, clean_ids, hf)
-    assert isinstance(clean_hidden, torch.Tensor)  # transformers v5: blocks return the hidden state
-    logits = _patched_run(hf, corrupt_ids, {block: ((slice(None), position), clean_hidden[:, position])}).logits
-    return logits[:, -1]
+def _clean_hiddens(hf, clean_ids, layers) -> dict[int, torch.Tensor]:
+    """Each layer's output on the clean prompt alone (raw hooks, one plain forward)."""
+    seen: dict[int, torch.Tensor] = {}
+
+    def keep(layer):
+        return lambda m, a, o: seen.__setitem__(layer, o.detach().clone())
+
+    handles = [hf.model.layers[layer].register_forward_hook(keep(layer)) for layer in layers]
+    try:
+        with torch.no_grad():
+            hf(clean_ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert all(isinstance(h, torch.Tensor) for h in seen.values())  # transformers v5: blocks return the hidden state
+    return seen
+
+
+def _patching_reference(hf, clean_hidden, corrupt_ids, layer: int, position: int) -> torch.Tensor:
+    """Last-position logits of ``corrupt`` alone with layer ``layer``'s output at
+    ``position`` replaced by the clean value (a raw hook, one plain forward)."""
+    patch = {hf.model.layers[layer]: ((slice(None), position), clean_hidden[:, position])}
+    return _patched_run(hf, corrupt_ids, patch).logits[:, -1]
 
 
 @pytest.mark.slow
@@ -108,16 +123,15 @@ def test_issue_reproducer_patches_each_layers_own_clean_value(smollm2_full):
                     bs[i]()
                     model.model.layers[l].output[:, 3] = hidden_state[:, 3]
                     res.append(model.lm_head.output[:, -1].save())
-        expected = [_patching_reference(hf, clean_ids, corrupt_ids, layer, 3) for layer in (0, 12)]
+        clean_hidden = _clean_hiddens(hf, clean_ids, (0, 12))
+        expected = [_patching_reference(hf, clean_hidden[layer], corrupt_ids, layer, 3) for layer in (0, 12)]
         unpatched = hf(corrupt_ids).logits[:, -1]
     assert len(res) == 2
     for got, want in zip(res, expected):
         assert torch.allclose(got, want, atol=1e-3), (got - want).abs().max()
     # Layer 12's patch really is layer 12's clean value, not layer 0's (the bug this fixes).
-    wrong = _patched_run(
-        hf, corrupt_ids,
-        {hf.model.layers[12]: ((slice(None), 3), _hook_output(hf.model.layers[0], clean_ids, hf)[:, 3])},
-    ).logits[:, -1]
+    with torch.no_grad():
+        wrong = _patching_reference(hf, clean_hidden[0], corrupt_ids, 12, 3)
     assert not torch.allclose(res[1], wrong, atol=1e-2)
     assert not torch.allclose(res[1], unpatched, atol=1e-2)
     assert _no_hooks(hf)
@@ -186,11 +200,12 @@ def test_activation_patching_sweep_with_barriers_matches_raw_hooks(smollm2_full)
     def logit_diff(logits: torch.Tensor) -> float:
         return float(logits[0, mary] - logits[0, john])
 
+    clean_hidden = _clean_hiddens(hf, clean_ids, layers)
     with torch.no_grad():
         assert torch.allclose(clean_logits, hf(clean_ids).logits[:, -1], atol=1e-3)
         assert torch.allclose(corrupt_logits, hf(corrupt_ids).logits[:, -1], atol=1e-3)
         for layer, position in pairs:
-            want = _patching_reference(hf, clean_ids, corrupt_ids, layer, position)
+            want = _patching_reference(hf, clean_hidden[layer], corrupt_ids, layer, position)
             got = patched[(layer, position)]
             assert torch.allclose(got, want, atol=1e-3), (layer, position, (got - want).abs().max())
             assert logit_diff(got) == pytest.approx(logit_diff(want), abs=1e-3)

@@ -10,6 +10,12 @@ forward reaches the module, the hook wakes each waiting task in invoke order
 with its view of the value; the task runs on until it asks for the next
 value, and then the forward continues with whatever the tasks changed.
 
+A task may also *block* until a condition holds: a name another invoke has
+yet to assign (:mod:`.namespace`), or a barrier the other invokes have yet to
+reach (:mod:`.barrier`).  Blocked tasks run again, in invoke order, as soon as
+their condition holds; those still blocked when the forward ends get the
+run's ``deadlock_error``.
+
 The meaning of ``envoy.output`` follows from this: the value of the module's
 current call if the forward is stopped at it, else of its next call.  A value
 asked for after its module has run is never delivered; when the forward ends,
