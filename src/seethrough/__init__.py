@@ -32,6 +32,7 @@ from .errors import (
     WeightsModifiedError,
 )
 from .models import LanguageModel, Model
+from .models.language import LanguageModelError
 from .tracing.cache import Cache
 from .tracing.runtime import save
 from .tracing.tracer import Invoker, Tracer
@@ -57,6 +58,7 @@ __all__ = [
     "CrossInvokeError",
     "EnvoyClassError",
     "InvokeError",
+    "LanguageModelError",
     "MissedProviderError",
     "ModulePathError",
     "NotInTraceError",

@@ -34,6 +34,7 @@ from ..errors import BatchError, SeethroughError
 from ..tracing.run import TraceRun
 from ..tracing.tracer import Tracer
 from .batching import PreparedInput
+from .hub import hub_endpoint, offline_loading
 from .model import Model, _scan_backend
 
 # Repo ids that resolve to the offline copy shipped in a PyPI package.
@@ -78,16 +79,17 @@ class LanguageModel(Model):
             # With `host=`, the model is the one that server serves (its module
             # tree built from the server's description); without, a local
             # folder or hub id, and the server (SEETHROUGH_HOST) only as a fallback.
-            folder = _served_folder(remote_name or source, host, api_key) if host is not None else None
+            folder = _served_folder(remote_name or source, host, api_key, local=source) if host is not None else None
             if folder is None:
                 try:
                     module = _skeleton(source, automodel, load_kwargs)
-                except LanguageModelError:
+                except LanguageModelError as local_error:
                     if not os.environ.get("SEETHROUGH_HOST"):
                         raise
-                    folder = _served_folder(remote_name or source, None, api_key)
-                    if folder is None:
-                        raise
+                    try:
+                        folder = _served_folder(remote_name or source, None, api_key)
+                    except LookupError:  # the server lacks it too: the local reason is the useful one
+                        raise local_error from None
             if folder is not None:
                 module = _skeleton(folder, automodel, load_kwargs)
                 if tokenizer is None:
@@ -503,13 +505,17 @@ def _skeleton(source: str, automodel: Any, load_kwargs: dict) -> torch.nn.Module
     # change the configuration: the skeleton must have the same shape as the
     # model that will load.
     overrides = {k: v for k, v in load_kwargs.items() if k not in _LOADING_ONLY}
+    offline = offline_loading(path)
     try:
-        config = AutoConfig.from_pretrained(path, **overrides)
+        config = AutoConfig.from_pretrained(path, **overrides, **({"local_files_only": True} if offline else {}))
     except (OSError, ValueError) as error:
+        why = (f"it is not a folder, not in the local HuggingFace cache, and the hub ({hub_endpoint()}) cannot be "
+               "reached from here" if offline else
+               f"it is neither a folder with a model nor a repo id on the hub ({type(error).__name__}: "
+               f"{str(error).splitlines()[0]})")
         raise LanguageModelError(
-            f"cannot load a model from {source!r}: it is neither a folder with a model nor a repo id "
-            f"that can be reached ({type(error).__name__}: {str(error).splitlines()[0]}). Pass a local "
-            f"folder, a model object, or {DEFAULT_MODEL!r} (available offline)."
+            f"cannot load a model from {source!r}: {why}. Pass a local folder, a model object, or "
+            f"{DEFAULT_MODEL!r} (available offline)."
         ) from None
     cls = _automodel_for(config, automodel)
     with torch.device("meta"):
@@ -522,7 +528,9 @@ def _load_weights(source: str, automodel: Any, load_kwargs: dict) -> torch.nn.Mo
     path = _resolve_source(source)
     kwargs = dict(load_kwargs)
     kwargs.setdefault("dtype", torch.float32)
-    config = AutoConfig.from_pretrained(path)
+    if offline_loading(path):
+        kwargs.setdefault("local_files_only", True)
+    config = AutoConfig.from_pretrained(path, local_files_only=bool(kwargs.get("local_files_only")))
     cls = _automodel_for(config, automodel)
     try:
         model = cls.from_pretrained(path, **kwargs)
@@ -531,17 +539,19 @@ def _load_weights(source: str, automodel: Any, load_kwargs: dict) -> torch.nn.Mo
     return model.eval()
 
 
-def _served_folder(name: str, host: str | None, api_key: str | None) -> str | None:
-    """The folder describing the model a server serves as ``name`` (None if it
-    serves no such model)."""
-    from ..remote.client import RemoteRequestError, served_model_folder
+def _served_folder(name: str, host: str | None, api_key: str | None, *, local: str | None = None) -> str | None:
+    """The folder describing the model a server serves as ``name``; None if it
+    serves no such model and ``local`` (a folder or an offline model's name) can
+    load here instead; otherwise the server's :class:`ModelNotServedError`,
+    which lists the models it serves."""
+    from ..remote.client import ModelNotServedError, served_model_folder  # remote code loads only when used
 
     try:
         return str(served_model_folder(name, host, api_key))
-    except RemoteRequestError as error:
-        if "does not serve" in str(error):
-            return None
-        raise
+    except ModelNotServedError:
+        if local is None or not (os.path.isdir(local) or local in OFFLINE_MODELS):
+            raise
+        return None
 
 
 def _load_tokenizer(source: str, model: Any) -> Any:
@@ -555,8 +565,9 @@ def _load_tokenizer(source: str, model: Any) -> Any:
     for candidate in candidates:
         if not candidate or (model is not None and not os.path.isdir(_resolve_source(candidate))):
             continue
+        path = _resolve_source(candidate)
         try:
-            return AutoTokenizer.from_pretrained(_resolve_source(candidate))
+            return AutoTokenizer.from_pretrained(path, **({"local_files_only": True} if offline_loading(path) else {}))
         except (OSError, ValueError, TypeError):
             continue
     return None

@@ -51,6 +51,10 @@ class RemoteRequestError(RemoteError, ValueError):
     """The server refused the request as malformed, too big, or unknown."""
 
 
+class ModelNotServedError(RemoteRequestError, LookupError):
+    """The server serves no model by the name asked for (the message lists what it serves)."""
+
+
 class RemoteClient:
     """One seethrough server, addressed by URL, with an API key."""
 
@@ -288,7 +292,8 @@ def served_model_folder(name: str, host: str | None = None, api_key: str | None 
     entry = entries.get(name)
     if entry is None or not isinstance(entry.get("config"), dict):
         served = ", ".join(repr(known) for known in sorted(str(k) for k in entries)) or "none"
-        raise RemoteRequestError(f"the server at {client.host} does not serve a model named {name!r}; it serves: {served}.")
+        raise ModelNotServedError(f"the server at {client.host} does not serve a model named {name!r}; it serves: "
+                                  f"{served}. Use one of these names (or pass `remote_name=` with a local model).")
     files = client.tokenizer_files(name)
     folder = cache_dir() / "remote-models" / hashlib.sha256(f"{client.host}\n{name}".encode()).hexdigest()[:24]
     folder.mkdir(parents=True, exist_ok=True)

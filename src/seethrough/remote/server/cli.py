@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from .settings import Settings, SettingsError, parse_args
+from .settings import DEFAULT_SERVED, Settings, SettingsError, _model_spec, parse_args
 
 __all__ = ["main", "serve"]
 
@@ -31,6 +31,8 @@ def serve(settings: Settings, prog: str = "seethrough serve") -> int:
                        settings.host, settings.port)
     runtime = ServerRuntime(settings)
     names = ", ".join(f"{spec.name}={spec.source}" for spec in settings.models)
+    if settings.models == (_model_spec(DEFAULT_SERVED),):
+        logger.info("serving the bundled offline model (%s); choose models with --model NAME=PATH_OR_REPO", names)
     logger.info("loading %s ...", names)
     try:
         runtime.start()
@@ -41,7 +43,11 @@ def serve(settings: Settings, prog: str = "seethrough serve") -> int:
         config = uvicorn.Config(create_app(runtime), host=settings.host, port=settings.port,
                                 log_level=settings.log_level, timeout_graceful_shutdown=3, access_log=False)
         server = uvicorn.Server(config)
-        server.run()
+        try:
+            server.run()
+        except KeyboardInterrupt:  # uvicorn re-raises the Ctrl+C it already handled: say it in one line
+            print(f"{prog}: stopped", file=sys.stderr)
+            return 0
         return 0 if server.started else 1
     finally:
         runtime.stop()
@@ -55,4 +61,8 @@ def main(argv: list[str] | None = None, prog: str = "seethrough serve") -> int:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return serve(settings, prog)
+    try:
+        return serve(settings, prog)
+    except KeyboardInterrupt:  # Ctrl+C while the models load
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130

@@ -24,6 +24,8 @@ _DEFAULT_START = "forkserver" if sys.platform.startswith("linux") else "spawn"
 __all__ = ["ModelSpec", "Settings", "SettingsError", "build_parser", "load_api_keys", "parse_args", "parse_size"]
 
 DEFAULT_PORT = 8470
+# Served when no --model is given: the model LanguageModel() loads, available offline.
+DEFAULT_SERVED = "smollm2=HuggingFaceTB/SmolLM2-135M-Instruct"
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
@@ -127,8 +129,9 @@ def build_parser(prog: str = "seethrough serve") -> argparse.ArgumentParser:
         prog=prog,
         description="Serve models to seethrough clients (model.trace(..., remote=True)).",
     )
-    parser.add_argument("--model", action="append", required=True, metavar="NAME=PATH_OR_REPO",
-                        help="a model to serve, addressed by NAME (repeat for several)")
+    parser.add_argument("--model", action="append", metavar="NAME=PATH_OR_REPO",
+                        help="a model to serve, addressed by NAME (repeat for several); without any, the bundled "
+                             f"offline model is served as {DEFAULT_SERVED}")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     parser.add_argument("--api-keys", metavar="FILE",
@@ -191,7 +194,7 @@ def build_parser(prog: str = "seethrough serve") -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None, prog: str = "seethrough serve") -> Settings:
     """Settings from the command line; raises :class:`SettingsError` for bad values."""
     options = build_parser(prog).parse_args(argv)
-    models = tuple(_model_spec(text) for text in options.model)
+    models = tuple(_model_spec(text) for text in (options.model or [DEFAULT_SERVED]))
     names = [spec.name for spec in models]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
