@@ -54,7 +54,7 @@ def test_dispatch_and_dtype_pass_through(gpt2_dir):
 
 
 def test_unknown_path_is_a_clear_error(tmp_path):
-    with pytest.raises(LanguageModelError, match="neither a folder with a model nor a repo id"):
+    with pytest.raises(LanguageModelError, match="no-such-model'.*no folder with a model at that path"):
         LanguageModel(str(tmp_path / "no-such-model"))
 
 

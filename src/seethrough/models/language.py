@@ -478,6 +478,11 @@ def _resolve_source(source: str) -> str:
     return source
 
 
+def _looks_like_a_path(source: str) -> bool:
+    """A repo id is ``name`` or ``owner/name``; anything else is meant as a folder."""
+    return source.startswith((os.sep, ".", "~")) or source.count("/") > 1 or (os.sep != "/" and os.sep in source)
+
+
 def _automodel_for(config: Any, automodel: Any) -> Any:
     if automodel is not None:
         return automodel
@@ -509,10 +514,14 @@ def _skeleton(source: str, automodel: Any, load_kwargs: dict) -> torch.nn.Module
     try:
         config = AutoConfig.from_pretrained(path, **overrides, **({"local_files_only": True} if offline else {}))
     except (OSError, ValueError) as error:
-        why = (f"it is not a folder, not in the local HuggingFace cache, and the hub ({hub_endpoint()}) cannot be "
-               "reached from here" if offline else
-               f"it is neither a folder with a model nor a repo id on the hub ({type(error).__name__}: "
-               f"{str(error).splitlines()[0]})")
+        if _looks_like_a_path(source):
+            why = "there is no folder with a model at that path"
+        elif offline:
+            why = (f"it is not a folder, not in the local HuggingFace cache, and the hub ({hub_endpoint()}) cannot "
+                   "be reached from here")
+        else:
+            why = (f"it is neither a folder with a model nor a repo id on the hub ({type(error).__name__}: "
+                   f"{str(error).splitlines()[0]})")
         raise LanguageModelError(
             f"cannot load a model from {source!r}: {why}. Pass a local folder, a model object, or "
             f"{DEFAULT_MODEL!r} (available offline)."
