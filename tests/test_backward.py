@@ -103,17 +103,18 @@ def test_plain_backward_call_still_works(mlp):
     mlp.zero_grad()
 
 
-def test_saved_values_are_detached_unless_asked(mlp):
+def test_saved_values_keep_their_graph_unless_asked(mlp):
     model = seethrough.Model(mlp)
     x = torch.randn(2, 4)
     with model.trace(x):
         out = model.output.save()
         view = model.output[:, 0].save()
-    assert out.grad_fn is None and not out.requires_grad
-    assert view.grad_fn is None
-    with model.trace(x, keep_graph=True):
+    assert out.grad_fn is not None and view.grad_fn is not None
+    with model.trace(x, keep_graph=False):
+        detached = model.output.save()
+    assert detached.grad_fn is None and not detached.requires_grad
+    with model.trace(x, keep_graph=True):  # the default, still accepted
         kept = model.output.save()
-    assert kept.grad_fn is not None
     kept.sum().backward()
     assert mlp.fc1.weight.grad is not None
     mlp.zero_grad()

@@ -331,7 +331,7 @@ class LanguageModel(Model):
         return self._module(*args, **self._positions(kwargs))
 
     # -- entry points -------------------------------------------------------------
-    def trace(self, *args: Any, remote: bool | str = False, keep_graph: bool = False, **kwargs: Any) -> Tracer:
+    def trace(self, *args: Any, remote: bool | str = False, keep_graph: bool = True, **kwargs: Any) -> Tracer:
         if not remote:
             self._ensure_loaded()  # a remote trace needs no local weights
         return super().trace(*args, remote=remote, keep_graph=keep_graph, **kwargs)
@@ -346,7 +346,7 @@ class LanguageModel(Model):
         self,
         *args: Any,
         remote: bool | str = False,
-        keep_graph: bool = False,
+        keep_graph: bool = True,
         host: str | None = None,
         api_key: str | None = None,
         blocking: bool = True,

@@ -241,7 +241,7 @@ class Model(Envoy):
         self,
         *args: Any,
         remote: bool | str = False,
-        keep_graph: bool = False,
+        keep_graph: bool = True,
         host: str | None = None,
         api_key: str | None = None,
         blocking: bool = True,
@@ -252,8 +252,10 @@ class Model(Envoy):
         the body access to every module's values.  Keyword arguments other than
         the options below go to the model's forward.
 
-        ``keep_graph=True`` keeps the autograd graph of saved tensors (by default
-        they are detached when the trace ends).  ``remote=True`` runs the block
+        Saved tensors are the live tensors, autograd graph included when grad
+        is enabled (``lg.sum().backward()`` after the trace trains parameters);
+        ``keep_graph=False`` detaches them when the trace ends, freeing the
+        graph at once.  ``remote=True`` runs the block
         on a seethrough server (``host``/``api_key`` override ``CONFIG``;
         ``blocking=False`` returns at once, with ``tracer.job`` the handle);
         ``remote="local"`` runs the server's steps (wire, sandbox, execution)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .._frames import where_user_is
-from ..errors import OutOfOrderError
+from ..errors import OutOfOrderError, ShapeMismatchError
 
 if TYPE_CHECKING:
     from .interleaver import Task
@@ -152,45 +152,24 @@ class BackwardContext:
         return False
 
     # -- requests from the body ----------------------------------------------------
-    def _target(self, tensor: torch.Tensor) -> tuple[torch.Tensor, slice | None]:
-        """The tensor whose gradient autograd computes, and the rows of it that
-        are ``tensor``'s: an invoke's view of a batched value is not itself on
-        the path from the loss, the batched value is."""
-        run = self.task.run
-        origin = run.narrowed.get(id(tensor)) if run is not None else None
-        if origin is not None and origin[0] is tensor:
-            return origin[1], origin[2]
-        return tensor, None
-
+    # An invoke's tensors are views of the batched values, put on the gradient
+    # path of the forward pass (see `values.rejoin`): their own hooks give
+    # exactly their rows' gradients.
     def is_current(self, tensor: torch.Tensor) -> bool:
-        if self._current is None:
-            return False
-        target, _ = self._target(tensor)
-        return self._current[0] == id(target)
+        return self._current is not None and self._current[0] == id(tensor)
 
     def replace_current(self, tensor: torch.Tensor, grad: Any) -> None:
         tensor_id, old = self._current
-        _, rows = self._target(tensor)
-        part = old[rows] if rows is not None and isinstance(old, torch.Tensor) else old
-        if isinstance(part, torch.Tensor) and isinstance(grad, torch.Tensor) and grad.shape != part.shape:
-            from ..errors import ShapeMismatchError
-
+        if isinstance(old, torch.Tensor) and isinstance(grad, torch.Tensor) and grad.shape != old.shape:
             raise ShapeMismatchError(
                 f"cannot assign a gradient of shape {tuple(grad.shape)} {where_user_is()}: the "
-                f"gradient it replaces has shape {tuple(part.shape)}."
+                f"gradient it replaces has shape {tuple(old.shape)}."
             )
-        if rows is None:
-            self._current = (tensor_id, grad)
-        else:
-            updated = old.clone()
-            updated[rows] = grad
-            self._current = (tensor_id, updated)
+        self._current = (tensor_id, grad)
 
     def grad_of(self, tensor: torch.Tensor) -> Any:
         if self.is_current(tensor):
-            _, rows = self._target(tensor)
-            grad = self._current[1]
-            return grad if rows is None else grad[rows]
+            return self._current[1]
         if not tensor.requires_grad:
             return _TENSOR_GRAD.__get__(tensor, type(tensor))
         if self._finished:
@@ -199,10 +178,9 @@ class BackwardContext:
                 "Read gradients inside the `with loss.backward():` block, in reverse order of "
                 "the forward pass (later layers first)."
             )
-        target, rows = self._target(tensor)
-        key = id(target)
+        key = id(tensor)
         if key not in self._handles:
-            self._handles[key] = target.register_hook(self._make_hook(key))
+            self._handles[key] = tensor.register_hook(self._make_hook(key))
         self._release_current()
         self._start()
         while True:
@@ -221,7 +199,7 @@ class BackwardContext:
             _, tensor_id, grad = message
             if tensor_id == key:
                 self._current = (tensor_id, grad)
-                return grad if rows is None else grad[rows]
+                return grad
             self._to_worker.put(grad)  # a tensor asked for earlier, already read
 
     # -- the worker thread -----------------------------------------------------

@@ -37,7 +37,7 @@ from .._frames import describe_frame, user_frame, where_user_is
 from ..errors import InvokeError, MissedProviderError, OutOfOrderError, ShapeMismatchError
 from .hooks import HookSet
 from .runtime import FINISHED, give_back_worker, take_worker
-from .values import narrow, splice
+from .values import Handed, narrow, rejoin, splice
 
 if TYPE_CHECKING:
     from ..envoy import Envoy
@@ -132,7 +132,7 @@ _UNBATCHED = -1
 class Event:
     """A value the forward pass has reached: a module's inputs or its output."""
 
-    __slots__ = ("key", "value", "served", "batch_size", "kind")
+    __slots__ = ("key", "value", "served", "batch_size", "kind", "views", "handed")
 
     def __init__(self, key: tuple, kind: str, value: Any, batch_size: int) -> None:
         self.key = key
@@ -140,6 +140,11 @@ class Event:
         self.value = value
         self.served: set[int] = set()
         self.batch_size = batch_size
+        # task index -> (the value it was narrowed from, the task's view): a
+        # task reading the same value twice gets the same tensors.
+        self.views: dict[int, tuple[Any, Any]] | None = None
+        # The views handed out, while autograd is on (see `values.rejoin`).
+        self.handed: Handed | None = None
 
 
 class Interleaver:
@@ -362,6 +367,10 @@ class Interleaver:
         event = self.current
         rows = task.rows
         what = f"{envoy._display_path()}.{accessor}"
+        if event.handed:
+            # Views handed out so far stay on the gradient path (values.rejoin).
+            event.value = rejoin(event.value, event.handed)
+            event.handed = {}
         if kind == "output":
             event.value = splice(event.value, rows, value, event.batch_size, what)
             return
@@ -470,7 +479,12 @@ class Interleaver:
         if not self._wanted(key):
             return value  # nobody asked: the hook only keeps an ancestor observable
         batch_size = self.batch_size if not self.hooked_calls_running else _UNBATCHED
-        result = self._serve(Event(key, kind, value, batch_size))
+        event = Event(key, kind, value, batch_size)
+        if torch.is_grad_enabled():
+            event.handed = {}
+        result = self._serve(event)
+        if event.handed:
+            result = event.value = rejoin(result, event.handed)
         for record in self.after.get(key, ()):
             record(result)
         return result
@@ -511,26 +525,23 @@ class Interleaver:
         if event.kind == "result":
             return event.value
         value = event.value
-        if event.kind == "output":
-            view = narrow(value, rows, event.batch_size)
-            if self.run._uses_backward and rows is not None:
-                self._remember_narrowing(value, view, rows)
+        views = event.views
+        if views is None:
+            views = event.views = {}
         else:
-            view = value if rows is None else (
-                tuple(narrow(a, rows, event.batch_size) for a in value[0]),
-                {k: narrow(v, rows, event.batch_size) for k, v in value[1].items()},
+            earlier = views.get(task.index)
+            if earlier is not None and earlier[0] is value:
+                return earlier[1]
+        handed = event.handed
+        if event.kind == "output":
+            view = narrow(value, rows, event.batch_size, handed)
+        else:
+            view = (
+                tuple(narrow(a, rows, event.batch_size, handed) for a in value[0]),
+                {k: narrow(v, rows, event.batch_size, handed) for k, v in value[1].items()},
             )
+        views[task.index] = (value, view)
         return view
-
-    def _remember_narrowing(self, value: Any, view: Any, rows: slice) -> None:
-        pairs = [(value, view)]
-        if isinstance(value, (tuple, list)) and isinstance(view, (tuple, list)):
-            pairs = list(zip(value, view))
-        for full, part in pairs:
-            if isinstance(part, torch.Tensor) and part is not full and part.requires_grad:
-                if not self.run.narrowed:
-                    self.run.narrowed = {}
-                self.run.narrowed[id(part)] = (part, full, rows)
 
     def request_result(self, task: Task) -> Any:
         """The backend's return value (``tracer.result``), once it has returned."""

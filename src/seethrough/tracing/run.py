@@ -69,9 +69,6 @@ class TraceRun:
     _skip_values: Any = _NOTHING  # id(module) -> [(rows, value, what)]
     caches: Any = ()  # Cache objects of tracer.cache()
     _weights: Any = _NOTHING  # id(tensor) -> (name, tensor, version) of weights read in the body
-    # id(view) -> (view, batched tensor, rows): gradients of an invoke's views
-    # come from their batched tensors (filled only when backward is used).
-    narrowed: Any = _NOTHING
     meetings: Any = _NOTHING  # Barrier -> Meeting: the barriers' rounds in this run
     _uses_backward = False  # `with loss.backward():` needs the Tensor.backward patch
     _backward_patched = False
@@ -86,7 +83,7 @@ class TraceRun:
         globals_: dict,
         inputs: tuple[tuple, dict] | None,
         backend: Backend,
-        keep_graph: bool = False,
+        keep_graph: bool = True,
     ) -> None:
         self.model = model
         self.root_module: torch.nn.Module = model._module
@@ -444,7 +441,6 @@ class TraceRun:
             for cache in self.caches:
                 cache._detach_run()
             self.caches = ()
-        self.narrowed = _NOTHING
         self.meetings = _NOTHING
         # The one cycle left (tasks no longer point here, see _scrub): the
         # interleaver and this run.  The rest goes when the run is dropped.

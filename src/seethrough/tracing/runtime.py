@@ -103,8 +103,12 @@ def save(value: T, *, keep_graph: bool | None = None) -> T:
     Inside a trace body, ``h = seethrough.save(model.layer.output)`` is the
     same as ``h = model.layer.output.save()`` and works on any object
     (tensors, tuples, model outputs, numbers).  Outside a trace it does nothing
-    and returns ``value``.  ``keep_graph=True`` keeps the autograd graph of a
-    saved tensor (by default saved tensors are detached when the trace ends).
+    and returns ``value``.  The saved value is the live object (the same
+    tensor, not a copy): a saved tensor keeps its autograd graph, as a plain
+    forward gives, and shows later in-place edits of it (save
+    ``value.clone()`` for a snapshot).  ``keep_graph=False`` detaches it when
+    the trace ends; ``keep_graph=True`` keeps the graph even in a trace run
+    with ``keep_graph=False``; by default the trace's setting applies.
     """
     run = current_run()
     if run is None:

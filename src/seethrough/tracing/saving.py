@@ -3,8 +3,14 @@
 Inside a trace, ``.save()`` marks values to keep.  When the trace ends, each
 name the body assigned is handed back to the caller's scope as follows:
 
-* saved values, and lists / tuples / dicts holding them, come back as they are
-  (saved tensors detached from the autograd graph unless ``keep_graph``);
+* saved values, and lists / tuples / dicts holding them, come back as they are:
+  a saved tensor is the live tensor the forward (or the body) produced, the
+  same object, autograd graph included when grad is enabled (as a plain
+  forward gives), so ``lg.sum().backward()`` after the trace trains the
+  parameters.  Being the live tensor, it shows later in-place edits of that
+  value (``.clone().save()`` keeps a snapshot).  ``keep_graph=False`` on the
+  trace (or on one ``save``) detaches saved tensors when the trace ends, which
+  frees the graph at once;
 * plain data (numbers, strings, ``None``, containers of those, functions and
   other non-tensor objects) comes back as is;
 * a tensor (or model output) that was not saved comes back as a
@@ -12,6 +18,10 @@ name the body assigned is handed back to the caller's scope as follows:
 
 This is also exactly what a remote run can send back, so local and remote
 runs of the same code leave the same names behind.
+
+The library itself keeps nothing of a trace alive: once the trace has ended,
+the graph behind a saved tensor lives exactly as long as the user's reference
+to that tensor (no cycles, no registry, no hooks left on it).
 """
 
 from __future__ import annotations
@@ -29,21 +39,23 @@ _MAX_WALK = 10_000  # elements inspected per container before giving up on preci
 class SaveRegistry:
     """The values saved in one trace (strong references until the trace ends)."""
 
-    __slots__ = ("_saved", "keep_graph", "_keep", "_decorated", "_may_hold_graph")
+    __slots__ = ("_saved", "keep_graph", "_detach", "_decorated")
 
-    def __init__(self, keep_graph: bool = False) -> None:
+    def __init__(self, keep_graph: bool = True) -> None:
         self._saved: dict[int, Any] = {}
-        self._keep: set[int] = set()
+        self._detach: set[int] = set()  # ids of saved values to detach at the end
         self._decorated: list[Any] = []
         self.keep_graph = keep_graph
-        self._may_hold_graph = False
 
     def add(self, value: Any, keep_graph: bool | None = None) -> Any:
+        """Keep ``value``; ``keep_graph`` (default: the trace's) says whether a
+        tensor in it keeps its autograd graph after the trace."""
         self._saved[id(value)] = value
-        if keep_graph:
-            self._keep.add(id(value))
+        keep = self.keep_graph if keep_graph is None else keep_graph
+        if keep:
+            self._detach.discard(id(value))
         elif type(value) is not torch.Tensor or value.grad_fn is not None:
-            self._may_hold_graph = True  # finish() has something to detach
+            self._detach.add(id(value))  # finish() has something to detach
         return value
 
     def __contains__(self, value: Any) -> bool:
@@ -76,20 +88,19 @@ class SaveRegistry:
             value.__dict__.pop("save", None)
         self._decorated.clear()
         self._saved.clear()
-        self._keep.clear()
+        self._detach.clear()
 
     # -- end of trace -----------------------------------------------------
     def finish(self) -> dict[int, Any]:
-        """Detach saved tensors from the autograd graph (unless asked not to).
+        """Detach the saved values that were saved with ``keep_graph=False``.
 
         Returns a map from the id of each saved object that had to be replaced
         (views cannot be detached in place) to its replacement."""
         replaced: dict[int, Any] = {}
-        if self.keep_graph or not self._may_hold_graph:
+        if not self._detach:
             return replaced
-        for key, value in list(self._saved.items()):
-            if key in self._keep:
-                continue
+        for key in list(self._detach):
+            value = self._saved[key]
             new = _detached(value)
             if new is not value:
                 replaced[key] = new

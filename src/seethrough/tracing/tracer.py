@@ -39,7 +39,7 @@ class Tracer:
         backend: Backend,
         *,
         has_input: bool,
-        keep_graph: bool = False,
+        keep_graph: bool = True,
         what: str = "model.trace(...)",
         keep_result: bool = False,
         remote: Any = None,
@@ -154,13 +154,15 @@ class Tracer:
         modules: Any = None,
         include_inputs: bool = False,
         include_output: bool = True,
+        detach: bool = True,
     ) -> Cache:
         """Record the values of ``modules`` (envoys or path strings; default:
-        every module) as the forward pass reaches them."""
+        every module) as the forward pass reaches them; detached from the
+        autograd graph unless ``detach=False``."""
         task = self._task("cache(...)")
         run = task.run
         envoys = self._model._resolve_modules(modules)
-        cache = Cache(envoys, include_output, include_inputs, run.saves.keep_graph)
+        cache = Cache(envoys, include_output, include_inputs, not detach)
         run.add_cache(cache)
         return cache
 

@@ -6,6 +6,12 @@ of those rows (so in-place edits reach the running forward), and structures
 (tuples, lists, dicts, HuggingFace ``ModelOutput``) are narrowed element by
 element.  Assigning a new value for an invoke splices it into its rows of the
 batched value, after checking that the shapes agree.
+
+When autograd is on, the views handed to invokes are put back on the path of
+the forward pass (:func:`rejoin`): the batched value the forward continues
+with is rebuilt from them, so gradients reach each invoke's own tensor
+(``h.grad``, ``h.retain_grad()``, ``h.requires_grad_()`` behave as on an
+unbatched forward).
 """
 
 from __future__ import annotations
@@ -18,19 +24,73 @@ import torch
 from ..errors import ShapeMismatchError
 
 
-def narrow(value: Any, rows: slice | None, batch_size: int) -> Any:
-    """``value`` restricted to ``rows`` of the batch (views, not copies)."""
+# id(batched tensor) -> (batched tensor, [(rows, view handed out), ...])
+Handed = dict[int, tuple[torch.Tensor, list[tuple[slice, torch.Tensor]]]]
+
+
+def narrow(value: Any, rows: slice | None, batch_size: int, handed: Handed | None = None) -> Any:
+    """``value`` restricted to ``rows`` of the batch (views, not copies).
+
+    With ``handed``, each view made is noted there (for :func:`rejoin`)."""
     if rows is None:
         return value
     if isinstance(value, torch.Tensor):
         if value.dim() > 0 and value.shape[0] == batch_size:
-            return value[rows]
+            view = value[rows]
+            if handed is not None:
+                entry = handed.get(id(value))
+                if entry is None:
+                    handed[id(value)] = (value, [(rows, view)])
+                else:
+                    entry[1].append((rows, view))
+            return view
         return value
     if isinstance(value, (tuple, list)):
-        items = [narrow(v, rows, batch_size) for v in value]
+        items = [narrow(v, rows, batch_size, handed) for v in value]
         return _rebuild_sequence(value, items)
     if isinstance(value, dict):
-        return _rebuild_mapping(value, {k: narrow(v, rows, batch_size) for k, v in value.items()})
+        return _rebuild_mapping(value, {k: narrow(v, rows, batch_size, handed) for k, v in value.items()})
+    return value
+
+
+def rejoin(value: Any, handed: Handed) -> Any:
+    """``value`` with each batched tensor of which invokes hold views (that
+    take part in autograd) rebuilt from those views.
+
+    An invoke's view ``full[rows]`` is not itself on the gradient path of the
+    forward pass, which goes on with ``full``: rebuilding ``full`` as the
+    concatenation of the views (and of the rows no invoke holds) puts every
+    view on it, with the same numbers.  In-place edits made through the views
+    so far are part of the result (views share storage with ``full``)."""
+    if isinstance(value, torch.Tensor):
+        entry = handed.get(id(value))
+        if entry is None or entry[0] is not value:
+            return value
+        views = entry[1]
+        if not any(view.requires_grad for _, view in views):
+            return value
+        parts: list[torch.Tensor] = []
+        done = 0
+        for rows, view in sorted(views, key=lambda item: item[0].start):
+            if rows.start < done:
+                continue  # the same rows handed twice: the first view carries them
+            if rows.start > done:
+                parts.append(value[done : rows.start])
+            parts.append(view)
+            done = rows.stop
+        if done < value.shape[0]:
+            parts.append(value[done:])
+        return torch.cat(parts, dim=0)
+    if isinstance(value, (tuple, list)):
+        items = [rejoin(v, handed) for v in value]
+        if all(a is b for a, b in zip(items, value)):
+            return value
+        return _rebuild_sequence(value, items)
+    if isinstance(value, dict):
+        items = {k: rejoin(v, handed) for k, v in value.items()}
+        if all(items[k] is value[k] for k in value):
+            return value
+        return _rebuild_mapping(value, items)
     return value
 
 
