@@ -308,3 +308,47 @@ def test_no_grad_traces_with_invokes_are_unchanged(mlp):
     with torch.no_grad():
         torch.testing.assert_close(out_a, mlp.fc2(torch.relu(torch.zeros(2, 8))))
         torch.testing.assert_close(out_b, mlp(b))
+
+
+def test_the_readme_gradient_example(mlp):
+    """README's tour: read a gradient (a clone), then zero what flows back."""
+    model = seethrough.Model(mlp)
+    x = torch.randn(3, 4)
+    with model.trace(x):
+        hidden = model.fc1.output.save()
+        loss = model.output[0, -1]
+        with loss.backward():
+            g = hidden.grad.clone().save()
+            live = hidden.grad.save()
+            hidden.grad[:] = 0
+    weight_grad = mlp.fc1.weight.grad.clone()
+    mlp.zero_grad()
+    h = mlp.fc1(x)
+    (ref,) = torch.autograd.grad(mlp.fc2(torch.relu(h))[0, -1], [h])
+    assert ref.abs().sum() > 0
+    torch.testing.assert_close(g, ref)
+    assert torch.all(live == 0)  # the live gradient, edited after the save
+    assert torch.all(weight_grad == 0)  # nothing flowed further back
+
+
+def test_requires_grad_on_a_frozen_model(mlp):
+    mlp.requires_grad_(False)
+    model = seethrough.Model(mlp)
+    x = torch.randn(3, 4)
+    with model.trace(x):
+        h = model.fc1.output
+        h.requires_grad_(True)
+        with model.output.sum().backward():
+            g = h.grad.save()
+    h = mlp.fc1(x).requires_grad_(True)
+    (ref,) = torch.autograd.grad(mlp.fc2(torch.relu(h)).sum(), [h])
+    torch.testing.assert_close(g, ref)
+
+
+def test_cache_detaches_unless_asked(mlp):
+    model = seethrough.Model(mlp)
+    with model.trace(torch.randn(2, 4)) as tracer:
+        cache = tracer.cache(modules=[model.fc1])
+        kept = tracer.cache(modules=[model.fc1], detach=False)
+    assert cache["model.fc1"].output.grad_fn is None
+    assert kept["model.fc1"].output.grad_fn is not None

@@ -4,7 +4,11 @@ Inside this block (inside a trace body), ``h.grad`` of any tensor from the
 forward pass waits until the backward pass has computed the gradient flowing
 into ``h``, and returns it; assigning ``h.grad = g`` (or editing it in place)
 changes the gradient that flows further back.  Gradients arrive in reverse
-order of the forward pass, so read them in that order.
+order of the forward pass, so read them in that order.  The gradient returned
+is the live tensor that flows on: ``g = h.grad.save()`` followed by an edit of
+``h.grad`` shows the edit in ``g`` (save ``h.grad.clone()`` to keep what
+arrived).  An invoke's tensors are on the gradient path themselves (see
+:func:`.values.rejoin`), so their gradients are exactly their own rows'.
 
 The backward pass runs in a helper thread (on GPUs autograd calls hooks from
 its own threads anyway), paused at each requested tensor's hook until the
@@ -194,7 +198,9 @@ class BackwardContext:
                 raise OutOfOrderError(
                     f"the gradient of the tensor asked for {where_user_is()} never arrived: the "
                     "backward pass had already gone past it (read gradients in reverse order of "
-                    "the forward pass: later layers first), or the loss does not depend on it."
+                    "the forward pass: later layers first, and for one module's values in several "
+                    "invokes the later invoke's first; or use one backward block per invoke with "
+                    "`retain_graph=True`), or the loss does not depend on it."
                 )
             _, tensor_id, grad = message
             if tensor_id == key:
