@@ -352,3 +352,24 @@ def test_cache_detaches_unless_asked(mlp):
         kept = tracer.cache(modules=[model.fc1], detach=False)
     assert cache["model.fc1"].output.grad_fn is None
     assert kept["model.fc1"].output.grad_fn is not None
+
+
+def test_two_backward_blocks_and_an_in_place_edit_of_a_broadcast_gradient(mlp):
+    """nnsight's gradient page: one block reads the logits' gradient, a second
+    (on `hidden.sum()`, whose gradient autograd hands over as a broadcast)
+    zeroes the hidden state's gradient in place."""
+    model = seethrough.Model(mlp)
+    x = torch.randn(3, 4)
+    with model.trace(x):
+        hidden = model.fc1.output.save()
+        logits = model.output.save()
+        with logits.sum().backward(retain_graph=True):
+            grad = logits.grad.save()
+        with hidden.sum().backward():
+            hidden.grad[:] = 0
+    weight_grad = mlp.fc1.weight.grad.clone()
+    mlp.zero_grad()
+    mlp(x).sum().backward()
+    torch.testing.assert_close(grad, torch.ones(3, 3))
+    torch.testing.assert_close(weight_grad, mlp.fc1.weight.grad)  # the second block added nothing
+    mlp.zero_grad()

@@ -211,6 +211,10 @@ class BackwardContext:
     # -- the worker thread -----------------------------------------------------
     def _make_hook(self, key: int) -> Any:
         def hook(grad: torch.Tensor) -> torch.Tensor:
+            if torch._debug_has_internal_overlap(grad):
+                # e.g. the gradient of `h.sum()`, a broadcast: give the body one
+                # it can edit in place (`h.grad[:] = 0`), same values.
+                grad = grad.clone()
             self._to_body.put(("grad", key, grad))
             answer = self._to_worker.get()
             if isinstance(answer, _Abort):

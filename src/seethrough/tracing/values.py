@@ -69,6 +69,8 @@ def rejoin(value: Any, handed: Handed) -> Any:
         views = entry[1]
         if not any(view.requires_grad for _, view in views):
             return value
+        if any(view.shape[1:] != value.shape[1:] or view.shape[0] != rows.stop - rows.start for rows, view in views):
+            return value  # reshaped in place by a body: no longer rows of this value
         parts: list[torch.Tensor] = []
         done = 0
         for rows, view in sorted(views, key=lambda item: item[0].start):
