@@ -11,12 +11,36 @@ from __future__ import annotations
 import os
 
 
+DEFAULT_HOST = "http://127.0.0.1:8470"
+
+
 class _ApiConfig:
-    """Where remote traces go, and the key they use."""
+    """Where remote traces go, and the key they use.
+
+    A value set in code (``CONFIG.API.HOST = ...``) wins; until then each read
+    looks at ``SEETHROUGH_HOST`` / ``SEETHROUGH_API_KEY`` as they are at that
+    moment, so a notebook may set ``os.environ`` after ``import seethrough``.
+    """
 
     def __init__(self) -> None:
-        self.HOST: str = os.environ.get("SEETHROUGH_HOST", "http://127.0.0.1:8470")
-        self.APIKEY: str | None = os.environ.get("SEETHROUGH_API_KEY")
+        self._host: str | None = None
+        self._api_key: str | None = None
+
+    @property
+    def HOST(self) -> str:  # noqa: N802 - nnsight's name
+        return self._host if self._host is not None else os.environ.get("SEETHROUGH_HOST") or DEFAULT_HOST
+
+    @HOST.setter
+    def HOST(self, value: str | None) -> None:  # noqa: N802
+        self._host = value
+
+    @property
+    def APIKEY(self) -> str | None:  # noqa: N802 - nnsight's name
+        return self._api_key if self._api_key is not None else os.environ.get("SEETHROUGH_API_KEY") or None
+
+    @APIKEY.setter
+    def APIKEY(self, value: str | None) -> None:  # noqa: N802
+        self._api_key = value
 
     def __repr__(self) -> str:
         key = "set" if self.APIKEY else "not set"

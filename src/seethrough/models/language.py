@@ -99,7 +99,10 @@ class LanguageModel(Model):
         super().__init__(module, rename=rename, envoys=envoys)
         object.__setattr__(self, "_source", source)
         # The name a seethrough server serves this model under (remote=True).
-        object.__setattr__(self, "_remote_name", remote_name or source)
+        # A folder goes by its real path: the server answers to the real path of
+        # the folder it serves, however either side spells it.
+        object.__setattr__(self, "_remote_name", remote_name or (os.path.realpath(source) if os.path.isdir(source)
+                                                                  else source))
         object.__setattr__(self, "_server_only", server_only)
         object.__setattr__(self, "_remote_host", host)  # default `host=` of remote calls
         object.__setattr__(self, "_automodel", automodel)

@@ -112,6 +112,10 @@ class RemoteClient:
     def models(self) -> list[dict]:
         return self._json("GET", "/v1/models")
 
+    def model(self, name: str) -> dict:
+        """The description of the model the server serves as ``name`` (any name it answers to)."""
+        return self._json("GET", f"/v1/models/{urllib.parse.quote(name, safe='')}")
+
     def tokenizer_files(self, name: str) -> dict:
         return self._json("GET", f"/v1/models/{urllib.parse.quote(name, safe='/')}/tokenizer")
 
@@ -166,12 +170,16 @@ def _http_error(status: int, data: bytes, host: str) -> RemoteError:
     if isinstance(detail, dict):
         detail = detail.get("message", json.dumps(detail))
     if status == 401:
-        return RemoteAuthError(f"the server at {host} needs an API key: {detail} Set SEETHROUGH_API_KEY or `seethrough.CONFIG.API.APIKEY`.")
-    if status == 403:
-        return RemoteAuthError(f"the server at {host} refused the API key: {detail}")
-    if status < 500:
-        return RemoteRequestError(f"the server at {host} refused the request ({status}): {detail}")
-    return RemoteError(f"the server at {host} failed ({status}): {detail}")
+        error: RemoteError = RemoteAuthError(f"the server at {host} needs an API key: {detail} Set SEETHROUGH_API_KEY "
+                                             "or `seethrough.CONFIG.API.APIKEY`.")
+    elif status == 403:
+        error = RemoteAuthError(f"the server at {host} refused the API key: {detail}")
+    elif status < 500:
+        error = RemoteRequestError(f"the server at {host} refused the request ({status}): {detail}")
+    else:
+        error = RemoteError(f"the server at {host} failed ({status}): {detail}")
+    error.status = status  # the HTTP status, for callers that act on it
+    return error
 
 
 class _Progress:
@@ -288,12 +296,18 @@ def served_model_folder(name: str, host: str | None = None, api_key: str | None 
     from ..models.offline import cache_dir
 
     client = RemoteClient(host, api_key)
-    entries = {entry.get("name"): entry for entry in client.models() if isinstance(entry, dict)}
-    entry = entries.get(name)
-    if entry is None or not isinstance(entry.get("config"), dict):
-        served = ", ".join(repr(known) for known in sorted(str(k) for k in entries)) or "none"
+    try:
+        entry = client.model(name)
+    except RemoteRequestError as error:
+        if getattr(error, "status", None) != 404:
+            raise
+        served = ", ".join(repr(str(e.get("name"))) for e in client.models() if isinstance(e, dict)) or "none"
         raise ModelNotServedError(f"the server at {client.host} does not serve a model named {name!r}; it serves: "
-                                  f"{served}. Use one of these names (or pass `remote_name=` with a local model).")
+                                  f"{served}. Use one of these names (or pass `remote_name=` with a local model)."
+                                  ) from None
+    if not isinstance(entry, dict) or not isinstance(entry.get("config"), dict):
+        raise RemoteRequestError(f"the server at {client.host} described {name!r} without a config; is it a "
+                                 "seethrough server of the same version?")
     files = client.tokenizer_files(name)
     folder = cache_dir() / "remote-models" / hashlib.sha256(f"{client.host}\n{name}".encode()).hexdigest()[:24]
     folder.mkdir(parents=True, exist_ok=True)

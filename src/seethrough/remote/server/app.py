@@ -12,8 +12,10 @@ Endpoints (all JSON unless noted; errors are ``{"detail": message}``):
 * ``DELETE /v1/requests/{id}`` — forget a finished request and its result
   (frees the key's quota; 409 while it is queued or running).
 * ``GET /v1/usage`` — what the caller's key stores (jobs, bytes) and its limits.
-* ``GET /v1/models`` — each model's name, architectures, config, module paths
-  and ``repr``; ``GET /v1/models/{name}/tokenizer`` — its tokenizer files.
+* ``GET /v1/models`` — each model's name, public aliases, architectures,
+  config, module paths and ``repr``; ``GET /v1/models/{name}`` — one of them,
+  by any name it answers to (:mod:`.naming`); ``GET /v1/models/{name}/tokenizer``
+  — its tokenizer files.
 * ``GET /v1/health`` — status, versions, each model's workers, and request
   counts (no key needed; no request ids).
 * ``/docs`` and ``/openapi.json`` — FastAPI's interactive documentation.
@@ -132,7 +134,7 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
                                      f"{content_type or 'a body without a Content-Type'}; use the seethrough client.")
         body = await _read_body(request, settings.max_request_bytes)
         try:
-            checked = await checkers.check(body, module_paths())
+            checked = await checkers.check(body, module_paths(), runtime.names.aliases)
         except IntakeError as error:
             raise HTTPException(error.status, error.detail) from None
         service = runtime.services.get(checked.model)
@@ -182,18 +184,32 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
     async def usage(caller: str | None = Depends(owner)) -> dict:
         return store.usage(caller)
 
-    @app.get("/v1/models", summary="The served models: configs, module paths, printed structure")
+    def describe(name: str) -> dict:
+        info = runtime.services[name].info or {"name": name}
+        return {**{key: value for key, value in info.items() if key != "tokenizer"},
+                "aliases": runtime.names.public.get(name, [name])}
+
+    def served(name: str) -> str:
+        """The served name ``name`` stands for (its own, a repo id or a folder); 404 if none."""
+        canonical = runtime.names.resolve(name)
+        if canonical is None:
+            known = ", ".join(repr(known) for known in sorted(runtime.services))
+            raise HTTPException(404, f"this server does not serve a model named {name!r}; it serves: {known}. Use "
+                                     "one of these names, or its repo id (GET /v1/models lists both).")
+        return canonical
+
+    @app.get("/v1/models", summary="The served models: configs, module paths, printed structure, names")
     async def models(caller: str | None = Depends(owner)) -> list[dict]:
-        return [{key: value for key, value in (service.info or {"name": name}).items() if key != "tokenizer"}
-                for name, service in runtime.services.items()]
+        return [describe(name) for name in runtime.services]
 
     @app.get("/v1/models/{name:path}/tokenizer", summary="A served model's tokenizer files")
     async def tokenizer(name: str, caller: str | None = Depends(owner)) -> dict:
-        service = runtime.services.get(name)
-        if service is None:
-            served = ", ".join(repr(known) for known in sorted(runtime.services))
-            raise HTTPException(404, f"this server does not serve a model named {name!r}; it serves: {served}.")
+        service = runtime.services[served(name)]
         return (service.info or {}).get("tokenizer") or {"files": {}, "binary_files": {}}
+
+    @app.get("/v1/models/{name:path}", summary="One served model, by its served name, repo id or folder")
+    async def model(name: str, caller: str | None = Depends(owner)) -> dict:
+        return describe(served(name))
 
     @app.get("/v1/health", summary="Liveness, versions and the state of each model's workers")
     async def health() -> dict:

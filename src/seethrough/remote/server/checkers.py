@@ -16,7 +16,7 @@ comes from a stranger and checking it costs CPU (parsing code) and memory
 
 Pipe messages use :mod:`.framing` (JSON headers and raw bytes, never pickle):
 API -> checker ``check`` (payload: the request's wire bytes; ``models``: each
-served model's module paths); checker -> API ``checked`` (``model``,
+served model's module paths; ``aliases``: other names -> served names); checker -> API ``checked`` (``model``,
 ``filename``) or ``refused`` (``status``, ``detail``).
 """
 
@@ -76,13 +76,15 @@ def _serve(conn: Any, limits: CheckLimits) -> None:
             return
         if message.type != "check":
             continue
-        models = message.fields.get("models")
+        models, aliases = message.fields.get("models"), message.fields.get("aliases")
         models = models if isinstance(models, dict) else {}
+        aliases = aliases if isinstance(aliases, dict) else {}
         try:
             request = check_request(message.payload, max_bytes=limits.max_bytes,
                                     max_unpacked_bytes=limits.max_unpacked_bytes,
                                     max_source_bytes=limits.max_source_bytes,
-                                    models={name: {"modules": paths} for name, paths in models.items()})
+                                    models={name: {"modules": paths} for name, paths in models.items()},
+                                    aliases=aliases)
             reply = framing.encode("checked", model=request.model, filename=request.filename)
         except IntakeError as error:
             reply = framing.encode("refused", status=error.status, detail=error.detail)
@@ -167,8 +169,12 @@ class CheckerPool:
     def pids(self) -> list[int]:
         return [checker.process.pid for checker in self._all if checker.process is not None]
 
-    async def check(self, body: bytes, module_paths: dict[str, list[str]]) -> CheckedRequest:
-        """Check ``body`` in a checker process; raises :class:`IntakeError` to refuse it."""
+    async def check(self, body: bytes, module_paths: dict[str, list[str]],
+                    aliases: dict[str, str] | None = None) -> CheckedRequest:
+        """Check ``body`` in a checker process; raises :class:`IntakeError` to refuse it.
+
+        ``module_paths``: each served model's module paths; ``aliases``: the
+        other names a model answers to, mapped to its served name."""
         if self._slots is None:
             self._slots = asyncio.Semaphore(len(self._all))
         if self._waiting >= self._max_waiting:
@@ -179,7 +185,7 @@ class CheckerPool:
                 with self._lock:
                     checker = self._idle.pop()
                 try:
-                    message = framing.encode("check", body, models=module_paths)
+                    message = framing.encode("check", body, models=module_paths, aliases=aliases or {})
                     loop = asyncio.get_running_loop()
                     reply = await loop.run_in_executor(self._threads, checker.exchange, message, self._timeout)
                 finally:

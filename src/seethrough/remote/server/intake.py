@@ -29,11 +29,13 @@ class IntakeError(Exception):
 
 
 def check_request(body: bytes, *, max_bytes: int, max_unpacked_bytes: int, max_source_bytes: int,
-                  models: dict[str, dict | None]) -> Request:
+                  models: dict[str, dict | None], aliases: dict[str, str] | None = None) -> Request:
     """The checked request in ``body``; raises :class:`IntakeError` (400, 404 or 413).
 
     ``models`` maps each served model's name to its description (its
-    ``modules`` list is used to check the module paths the request names).
+    ``modules`` list is used to check the module paths the request names);
+    ``aliases`` maps every other name a model answers to (a repo id, a folder)
+    to its served name, which the returned request's ``model`` then holds.
     The request's tensors are never materialised here: they come back as
     ``meta`` tensors (dtype and shape only), so checking a request costs
     memory bounded by the caps on its structure, whatever its tensors weigh.
@@ -45,6 +47,7 @@ def check_request(body: bytes, *, max_bytes: int, max_unpacked_bytes: int, max_s
         raise IntakeError(400, f"client and server versions do not match: {error}") from None
     except ProtocolError as error:
         raise IntakeError(400, f"the request is malformed: {error}") from None
+    request.model = (aliases or {}).get(request.model, request.model)
     if request.model not in models:
         served = ", ".join(repr(name) for name in sorted(models)) or "none"
         raise IntakeError(404, f"this server does not serve a model named {request.model!r}; it serves: {served}. "

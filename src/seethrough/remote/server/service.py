@@ -21,14 +21,17 @@ replaces a lost worker at once (a new spare then loads in the background).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from ...models.language import OFFLINE_MODELS, _resolve_source
 from .. import wire
 from . import framing
 from .jobs import Job, JobStore, server_error
+from .naming import model_names
 from .process import WorkerDied, WorkerProcess, WorkerStartError, start_context
 from .scheduler import FairQueue
 from .settings import ModelSpec, Settings
@@ -323,6 +326,7 @@ class ServerRuntime:
                               max_jobs_per_key=settings.max_jobs_per_key)
         context = start_context(settings.start_method, [spec.source for spec in settings.models])
         self.services = {spec.name: ModelService(spec, settings, self.store, context) for spec in settings.models}
+        self.names = model_names(settings.models, {spec.name: _local_folder(spec.source) for spec in settings.models})
 
     def start(self) -> None:
         """Load every model (in parallel); raise :class:`WorkerStartError` if one fails."""
@@ -344,3 +348,15 @@ class ServerRuntime:
 
     def health(self) -> dict:
         return {name: service.health() for name, service in self.services.items()}
+
+
+def _local_folder(source: str) -> str | None:
+    """The folder ``source`` loads from on this machine (a folder, or the offline copy of a known repo id)."""
+    if os.path.isdir(source):
+        return source
+    if source in OFFLINE_MODELS:
+        try:
+            return _resolve_source(source)
+        except Exception:  # noqa: BLE001 - a name is only an extra; the worker reports real load errors
+            return None
+    return None
