@@ -19,7 +19,8 @@ Everything of :class:`~.model.Model` applies.  On top of it:
 * inputs as a string, strings, token ids, a tokenizer's dict or chat messages;
   several invokes are left-padded into one batch with matching attention mask
   and position ids, so every row computes what it would alone;
-* ``generate`` with per-step interventions (``tracer.iter``).
+* ``generate`` with per-step interventions (``tracer.iter``), and
+  ``model.generator.output``: the generated ids, as ``tracer.result``.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ from typing import Any
 
 import torch
 
-from ..errors import BatchError, SeethroughError
+from .._frames import where_user_is
+from ..errors import BatchError, NotInTraceError, SeethroughError
 from ..tracing.run import TraceRun
+from ..tracing.runtime import current_task
 from ..tracing.tracer import Tracer
 from .batching import PreparedInput
 from .hub import hub_endpoint, offline_loading
@@ -334,7 +337,7 @@ class LanguageModel(Model):
         return self._module(*args, **self._positions(kwargs))
 
     # -- entry points -------------------------------------------------------------
-    def trace(self, *args: Any, remote: bool | str = False, keep_graph: bool = True, **kwargs: Any) -> Tracer:
+    def trace(self, *args: Any, remote: bool | str = False, keep_graph: bool = True, **kwargs: Any) -> Any:
         if not remote:
             self._ensure_loaded()  # a remote trace needs no local weights
         return super().trace(*args, remote=remote, keep_graph=keep_graph, **kwargs)
@@ -371,9 +374,46 @@ class LanguageModel(Model):
             what="model.generate(...)", keep_result=True, remote=options,
         )
 
+    @property
+    def generator(self) -> "Generator":
+        """``model.generator.output`` inside ``model.generate(...)``: the
+        generated token ids (prompt included), the same as ``tracer.result``."""
+        return Generator(self)
+
     def __repr__(self) -> str:
         state = "" if self._loaded else "  # weights not loaded yet (meta device)\n"
         return state + repr(self._module)
+
+
+class Generator:
+    """``model.generator``: stands for HuggingFace's generation loop in a
+    ``model.generate(...)`` body.  Its ``.output`` is what ``generate``
+    returned (the ids, prompt included; the invoke's rows in an invoke); read
+    before generation has ended, it waits until then, like ``tracer.result``."""
+
+    __slots__ = ("_model",)
+
+    def __init__(self, model: LanguageModel) -> None:
+        self._model = model
+
+    @property
+    def output(self) -> Any:
+        task = current_task()
+        run = task.run if task is not None else None
+        if run is None or run.model._module is not self._model._module:
+            raise NotInTraceError(
+                f"`model.generator.output` was used outside a trace ({where_user_is()}); read it "
+                "inside `with model.generate(...):` (and `.save()` it to keep it)."
+            )
+        if not isinstance(run.backend, _GenerateBackend):
+            raise LanguageModelError(
+                f"`model.generator.output` exists only in `model.generate(...)` ({where_user_is()}); "
+                "in `model.trace(...)` read the model's output with `model.output`."
+            )
+        return run.tracer.result
+
+    def __repr__(self) -> str:
+        return "<generator: `.output` is the generated ids inside model.generate(...)>"
 
 
 class _GenerateBackend:

@@ -245,8 +245,9 @@ class Model(Envoy):
         host: str | None = None,
         api_key: str | None = None,
         blocking: bool = True,
+        trace: bool = True,
         **kwargs: Any,
-    ) -> Tracer:
+    ) -> Any:
         """``with model.trace(*inputs) as tracer:`` — run the model on the inputs
         (or on the inputs of the ``tracer.invoke`` blocks in the body) and give
         the body access to every module's values.  Keyword arguments other than
@@ -259,11 +260,26 @@ class Model(Envoy):
         on a seethrough server (``host``/``api_key`` override ``CONFIG``;
         ``blocking=False`` returns at once, with ``tracer.job`` the handle);
         ``remote="local"`` runs the server's steps (wire, sandbox, execution)
-        in this process, to check a body before submitting it."""
+        in this process, to check a body before submitting it.
+        ``trace=False`` (no ``with`` block) runs the model on the inputs,
+        prepared as a trace prepares them, and returns its output."""
+        if not trace:
+            return self._call_untraced(args, kwargs, remote)
         return Tracer(
             self, args, kwargs, _forward_backend, has_input=bool(args or kwargs), keep_graph=keep_graph,
             remote=_remote_options(remote, host, api_key, blocking, self.__dict__.get("_remote_host")),
         )
+
+    def _call_untraced(self, args: tuple, kwargs: dict, remote: bool | str) -> Any:
+        if remote:
+            raise SeethroughError(
+                "`trace=False` runs the model here and returns its output; it does not combine "
+                f"with `remote={remote!r}`. Use a remote trace and save `model.output` instead."
+            )
+        if not (args or kwargs):
+            raise SeethroughError("`model.trace(..., trace=False)` needs the input to run the model on.")
+        prepared = self._prepare_input(args, kwargs)
+        return self._run_forward(prepared.args, prepared.kwargs)
 
     def scan(self, *args: Any, **kwargs: Any) -> Tracer:
         """``with model.scan(input):`` — like ``trace``, but on fake tensors: the

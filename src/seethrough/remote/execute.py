@@ -19,6 +19,7 @@ from typing import Any, Callable
 from .. import __version__
 from ..tracing.capture import capture_source_block
 from ..tracing.run import TraceRun
+from ..tracing.runtime import SAVE_METHOD, save_method
 from ..tracing.saving import NotSaved
 from ..tracing.tracer import Tracer
 from . import sandbox
@@ -58,6 +59,7 @@ def _run(request: Request, served: Any, print_function: Callable[..., Any]) -> d
         exec(compile(tree, remote_filename(f"{request.filename}:{name}"), "exec", dont_inherit=True), namespace)
     captured = capture_source_block(padded, filename, what=f"model.{request.kind}(...)")
     if request.kind == "session":
+        namespace[SAVE_METHOD] = save_method  # the session body's own `X.save()` calls
         exec(captured.code, namespace)
         return {name: namespace[name] for name in captured.stored if name in namespace}
     backend = _backend(model, request)

@@ -8,6 +8,13 @@ compile its body as a module-level code object that keeps the user's file name
 and line numbers (so tracebacks and debuggers show the user's lines), and note
 which names it assigns and reads.
 
+One rewrite is made on the way: ``X.save()`` with no arguments becomes a call
+of :func:`~.runtime.save_method` (bound in every body namespace under
+:data:`~.runtime.SAVE_METHOD`), so that ``.save()`` works on any value in a
+body (``[].save()``, ``x.shape[-1].save()``, model outputs) without patching
+builtins; values whose class has a ``save`` of its own keep it (see
+``save_method``).  Calls with arguments (``obj.save(path)``) are left alone.
+
 Captures are cached per (code object, instruction offset): a trace inside a
 loop or a function called many times is parsed and compiled once.
 """
@@ -15,6 +22,7 @@ loop or a function called many times is parsed and compiled once.
 from __future__ import annotations
 
 import ast
+import copy
 import dis
 import linecache
 import sys
@@ -24,6 +32,7 @@ from dataclasses import dataclass, field
 from types import CodeType, FrameType
 
 from ..errors import TraceSourceError
+from .runtime import SAVE_METHOD
 
 _BEFORE_WITH = dis.opmap.get("BEFORE_WITH")
 
@@ -203,7 +212,7 @@ def _build(
     what: str,
 ) -> CapturedBlock:
     _reject_control_flow(body, filename, what)
-    module = ast.Module(body=list(body), type_ignores=[])
+    module = ast.Module(body=_rewrite_saves(body), type_ignores=[])
     try:
         code = compile(module, filename, "exec", dont_inherit=True)
     except SyntaxError as err:
@@ -226,6 +235,35 @@ def _build(
         attributes=frozenset(names.attributes),
         defines_scopes=names.defines_scopes,
     )
+
+
+def _is_save_call(node: ast.AST) -> bool:
+    return (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "save"
+        and not node.args
+        and not node.keywords
+    )
+
+
+class _SaveCalls(ast.NodeTransformer):
+    """``X.save()`` -> ``SAVE_METHOD(X)`` (same positions, for tracebacks)."""
+
+    def visit_Call(self, node: ast.Call) -> ast.AST:
+        self.generic_visit(node)
+        if not _is_save_call(node):
+            return node
+        func = ast.copy_location(ast.Name(id=SAVE_METHOD, ctx=ast.Load()), node.func)
+        return ast.copy_location(ast.Call(func=func, args=[node.func.value], keywords=[]), node)
+
+
+def _rewrite_saves(body: list[ast.stmt]) -> list[ast.stmt]:
+    """The body with every argument-less ``.save()`` call rewritten; the
+    parsed tree itself (cached, shared with other captures) is not touched."""
+    if not any(_is_save_call(node) for stmt in body for node in ast.walk(stmt)):
+        return list(body)
+    return [_SaveCalls().visit(copy.deepcopy(stmt)) for stmt in body]
 
 
 def _body_text(body: list[ast.stmt], lines: list[str]) -> str:

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._frames import describe_location, user_frame
 from ..errors import CrossInvokeError
+from .runtime import SAVE_METHOD, save_method
 
 if TYPE_CHECKING:
     from .capture import CapturedBlock
@@ -59,6 +60,8 @@ class BodyNamespace(dict):
 
     def __init__(self, seed: dict, fallback: dict) -> None:
         super().__init__(seed)
+        # What the body's rewritten `X.save()` calls (see .capture).
+        dict.__setitem__(self, SAVE_METHOD, save_method)
         self.fallback = fallback
         self.resolver: Any = None
 

@@ -1,4 +1,4 @@
-"""Which trace is running here, and the ``save`` function.
+"""Which trace is running here, and the ``save`` functions.
 
 Each thread has its own stack of running traces; inside a trace each invoke
 body runs in its own greenlet, which knows its task.  Library entry points
@@ -119,3 +119,41 @@ def save(value: T, *, keep_graph: bool | None = None) -> T:
 def tensor_save(self: Any) -> Any:
     """``Tensor.save()`` while a trace runs (installed by :mod:`.patches`)."""
     return save(self)
+
+
+def ours(function: Any) -> Any:
+    """Mark a ``save`` method as seethrough's (see :func:`save_method`)."""
+    function.seethrough_save = True
+    return function
+
+
+ours(tensor_save)
+
+# The name argument-less ``X.save()`` calls in captured bodies are rewritten to
+# (see .capture); every body namespace binds it to ``save_method``.  Remote
+# bodies cannot spell it: the sandbox refuses names with underscores.
+SAVE_METHOD = "__seethrough_save__"
+
+
+def save_method(value: T) -> T:
+    """What ``value.save()`` means in a trace body.
+
+    * A value whose class defines ``save`` (or that carries a ``save``
+      attribute of its own) keeps it: ``value.save()`` is called as written,
+      as in nnsight, where an object's own method wins.  To mark such an
+      object for keeping, use ``seethrough.save(value)``.
+    * Everything else (tensors, lists, dicts, tuples, numbers, strings, model
+      outputs, ...) is marked with :func:`save` and returned as it is.
+    """
+    kind = type(value)
+    if kind is super:  # `super().save()` in a class defined in the body
+        return value.save()
+    own = getattr(kind, "save", None)
+    if own is None:
+        try:
+            own = object.__getattribute__(value, "__dict__").get("save")
+        except AttributeError:  # no instance attributes (lists, ints, slotted classes)
+            own = None
+    if own is None or getattr(own, "seethrough_save", False):
+        return save(value)
+    return value.save()

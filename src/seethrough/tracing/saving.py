@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from ..errors import NotSavedError
+from .runtime import ours
 from .values import SavableTuple
 
 _MAX_WALK = 10_000  # elements inspected per container before giving up on precision
@@ -73,6 +74,7 @@ class SaveRegistry:
         if isinstance(value, dict) and hasattr(value, "__dict__") and not hasattr(value, "save"):
             registry = self
 
+            @ours
             def save_output() -> Any:
                 return registry.add(value)
 
@@ -174,6 +176,9 @@ class NotSaved:
             "was not kept. To use it after the trace, save it inside the trace: add `.save()` "
             f"where it is computed, or call `seethrough.save({self._name})`."
         )
+
+    def save(self) -> Any:  # `x.save()` on it must not pass the placeholder on quietly
+        raise self._error()
 
     def __repr__(self) -> str:
         return f"<not saved: `{self._name}` from the trace {self._where}; use .save() inside the trace>"

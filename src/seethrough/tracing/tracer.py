@@ -19,6 +19,7 @@ from .barrier import Barrier
 from .cache import Cache
 from .capture import CapturedBlock
 from .interleaver import _EndOfSteps, _StopTrace
+from .namespace import BodyNamespace
 from .run import Backend, TraceRun
 from .runtime import current_task
 from .takeover import Takeover, frame_namespace, write_back
@@ -169,11 +170,12 @@ class Tracer:
     @property
     def iter(self) -> "_Steps":
         """``for step in tracer.iter[:]`` runs its body at each generation step
-        (also ``iter[2:5]``, ``iter[3]``, ``iter[[0, 4]]``)."""
+        (also ``iter[2:5]``, ``iter[3]``, ``iter[[0, 4]]``); ``with
+        tracer.iter[:]:`` does the same with a with-block's body."""
         return _Steps(self)
 
-    def all(self) -> Iterator[int]:
-        """Every generation step: ``for step in tracer.all():``."""
+    def all(self) -> "StepLoop":
+        """Every generation step: ``for step in tracer.all():`` or ``with tracer.all():``."""
         return self.iter[:]
 
     def next(self) -> None:
@@ -227,9 +229,54 @@ class _Steps:
     def __init__(self, tracer: Tracer) -> None:
         self._tracer = tracer
 
-    def __getitem__(self, selector: Any) -> Iterator[int]:
+    def __getitem__(self, selector: Any) -> "StepLoop":
         task = self._tracer._task("iter[...]")
-        return _step_loop(task, selector)
+        return StepLoop(task, selector)
+
+
+class StepLoop:
+    """The generation steps ``tracer.iter[...]`` selects, used either way:
+
+    * ``for step in tracer.iter[:]:`` — the loop body runs at each step;
+    * ``with tracer.iter[:] as step:`` (nnsight 0.5's form) — the with-block's
+      body is taken over and run at each step, exactly like the loop's body;
+      code after the block runs once generation has ended.
+    """
+
+    __slots__ = ("_task", "_selector", "_takeover")
+
+    def __init__(self, task: Any, selector: Any) -> None:
+        self._task = task
+        self._selector = selector
+        self._takeover: Takeover | None = None
+
+    def __iter__(self) -> Iterator[int]:
+        return _step_loop(self._task, self._selector)
+
+    def __enter__(self) -> "StepLoop":
+        if self._takeover is not None:
+            raise SeethroughError(f"this step selection is already in use ({where_user_is()}); open a new `tracer.iter[...]`.")
+        self._takeover = Takeover.of_block(sys._getframe(1), "tracer.iter[...]")
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        takeover, self._takeover = self._takeover, None
+        if not takeover.end(exc_type):
+            return False
+        captured, frame = takeover.captured, takeover.frame
+        seed, globals_, module_level = frame_namespace(frame)
+        # A trace body runs as module-level code in its own namespace: run the
+        # block in it.  Inside a function, in a namespace of its own, whose
+        # names are written back to the function's frame at the end.
+        ns = globals_ if module_level else BodyNamespace(seed, globals_)
+        for step in _step_loop(self._task, self._selector):
+            if captured.as_name:
+                ns[captured.as_name] = step
+            exec(captured.code, ns)
+        if not module_level:
+            names = set(captured.stored) | ({captured.as_name} if captured.as_name else set())
+            write_back(frame, {name: dict.__getitem__(ns, name) for name in names if dict.__contains__(ns, name)})
+        return True
 
 
 def _step_loop(task: Any, selector: Any) -> Iterator[int]:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ..errors import ShapeMismatchError
+from .runtime import ours
 
 
 # id(batched tensor) -> (batched tensor, [(rows, view handed out), ...])
@@ -206,6 +207,7 @@ class SavableTuple(tuple):
 
     __slots__ = ()
 
+    @ours
     def save(self) -> "SavableTuple":
         from .runtime import save
 
