@@ -93,6 +93,24 @@ def test_generator_output_outside_generate_is_a_clear_error(smol):
         model.generator.output
 
 
+def test_generator_output_inside_a_step_loop_is_a_clear_error(smol):
+    model, _, _ = smol
+    with pytest.raises(LanguageModelError, match="inside a loop over generation steps"):
+        with model.generate(PROMPT, max_new_tokens=3) as tracer:
+            for step in tracer.iter[:]:
+                ids = model.generator.output.save()
+    with pytest.raises(LanguageModelError, match="inside a loop over generation steps"):
+        with model.generate(PROMPT, max_new_tokens=3) as tracer:
+            with tracer.all():
+                ids = model.generator.output.save()
+    with torch.no_grad():  # after a loop left with `break`, it is fine again
+        with model.generate(PROMPT, max_new_tokens=3) as tracer:
+            for step in tracer.iter[:]:
+                break
+            ids = model.generator.output.save()
+    assert ids.shape[1] > 3
+
+
 # -- with tracer.all() / with tracer.iter[...] ---------------------------------------------------
 
 

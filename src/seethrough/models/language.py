@@ -410,6 +410,12 @@ class Generator:
                 f"`model.generator.output` exists only in `model.generate(...)` ({where_user_is()}); "
                 "in `model.trace(...)` read the model's output with `model.output`."
             )
+        if getattr(task, "step_loops", 0) and not run.interleaver.forward_done:
+            raise LanguageModelError(
+                f"`model.generator.output` is read inside a loop over generation steps "
+                f"({where_user_is()}): it exists only once generation has ended, and waiting for "
+                "it there would skip the remaining steps. Read it after the loop."
+            )
         return run.tracer.result
 
     def __repr__(self) -> str:

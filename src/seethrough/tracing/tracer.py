@@ -296,14 +296,20 @@ def _step_loop(task: Any, selector: Any) -> Iterator[int]:
         wanted = counting()
     else:
         wanted = iter(sorted(selector))
-    for index in wanted:
-        if interleaver.step > index:
-            continue  # that step has passed; later ones may still come
-        try:
-            interleaver.wait_for_step(task, index)
-        except _EndOfSteps:
-            return
-        yield index
+    # Counted on the task while it is inside a step loop: a value that exists
+    # only after generation (`model.generator.output`) refuses to be read there.
+    task.step_loops = getattr(task, "step_loops", 0) + 1
+    try:
+        for index in wanted:
+            if interleaver.step > index:
+                continue  # that step has passed; later ones may still come
+            try:
+                interleaver.wait_for_step(task, index)
+            except _EndOfSteps:
+                return
+            yield index
+    finally:
+        task.step_loops -= 1
 
 
 class Invoker:
