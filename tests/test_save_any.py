@@ -97,13 +97,19 @@ def test_list_saved_empty_comes_back_filled_after_generation(smol):
     assert hs == expected[0, -5:].tolist()
 
 
-def test_saved_list_of_tensors_is_detached_like_a_saved_tensor(smol):
-    model, _, _ = smol
-    with model.trace(PROMPT):
-        kept = [].save()
-        kept.append(model.model.layers[0].output)
-        alone = model.model.layers[1].output.save()
-    assert kept[0].grad_fn is None and alone.grad_fn is None
+def test_saved_list_of_tensors_holds_the_forward_values(smol):
+    model, hf, tokenizer = smol
+    with torch.no_grad():
+        with model.trace(PROMPT):
+            kept = [].save()
+            for layer in model.model.layers:
+                kept.append(layer.output[0, -1])
+        _, seen = record_outputs(hf, [f"model.layers.{i}" for i in range(4)], **tokenizer(PROMPT, return_tensors="pt"))
+    assert len(kept) == 4
+    for index, value in enumerate(kept):
+        reference = seen[f"model.layers.{index}"][0]
+        reference = reference[0] if isinstance(reference, tuple) else reference
+        assert torch.equal(value, reference[0, -1])
 
 
 def test_save_in_invokes_and_in_functions_defined_in_the_body(mlp):
@@ -261,3 +267,51 @@ def test_save_any_value_remotely_equals_local(server, smollm2_small_dir):
     assert len(local[2]) == 3
     for a, b in zip(local[2], remote[2]):
         assert torch.equal(a, b)
+
+
+def _session_body(model, options):
+    with model.session(**options):
+        found = [].save()
+        for prompt in ("The cat sat on the", "A dog ran to the"):
+            with model.trace(prompt):
+                found.append(model.lm_head.output[0, -1].argmax().item())
+    return found
+
+
+@pytest.mark.timeout(300)
+def test_save_at_session_level_remotely_equals_local(server, smollm2_small_dir):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = LanguageModel(str(smollm2_small_dir))
+        object.__setattr__(model, "_remote_name", "smollm2")
+        local = _session_body(model, {})
+        remote = _session_body(model, {"remote": True, "host": server.url, "api_key": ALICE})
+    finally:
+        torch.set_num_threads(threads)
+    assert len(local) == 2 and remote == local
+    hf, tokenizer = model._model, model.tokenizer
+    with torch.no_grad():
+        expected = [int(hf(**tokenizer(p, return_tensors="pt")).logits[0, -1].argmax())
+                    for p in ("The cat sat on the", "A dog ran to the")]
+    assert local == expected
+
+
+def test_local_session_with_save_runs_and_keeps_its_names(smol):
+    model, hf, tokenizer = smol
+
+    def run():
+        with model.session() as session:
+            found = [].save()
+            for prompt in ("The cat sat on the", "A dog ran to the"):
+                with model.trace(prompt):
+                    found.append(model.lm_head.output[0, -1].argmax().item())
+            count = len(found)
+        return found, count, session
+
+    found, count, session = run()
+    with torch.no_grad():
+        expected = [int(hf(**tokenizer(p, return_tensors="pt")).logits[0, -1].argmax())
+                    for p in ("The cat sat on the", "A dog ran to the")]
+    assert found == expected and count == 2
+    assert repr(session).startswith("<Session")

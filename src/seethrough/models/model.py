@@ -32,10 +32,11 @@ from typing import Any
 import torch
 
 from ..envoy import Envoy
-from ..errors import EnvoyClassError, ModulePathError, SeethroughError
+from ..errors import EnvoyClassError, ModulePathError, SeethroughError, TraceSourceError
+from ..tracing.capture import capture_with_block
 from ..tracing.run import EditSpec, TraceRun
 from ..tracing.takeover import Takeover, frame_namespace, write_back
-from ..tracing.tracer import Tracer
+from ..tracing.tracer import Tracer, run_block
 from .aliases import split_rename, standard_aliases
 from .batching import PreparedInput, concat_inputs, count_rows, to_device
 
@@ -437,11 +438,20 @@ def _remote_options(
     return RemoteOptions(host=host or default_host, api_key=api_key, blocking=blocking)
 
 
+def _has_rewritten_saves(frame: Any) -> bool:
+    try:
+        return capture_with_block(frame, "model.session()").rewrote_saves
+    except TraceSourceError:  # no source, or `return` in the block: it runs natively
+        return False
+
+
 class Session:
     """``with model.session():`` — several traces as one unit of work.
 
     Locally the traces simply run one after the other, and values saved in one
-    are plain variables in the next.  Remotely (``remote=True``) the whole
+    are plain variables in the next (a block with ``X.save()`` calls runs from
+    its compiled source, like a trace body, so that ``.save()`` works on any
+    value at session level too).  Remotely (``remote=True``) the whole
     block is captured and sent as one request: the traces inside run on the
     server, and the names the block assigns come back."""
 
@@ -452,16 +462,24 @@ class Session:
         self.job: Any = None
 
     def __enter__(self) -> "Session":
+        frame = sys._getframe(1)
         if self._remote is not None:
-            self._takeover = Takeover.of_block(sys._getframe(1), "model.session()")
+            self._takeover = Takeover.of_block(frame, "model.session()")
+        elif _has_rewritten_saves(frame):
+            # `found = [].save()` at session level: run the block's compiled
+            # source, like a trace body; other sessions run as plain Python.
+            self._takeover = Takeover.of_block(frame, "model.session()")
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
-        if self._remote is None:
-            return False
         takeover, self._takeover = self._takeover, None
+        if takeover is None:
+            return False
         if not takeover.end(exc_type):
             return False
+        if self._remote is None:
+            run_block(takeover.captured, takeover.frame, (self,))
+            return True
         from ..remote.backend import run_remote
 
         run_remote(options=self._remote, kind="session", model=self._model, captured=takeover.captured,

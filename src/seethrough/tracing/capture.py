@@ -51,6 +51,7 @@ class CapturedBlock:
     loaded: frozenset[str]  # names the body (or functions defined in it) reads
     attributes: frozenset[str] = field(default=frozenset())  # attribute names used
     defines_scopes: bool = False  # defines functions/classes/lambdas/generators (they keep its namespace)
+    rewrote_saves: bool = False  # has argument-less `X.save()` calls (compiled as seethrough's save)
 
     # What the body may need from a run, decided once from its text.
     @property
@@ -212,7 +213,8 @@ def _build(
     what: str,
 ) -> CapturedBlock:
     _reject_control_flow(body, filename, what)
-    module = ast.Module(body=_rewrite_saves(body), type_ignores=[])
+    rewritten = _rewrite_saves(body)
+    module = ast.Module(body=rewritten, type_ignores=[])
     try:
         code = compile(module, filename, "exec", dont_inherit=True)
     except SyntaxError as err:
@@ -234,6 +236,7 @@ def _build(
         loaded=frozenset(names.loaded),
         attributes=frozenset(names.attributes),
         defines_scopes=names.defines_scopes,
+        rewrote_saves=rewritten is not body,
     )
 
 
@@ -262,7 +265,7 @@ def _rewrite_saves(body: list[ast.stmt]) -> list[ast.stmt]:
     """The body with every argument-less ``.save()`` call rewritten; the
     parsed tree itself (cached, shared with other captures) is not touched."""
     if not any(_is_save_call(node) for stmt in body for node in ast.walk(stmt)):
-        return list(body)
+        return body
     return [_SaveCalls().visit(copy.deepcopy(stmt)) for stmt in body]
 
 

@@ -11,7 +11,7 @@ scope.  The tracer's methods (``invoke``, ``stop``, ``cache``, ``iter``,
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from .._frames import describe_frame, user_frame, where_user_is
 from ..errors import InvokeError, SeethroughError, TraceSourceError
@@ -22,7 +22,7 @@ from .interleaver import _EndOfSteps, _StopTrace
 from .namespace import BodyNamespace
 from .run import Backend, TraceRun
 from .runtime import current_task
-from .takeover import Takeover, frame_namespace, write_back
+from .takeover import TAKEN_OVER, Takeover, frame_namespace, write_back
 from .values import narrow
 
 if TYPE_CHECKING:
@@ -263,20 +263,35 @@ class StepLoop:
         takeover, self._takeover = self._takeover, None
         if not takeover.end(exc_type):
             return False
-        captured, frame = takeover.captured, takeover.frame
-        seed, globals_, module_level = frame_namespace(frame)
-        # A trace body runs as module-level code in its own namespace: run the
-        # block in it.  Inside a function, in a namespace of its own, whose
-        # names are written back to the function's frame at the end.
-        ns = globals_ if module_level else BodyNamespace(seed, globals_)
-        for step in _step_loop(self._task, self._selector):
+        run_block(takeover.captured, takeover.frame, _step_loop(self._task, self._selector))
+        return True
+
+
+def run_block(captured: CapturedBlock, frame: Any, rounds: Iterable[Any]) -> None:
+    """Run a taken-over with-block's body once per item of ``rounds`` (bound
+    to its ``as`` name), as if Python had run it in ``frame``.
+
+    In a trace body (module-level code in its own namespace) the block runs in
+    that namespace, so other invokes see its names at once.  Elsewhere it runs
+    in a namespace of its own (which binds what rewritten ``.save()`` calls
+    need), and the names it assigned are written back to the frame at the end.
+    """
+    seed, globals_, module_level = frame_namespace(frame)
+    direct = module_level and isinstance(globals_, BodyNamespace)
+    ns = globals_ if direct else BodyNamespace(seed, globals_)
+    try:
+        for item in rounds:
             if captured.as_name:
-                ns[captured.as_name] = step
+                ns[captured.as_name] = item
             exec(captured.code, ns)
-        if not module_level:
+    except BaseException as error:
+        if isinstance(error.__context__, TAKEN_OVER):
+            error.__context__ = None  # the skip of the native run is no part of the user's error
+        raise
+    finally:
+        if not direct:
             names = set(captured.stored) | ({captured.as_name} if captured.as_name else set())
             write_back(frame, {name: dict.__getitem__(ns, name) for name in names if dict.__contains__(ns, name)})
-        return True
 
 
 def _step_loop(task: Any, selector: Any) -> Iterator[int]:
