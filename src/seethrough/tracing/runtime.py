@@ -135,6 +135,10 @@ ours(tensor_save)
 SAVE_METHOD = "__seethrough_save__"
 
 
+# Types known to have no `save` of their own (skips the lookups below).
+_BUILTIN_DATA = frozenset({list, dict, tuple, set, int, float, bool, str, bytes, complex, type(None)})
+
+
 def save_method(value: T) -> T:
     """What ``value.save()`` means in a trace body.
 
@@ -146,6 +150,8 @@ def save_method(value: T) -> T:
       outputs, ...) is marked with :func:`save` and returned as it is.
     """
     kind = type(value)
+    if kind in _BUILTIN_DATA:
+        return save(value)
     if kind is super:  # `super().save()` in a class defined in the body
         return value.save()
     own = getattr(kind, "save", None)
