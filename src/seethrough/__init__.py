@@ -28,6 +28,7 @@ from .errors import (
     OutOfOrderError,
     SeethroughError,
     ShapeMismatchError,
+    SourceError,
     TraceSourceError,
     WeightsModifiedError,
 )
@@ -66,6 +67,7 @@ __all__ = [
     "OutOfOrderError",
     "SeethroughError",
     "ShapeMismatchError",
+    "SourceError",
     "TraceSourceError",
     "WeightsModifiedError",
     "__version__",

@@ -10,6 +10,7 @@ trace, give the real values flowing through their module:
 * ``.skip(value)`` — do not run the module; use ``value`` as its output;
 * ``.next()`` — the call after the current one, for modules called several
   times per forward pass;
+* ``.source`` — the operations inside its forward (:mod:`seethrough.source`);
 * ``.get("a.b.0")`` — the envoy at a dotted path below this one;
 * calling an envoy runs its module on your own data; ``hook=True`` lets the
   trace watch that call (bodies waiting for its submodules' values get them).
@@ -37,7 +38,7 @@ from .tracing.runtime import current_run, current_task
 if TYPE_CHECKING:
     from .models.model import Model
 
-RESERVED = frozenset({"output", "input", "inputs", "skip", "next", "path"})
+RESERVED = frozenset({"output", "input", "inputs", "skip", "next", "path", "source"})
 
 
 class Envoy:
@@ -262,6 +263,11 @@ class Envoy:
         """The module's call after the current one (for modules called several
         times per forward pass: a shared block, an RNN cell in a loop)."""
         return NextCall(self, calls)
+
+    @property
+    def source(self) -> Any:
+        """The operations inside the module's forward (see :mod:`seethrough.source`)."""
+        return self._root._source_view(self)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in ("output", "input", "inputs"):

@@ -69,3 +69,7 @@ class WeightsModifiedError(SeethroughError):
 
 class CrossInvokeError(SeethroughError, NameError):
     """A name shared between invokes could not be resolved in one forward pass."""
+
+
+class SourceError(SeethroughError):
+    """``.source`` cannot show or instrument the operations of a forward (or function)."""

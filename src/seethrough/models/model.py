@@ -34,6 +34,7 @@ import torch
 from ..envoy import Envoy
 from ..errors import EnvoyClassError, ModulePathError, SeethroughError, TraceSourceError
 from ..tracing.capture import capture_with_block
+from ..source import ModuleSource
 from ..tracing.run import EditSpec, TraceRun
 from ..tracing.takeover import Takeover, frame_namespace, write_back
 from ..tracing.tracer import Tracer, run_block
@@ -91,6 +92,14 @@ class Model(Envoy):
                 return None
             object.__setattr__(self, "_device_probe", probe)
         return probe.device
+
+    def _source_view(self, envoy: Envoy) -> ModuleSource:
+        """``envoy.source`` (one per envoy; see :mod:`seethrough.source`)."""
+        view = envoy.__dict__.get("_source")
+        if view is None:
+            view = envoy.__dict__["_source"] = ModuleSource(envoy)
+        view._touch()
+        return view
 
     def _hook_plan(self, module: torch.nn.Module) -> list[tuple[torch.nn.Module, tuple]]:
         """``(module, output key)`` for ``module`` and every module containing

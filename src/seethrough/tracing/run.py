@@ -73,6 +73,7 @@ class TraceRun:
     _uses_backward = False  # `with loss.backward():` needs the Tensor.backward patch
     _backward_patched = False
     _executing = False
+    sources: Any = None  # RunSources: forwards instrumented for `.source` (tracing/operations.py)
 
     def __init__(
         self,
@@ -156,6 +157,9 @@ class TraceRun:
                     for skip in self.skips.values():
                         skip.restore()
                     self.skips = _NOTHING
+                if self.sources is not None:
+                    self.sources.restore()  # after the skips: they wrap the instrumented forwards
+                    self.sources = None
             finally:
                 self._executing = False
                 if self._backward_patched:

@@ -1,0 +1,307 @@
+"""Name every call site of a function and compile a copy that reports them.
+
+``.source`` needs two things from a forward method: a stable name for each
+call inside its body, and a version of the function whose calls can be
+watched.  This module gives both, and nothing else (no tracing state):
+
+* :func:`analyse` parses the function from its file and names its calls the
+  way nnsight does, so ported code finds the same operations: calls are
+  visited in source order, inner calls before the call that contains them;
+  each is named by its callee's attribute chain joined with ``_``
+  (``self.c_proj(x)`` -> ``self_c_proj``; a chain that does not start at a
+  plain name keeps only its attribute names: ``f(x).split(...)`` ->
+  ``split``), plus ``_N`` counting the earlier sites of that name from 0.
+* :meth:`Analysis.build` makes a new function object from the rewritten code
+  in which ``callee(args)`` reads ``__st_op__(N, callee)(args)``: the callee
+  and the arguments are evaluated exactly as before, and ``__st_op__``
+  decides per call whether to hand back the callee itself or a wrapper
+  around it.  The copy keeps the original's globals, defaults and closure
+  cells (so ``super()`` and closed-over names work) and its file and line
+  numbers (so tracebacks point at the real source).
+
+Decorators are kept: :func:`unwrap_chain` follows ``__wrapped__`` to the
+function that holds the body, and :func:`rewrap` rebuilds each wrapper
+around the instrumented copy by swapping the closure cell that held the
+original.  A wrapper that does not hold what it wraps in a cell cannot be
+rebuilt, and says so.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import functools
+import linecache
+import types
+from typing import Any, Callable
+
+from ..errors import SourceError
+
+OP = "__st_op__"  # the name the rewritten code calls; a closure cell, never a global
+_SHELL = "__seethrough_shell__"
+
+
+class Site:
+    """One call site: its name and where it is."""
+
+    __slots__ = ("name", "index", "lineno", "end_lineno")
+
+    def __init__(self, name: str, index: int, lineno: int, end_lineno: int) -> None:
+        self.name = name
+        self.index = index
+        self.lineno = lineno
+        self.end_lineno = end_lineno
+
+
+class Analysis:
+    """The named call sites of one function, and its instrumented code."""
+
+    def __init__(self, fn: types.FunctionType, node: ast.FunctionDef | ast.AsyncFunctionDef, filename: str) -> None:
+        self.qualname = fn.__qualname__
+        self.filename = filename
+        self.def_lineno = node.lineno
+        self.first_lineno = node.decorator_list[0].lineno if node.decorator_list else node.lineno
+        self.end_lineno = node.end_lineno or node.lineno
+        body_start = node.body[0].lineno if node.body else node.lineno
+        self.header_end = max(node.lineno, body_start - 1)
+        self.sites: list[Site] = []
+        self.by_name: dict[str, Site] = {}
+        rewritten = _Rewriter(self).visit(_bare_def(node))
+        self.code = _compile_shell(rewritten, fn.__code__.co_freevars, filename)
+        self._freevars = fn.__code__.co_freevars
+
+    def build(self, fn: types.FunctionType, dispatch: Callable[[int, Any], Any]) -> types.FunctionType:
+        """A copy of ``fn`` running the rewritten body, its calls going through ``dispatch``."""
+        cells = dict(zip(fn.__code__.co_freevars, fn.__closure__ or ()))
+        cells[OP] = types.CellType(dispatch)
+        try:
+            closure = tuple(cells[name] for name in self.code.co_freevars)
+        except KeyError as missing:  # pragma: no cover - the body names what the original named
+            raise SourceError(f"cannot rebuild `{self.qualname}`: no closure cell for {missing}.") from None
+        new = types.FunctionType(self.code, fn.__globals__, fn.__name__, fn.__defaults__, closure)
+        new.__kwdefaults__ = copy.copy(fn.__kwdefaults__)
+        new.__qualname__ = fn.__qualname__
+        new.__module__ = fn.__module__
+        new.__doc__ = fn.__doc__
+        return new
+
+    # -- showing it ---------------------------------------------------------------
+    def lines(self) -> list[tuple[int, str]]:
+        """``(line number, text)`` of the function, decorators included."""
+        return [
+            (n, linecache.getline(self.filename, n).rstrip("\n"))
+            for n in range(self.first_lineno, self.end_lineno + 1)
+        ]
+
+    def listing(self, title: str) -> str:
+        """The source with each call site's name in front of its line."""
+        raw = self.lines()
+        indent = _common_indent([text for _, text in raw])
+        names: dict[int, list[str]] = {}
+        for site in self.sites:
+            names.setdefault(site.lineno, []).append(site.name)
+        width = max((len(s.name) for s in self.sites), default=0)
+        rows = [title]
+        counter = 0
+        for lineno, text in raw:
+            text = text[indent:]
+            if lineno <= self.header_end:
+                mark = "*" if lineno == self.def_lineno else " "
+                rows.append(f"{'':{width}}     {mark:>4}  {text}")
+                continue
+            here = names.get(lineno, [])
+            for extra in here[:-1]:
+                rows.append(f"{extra:{width}} ->  {'':>4}  ⋮")
+            label = f"{here[-1]:{width}} -> " if here else f"{'':{width}}    "
+            rows.append(f"{label} {counter:>4}  {text}")
+            counter += 1
+        return "\n".join(rows)
+
+    def context(self, site: Site, title: str, around: int = 3) -> str:
+        """The lines around one call site, the site marked."""
+        raw = self.lines()
+        indent = _common_indent([text for _, text in raw])
+        rows = [title]
+        for lineno, text in raw:
+            if site.lineno - around <= lineno <= site.end_lineno + around:
+                inside = site.lineno <= lineno <= site.end_lineno
+                rows.append(f"{'-->' if inside else '   '} {text[indent:]}")
+        return "\n".join(rows)
+
+
+class _Rewriter(ast.NodeTransformer):
+    """Names call sites (children first, fields in source order) and routes
+    each call's callee through ``__st_op__``."""
+
+    def __init__(self, analysis: Analysis) -> None:
+        self.analysis = analysis
+        self.counts: dict[str, int] = {}
+        self.top: ast.AST | None = None
+
+    def visit_FunctionDef(self, node: ast.FunctionDef) -> ast.AST:
+        if self.top is None:  # the function itself: rewrite its body only
+            self.top = node
+            node.body = [self.visit(statement) for statement in node.body]
+            return node
+        return self.generic_visit(node)
+
+    visit_AsyncFunctionDef = visit_FunctionDef  # type: ignore[assignment]
+
+    def visit_Call(self, node: ast.Call) -> ast.AST:
+        self.generic_visit(node)
+        if isinstance(node.func, ast.Name) and node.func.id == "super" and not node.args:
+            return node  # zero-argument super() reads its caller's frame: leave it alone
+        base = callee_name(node.func)
+        number = self.counts.get(base, 0)
+        self.counts[base] = number + 1
+        name = f"{base}_{number}"
+        site = Site(name, len(self.analysis.sites), node.lineno, node.end_lineno or node.lineno)
+        self.analysis.sites.append(site)
+        self.analysis.by_name[name] = site
+        node.func = ast.Call(
+            func=ast.Name(id=OP, ctx=ast.Load()),
+            args=[ast.Constant(site.index), node.func],
+            keywords=[],
+        )
+        ast.copy_location(node.func, node)
+        ast.fix_missing_locations(node.func)
+        return node
+
+
+def callee_name(func: ast.expr) -> str:
+    """``a.b.c`` -> ``a_b_c``; ``f(x).split`` -> ``split``."""
+    parts: list[str] = []
+    node = func
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        parts.append(node.id)
+    if not parts:
+        return "call"  # a callee that is itself a call, subscript or lambda, with no attribute
+    return "_".join(reversed(parts))
+
+
+def _bare_def(node: ast.FunctionDef | ast.AsyncFunctionDef) -> ast.FunctionDef | ast.AsyncFunctionDef:
+    bare = copy.deepcopy(node)
+    bare.decorator_list = []  # rebuilt around the copy by `rewrap`, never re-run here
+    bare.returns = None
+    for arg in (*bare.args.posonlyargs, *bare.args.args, *bare.args.kwonlyargs, bare.args.vararg, bare.args.kwarg):
+        if arg is not None:
+            arg.annotation = None
+    bare.args.defaults = []  # taken from the original function object
+    bare.args.kw_defaults = [None] * len(bare.args.kw_defaults)
+    return bare
+
+
+def _compile_shell(node: ast.AST, freevars: tuple[str, ...], filename: str) -> types.CodeType:
+    """Compile ``node`` inside a shell function whose parameters are the
+    original's free variables and ``__st_op__``, so they are closure cells of
+    the result; return the result's code object."""
+    params = [ast.arg(arg=name) for name in (OP, *freevars)]
+    shell = ast.FunctionDef(
+        name=_SHELL,
+        args=ast.arguments(posonlyargs=[], args=params, vararg=None, kwonlyargs=[], kw_defaults=[], kwarg=None, defaults=[]),
+        body=[node, ast.Return(value=ast.Name(id=node.name, ctx=ast.Load()))],
+        decorator_list=[],
+        returns=None,
+    )
+    if "type_params" in ast.FunctionDef._fields:
+        shell.type_params = []  # Python 3.12+
+    module = ast.Module(body=[shell], type_ignores=[])
+    ast.copy_location(shell, node)
+    ast.fix_missing_locations(module)
+    code = compile(module, filename, "exec", dont_inherit=True)
+    shell_code = next(c for c in code.co_consts if isinstance(c, types.CodeType) and c.co_name == _SHELL)
+    return next(c for c in shell_code.co_consts if isinstance(c, types.CodeType) and c.co_name == node.name)
+
+
+def _common_indent(texts: list[str]) -> int:
+    widths = [len(t) - len(t.lstrip()) for t in texts if t.strip()]
+    return min(widths) if widths else 0
+
+
+# -- finding and caching ----------------------------------------------------------
+
+_ANALYSES: dict[types.CodeType, Analysis] = {}
+_TREES: dict[str, tuple[int, ast.Module]] = {}
+
+
+def analyse(fn: types.FunctionType, what: str) -> Analysis:
+    """The (cached) analysis of ``fn``'s body; ``what`` names it in errors."""
+    found = _ANALYSES.get(fn.__code__)
+    if found is None:
+        filename = fn.__code__.co_filename
+        node = _find_def(fn, filename)
+        if node is None:
+            raise SourceError(
+                f"{what}: the source of `{fn.__qualname__}` ({filename}) cannot be found, so its "
+                "operations cannot be named. `.source` needs a function defined in a Python file "
+                "(not in an interactive prompt, `exec`, or compiled code)."
+            )
+        found = Analysis(fn, node, filename)
+        _ANALYSES[fn.__code__] = found
+    return found
+
+
+def _find_def(fn: types.FunctionType, filename: str) -> ast.FunctionDef | ast.AsyncFunctionDef | None:
+    lines = linecache.getlines(filename, fn.__globals__)
+    if not lines:
+        return None
+    cached = _TREES.get(filename)
+    if cached is None or cached[0] != len(lines):
+        try:
+            tree = ast.parse("".join(lines), filename)
+        except SyntaxError:
+            return None
+        cached = (len(lines), tree)
+        _TREES[filename] = cached
+    first = fn.__code__.co_firstlineno
+    for node in ast.walk(cached[1]):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == fn.__name__:
+            start = node.decorator_list[0].lineno if node.decorator_list else node.lineno
+            if first in (start, node.lineno):
+                return node
+    return None
+
+
+# -- decorators ------------------------------------------------------------------
+
+
+def unwrap_chain(fn: types.FunctionType) -> list[types.FunctionType]:
+    """``[fn, what fn wraps, ...]`` down to the function holding the body."""
+    chain = [fn]
+    while True:
+        inner = getattr(chain[-1], "__wrapped__", None)
+        if not isinstance(inner, types.FunctionType) or inner in chain:
+            return chain
+        chain.append(inner)
+
+
+def rewrap(chain: list[types.FunctionType], innermost: types.FunctionType, what: str) -> types.FunctionType:
+    """Copies of the wrappers in ``chain`` around ``innermost`` (the
+    instrumented body) in place of the original body."""
+    current = innermost
+    for wrapper, original in zip(reversed(chain[:-1]), reversed(chain[1:])):
+        cells = wrapper.__closure__ or ()
+        if not any(_holds(cell, original) for cell in cells):
+            raise SourceError(
+                f"{what}: `{wrapper.__qualname__}` is wrapped by a decorator that does not keep the "
+                "function it wraps in a closure, so the forward cannot be rebuilt with its operations "
+                "visible. Use `.source` on the undecorated function's module, or read the module's "
+                "`.input`/`.output` instead."
+            )
+        closure = tuple(types.CellType(current) if _holds(cell, original) else cell for cell in cells)
+        copied = types.FunctionType(wrapper.__code__, wrapper.__globals__, wrapper.__name__, wrapper.__defaults__, closure)
+        copied.__kwdefaults__ = copy.copy(wrapper.__kwdefaults__)
+        functools.update_wrapper(copied, wrapper, updated=())
+        copied.__wrapped__ = current
+        current = copied
+    return current
+
+
+def _holds(cell: types.CellType, value: Any) -> bool:
+    try:
+        return cell.cell_contents is value
+    except ValueError:  # an empty cell
+        return False
