@@ -5,6 +5,8 @@ hand, and HuggingFace's own ``output_attentions``."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -419,3 +421,108 @@ def test_bert_self_attention_matches_the_hand_wrapped_function(minilm_dir, monke
     assert torch.equal(out, seen[0])
     assert torch.allclose(hidden, ref, atol=1e-5)
     assert_pristine(hf)
+
+
+# -- composition with other features ----------------------------------------------------
+
+def _doubled(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs) * 2
+
+    return wrapper
+
+
+class Decorated(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    @_doubled
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.fc(x))
+
+
+def test_a_decorated_forward_keeps_its_decorator():
+    torch.manual_seed(0)
+    module = Decorated().eval()
+    model = Model(module)
+    x = torch.randn(2, 4)
+    with torch.no_grad(), model.trace(x):
+        relu = model.source.torch_relu_0.output.save()
+        out = model.output.save()
+    with torch.no_grad():
+        ref = torch.relu(module.fc(x))
+    assert torch.allclose(relu, ref) and torch.allclose(out, ref * 2)  # the decorator still ran
+    assert_pristine(module)
+
+
+def test_skip_and_source_on_the_same_module_in_either_order(toy):
+    wrapper = nn.Sequential(toy, nn.Linear(8, 8), nn.Tanh())
+    model = Model(wrapper)
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        expected = torch.tanh(wrapper[1](torch.zeros(2, 8)))
+    with torch.no_grad(), model.trace(x):
+        model[0].skip(torch.zeros(2, 8))
+        model[0].source  # instrumented after the skip was set up
+        out = model.output.save()
+    assert torch.allclose(out, expected)
+    assert_pristine(wrapper)
+    with torch.no_grad(), model.trace(x):
+        model[0].source
+        model[0].skip(torch.zeros(2, 8))
+        out = model.output.save()
+    assert torch.allclose(out, expected)
+    assert_pristine(wrapper)
+
+
+def test_persistent_edit_through_source(toy):
+    model = Model(toy)
+    x = torch.randn(3, 4)
+    with model.edit() as edited:
+        model.source.torch_nn_functional_relu_0.output *= 0.5
+    with torch.no_grad(), edited.trace(x):
+        out = edited.output.save()
+    with torch.no_grad(), model.trace(x):
+        plain = model.output.save()
+    with torch.no_grad():
+        ref = toy_reference(toy, x, relu_scale=0.5)["out"]
+    assert torch.allclose(out, ref, atol=1e-6)
+    assert torch.allclose(plain, toy_reference(toy, x)["out"], atol=1e-6)
+    assert_pristine(toy)
+
+
+def test_inputs_assignment_and_builtin_source_error(toy):
+    model = Model(toy)
+    x = torch.randn(2, 4)
+    with torch.no_grad(), model.trace(x):
+        args, kwargs = model.source.torch_tanh_0.inputs
+        model.source.torch_tanh_0.inputs = ((torch.zeros_like(args[0]),), kwargs)
+        cat = model.source.torch_cat_0.output.save()
+    with torch.no_grad():
+        a, _ = toy_reference(toy, x)["split"]
+    assert torch.allclose(cat, torch.cat([a, torch.zeros(2, 4)], dim=-1))  # tanh(0) * 2 == 0
+    with pytest.raises(SourceError, match="not a Python function"):
+        with model.trace(x):
+            model.source.torch_cat_0.source
+    assert_pristine(toy)
+
+
+def test_a_module_with_accelerate_hooks_keeps_them(toy):
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    class Halve(ModelHook):
+        def post_forward(self, module, output):
+            return output * 0.5
+
+    add_hook_to_module(toy, Halve())
+    before = {k: v for k, v in toy.__dict__.items() if k in ("forward", "_old_forward")}
+    model = Model(toy)
+    x = torch.randn(2, 4)
+    with torch.no_grad(), model.trace(x):
+        soft = model.source.softmax_0.output.save()
+        out = model.output.save()
+    ref = toy_reference(toy, x)
+    assert torch.allclose(soft, ref["softmax"]) and torch.allclose(out, ref["out"] * 0.5)
+    assert {k: v for k, v in toy.__dict__.items() if k in ("forward", "_old_forward")} == before

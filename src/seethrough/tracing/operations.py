@@ -7,8 +7,8 @@ for this trace only; the run restores the module when it ends, also after
 an error.  Modules nobody asks about are never touched.
 
 In the copy every call goes through a dispatch function that looks up its
-call site in a list: ``None`` (nobody asked) hands the callee back as it is;
-an :class:`OpRuntime` wraps the call so that the interleaver sees its
+call site in a list: ``None`` (nobody asked) just makes the call; an
+:class:`OpRuntime` reports it, so that the interleaver sees its
 arguments as an ``"input"`` event and its result as an ``"output"`` event —
 the same two events a module has, keyed by the operation's :class:`OpKey`
 instead of the module.  So everything the interleaver does for modules
@@ -17,16 +17,16 @@ operations unchanged.
 
 ``.source`` on an operation descends into the function the call actually
 runs (often a local such as ``attention_interface``): once a body has seen
-the callee at the operation's input event, later calls of that operation in
-the trace run an instrumented copy of the callee, whose own call sites are
-operations under the first.
+the callee at the operation's input event, that call and the later calls of
+the operation in the trace run an instrumented copy of the callee, whose own
+call sites are operations under the first.
 """
 
 from __future__ import annotations
 
 import types
 import weakref
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -118,9 +118,11 @@ class Installed:
         active: list[OpRuntime | None] = [None] * len(analysis.sites)
         self.active = active
 
-        def dispatch(index: int, fn: Any) -> Any:
+        def dispatch(index: int, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
             op = active[index]
-            return fn if op is None else op.wrap(fn)
+            if op is None:
+                return fn(*args, **kwargs)
+            return op.call(fn, args, kwargs)
 
         self.dispatch = dispatch
 
@@ -146,12 +148,6 @@ class OpRuntime:
         self.inner: dict[Analysis, Installed] = {}
         self.built: dict[Any, tuple[types.FunctionType, Any]] = {}
 
-    def wrap(self, fn: Any) -> Callable:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            return self.call(fn, args, kwargs)
-
-        return call
-
     def call(self, fn: Any, args: tuple, kwargs: dict) -> Any:
         interleaver = self.interleaver
         if not interleaver._in_our_forward():
@@ -170,7 +166,7 @@ class OpRuntime:
     def _descended(self, fn: Any) -> Any:
         func, owner = (fn.__func__, fn.__self__) if isinstance(fn, types.MethodType) else (fn, None)
         entry = self.built.get(func)
-        if entry is None or entry[1] is not func:
+        if entry is None:
             if not isinstance(func, types.FunctionType) or isinstance(fn, torch.nn.Module):
                 return fn  # not a Python function: nothing to descend into (`.source` said so)
             what = f"`.source` of operation `{self.key.name}`"
@@ -235,6 +231,7 @@ class RunSources:
         self._check_not_running(module, what)
         run = self.run
         skip = run.skips.get(id(module)) if run.skips else None
+        replacement = skip.replacement if skip is not None else None
         if skip is not None:
             skip.restore()  # put the instrumented forward underneath the skip wrapper
         slot, func, bound = forward_function(module)
@@ -246,7 +243,7 @@ class RunSources:
         self.modules[id(module)] = installed
         if skip is not None:
             again = ForwardSkip(module)
-            again.replacement = skip.replacement
+            again.replacement = replacement
             run.skips[id(module)] = again
         # The module and its ancestors are running whenever a body waits at one
         # of its operations: hook their outputs now, before their calls begin.

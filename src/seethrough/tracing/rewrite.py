@@ -12,10 +12,11 @@ watched.  This module gives both, and nothing else (no tracing state):
   plain name keeps only its attribute names: ``f(x).split(...)`` ->
   ``split``), plus ``_N`` counting the earlier sites of that name from 0.
 * :meth:`Analysis.build` makes a new function object from the rewritten code
-  in which ``callee(args)`` reads ``__st_op__(N, callee)(args)``: the callee
-  and the arguments are evaluated exactly as before, and ``__st_op__``
-  decides per call whether to hand back the callee itself or a wrapper
-  around it.  The copy keeps the original's globals, defaults and closure
+  in which ``callee(a, *b, k=c)`` reads ``__st_op__(N, callee, a, *b, k=c)``:
+  the callee and the arguments are evaluated exactly as before, in the same
+  order, and ``__st_op__`` decides when the call happens whether to just make
+  it or to report it (so an operation asked for while its arguments were
+  being computed is still seen).  The copy keeps the original's globals, defaults and closure
   cells (so ``super()`` and closed-over names work) and its file and line
   numbers (so tracebacks point at the real source).
 
@@ -70,7 +71,7 @@ class Analysis:
         self.code = _compile_shell(rewritten, fn.__code__.co_freevars, filename)
         self._freevars = fn.__code__.co_freevars
 
-    def build(self, fn: types.FunctionType, dispatch: Callable[[int, Any], Any]) -> types.FunctionType:
+    def build(self, fn: types.FunctionType, dispatch: Callable[..., Any]) -> types.FunctionType:
         """A copy of ``fn`` running the rewritten body, its calls going through ``dispatch``."""
         cells = dict(zip(fn.__code__.co_freevars, fn.__closure__ or ()))
         cells[OP] = types.CellType(dispatch)
@@ -158,14 +159,21 @@ class _Rewriter(ast.NodeTransformer):
         site = Site(name, len(self.analysis.sites), node.lineno, node.end_lineno or node.lineno)
         self.analysis.sites.append(site)
         self.analysis.by_name[name] = site
-        node.func = ast.Call(
+        if base in _FRAME_SENSITIVE and isinstance(node.func, ast.Name):
+            return node  # they read the frame that calls them: named, but never routed
+        routed = ast.Call(
             func=ast.Name(id=OP, ctx=ast.Load()),
-            args=[ast.Constant(site.index), node.func],
-            keywords=[],
+            args=[ast.Constant(site.index), node.func, *node.args],
+            keywords=node.keywords,
         )
-        ast.copy_location(node.func, node)
-        ast.fix_missing_locations(node.func)
-        return node
+        ast.copy_location(routed, node)
+        ast.fix_missing_locations(routed)
+        return routed
+
+
+# Builtins that look at their caller's frame: a call through `__st_op__` would
+# show them the wrong one.
+_FRAME_SENSITIVE = frozenset({"locals", "vars", "globals", "dir", "eval", "exec"})
 
 
 def callee_name(func: ast.expr) -> str:
