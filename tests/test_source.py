@@ -19,6 +19,7 @@ import seethrough
 from seethrough import LanguageModel, Model
 from seethrough.errors import ModulePathError, NotInTraceError, OutOfOrderError, SourceError
 from fixtures.models import assert_pristine, hook_state
+from test_server import ALICE, server, smollm2_small_dir  # noqa: F401 - the shared server fixtures
 
 
 class Toy(nn.Module):
@@ -526,3 +527,29 @@ def test_a_module_with_accelerate_hooks_keeps_them(toy):
     ref = toy_reference(toy, x)
     assert torch.allclose(soft, ref["softmax"]) and torch.allclose(out, ref["out"] * 0.5)
     assert {k: v for k, v in toy.__dict__.items() if k in ("forward", "_old_forward")} == before
+
+
+# -- remote: the same body on the server --------------------------------------------------
+
+def remote_body(model, options):
+    with torch.no_grad(), model.trace("The Eiffel Tower is in", **options):
+        attn = model.model.layers[0].self_attn.source
+        out = attn.attention_interface_0.output[0].save()
+        attn.self_o_proj_0.output[:, -1] = 0
+        logits = model.lm_head.output.save()
+    return out, logits
+
+
+@pytest.mark.timeout(300)
+def test_remote_source_gives_identical_values(server, smollm2_small_dir):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the server's workers: bitwise-equal values
+    try:
+        model = LanguageModel(str(smollm2_small_dir))
+        object.__setattr__(model, "_remote_name", "smollm2")
+        local = remote_body(model, {})
+        remote = remote_body(model, {"remote": True, "host": server.url, "api_key": ALICE})
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(local, remote):
+        assert torch.equal(a, b)

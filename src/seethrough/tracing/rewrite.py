@@ -245,7 +245,8 @@ def analyse(fn: types.FunctionType, what: str) -> Analysis:
             raise SourceError(
                 f"{what}: the source of `{fn.__qualname__}` ({filename}) cannot be found, so its "
                 "operations cannot be named. `.source` needs a function defined in a Python file "
-                "(not in an interactive prompt, `exec`, or compiled code)."
+                "(not in an interactive prompt, `exec`, or compiled code) that has not changed since "
+                "it was imported."
             )
         found = Analysis(fn, node, filename)
         _ANALYSES[fn.__code__] = found
