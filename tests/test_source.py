@@ -326,9 +326,10 @@ def smol_eager(smollm2_small):
 
 def test_tutorial_source_on_attention_smollm2(smol_eager, monkeypatch):
     """The tutorial: find the attention call in the printed source, read the
-    attention pattern of a layer, then ablate one head through `.source`."""
+    attention pattern of a layer (compared with the attention function wrapped
+    by hand), then ablate one head through `.source`."""
     hf, tokenizer = smol_eager
-    before = hook_state(hf)  # HuggingFace's own output-capturing hooks may be there
+    before = hook_state(hf)
     model = LanguageModel(hf, tokenizer=tokenizer)
     text = str(model.model.layers[1].self_attn.source)
     assert "attention_interface_0" in text and "self_o_proj_0" in text
@@ -338,17 +339,21 @@ def test_tutorial_source_on_attention_smollm2(smol_eager, monkeypatch):
         pattern = attn.attention_interface_0.output[1].save()
         logits = model.lm_head.output.save()
     assert_pristine(hf, before)
-    with torch.no_grad():
-        ref = hf(**tokenizer(prompt, return_tensors="pt"), output_attentions=True)
-    assert torch.allclose(pattern, ref.attentions[1], atol=1e-6)
-    assert torch.allclose(logits, ref.logits, atol=1e-5)
+    with monkeypatch.context() as patch:
+        seen = _record_eager(patch, modeling_llama, layer=1)
+        with torch.no_grad():
+            ref_logits = hf(**tokenizer(prompt, return_tensors="pt")).logits
+    (_, _, ref_pattern), = seen
+    seq = pattern.shape[-1]
+    assert pattern.shape == (1, 9, seq, seq) and torch.allclose(pattern.sum(-1), torch.ones(1, 9, seq))
+    assert torch.equal(pattern, ref_pattern)
+    assert torch.allclose(logits, ref_logits, atol=1e-5)
 
     head = 4
     with torch.no_grad(), model.trace(prompt):
         out = model.model.layers[1].self_attn.source.attention_interface_0.output[0]  # [batch, seq, heads, dim]
         out[:, :, head] = 0
         ablated = model.lm_head.output.save()
-    before = hook_state(hf)
     original = modeling_llama.eager_attention_forward
 
     def by_hand(module, *args, **kwargs):
