@@ -69,7 +69,6 @@ class Analysis:
         self.by_name: dict[str, Site] = {}
         rewritten = _Rewriter(self).visit(_bare_def(node))
         self.code = _compile_shell(rewritten, fn.__code__.co_freevars, filename)
-        self._freevars = fn.__code__.co_freevars
 
     def build(self, fn: types.FunctionType, dispatch: Callable[..., Any]) -> types.FunctionType:
         """A copy of ``fn`` running the rewritten body, its calls going through ``dispatch``."""
