@@ -33,8 +33,8 @@ import torch
 
 from ..envoy import Envoy
 from ..errors import EnvoyClassError, ModulePathError, SeethroughError, TraceSourceError
-from ..tracing.capture import capture_with_block
 from ..source import ModuleSource
+from ..tracing.capture import capture_with_block
 from ..tracing.run import EditSpec, TraceRun
 from ..tracing.takeover import Takeover, frame_namespace, write_back
 from ..tracing.tracer import Tracer, run_block
