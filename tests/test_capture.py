@@ -4,6 +4,8 @@ the names a body assigns come back as ordinary Python would leave them."""
 
 from __future__ import annotations
 
+import inspect
+
 import os
 import subprocess
 import sys
@@ -55,9 +57,17 @@ def test_unsaved_values_become_helpful_placeholders():
         hidden = model[0].output
         kept = model[2].output.save()
         mixed = [kept, kept * 2]
-    assert "not saved" in repr(hidden)
-    with pytest.raises(NotSavedError, match=r"`hidden` was computed inside the trace at .*test_capture.py:\d+"):
+        late = None
+        late = model[2].output * 3  # the line the message names is the last assignment
+    assigned = inspect.currentframe().f_lineno - 5
+    assert "not saved" in repr(hidden) and f"line {assigned}" in repr(hidden)
+    with pytest.raises(NotSavedError, match=rf"`hidden` was computed inside the trace at .*test_capture.py:\d+.* "
+                                            rf"\(assigned on line {assigned}\).*where it is computed \(line {assigned}\)"):
         hidden.shape
+    with pytest.raises(NotSavedError, match=rf"assigned on line {assigned + 4}\)"):
+        late.sum()
+    with pytest.raises(NotSavedError, match=rf"`mixed\[1\].*assigned on line {assigned + 2}\)"):
+        mixed[1].sum()
     with pytest.raises(NotSavedError):
         hidden + 1
     assert mixed[0] is kept

@@ -105,7 +105,7 @@ def _run_remote(
         holder._result = returned.pop("__result__")
     where = f"at {captured.filename}:{captured.with_lineno} (remote)"
     for name in answer.get("not_saved", []):
-        returned[name] = NotSaved(name, where)
+        returned[name] = NotSaved(name, where, captured.assigned_lines.get(name))
     values.update(returned)
     write_back(frame, values)
     return values

@@ -52,6 +52,7 @@ class CapturedBlock:
     attributes: frozenset[str] = field(default=frozenset())  # attribute names used
     defines_scopes: bool = False  # defines functions/classes/lambdas/generators (they keep its namespace)
     rewrote_saves: bool = False  # has argument-less `X.save()` calls (compiled as seethrough's save)
+    assigned_lines: dict[str, int] = field(default_factory=dict)  # name -> line of its last plain assignment
 
     # What the body may need from a run, decided once from its text.
     @property
@@ -237,6 +238,7 @@ def _build(
         attributes=frozenset(names.attributes),
         defines_scopes=names.defines_scopes,
         rewrote_saves=rewritten is not body,
+        assigned_lines=names.lines,
     )
 
 
@@ -324,6 +326,7 @@ class _NameCollector(ast.NodeVisitor):
 
     def __init__(self) -> None:
         self.stored: set[str] = set()
+        self.lines: dict[str, int] = {}  # where each stored name was last assigned, in source order
         self.loaded: set[str] = set()
         self.attributes: set[str] = set()
         self._depth = 0  # > 0 inside nested function/class/comprehension scopes
@@ -335,6 +338,7 @@ class _NameCollector(ast.NodeVisitor):
             self.loaded.add(node.id)
         elif self._depth == 0:
             self.stored.add(node.id)
+            self.lines[node.id] = node.lineno
 
     def visit_Attribute(self, node: ast.Attribute) -> None:
         self.attributes.add(node.attr)
@@ -345,6 +349,7 @@ class _NameCollector(ast.NodeVisitor):
         # comprehensions of the body that is the body's own scope.
         if isinstance(node.target, ast.Name) and self._function_depth == 0:
             self.stored.add(node.target.id)
+            self.lines[node.target.id] = node.lineno
         self.visit(node.value)
 
     def _scoped(self, node: ast.AST, name: str | None, is_function: bool) -> None:

@@ -391,11 +391,12 @@ class TraceRun:
             ns = self.body.ns
             raw = {n: dict.__getitem__(ns, n) for n in self.captured.stored if dict.__contains__(ns, n)}
         seed = self.seed
+        lines = self.captured.assigned_lines
         out: dict[str, Any] = {}
         for name, value in raw.items():
             if name in seed and seed[name] is value:
                 continue  # never reassigned
-            out[name] = hand_back(name, value, self.saves, replaced, where)
+            out[name] = hand_back(name, value, self.saves, replaced, where, lines.get(name))
         if self.captured.as_name:
             out[self.captured.as_name] = self.tracer
         self._scrub(out, where)
@@ -422,7 +423,7 @@ class TraceRun:
                 if name in out:
                     dict.__setitem__(ns, name, out[name])
                 elif isinstance(value, torch.Tensor) and value not in self.saves:
-                    dict.__setitem__(ns, name, NotSaved(name, where))
+                    dict.__setitem__(ns, name, NotSaved(name, where, self.captured.assigned_lines.get(name)))
 
     def check_weights(self) -> None:
         if not self._weights:

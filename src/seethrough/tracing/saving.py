@@ -164,24 +164,28 @@ class NotSaved:
     Any use raises :class:`NotSavedError` with the fix; ``repr`` says the same
     without raising, so printing it in a notebook explains itself."""
 
-    __slots__ = ("_name", "_where")
+    __slots__ = ("_name", "_where", "_line")
 
-    def __init__(self, name: str, where: Any) -> None:
+    def __init__(self, name: str, where: Any, line: int | None = None) -> None:
         object.__setattr__(self, "_name", name)
         object.__setattr__(self, "_where", where)
+        object.__setattr__(self, "_line", line)  # where the body assigned it, when known
 
     def _error(self) -> NotSavedError:
+        assigned = f" (assigned on line {self._line})" if self._line is not None else ""
         return NotSavedError(
-            f"`{self._name}` was computed inside the trace {self._where} but not saved, so it "
+            f"`{self._name}` was computed inside the trace {self._where}{assigned} but not saved, so it "
             "was not kept. To use it after the trace, save it inside the trace: add `.save()` "
-            f"where it is computed, or call `seethrough.save({self._name})`."
+            f"where it is computed{' (line ' + str(self._line) + ')' if self._line is not None else ''}, "
+            f"or call `seethrough.save({self._name})`."
         )
 
     def save(self) -> Any:  # `x.save()` on it must not pass the placeholder on quietly
         raise self._error()
 
     def __repr__(self) -> str:
-        return f"<not saved: `{self._name}` from the trace {self._where}; use .save() inside the trace>"
+        assigned = f", line {self._line}" if self._line is not None else ""
+        return f"<not saved: `{self._name}` from the trace {self._where}{assigned}; use .save() inside the trace>"
 
     def __getattr__(self, name: str) -> Any:
         raise self._error()
@@ -226,15 +230,16 @@ for _op in (
     setattr(NotSaved, f"__{_op}__", _raiser(f"__{_op}__"))
 
 
-def hand_back(name: str, value: Any, saves: SaveRegistry, replaced: dict[int, Any], where: Any) -> Any:
+def hand_back(name: str, value: Any, saves: SaveRegistry, replaced: dict[int, Any], where: Any,
+              line: int | None = None) -> Any:
     """The value a name gets in the caller's scope after the trace (see module doc)."""
     if id(value) in replaced:
         return replaced[id(value)]
     verdict = _scan(value, saves, [_MAX_WALK])
     if verdict == "unsaved":
-        return NotSaved(name, where)
+        return NotSaved(name, where, line)
     if verdict == "mixed":
-        return _replace_unsaved(value, saves, replaced, name, where)
+        return _replace_unsaved(value, saves, replaced, name, where, line)
     if verdict == "saved" and replaced:
         value = _substitute(value, replaced)
     if type(value) is SavableTuple:
@@ -290,17 +295,18 @@ def _scan(value: Any, saves: SaveRegistry | None, budget: list[int]) -> str:
     return "saved" if "saved" in seen else "plain"
 
 
-def _replace_unsaved(value: Any, saves: SaveRegistry, replaced: dict[int, Any], name: str, where: Any) -> Any:
+def _replace_unsaved(value: Any, saves: SaveRegistry, replaced: dict[int, Any], name: str, where: Any,
+                     line: int | None = None) -> Any:
     """A copy of a container in which unsaved tensors became placeholders."""
     if id(value) in replaced:
         return replaced[id(value)]
     if value in saves:
         return value
     if isinstance(value, torch.Tensor):
-        return NotSaved(f"{name}[...]", where)
+        return NotSaved(f"{name}[...]", where, line)
     if isinstance(value, dict):
-        return {k: _replace_unsaved(v, saves, replaced, f"{name}[{k!r}]", where) for k, v in value.items()}
+        return {k: _replace_unsaved(v, saves, replaced, f"{name}[{k!r}]", where, line) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        items = [_replace_unsaved(v, saves, replaced, f"{name}[{i}]", where) for i, v in enumerate(value)]
+        items = [_replace_unsaved(v, saves, replaced, f"{name}[{i}]", where, line) for i, v in enumerate(value)]
         return items if isinstance(value, list) else tuple(items)
     return value
