@@ -131,14 +131,18 @@ def test_mixed_kinds_are_refused(smol):
 
 
 def test_missing_pad_token_is_a_clear_error(gpt2_dir):
+    # Without a pad token, padding uses the EOS token (tests/test_wrappers.py);
+    # with neither, a clear error.
     tokenizer = AutoTokenizer.from_pretrained(gpt2_dir)
     tokenizer.pad_token = None
+    tokenizer.eos_token = None
     hf = AutoModelForCausalLM.from_pretrained(gpt2_dir).eval()
     hf.config.pad_token_id = None
+    hf.config.eos_token_id = None
     model = LanguageModel(hf, tokenizer=tokenizer)
     with model.trace("same length"):  # one row: no padding needed
         pass
-    with pytest.raises(LanguageModelError, match="pad_token = model.tokenizer.eos_token"):
+    with pytest.raises(LanguageModelError, match="pad or end-of-sequence token"):
         with model.trace(["short", "a much longer input"]):
             pass
 

@@ -34,7 +34,7 @@ from .errors import (
 )
 from .models import LanguageModel, Model
 from .models.language import LanguageModelError
-from .tracing.cache import Cache
+from .tracing.cache import Cache, CacheKeyError
 from .tracing.runtime import save
 from .tracing.tracer import Invoker, Tracer
 
@@ -56,6 +56,7 @@ __all__ = [
     "Tracer",
     "save",
     "BatchError",
+    "CacheKeyError",
     "CrossInvokeError",
     "EnvoyClassError",
     "InvokeError",

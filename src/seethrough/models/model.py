@@ -30,15 +30,20 @@ import sys
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._pytree import tree_map
 
 from ..envoy import Envoy
+from .._frames import describe_location
 from ..errors import EnvoyClassError, ModulePathError, SeethroughError, TraceSourceError
 from ..source import ModuleSource
 from ..tracing.capture import capture_with_block
 from ..tracing.run import EditSpec, TraceRun
+from ..tracing.runtime import current_task
 from ..tracing.takeover import Takeover, frame_namespace, write_back
-from ..tracing.tracer import Tracer, run_block
-from .aliases import split_rename, standard_aliases
+from ..tracing.saving import LazyText
+from ..tracing.tracer import SessionScope, Tracer, enter_session, exit_session, run_block
+from .aliases import has_path, parse_rename, standard_aliases
 from .batching import PreparedInput, concat_inputs, count_rows, to_device
 
 _TRACE_OPTIONS = ("remote", "keep_graph", "host", "blocking", "backend")
@@ -62,12 +67,17 @@ class Model(Envoy):
             envoys = _class_envoys(type(self))
         object.__setattr__(self, "_envoys", _check_envoys(envoys))
         paths, names = standard_aliases(module) if standard_names else ({}, {})
-        if rename:
-            extra_paths, extra_names = split_rename(rename)
-            paths.update(extra_paths)
-            names.update(extra_names)
+        # An alias may not hide what every wrapper answers to (`output`, `trace`, ...).
+        taken = frozenset(name for name in dir(type(self)) if not name.startswith("_"))
+        rules = parse_rename(rename, taken) if rename else []
+        for parts, alias in rules:  # also as the plain maps `envoys=` keys are matched with
+            if len(parts) == 1:
+                names[alias] = parts
+            elif has_path(module, ".".join(parts)):
+                paths[alias] = ".".join(parts)
         object.__setattr__(self, "_path_aliases", paths)
         object.__setattr__(self, "_name_aliases", names)
+        object.__setattr__(self, "_rename_rules", rules)
         object.__setattr__(self, "_edits", [])
 
     # -- the wrapped module -------------------------------------------------------
@@ -79,6 +89,31 @@ class Model(Envoy):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Call the wrapped module, exactly as without the wrapper."""
         return self._module(*args, **kwargs)
+
+    # -- module methods that return the module: here they return the wrapper,
+    # so `NNsight(net).to("cpu").trace(...)` keeps working.
+    def to(self, *args: Any, **kwargs: Any) -> "Model":
+        """``module.to(...)`` on the wrapped module; returns this wrapper."""
+        self._module.to(*args, **kwargs)
+        return self
+
+    def cpu(self) -> "Model":
+        """Move the wrapped module to the CPU; returns this wrapper."""
+        return self.to("cpu")
+
+    def cuda(self, device: Any = None) -> "Model":
+        """Move the wrapped module to a GPU; returns this wrapper."""
+        self._module.cuda(device)
+        return self
+
+    def train(self, mode: bool = True) -> "Model":
+        """``module.train(mode)`` on the wrapped module; returns this wrapper."""
+        self._module.train(mode)
+        return self
+
+    def eval(self) -> "Model":
+        """``module.eval()`` on the wrapped module; returns this wrapper."""
+        return self.train(False)
 
     @property
     def device(self) -> torch.device | None:
@@ -182,6 +217,11 @@ class Model(Envoy):
 
     # -- aliases ------------------------------------------------------------------
     def _resolve_alias(self, envoy: Envoy, name: str) -> Envoy | None:
+        for parts, alias in self._rename_rules:  # the user's rename= first
+            if alias == name:
+                found = _walk(envoy, parts)
+                if found is not None:
+                    return found
         if envoy is self or envoy._path == "":
             path = self._path_aliases.get(name)
             if path is not None:
@@ -196,9 +236,49 @@ class Model(Envoy):
 
     def _alias_names(self, envoy: Envoy) -> list[str]:
         names = list(self._path_aliases) if envoy._path == "" else []
+        names += [alias for parts, alias in self._rename_rules if _walk(envoy, parts) is not None]
         modules = envoy._module._modules
         names += [alias for alias, reals in self._name_aliases.items() if any(r in modules and r != alias for r in reals)]
         return names
+
+    def _real_path(self, key: str) -> str | None:
+        """The real path a string names, read as on the model: ``model`` is the
+        root, then child names, indices and aliases (``'model.layers.0'``).
+        A root that has a child called ``model`` is tried both ways."""
+        relative = "" if key == "model" else (key[6:] if key.startswith("model.") else key)
+        attempts = [relative.split(".") if relative else []]
+        if key.startswith("model."):
+            attempts.append(key.split("."))
+        for parts in attempts:
+            path: str | None = ""
+            for part in parts:
+                path = self._child_path(path, part)
+                if path is None:
+                    break
+            if path is not None:
+                return path
+        return None
+
+    def _child_path(self, path: str, name: str, index_only: bool = False) -> str | None:
+        """The real path of ``name`` under the module at real ``path``: a child
+        name, an index (``-1`` counts from the end), a ``child_`` for a child
+        named like an accessor, or an alias; None if it names nothing (with
+        ``index_only``, only indices of a container count)."""
+        try:
+            envoy = self._envoy_at(path)
+        except ModulePathError:
+            return None
+        modules = envoy._module._modules
+        if name.startswith("-") and name[1:].isdigit():
+            name = str(int(name) + len(modules))
+        if name in modules and modules[name] is not None:
+            return f"{path}.{name}" if path else name
+        if index_only or name.lstrip("-").isdigit():
+            return None
+        if name.endswith("_") and name[:-1] in modules and modules[name[:-1]] is not None:
+            return f"{path}.{name[:-1]}" if path else name[:-1]
+        found = self._resolve_alias(envoy, name)
+        return found._path if found is not None else None
 
     def _envoy_at(self, path: str) -> Envoy:
         envoy: Envoy = self
@@ -219,7 +299,12 @@ class Model(Envoy):
             if isinstance(item, Envoy):
                 out.append(item)
             elif isinstance(item, str):
-                path = item[6:] if item.startswith("model.") else ("" if item == "model" else item)
+                path = self._real_path(item)
+                if path is None:
+                    raise ModulePathError(
+                        f"`{item}` names no module of the model: use a path like 'model.layers.0' "
+                        "(module names, indices and aliases as on the model), or pass the envoy itself."
+                    )
                 out.append(self._envoy_at(path))
             else:
                 raise TypeError(f"modules must be envoys or paths like 'model.layers.0', not {type(item).__name__}.")
@@ -256,6 +341,8 @@ class Model(Envoy):
         api_key: str | None = None,
         blocking: bool = True,
         trace: bool = True,
+        scan: bool = False,
+        validate: bool = False,
         **kwargs: Any,
     ) -> Any:
         """``with model.trace(*inputs) as tracer:`` — run the model on the inputs
@@ -272,12 +359,17 @@ class Model(Envoy):
         ``remote="local"`` runs the server's steps (wire, sandbox, execution)
         in this process, to check a body before submitting it.
         ``trace=False`` (no ``with`` block) runs the model on the inputs,
-        prepared as a trace prepares them, and returns its output."""
+        prepared as a trace prepares them, and returns its output.
+        ``scan=True`` (or nnsight's ``validate=True``) first runs the body as
+        :meth:`scan` does, on fake tensors, so a mistake fails before any real
+        compute; then the trace runs for real and only that run's values are
+        handed back."""
         if not trace:
             return self._call_untraced(args, kwargs, remote)
         return Tracer(
             self, args, kwargs, _forward_backend, has_input=bool(args or kwargs), keep_graph=keep_graph,
             remote=_remote_options(remote, host, api_key, blocking, self.__dict__.get("_remote_host")),
+            pre_scan=self._scan_backend() if scan or validate else None,
         )
 
     def _call_untraced(self, args: tuple, kwargs: dict, remote: bool | str) -> Any:
@@ -291,11 +383,15 @@ class Model(Envoy):
         prepared = self._prepare_input(args, kwargs)
         return self._run_forward(prepared.args, prepared.kwargs)
 
+    def _scan_backend(self) -> Any:
+        """The backend ``scan`` runs with (language models choose by loading state)."""
+        return _scan_backend
+
     def scan(self, *args: Any, **kwargs: Any) -> Tracer:
         """``with model.scan(input):`` — like ``trace``, but on fake tensors: the
         body sees real shapes and dtypes, nothing is computed, weights are not
         touched.  Cheap checks of a trace before running it for real."""
-        return Tracer(self, args, kwargs, _scan_backend, has_input=bool(args or kwargs), what="model.scan(...)")
+        return Tracer(self, args, kwargs, self._scan_backend(), has_input=bool(args or kwargs), what="model.scan(...)")
 
     def edit(self, *, inplace: bool = False) -> "EditContext":
         """``with model.edit() as edited:`` — record the body as an intervention
@@ -373,6 +469,16 @@ def _suffix_matches(parts: list[str], key: str, names: dict | None) -> bool:
     return True
 
 
+def _walk(envoy: Envoy, parts: tuple[str, ...]) -> Envoy | None:
+    """The envoy ``parts`` (real module names) lead to from ``envoy``, or None."""
+    for part in parts:
+        modules = envoy._module._modules
+        if modules.get(part) is None:
+            return None
+        envoy = envoy._child(part)
+    return envoy
+
+
 def _forward_backend(run: TraceRun, args: tuple, kwargs: dict) -> Any:
     return run.model._run_forward(args, kwargs)
 
@@ -380,26 +486,48 @@ def _forward_backend(run: TraceRun, args: tuple, kwargs: dict) -> Any:
 _forward_backend.single_call = True  # type: ignore[attr-defined]  # calls the root module once
 
 
-def _scan_backend(run: TraceRun, args: tuple, kwargs: dict) -> Any:
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils._pytree import tree_map
-
+def fake_forward(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+    """Call ``module`` on fake copies of the inputs: real shapes and dtypes, no
+    compute, weights untouched (they take part as fake tensors too)."""
     mode = FakeTensorMode(allow_non_fake_inputs=True)
 
     def fake(value: Any) -> Any:
         return mode.from_tensor(value) if isinstance(value, torch.Tensor) else value
 
     with mode:
-        fake_args = tree_map(fake, args)
-        fake_kwargs = tree_map(fake, kwargs)
-        return run.model._run_forward(fake_args, fake_kwargs)
+        return module(*tree_map(fake, args), **tree_map(fake, kwargs))
+
+
+def _scan_backend(run: TraceRun, args: tuple, kwargs: dict) -> Any:
+    return fake_forward(run.model._module, args, kwargs)
 
 
 _scan_backend.single_call = True  # type: ignore[attr-defined]
 
 
+class _ApplyingTracer:
+    """``tracer`` of ``with model.edit() as (tracer, edited):``: stands for the
+    tracer of whichever trace applies the edit (``tracer.all()``, ``.iter``)."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        task = current_task()
+        if task is None or task.run is None:
+            raise SeethroughError(
+                f"`tracer.{name}` of `with model.edit() as (tracer, edited)` works inside the edit's "
+                "body, where it stands for the tracer of each trace that applies the edit."
+            )
+        return getattr(task.run.tracer, name)
+
+    def __repr__(self) -> str:
+        return "<the tracer of each trace that applies this edit>"
+
+
 class EditContext:
-    """``with model.edit() as edited:`` (see :meth:`Model.edit`)."""
+    """``with model.edit() as edited:`` or nnsight 0.8's
+    ``with model.edit() as (tracer, edited):`` (see :meth:`Model.edit`).  The
+    body may use ``edited`` (or ``model``) and ``tracer``."""
 
     def __init__(self, model: Model, inplace: bool) -> None:
         self._model = model
@@ -417,9 +545,15 @@ class EditContext:
         frame, captured = takeover.frame, takeover.captured
         seed, globals_, _ = frame_namespace(frame)
         target = self._model if self._inplace else self._model._clone()
-        target._edits.append(EditSpec(captured, seed, globals_))
+        names: dict[str, Any] = {}
         if captured.as_name:
-            write_back(frame, {captured.as_name: target})
+            names[captured.as_name] = target
+        elif captured.as_names:
+            names[captured.as_names[0]] = _ApplyingTracer()
+            names[captured.as_names[1]] = target
+        seed.update(names)  # the body may use what `as` binds
+        target._edits.append(EditSpec(captured, seed, globals_))
+        write_back(frame, names)
         return True
 
 
@@ -457,10 +591,13 @@ def _has_rewritten_saves(frame: Any) -> bool:
 class Session:
     """``with model.session():`` — several traces as one unit of work.
 
-    Locally the traces simply run one after the other, and values saved in one
-    are plain variables in the next (a block with ``X.save()`` calls runs from
-    its compiled source, like a trace body, so that ``.save()`` works on any
-    value at session level too).  Remotely (``remote=True``) the whole
+    Locally the traces simply run one after the other.  As in nnsight, a value
+    a trace computes in the session is usable in the session's later traces
+    without ``.save()``; only what leaves the session needs saving (unsaved
+    values still bound in the session's scope when it ends become
+    :class:`NotSaved` placeholders).  A block with ``X.save()`` calls runs
+    from its compiled source, like a trace body, so that ``.save()`` works on
+    any value at session level too.  Remotely (``remote=True``) the whole
     block is captured and sent as one request: the traces inside run on the
     server, and the names the block assigns come back."""
 
@@ -468,27 +605,44 @@ class Session:
         self._model = model
         self._remote = remote
         self._takeover: Takeover | None = None
+        self._scope: SessionScope | None = None
         self.job: Any = None
 
     def __enter__(self) -> "Session":
         frame = sys._getframe(1)
         if self._remote is not None:
             self._takeover = Takeover.of_block(frame, "model.session()")
-        elif _has_rewritten_saves(frame):
+            return self
+        code, line = frame.f_code, frame.f_lineno
+        where = LazyText(lambda: describe_location(code.co_filename, line))
+        if _has_rewritten_saves(frame):
             # `found = [].save()` at session level: run the block's compiled
-            # source, like a trace body; other sessions run as plain Python.
+            # source, like a trace body (in a namespace of its own, so its
+            # traces' frames are not this one); other sessions run as plain Python.
             self._takeover = Takeover.of_block(frame, "model.session()")
+            self._scope = SessionScope(None, where)
+        else:
+            self._scope = SessionScope(frame, where)
+        enter_session(self._scope)
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
         takeover, self._takeover = self._takeover, None
-        if takeover is None:
+        scope, self._scope = self._scope, None
+        if scope is not None:  # local
+            frame = takeover.frame if takeover is not None else scope.frame
+            try:
+                if takeover is None or not takeover.end(exc_type):
+                    return False
+                run_block(takeover.captured, takeover.frame, (self,))
+                return True
+            finally:
+                exit_session(scope)
+                # Unsaved values lent to the session's scope do not outlive it.
+                snapshot, globals_, module_level = frame_namespace(frame)
+                write_back(frame, scope.leaving(globals_ if module_level else snapshot))
+        if takeover is None or not takeover.end(exc_type):
             return False
-        if not takeover.end(exc_type):
-            return False
-        if self._remote is None:
-            run_block(takeover.captured, takeover.frame, (self,))
-            return True
         from ..remote.backend import run_remote
 
         run_remote(options=self._remote, kind="session", model=self._model, captured=takeover.captured,

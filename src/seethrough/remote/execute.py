@@ -21,7 +21,7 @@ from ..tracing.capture import capture_source_block
 from ..tracing.run import TraceRun
 from ..tracing.runtime import SAVE_METHOD, save_method
 from ..tracing.saving import NotSaved
-from ..tracing.tracer import Tracer
+from ..tracing.tracer import SessionScope, Tracer, enter_session, exit_session
 from . import sandbox
 from .protocol import PORTABLE_LEAVES, Request
 
@@ -60,7 +60,15 @@ def _run(request: Request, served: Any, print_function: Callable[..., Any]) -> d
     captured = capture_source_block(padded, filename, what=f"model.{request.kind}(...)")
     if request.kind == "session":
         namespace[SAVE_METHOD] = save_method  # the session body's own `X.save()` calls
-        exec(captured.code, namespace)
+        # As locally: the session's traces hand unsaved values to later ones;
+        # only saved values leave (the rest come back as not saved).
+        scope = SessionScope(None, f"{filename}:{request.first_line}")
+        enter_session(scope)
+        try:
+            exec(captured.code, namespace)
+        finally:
+            exit_session(scope)
+        namespace.update(scope.leaving(namespace))
         return {name: namespace[name] for name in captured.stored if name in namespace}
     backend = _backend(model, request)
     tracer = Tracer(

@@ -53,6 +53,7 @@ class CapturedBlock:
     defines_scopes: bool = False  # defines functions/classes/lambdas/generators (they keep its namespace)
     rewrote_saves: bool = False  # has argument-less `X.save()` calls (compiled as seethrough's save)
     assigned_lines: dict[str, int] = field(default_factory=dict)  # name -> line of its last plain assignment
+    as_names: tuple[str, ...] = ()  # ``with model.edit() as (tracer, edited)``: the two names
 
     # What the body may need from a run, decided once from its text.
     @property
@@ -164,12 +165,19 @@ def _capture(frame: FrameType, what: str) -> CapturedBlock:
             f"({filename}:{node.lineno}); put it in a `with` statement of its own."
         )
     target = node.items[item_index].optional_vars
-    if target is not None and not isinstance(target, ast.Name):
+    as_names: tuple[str, ...] = ()
+    if (
+        what == "model.edit()" and isinstance(target, (ast.Tuple, ast.List)) and len(target.elts) == 2
+        and all(isinstance(e, ast.Name) for e in target.elts)
+    ):
+        as_names = tuple(e.id for e in target.elts)  # nnsight 0.8: `as (tracer, edited)`
+    elif target is not None and not isinstance(target, ast.Name):
+        form = " (or, for `model.edit()`, two: `as (tracer, edited)`)" if what == "model.edit()" else ""
         raise TraceSourceError(
-            f"`with {what} as ...` must bind a plain name ({filename}:{node.lineno})."
+            f"`with {what} as ...` must bind a plain name{form} ({filename}:{node.lineno})."
         )
     as_name = target.id if isinstance(target, ast.Name) else None
-    return _build(node.body, filename, node.lineno, node.body[0].lineno, as_name, lines, what)
+    return _build(node.body, filename, node.lineno, node.body[0].lineno, as_name, lines, what, as_names)
 
 
 def _find_with(tree: ast.Module, frame: FrameType) -> tuple[ast.With | None, int]:
@@ -212,6 +220,7 @@ def _build(
     as_name: str | None,
     lines: list[str],
     what: str,
+    as_names: tuple[str, ...] = (),
 ) -> CapturedBlock:
     _reject_control_flow(body, filename, what)
     rewritten = _rewrite_saves(body)
@@ -239,6 +248,7 @@ def _build(
         defines_scopes=names.defines_scopes,
         rewrote_saves=rewritten is not body,
         assigned_lines=names.lines,
+        as_names=as_names,
     )
 
 

@@ -377,6 +377,20 @@ class Interleaver:
         args, kwargs = event.value
         if accessor == "inputs":
             new_args, new_kwargs = value
+            if len(new_args) != len(args) or set(new_kwargs) != set(kwargs):
+                # A rebuilt call (`m.inputs = ((x,), kwargs)`): the module is
+                # called with exactly these arguments, as a forward pre-hook
+                # returning them would do; only possible for the whole batch.
+                if rows is None or (rows.start in (0, None) and rows.stop == event.batch_size):
+                    event.value = (tuple(new_args), dict(new_kwargs))
+                    return
+                raise ShapeMismatchError(
+                    f"cannot change which arguments {what} passes from an invoke that sees only rows "
+                    f"{rows.start}:{rows.stop} of the batch (it had {len(args)} positional and "
+                    f"{sorted(kwargs)} keyword arguments, the new value {len(new_args)} and "
+                    f"{sorted(new_kwargs)}): assign the same arguments with new values, or do it in "
+                    "a trace (or an invoke without input) that sees the whole batch."
+                )
             event.value = (
                 tuple(splice(tuple(args), rows, tuple(new_args), event.batch_size, what)),
                 splice(dict(kwargs), rows, dict(new_kwargs), event.batch_size, what),

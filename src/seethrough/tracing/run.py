@@ -377,8 +377,9 @@ class TraceRun:
         return self.flow.deadlock_error(task)
 
     # -- the end ----------------------------------------------------------------
-    def hand_back(self) -> dict[str, Any]:
-        """The names to bind in the caller's scope (see :mod:`.saving`)."""
+    def hand_back(self, in_session: list[str] | None = None) -> dict[str, Any]:
+        """The names to bind in the caller's scope (see :mod:`.saving`;
+        ``in_session`` collects the names handed back unsaved in a session)."""
         replaced = self.saves.finish() if len(self.saves) else {}
         where = LazyText(lambda: f"at {self._where()}")
         flow = self.flow
@@ -396,7 +397,7 @@ class TraceRun:
         for name, value in raw.items():
             if name in seed and seed[name] is value:
                 continue  # never reassigned
-            out[name] = hand_back(name, value, self.saves, replaced, where, lines.get(name))
+            out[name] = hand_back(name, value, self.saves, replaced, where, lines.get(name), in_session)
         if self.captured.as_name:
             out[self.captured.as_name] = self.tracer
         self._scrub(out, where)

@@ -230,12 +230,20 @@ for _op in (
     setattr(NotSaved, f"__{_op}__", _raiser(f"__{_op}__"))
 
 
-def hand_back(name: str, value: Any, saves: SaveRegistry, replaced: dict[int, Any], where: Any,
-              line: int | None = None) -> Any:
-    """The value a name gets in the caller's scope after the trace (see module doc)."""
+def hand_back(
+    name: str, value: Any, saves: SaveRegistry, replaced: dict[int, Any], where: Any,
+    line: int | None = None, in_session: list[str] | None = None,
+) -> Any:
+    """The value a name gets in the caller's scope after the trace (see module
+    doc).  ``in_session`` (a trace inside a local ``model.session()``): unsaved
+    values come back as they are, for the session's later traces, and their
+    names are appended to the list (the session drops them when it ends)."""
     if id(value) in replaced:
         return replaced[id(value)]
     verdict = _scan(value, saves, [_MAX_WALK])
+    if in_session is not None and verdict in ("unsaved", "mixed"):
+        in_session.append(name)
+        return _substitute(value, replaced) if replaced else value
     if verdict == "unsaved":
         return NotSaved(name, where, line)
     if verdict == "mixed":

@@ -11,6 +11,7 @@ scope.  The tracer's methods (``invoke``, ``stop``, ``cache``, ``iter``,
 from __future__ import annotations
 
 import sys
+import threading
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from .._frames import describe_frame, user_frame, where_user_is
@@ -22,11 +23,65 @@ from .interleaver import _EndOfSteps, _StopTrace
 from .namespace import BodyNamespace
 from .run import Backend, TraceRun
 from .runtime import current_task
+from .saving import LazyText, NotSaved
 from .takeover import TAKEN_OVER, Takeover, frame_namespace, write_back
 from .values import narrow
 
 if TYPE_CHECKING:
     from ..models.model import Model
+
+
+_sessions = threading.local()
+
+
+class SessionScope:
+    """The values traces lent to one session's scope unsaved (``model.session()``
+    locally, or a remote session's body on the server): usable by the
+    session's later traces, dropped when it ends."""
+
+    def __init__(self, frame: Any, where: Any) -> None:
+        self.frame = frame  # only names bound in this frame are tracked (None: any)
+        self.where = where
+        self._lent: dict[str, Any] = {}
+
+    def lent(self, frame: Any, values: dict[str, Any], saved: list[Any]) -> None:
+        """A trace handed ``values`` back unsaved into ``frame``; ``saved`` are
+        the values it saved (they leave the session, wherever first computed)."""
+        if saved and self._lent:
+            ids = {id(value) for value in saved}
+            for name in [n for n, value in self._lent.items() if id(value) in ids]:
+                del self._lent[name]
+        if self.frame is None or frame is self.frame:  # a helper's locals go when it returns
+            self._lent.update(values)
+
+    def leaving(self, namespace: dict) -> dict[str, NotSaved]:
+        """Placeholders for the lent values still bound in ``namespace``."""
+        lent, self._lent = self._lent, {}
+        where = LazyText(lambda: f"in the session at {self.where}; only saved values leave a session")
+        return {name: NotSaved(name, where) for name, value in lent.items() if name in namespace and namespace[name] is value}
+
+
+def open_session() -> Any:
+    """The innermost local ``model.session()`` open in this thread, or None."""
+    stack = getattr(_sessions, "stack", None)
+    return stack[-1] if stack else None
+
+
+def enter_session(session: Any) -> None:
+    """Mark ``session`` open: traces inside it hand unsaved values back as they
+    are (calling ``session.lent(frame, values, saved_values)``)."""
+    stack = getattr(_sessions, "stack", None)
+    if stack is None:
+        stack = _sessions.stack = []
+    stack.append(session)
+
+
+def exit_session(session: Any) -> None:
+    stack = getattr(_sessions, "stack", None)
+    if stack and stack[-1] is session:
+        stack.pop()
+    elif stack and session in stack:
+        stack.remove(session)
 
 
 class Tracer:
@@ -44,6 +99,7 @@ class Tracer:
         what: str = "model.trace(...)",
         keep_result: bool = False,
         remote: Any = None,
+        pre_scan: Backend | None = None,
     ) -> None:
         self._model = model
         self._args = args
@@ -62,6 +118,8 @@ class Tracer:
         self._keep_result = keep_result
         self._remote = remote  # RemoteOptions when the block runs on a server
         self.job: Any = None  # the remote request's handle (remote=True)
+        # `trace(..., scan=True)`: the scan backend to run the body with first
+        self._pre_scan = pre_scan
 
     # -- the with block -----------------------------------------------------------
     def __enter__(self) -> "Tracer":
@@ -83,6 +141,8 @@ class Tracer:
                     "the body instead, or put the breakpoint inside it."
                 )
             return False
+        if self._pre_scan is not None:
+            self._scan_first(frame)
         if self._remote is not None:
             self._run_remotely(frame)
             return True
@@ -109,6 +169,23 @@ class Tracer:
         self._finish(run, frame)
         return True
 
+    def _scan_first(self, frame: Any) -> None:
+        """``trace(..., scan=True)``: run the body once on fake tensors (see
+        ``model.scan``) and drop what it assigned; a mistake fails here, before
+        any real compute."""
+        seed, globals_, _ = frame_namespace(frame)
+        run = TraceRun(
+            self._model, self._captured, self, seed, globals_,
+            (self._args, self._kwargs) if self._has_input else None, self._pre_scan,
+        )
+        try:
+            run.execute()
+        except BaseException as error:
+            run.clean_traceback(error)
+            raise
+        finally:
+            run.release()
+
     def _run_remotely(self, frame: Any) -> None:
         from ..remote.backend import run_remote
 
@@ -121,8 +198,12 @@ class Tracer:
 
     def _finish(self, run: TraceRun, frame: Any) -> None:
         try:
-            values = run.hand_back()
+            session = open_session()
+            unsaved: list[str] | None = [] if session is not None else None
+            values = run.hand_back(unsaved)
             write_back(frame, values)
+            if session is not None:
+                session.lent(frame, {name: values[name] for name in unsaved}, run.saves.values())
         finally:
             if self._keep_result:
                 self._result = run.output
@@ -163,7 +244,7 @@ class Tracer:
         task = self._task("cache(...)")
         run = task.run
         envoys = self._model._resolve_modules(modules)
-        cache = Cache(envoys, include_output, include_inputs, not detach)
+        cache = Cache(envoys, include_output, include_inputs, not detach, root=self._model)
         run.add_cache(cache)
         return cache
 
