@@ -62,6 +62,22 @@ def test_session_in_a_function_and_saved_values_leave(mlp):
     assert torch.allclose(kept, ref) and kept is h  # saved in the second trace: it leaves
 
 
+def test_session_with_session_level_save_also_lends(mlp):
+    model = seethrough.Model(mlp)
+    x1, x2 = torch.randn(2, 4), torch.randn(2, 4)
+    with torch.no_grad():
+        with model.session():
+            outputs = [].save()  # a session-level .save(): the block runs from its source
+            with model.trace(x1):
+                hidden = model.fc1.output
+            with model.trace(x2):
+                model.fc1.output = hidden
+                outputs.append(model.output.save())
+    assert len(outputs) == 1 and torch.allclose(outputs[0], mlp(x1))
+    with pytest.raises(NotSavedError):
+        hidden.sum()
+
+
 def test_outside_a_session_unsaved_values_still_do_not_leave(mlp):
     model = seethrough.Model(mlp)
     with torch.no_grad():
