@@ -39,6 +39,8 @@ def serve(settings: Settings, prog: str = "seethrough serve") -> int:
     except WorkerStartError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 1
+    line, complete = runtime.isolation_line()
+    (logger.info if complete and settings.isolation != "off" else logger.warning)("%s", line)
     try:
         config = uvicorn.Config(create_app(runtime), host=settings.host, port=settings.port,
                                 log_level=settings.log_level, timeout_graceful_shutdown=3, access_log=False)

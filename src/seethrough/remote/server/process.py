@@ -16,6 +16,12 @@ Start methods (:func:`start_context`, ``--start-method``):
   from it.  Workers still inherit nothing from the API process, and no worker
   from another, but a replacement is ready in about the time its weights take
   to load instead of seconds of imports.
+
+Either way the worker isolates itself once its model is loaded
+(:mod:`.isolation`) and says so in its ``ready`` message; with
+``--request-process fork`` it then runs each request in a process forked
+from itself (:mod:`.forking`), so a timeout or a crash costs that process,
+not the loaded model.
 """
 
 from __future__ import annotations
@@ -83,6 +89,9 @@ class WorkerProcess:
         self.conn: Any = None
         self.info: dict | None = None
         self.memory = ""
+        self.isolation = ""  # the worker's one-line account of what is isolated
+        self.isolation_missing: list[str] = []
+        self.request_process = "reuse"  # "fork": a process per request (the worker enforces the time limit)
         self.started = 0.0
         self._max_message = options.max_result_bytes + framing.MAX_HEADER_BYTES + 4096
 
@@ -128,6 +137,10 @@ class WorkerProcess:
             raise WorkerStartError(f"the worker for {self.options.name!r} sent an unreadable description ({error})") from None
         self.info = info if isinstance(info, dict) else {}
         self.memory = str(message.fields.get("memory", ""))
+        self.isolation = str(message.fields.get("isolation", ""))
+        missing = message.fields.get("isolation_missing")
+        self.isolation_missing = [str(name) for name in missing] if isinstance(missing, list) else []
+        self.request_process = "fork" if message.fields.get("request_process") == "fork" else "reuse"
         return self.info
 
     @property

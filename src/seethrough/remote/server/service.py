@@ -43,6 +43,7 @@ logger = logging.getLogger("seethrough.server")
 
 _POSITION_UPDATES = 100  # queued jobs told their new position after each dequeue
 _START_ATTEMPTS = 3
+_FORK_BACKSTOP_S = 30.0  # extra time before the API kills a forking worker that missed its own deadline
 
 
 class WorkerSlot:
@@ -108,7 +109,10 @@ class WorkerSlot:
                 service.fail(job, server_error("RemoteError", f"the model {service.spec.name!r} is unavailable"))
                 return
             self.worker.send_run(payload, job.id)
-        deadline = time.monotonic() + service.settings.timeout
+        # A forking worker kills a request past the limit itself and lives on; the API's
+        # own deadline then only backs it up (a worker that stopped answering at all).
+        forking = self.worker.request_process == "fork"
+        deadline = time.monotonic() + service.settings.timeout + (_FORK_BACKSTOP_S if forking else 0.0)
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -133,6 +137,13 @@ class WorkerSlot:
             if message.type == "answer":
                 self._answered(job, message)
                 return
+            if message.type == "timeout" and forking:
+                self._timed_out(job, worker_survives=True)
+                return
+            if message.type == "crashed" and forking:
+                how = message.fields.get("how")
+                self._crashed(job, how if isinstance(how, str) else "it ended without an answer", worker_survives=True)
+                return
             self.worker.kill()
             self._crashed(job, f"it sent an unexpected {message.type!r} message")
             return
@@ -147,29 +158,34 @@ class WorkerSlot:
                            self.service.spec.name, job.id, message.fields.get("reason"))
             self._replace()
 
-    def _timed_out(self, job: Job) -> None:
+    def _timed_out(self, job: Job, worker_survives: bool = False) -> None:
         limit = self.service.settings.timeout
-        self.worker.kill()
-        logger.warning("%s: request %s ran past %.0f s; worker killed", self.service.spec.name, job.id, limit)
+        if not worker_survives:
+            self.worker.kill()
+        what = "its request process was killed" if worker_survives else "its worker process was killed and replaced"
+        logger.warning("%s: request %s ran past %.0f s; %s", self.service.spec.name, job.id, limit, what)
         self.service.fail(job, server_error(
             "TimeoutError",
-            f"the request ran for longer than this server's limit of {limit:g} s and was stopped (its worker "
-            "process was killed and replaced). Make the body do less (fewer tokens, smaller batches, no endless "
-            "loops), or ask the server's operator to raise --timeout.",
+            f"the request ran for longer than this server's limit of {limit:g} s and was stopped ({what}). "
+            "Make the body do less (fewer tokens, smaller batches, no endless loops), or ask the server's "
+            "operator to raise --timeout.",
             module="builtins", filename=job.filename))
-        self._replace()
+        if not worker_survives:
+            self._replace()
 
-    def _crashed(self, job: Job, how: str) -> None:
-        logger.warning("%s: worker died during request %s (%s)", self.service.spec.name, job.id, how)
+    def _crashed(self, job: Job, how: str, worker_survives: bool = False) -> None:
+        process = "request process" if worker_survives else "worker process"
+        logger.warning("%s: the %s died during request %s (%s)", self.service.spec.name, process, job.id, how)
         read_only = bool((self.service.info or {}).get("read_only_weights"))
         causes = ("it ran out of memory, or the body wrote to the model's weights, which are read-only memory on "
                   "this server (e.g. `weight[:] = 0`, `weight.data.zero_()`); edit activations (`.output`, "
                   "`.input`) instead" if read_only else "it ran out of memory, or it was killed")
         self.service.fail(job, server_error(
             "WorkerCrashedError",
-            f"the worker process running this request died ({how}), so the request failed. Likely causes: "
-            f"{causes}. A fresh worker serves the next request.", filename=job.filename))
-        self._replace()
+            f"the {process} running this request died ({how}), so the request failed. Likely causes: "
+            f"{causes}. A fresh {process} serves the next request.", filename=job.filename))
+        if not worker_survives:
+            self._replace()
 
     def _replace(self) -> bool:
         """Put a fresh worker in place of the current one; False if none could start."""
@@ -193,6 +209,8 @@ class ModelService:
         self.store = store
         self.queue = FairQueue(settings.max_queued, settings.max_queued_per_key)
         self.info: dict | None = None
+        self.isolation = ""  # what the first worker said it isolated (one line)
+        self.isolation_missing: list[str] = []
         self.stopping = False
         self.slots = [WorkerSlot(self, index) for index in range(settings.workers_per_model)]
         self._lock = threading.Lock()
@@ -206,7 +224,8 @@ class ModelService:
             read_only_weights=settings.read_only_weights, max_request_bytes=settings.max_request_bytes,
             max_unpacked_bytes=settings.max_unpacked_bytes, max_result_bytes=settings.max_result_bytes,
             max_log_lines=settings.max_log_lines, max_log_bytes=settings.max_log_bytes, threads=settings.threads,
-            log_level=settings.log_level,
+            log_level=settings.log_level, timeout=settings.timeout, isolation=settings.isolation,
+            request_process=settings.request_process,
         )
 
     # -- workers ------------------------------------------------------------------------
@@ -219,6 +238,7 @@ class ModelService:
             for slot, worker in zip(self.slots, workers):
                 self.info = worker.wait_ready(self.settings.startup_timeout)
                 slot.worker, slot.state = worker, "idle"
+                self.isolation, self.isolation_missing = worker.isolation, worker.isolation_missing
         except WorkerStartError:
             for worker in workers:
                 worker.kill()
@@ -348,6 +368,14 @@ class ServerRuntime:
 
     def health(self) -> dict:
         return {name: service.health() for name, service in self.services.items()}
+
+    def isolation_line(self) -> tuple[str, bool]:
+        """One line for the start-up log: what the workers isolate; and whether all of it is."""
+        lines = {service.isolation for service in self.services.values()}
+        complete = not any(service.isolation_missing for service in self.services.values())
+        if len(lines) == 1:
+            return next(iter(lines)), complete
+        return " | ".join(f"{name}: {service.isolation}" for name, service in self.services.items()), complete
 
 
 def _local_folder(source: str) -> str | None:

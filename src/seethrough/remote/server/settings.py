@@ -75,6 +75,8 @@ class Settings:
     spool_dir: str | None = None  # None: a fresh temporary folder, removed at shutdown
     max_stored_bytes_per_key: int = 2 * 1024**3  # bodies, results and printed lines kept per key
     max_jobs_per_key: int = 200  # queued, running and kept requests per key
+    isolation: str = "best-effort"  # required | best-effort | off (see .isolation)
+    request_process: str = "auto"  # fork | reuse | auto (fork unless the model uses CUDA)
 
 
 def parse_size(text: str | int) -> int:
@@ -186,6 +188,16 @@ def build_parser(prog: str = "seethrough serve") -> argparse.ArgumentParser:
     parser.add_argument("--max-jobs-per-key", type=int, default=200, metavar="N",
                         help="requests (queued, running, or finished and not yet expired or deleted) one API key may "
                              "have; past it new requests get 429 (default 200)")
+    parser.add_argument("--isolation", default="best-effort", choices=("required", "best-effort", "off"),
+                        help="wall each worker off from the host: own network namespace (no network), read-only "
+                             "file system but a private /tmp, minimal environment, its own unprivileged uid, process "
+                             "and open-file limits. 'required': refuse to start when the OS refuses a step; "
+                             "'best-effort' (default): start anyway and say at start-up what is not isolated; 'off'")
+    parser.add_argument("--request-process", default="auto", choices=("auto", "fork", "reuse"),
+                        help="'fork': run each request in a process forked from the loaded model (copy-on-write, "
+                             "nothing a request changes outlives it); 'reuse': run requests in the worker and "
+                             "replace it when a request changed anything; 'auto' (default): fork unless the model "
+                             "is on a CUDA device")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                         help="how much the server logs (default info)")
     return parser
@@ -239,4 +251,6 @@ def parse_args(argv: list[str] | None = None, prog: str = "seethrough serve") ->
         spool_dir=options.spool_dir,
         max_stored_bytes_per_key=parse_size(options.max_stored_bytes_per_key),
         max_jobs_per_key=options.max_jobs_per_key,
+        isolation=options.isolation,
+        request_process=options.request_process,
     )

@@ -1,23 +1,33 @@
-"""The worker process: one loaded model, one request at a time.
+"""The worker process: one loaded model; each request in a process of its own.
 
-Started by the API process (``multiprocessing``, spawn context) with
-:func:`run_worker`.  It loads its model once (``LanguageModel(source,
-dispatch=True)``), makes the CPU weights read-only, warms the model up,
-fingerprints it (:mod:`.guard`), caps its own address space
-(``RLIMIT_AS``: its size now plus the per-request budget) and sends
-``ready`` with the model's description.  Then, for each ``run`` message:
+Started by the API process (``multiprocessing``) with :func:`run_worker`.
+It loads its model once (``LanguageModel(source, dispatch=True)``), makes
+the CPU weights read-only, warms the model up and fingerprints it
+(:mod:`.guard`), walls itself off from the host (:mod:`.isolation`:
+network and mount namespaces, a minimal environment, its own uid, limits)
+and sends ``ready`` with the model's description and what is isolated.
+Then, for each ``run`` message, one of two request models
+(``--request-process``):
 
-1. unpack the wire bytes and check the request (:mod:`..protocol`);
-2. :func:`~seethrough.remote.execute.execute` it, with ``print`` (and
-   ``sys.stdout``) streaming each printed line to the API process as it is
-   printed (capped per request in lines and bytes);
-3. check the model against its fingerprint; if the request changed it, the
-   answer becomes an error and the worker asks to be replaced;
-4. send the wire-packed answer back.
+* ``fork`` (the default for CPU models): :class:`~.forking.RequestForker`
+  forks a request process from this loaded, read-only one (copy-on-write,
+  no reload) which runs the request and dies; whatever the body changed
+  dies with it.  The wall-clock limit kills only that process (``timeout``
+  message), as does a crash (``crashed``); this worker lives on.
+* ``reuse`` (CUDA models, where ``fork`` is impossible): the request runs
+  here; afterwards the model (:class:`~.guard.ModelGuard`) and everything
+  else a body could reach (:class:`~.fingerprint.StateFingerprint`) are
+  compared with their state at start-up, and on any change the answer
+  becomes an error and the worker asks to be replaced.  The API process
+  enforces the wall-clock limit by killing this process.
 
-A request that allocates past the memory limit gets a ``MemoryError`` (or
-torch's allocation ``RuntimeError``) as its answer; anything worse kills
-the process, and the API process answers for it and starts a new worker.
+Running a request: unpack the wire bytes and check them (:mod:`..protocol`);
+:func:`~seethrough.remote.execute.execute` it, with ``print`` (and
+``sys.stdout``) streaming each printed line to the API process as it is
+printed (capped per request in lines and bytes); check the model against
+its fingerprint; send the wire-packed answer back.  A request that
+allocates past the memory limit (``RLIMIT_AS``: the size of the process
+plus the per-request budget) gets a ``MemoryError`` as its answer.
 """
 
 from __future__ import annotations
@@ -36,7 +46,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import framing
+from . import framing, isolation
+from .fingerprint import StateFingerprint
+from .forking import RequestForker, address_space, limit_address_space
 
 __all__ = ["LogStream", "WorkerOptions", "describe_model", "run_worker"]
 
@@ -62,6 +74,11 @@ class WorkerOptions:
     max_log_bytes: int
     threads: int | None = None
     log_level: str = "info"
+    timeout: float = 300.0  # wall-clock seconds per request (enforced here in the fork model)
+    isolation: str = "best-effort"  # see .isolation.LEVELS
+    request_process: str = "auto"  # "fork", "reuse", or "auto": fork unless the model uses CUDA
+
+REQUEST_PROCESSES = ("auto", "fork", "reuse")
 
 
 class LogStream:
@@ -196,28 +213,15 @@ def _die_with_parent() -> None:
     threading.Thread(target=watch, name="seethrough-parent-watchdog", daemon=True).start()
 
 
-def _address_space() -> int | None:
-    try:
-        with open("/proc/self/statm", encoding="ascii") as handle:
-            return int(handle.read().split()[0]) * resource.getpagesize()
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def _limit_memory(budget: int | None, uses_cuda: bool) -> str:
     """Cap the address space at its current size plus ``budget``; say what was done."""
     if budget is None:
         return "no memory limit"
     if uses_cuda:
         return "no memory limit (RLIMIT_AS would break CUDA)"
-    current = _address_space()
-    if current is None:
+    limit = limit_address_space(budget)
+    if limit is None:
         return "no memory limit (cannot read this process's size on this platform)"
-    limit = current + budget
-    _, hard = resource.getrlimit(resource.RLIMIT_AS)
-    if hard != resource.RLIM_INFINITY and hard < limit:
-        limit = hard
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     return f"memory limit {limit / 2**30:.2f} GiB of address space ({budget / 2**30:.2f} GiB per request)"
 
 
@@ -255,19 +259,34 @@ def _forward_and_generate(model: Any, ids: Any) -> None:
 def run_worker(conn: Any, options: WorkerOptions) -> None:
     """Entry point of a worker process (see the module docs)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the API process's business
-    _die_with_parent()
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     logging.basicConfig(level=options.log_level.upper(), format=f"%(asctime)s worker[{options.name}] %(message)s")
     try:
-        state = _load(options)
+        model, guard, info = _load(options)
+        fork = _choose_request_process(options.request_process, _uses_cuda(model))
+        fingerprint = None if fork else StateFingerprint(model._model, model.tokenizer)
+        readable = (options.source,) if os.path.isdir(options.source) else ()
+        report = isolation.isolate(options.isolation, readable=readable)
     except Exception as error:  # noqa: BLE001 - any load failure is reported to the API process
         conn.send_bytes(framing.encode("failed", message=f"{type(error).__name__}: {error}"[:_MAX_ERROR_FIELD]))
         return
-    model, guard, info = state
-    memory = _limit_memory(options.memory_limit, _uses_cuda(model))
-    logger.info("serving %s from %s (pid %d, %s)", options.name, options.source, os.getpid(), memory)
-    conn.send_bytes(framing.encode("ready", json.dumps(info).encode("utf-8"), pid=os.getpid(), memory=memory))
+    _die_with_parent()  # after isolating: a user namespace needs a single-threaded process
+    if fork:
+        private_tmp = isolation.PRIVATE_TMP if report.steps.get("file system") is True else None
+        forker = RequestForker(options.timeout, options.memory_limit,
+                               options.max_result_bytes + framing.MAX_HEADER_BYTES + 4096, private_tmp)
+        memory = ("no memory limit" if options.memory_limit is None else
+                  f"memory limit: each request process may grow {options.memory_limit / 2**30:.2f} GiB past the "
+                  f"model process ({(address_space() or 0) / 2**30:.2f} GiB of address space)")
+    else:
+        forker = None
+        memory = _limit_memory(options.memory_limit, _uses_cuda(model))
+    mode = "fork" if fork else "reuse"
+    logger.info("serving %s from %s (pid %d, requests: %s, %s)", options.name, options.source, os.getpid(), mode, memory)
+    conn.send_bytes(framing.encode("ready", json.dumps(info).encode("utf-8"), pid=os.getpid(), memory=memory,
+                                   isolation=report.summary(), isolation_missing=sorted(report.missing),
+                                   request_process=mode))
     while True:
         try:
             message = framing.decode(conn.recv_bytes())
@@ -278,13 +297,43 @@ def run_worker(conn: Any, options: WorkerOptions) -> None:
         if message.type != "run":
             continue
         started = time.perf_counter()
-        answer, error, problems = _handle(conn, message.payload, model, guard, options)
+        if forker is not None:
+            _run_forked(conn, forker, message.payload, model, guard, options)
+            replace = False
+        else:
+            answer, error, problems = _handle(conn, message.payload, model, guard, options, fingerprint)
+            conn.send_bytes(framing.encode(
+                "answer", answer, error=error, replace=bool(problems), reason="; ".join(problems) or None,
+            ))
+            replace = bool(problems)
         logger.debug("request %s handled in %.1f ms", message.fields.get("job"), 1e3 * (time.perf_counter() - started))
-        conn.send_bytes(framing.encode(
-            "answer", answer, error=error, replace=bool(problems), reason="; ".join(problems) or None,
-        ))
-        if problems:
+        if replace:
             return  # the model is no longer the one loaded: the API process starts a fresh worker
+
+
+def _choose_request_process(wanted: str, uses_cuda: bool) -> bool:
+    """True: fork a process per request; False: run requests here and check the state after each."""
+    if wanted not in REQUEST_PROCESSES:
+        raise ValueError(f"unknown request process model {wanted!r}; use one of {', '.join(REQUEST_PROCESSES)}")
+    if wanted == "fork" and uses_cuda:
+        raise RuntimeError("--request-process fork is impossible for a model on a CUDA device (CUDA does not "
+                           "survive fork); use --request-process auto or reuse")
+    return wanted == "fork" or (wanted == "auto" and not uses_cuda)
+
+
+def _run_forked(conn: Any, forker: RequestForker, payload: bytes, model: Any, guard: Any,
+                options: WorkerOptions) -> None:
+    """One request in a forked request process; its messages are relayed whole to the API process."""
+
+    def work(child: Any) -> None:
+        answer, error, _ = _handle(child, payload, model, guard, options, None, forked=True)
+        child.send_bytes(framing.encode("answer", answer, error=error, replace=False, reason=None))
+
+    outcome = forker.run(work, conn.send_bytes)
+    if outcome.kind == "timeout":
+        conn.send_bytes(framing.encode("timeout"))
+    elif outcome.kind == "crashed":
+        conn.send_bytes(framing.encode("crashed", how=outcome.how))
 
 
 def _uses_cuda(model: Any) -> bool:
@@ -314,8 +363,12 @@ def _load(options: WorkerOptions) -> tuple[Any, Any, dict]:
     return model, guard, info
 
 
-def _handle(conn: Any, payload: bytes, model: Any, guard: Any, options: WorkerOptions) -> tuple[bytes, Any, list[str]]:
-    """Run one request; return (packed answer, error dict or None, problems with the model)."""
+def _handle(conn: Any, payload: bytes, model: Any, guard: Any, options: WorkerOptions, fingerprint: Any = None,
+            forked: bool = False) -> tuple[bytes, Any, list[str]]:
+    """Run one request; return (packed answer, error dict or None, problems with the model).
+
+    ``forked``: this is a request process, whose changes die with it (a change is
+    still reported, so that no result computed on a changed model goes back)."""
     from ... import __version__
     from .. import wire
     from ..execute import execute
@@ -335,11 +388,15 @@ def _handle(conn: Any, payload: bytes, model: Any, guard: Any, options: WorkerOp
         stream.finish()
         del request
     problems = guard.check()
+    if fingerprint is not None:
+        problems += [f"{name} changed" for name in fingerprint.changes()]
     if problems:
+        after = ("the change died with the request's own process, so the next request sees the model as loaded"
+                 if forked else "the server reloads the model")
         answer = {"error": _error(
             "WeightsModifiedError",
-            "this request changed the served model, so its results were discarded and the server reloads the "
-            f"model: {'; '.join(problems)}. Edit activations inside the trace (`.output`, `.input`, `.skip()`) "
+            f"this request changed the served model, so its results were discarded ({after}): "
+            f"{'; '.join(problems)}. Edit activations inside the trace (`.output`, `.input`, `.skip()`) "
             "instead; the served model's weights, modules and config must stay as they are.",
             module="seethrough.errors",
         )}

@@ -1,0 +1,255 @@
+"""One process per request, forked from the loaded model process (copy-on-write).
+
+The worker loads its model once; for each request :class:`RequestForker`
+forks a *request process* that shares the loaded model's memory
+copy-on-write (nothing is reloaded) and runs the request there.  Whatever
+the body changes — modules, configs, the tokenizer, class attributes,
+caches, the RNG, the private ``/tmp`` — changes only in that process, and
+dies with it: the model process itself never runs strangers' code.
+
+The request process sends its messages (printed lines, then the answer) to
+the model process over a pipe of its own; the model process relays each
+*whole* message to the API process.  So a request process that is killed
+halfway through a message leaves the API's pipe intact, and the model
+process can say what happened:
+
+* an answer                       -> ``answered``;
+* the process ended without one   -> ``crashed`` (how: exit status or signal);
+* past the wall-clock limit       -> ``timeout`` (SIGKILL first).
+
+After each request nothing of it remains: the request process runs in its
+own process group and is reaped; the model process is a *child subreaper*,
+so anything the request started that escaped the group (``setsid``, double
+forks) is re-parented to it, killed and reaped too; the private ``/tmp``
+is emptied.  The request process also dies with the model process
+(``PR_SET_PDEATHSIG``).  Its address space is capped at its size at fork
+plus the per-request budget (``RLIMIT_AS``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import json
+import logging
+import os
+import resource
+import shutil
+import signal
+import struct
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, Callable
+
+__all__ = ["Outcome", "RequestForker", "address_space", "limit_address_space"]
+
+logger = logging.getLogger("seethrough.server.worker")
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+_LENGTH = struct.Struct("<I")
+_SWEEP_ROUNDS = 50
+
+
+@dataclass
+class Outcome:
+    """How a request process ended."""
+
+    kind: str  # "answered", "crashed" or "timeout"
+    how: str = ""  # for "crashed": the exit status or signal, in words
+    pid: int = 0
+    leftovers: int = 0  # processes the request left behind (killed)
+
+
+def address_space() -> int | None:
+    """This process's address space in bytes (None where /proc cannot tell)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as handle:
+            return int(handle.read().split()[0]) * resource.getpagesize()
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def limit_address_space(budget: int | None) -> int | None:
+    """Cap the address space at its current size plus ``budget``; return the limit."""
+    if budget is None:
+        return None
+    current = address_space()
+    if current is None:
+        return None
+    limit = current + budget
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY and hard < limit:
+        limit = hard
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    return limit
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def _message_type(data: bytes) -> str | None:
+    """The type of a framed message, reading only its header (the payload may be large)."""
+    if len(data) < _LENGTH.size:
+        return None
+    (length,) = _LENGTH.unpack_from(data)
+    try:
+        header = json.loads(bytes(memoryview(data)[_LENGTH.size:_LENGTH.size + length]))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return header.get("type") if isinstance(header, dict) else None
+
+
+def _describe_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = f"signal {number}"
+        return f"it was killed by {name}"
+    if os.WIFEXITED(status):
+        return f"it exited with status {os.WEXITSTATUS(status)} without an answer"
+    return "it ended without an answer"
+
+
+class RequestForker:
+    """Forks, watches and cleans up after request processes (see the module docs)."""
+
+    def __init__(self, timeout: float, memory_budget: int | None, max_message: int,
+                 private_tmp: str | None = None) -> None:
+        self.timeout = timeout
+        self.memory_budget = memory_budget
+        self.max_message = max_message
+        self.private_tmp = private_tmp
+        self._libc = _libc()
+        # Orphans of a request (a daemonised grandchild) come to this process, not to init.
+        self.subreaper = self._libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+        gc.freeze()  # the loaded model's objects: not scanned, so not copied, by a request's collector
+
+    def run(self, work: Callable[[Connection], None], relay: Callable[[bytes], None]) -> Outcome:
+        """Run ``work(connection)`` in a request process; hand each message it sends to ``relay``."""
+        reader_fd, writer_fd = os.pipe()
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # the request process
+            status = 70
+            try:
+                os.close(reader_fd)
+                self._enter_child(parent)
+                work(Connection(writer_fd, readable=False))
+                status = 0
+            except BaseException:  # noqa: BLE001 - nothing may escape a forked child
+                logger.exception("request process failed outside the request")
+            finally:
+                os._exit(status)
+        os.close(writer_fd)
+        reader = Connection(reader_fd, writable=False)
+        try:
+            outcome = self._watch(pid, reader, relay)
+        finally:
+            reader.close()
+        outcome.leftovers = self._clean_up(pid)
+        return outcome
+
+    # -- the request process ------------------------------------------------------------------
+    def _enter_child(self, parent: int) -> None:
+        os.setpgid(0, 0)  # its own process group: one kill reaches whatever it starts
+        self._libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != parent:  # the model process died between fork and prctl
+            os._exit(1)
+        limit_address_space(self.memory_budget)
+
+    # -- the model process --------------------------------------------------------------------
+    def _watch(self, pid: int, reader: Connection, relay: Callable[[bytes], None]) -> Outcome:
+        deadline = time.monotonic() + self.timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._kill(pid)
+                return Outcome("timeout", pid=pid)
+            try:
+                if not reader.poll(min(remaining, 1.0)):
+                    continue
+                data = reader.recv_bytes(self.max_message)
+            except EOFError:
+                break
+            except OSError as error:  # a message over the size limit
+                self._kill(pid)
+                return Outcome("crashed", f"it sent a message the server cannot take ({error})", pid=pid)
+            relay(data)
+            if _message_type(data) == "answer":
+                return Outcome("answered", pid=pid)
+        _, status = os.waitpid(pid, 0)
+        return Outcome("crashed", _describe_status(status), pid=pid)
+
+    def _kill(self, pid: int) -> None:
+        for target in (-pid, pid):  # the group first, then the process if it left the group
+            try:
+                os.kill(target, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def _clean_up(self, pid: int) -> int:
+        """Reap the request process; kill and reap anything it left; empty the private /tmp."""
+        self._kill(pid)
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass  # reaped already (a crash)
+        leftovers = 0
+        for _ in range(_SWEEP_ROUNDS):
+            children = _children()
+            if not children:
+                break
+            for child in children:
+                leftovers += 1
+                for target in (-child, child):
+                    try:
+                        os.kill(target, signal.SIGKILL)
+                    except (ProcessLookupError, PermissionError):
+                        pass
+            for child in children:
+                try:
+                    os.waitpid(child, 0)
+                except ChildProcessError:
+                    pass
+        if leftovers:
+            logger.warning("request process %d left %d process(es) behind; killed", pid, leftovers)
+        if self.private_tmp:
+            _empty(self.private_tmp)
+        return leftovers
+
+
+def _children() -> list[int]:
+    """The live (or zombie) children of this process, over all of its threads."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return found
+    for task in tasks:
+        try:
+            found += [int(pid) for pid in Path(f"/proc/self/task/{task}/children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def _empty(folder: str) -> None:
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                os.unlink(entry.path)
+        except OSError:
+            pass
