@@ -21,7 +21,16 @@ Sections (see bench/README.md):
 2. Post-request verification: the time the server's check that a request left
    the model unchanged takes (``seethrough.remote.server.guard``) on GPT-2
    small and on SmolLM2-135M, with read-only weights (the default) and with a
-   checksum of every weight (``--no-read-only-weights``).
+   checksum of every weight (``--no-read-only-weights``); and the full state
+   fingerprint (``fingerprint.py``) that workers which cannot fork (CUDA) run
+   after each request.
+3. Per-request cost of the worker model: the same small trace on GPT-2 small
+   and SmolLM2-135M sent to servers that differ only in how a worker runs a
+   request — the old model (requests run in the long-lived worker: the code
+   of ``--baseline-src``, or ``--request-process reuse --isolation off`` of
+   this code when not given), a process forked per request without isolation,
+   and the new default (a process forked per request from an isolated
+   worker).  Target: new - old <= 20 ms per request.
 
 Timing rules (bench/_harness.py): conditions interleaved in shuffled order
 each round, medians after warm-up rounds, ``--threads`` (default 1).  Samples
@@ -49,6 +58,7 @@ from seethrough.remote import client as remote_client  # noqa: E402
 from seethrough.remote import wire  # noqa: E402
 
 TARGET_OVERHEAD_MS = 30.0  # remote - local - transfer
+TARGET_FORK_MS = 20.0  # per request: fork per request + isolation, over the old worker model
 PROMPT = "The Eiffel Tower is in the city of"  # a short prompt: the forward does not drown the overhead
 KEY = "bench-key"
 
@@ -209,13 +219,14 @@ def _median_ms(fn, repeats: int) -> float:
 def section_guard(args) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    from seethrough.remote.server.fingerprint import StateFingerprint
     from seethrough.remote.server.guard import ModelGuard, ReadOnlyWeights
 
     print("## 2. Post-request verification (the server's check that the model is unchanged)")
     print()
     repeats = 5 if args.quick else 25
     rows = []
-    loaders = {"GPT-2 small (random)": lambda: (GPT2LMHeadModel(GPT2Config()).eval(), None),
+    loaders = {"GPT-2 small (random)": lambda: (GPT2LMHeadModel(GPT2Config()).eval(), _gpt2_tokenizer()),
                "SmolLM2-135M-Instruct": lambda: _smollm2()}
     for name, load in loaders.items():
         module, tokenizer = load()
@@ -227,13 +238,118 @@ def section_guard(args) -> None:
         guarded = ModelGuard(module, tokenizer, read_only)
         assert guarded.check() == [], "the model looks changed right after protecting it"
         read_only_ms = _median_ms(guarded.check, repeats)
-        rows.append((name, f"{parameters / 1e6:.1f}M", modules, f"{read_only_ms:.2f} ms", f"{checksum_ms:.1f} ms"))
-        del module, checksum, guarded, read_only
-    H.print_table(["model", "parameters", "modules", "read-only weights (default)", "checksum every weight"], rows)
+        fingerprint = StateFingerprint(module, tokenizer)
+        assert fingerprint.changes() == [], "the state fingerprint differs right after taking it"
+        fingerprint_ms = _median_ms(fingerprint.changes, max(3, repeats // 5))
+        rows.append((name, f"{parameters / 1e6:.1f}M", modules, f"{read_only_ms:.2f} ms", f"{checksum_ms:.1f} ms",
+                     f"{fingerprint_ms:.1f} ms"))
+        del module, checksum, guarded, read_only, fingerprint
+    H.print_table(["model", "parameters", "modules", "read-only weights (default)", "checksum every weight",
+                   "state fingerprint (no fork)"], rows)
     print("read-only weights: the weights live in memory mapped read-only, so the check covers the module tree, "
           "every parameter's identity/dtype/device/shape/strides/address/version, the config, generation config and "
           "tokenizer (buffers are checksummed); with --no-read-only-weights every weight's bytes are checksummed too.")
     print()
+
+
+def _gpt2_tokenizer():
+    from transformers import AutoTokenizer
+
+    from seethrough.models import offline
+
+    folder = tempfile.mkdtemp(prefix="seethrough-bench-gpt2-tokenizer-")
+    try:
+        offline.save_random_gpt2(folder, n_layer=1, n_embd=8, n_head=2, n_positions=8)
+        return AutoTokenizer.from_pretrained(folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# -- section 3 ---------------------------------------------------------------------------
+
+
+def smollm_two_layers(model, prompt, **options):
+    with model.trace(prompt, **options):
+        early = model.model.layers[2].output.save()
+        late = model.model.layers[20].output.save()
+    return early, late
+
+
+def section_worker_model(args, targets: H.Targets) -> None:
+    from seethrough.models import offline
+    from seethrough.remote.server.testing import ServerProcess
+
+    print("## 3. Per-request cost of the worker model (fork per request + isolation vs the old model)")
+    print()
+    folder = tempfile.mkdtemp(prefix="seethrough-bench-gpt2-")
+    offline.save_random_gpt2(folder, seed=args.seed)
+    models = {"gpt2-small": folder, "smollm2": str(offline.smollm2_dir())}
+    base = ["--threads", str(args.threads), "--log-level", "warning", "--start-method", args.start_method]
+    if args.baseline_src:
+        old = ("old (requests in the worker; code of --baseline-src)", base, {"PYTHONPATH": args.baseline_src})
+    else:
+        old = ("old (requests in the worker: --request-process reuse --isolation off)",
+               base + ["--request-process", "reuse", "--isolation", "off"], {})
+    setups = [old,
+              ("fork per request, no isolation", base + ["--request-process", "fork", "--isolation", "off"], {}),
+              ("new default: fork per request + isolation", base + ["--request-process", "fork",
+                                                                   "--isolation", "required"], {})]
+    servers = []
+    started = time.perf_counter()
+    try:
+        for _, server_args, env in setups:
+            servers.append(ServerProcess(models, api_keys=[KEY], args=server_args, env=env,
+                                         startup_timeout=600).start())
+        print(f"{len(servers)} servers started in {time.perf_counter() - started:.0f} s")
+        wrappers = {}
+        for name, source in models.items():
+            wrapper = seethrough.LanguageModel(source)
+            object.__setattr__(wrapper, "_remote_name", name)
+            wrappers[name] = wrapper
+        bodies = {"gpt2-small": two_blocks, "smollm2": smollm_two_layers}
+        conditions = {}
+        labels = [label for label, _, _ in setups]
+        for (label, _, _), server in zip(setups, servers):
+            options = {"remote": True, "host": server.url, "api_key": KEY}
+            for name in models:
+                reference = bodies[name](wrappers[name], PROMPT, **options)  # warm, and the same answer everywhere
+                conditions[(name, label)] = (lambda body=bodies[name], wrapper=wrappers[name], options=options:
+                                             body(wrapper, PROMPT, **options))
+                wrappers.setdefault(f"{name}-reference", reference)
+        for name in models:
+            first = None
+            for label, server in zip(labels, servers):
+                values = bodies[name](wrappers[name], PROMPT, remote=True, host=server.url, api_key=KEY)
+                first = values if first is None else first
+                assert all(torch.equal(a, b) for a, b in zip(first, values)), f"{name}: {label} answers differently"
+        print("check passed: every worker model returns exactly the same values")
+        rounds = max(5, int((6 if args.quick else 40) * args.rounds_scale))
+        samples = H.measure({f"{name} | {label}": fn for (name, label), fn in conditions.items()},
+                            rounds, 2 if args.quick else 4, seed=args.seed, progress="worker model")
+        rows = []
+        for name in models:
+            old_samples = samples[f"{name} | {labels[0]}"]
+            for label in labels:
+                mine = samples[f"{name} | {label}"]
+                extra = (mine.median - old_samples.median) * 1e3
+                paired = H.paired_median_diff(mine, old_samples) * 1e3
+                rows.append((name, label, f"{mine.median * 1e3:.2f} ms", H.fmt_spread(mine.spread),
+                             "-" if label == labels[0] else f"{extra:+.2f} ms (paired {paired:+.2f})"))
+            new = samples[f"{name} | {labels[-1]}"]
+            extra = (new.median - old_samples.median) * 1e3
+            ci = H.bootstrap_ci({"new": new, "old": old_samples},
+                                lambda t: 1e3 * (statistics.median(t["new"]) - statistics.median(t["old"])),
+                                seed=args.seed)
+            ok, label = H.judge(extra, ci, TARGET_FORK_MS)
+            targets.check(f"fork per request + isolation, extra per request ({name})",
+                          f"{extra:+.2f} ms ({ci[0]:+.2f} .. {ci[1]:+.2f})", ok, label)
+        H.print_table(["model", "worker model", "median round trip", "spread", "vs old"], rows, align="llrrr")
+        print("(a trace saving 2 layer outputs of a 9-token prompt; round trip = submit, run, fetch the result)")
+        print()
+    finally:
+        for server in servers:
+            server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _smollm2():
@@ -244,7 +360,12 @@ def _smollm2():
 
 def main() -> int:
     parser = H.common_parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--sections", default="1,2", help="comma-separated sections to run (1 round trip, 2 verification)")
+    parser.add_argument("--sections", default="1,2,3",
+                        help="comma-separated sections to run (1 round trip, 2 verification, 3 worker model)")
+    parser.add_argument("--baseline-src", default=None, metavar="SRC",
+                        help="section 3: a seethrough source tree (its src/ folder) from before the fork-per-request "
+                             "worker model, run as the 'old' server (default: this code with --request-process reuse "
+                             "--isolation off)")
     parser.add_argument("--start-method", default="spawn", choices=("spawn", "forkserver"),
                         help="how the server starts its worker (default spawn, the server's default)")
     args = parser.parse_args()
@@ -265,6 +386,8 @@ def main() -> int:
     if "2" in sections:
         with torch.no_grad():
             section_guard(args)
+    if "3" in sections:
+        section_worker_model(args, targets)
     if targets.results:
         targets.print_summary()
     print(f"load average at end: {H.loadavg()}")

@@ -562,3 +562,64 @@ def test_required_refuses_to_start_where_the_os_refuses_and_best_effort_says_wha
         with remote.trace(PROMPT, remote=True, host=best_effort.url):
             out = remote.output.logits.save()
         assert out.isfinite().all()
+
+
+# -- where fork is impossible: the state fingerprint -----------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["gpt2", "smollm2"])
+def test_the_state_fingerprint_sees_every_mutation_and_nothing_else(which, gpt2_dir, smollm2_small_dir):
+    folder = str(gpt2_dir if which == "gpt2" else smollm2_small_dir)
+
+    def scenario() -> dict:
+        import seethrough
+        from seethrough.remote.server.fingerprint import StateFingerprint
+        from seethrough.remote.server.worker import _warm_up
+
+        served = seethrough.LanguageModel(folder, dispatch=True)
+        module, tokenizer = served._model, served.tokenizer
+        _warm_up(served)
+        fingerprint = StateFingerprint(module, tokenizer)
+        # Plain use (a traced forward, a generation) changes nothing it looks at.
+        with served.trace(PROMPT):
+            served.output.save()
+        with served.generate(PROMPT, max_new_tokens=3, do_sample=False):
+            pass
+        out: dict[str, Any] = {"plain use": fingerprint.changes()}
+        forker = _forker()
+        for name, statement in MUTATIONS.items():
+            if which != "gpt2" and "transformer" in statement:
+                statement = (statement.replace("transformer.h", "model.layers")
+                             .replace(".attn.scale_attn_weights", ".self_attn.is_causal")
+                             .replace("[0].attn", "[0].self_attn"))
+            relayed: list[bytes] = []
+
+            def mutate(connection: Any, statement: str = statement) -> None:
+                try:
+                    exec(statement, {"torch": torch, "module": module, "tokenizer": tokenizer})
+                except Exception as error:  # noqa: BLE001
+                    _answer(connection, changes=None, refused=str(error))
+                    return
+                _answer(connection, changes=fingerprint.changes())
+
+            forker.run(mutate, relayed.append)
+            out[name] = json.loads(framing.decode(relayed[-1]).payload)["changes"]
+        return out
+
+    got = in_child(scenario)
+    assert got.pop("plain use") == []
+    got.pop("rng")  # the RNG is restored around each request by the sandbox, not fingerprinted
+    got.pop("dtype")  # parameters: the guard's business (ModelGuard)
+    got.pop("module list")  # the module tree: the guard's business
+    for name, changes in got.items():
+        assert changes, f"the fingerprint missed: {name}"
+
+
+@pytest.fixture(scope="session")
+def smollm2_small_dir(tmp_path_factory, smollm2_small) -> Path:
+    path = tmp_path_factory.getbasetemp() / "smollm2-4-layers"
+    if not (path / "model.safetensors").exists():
+        model, tokenizer = smollm2_small
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    return path

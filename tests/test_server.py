@@ -527,7 +527,7 @@ def test_escape_is_refused_or_contained(server, reference, escape, canary):
         if escape.outcome == "crash":
             assert error["type"] == "WorkerCrashedError" and "SIGSEGV" in error["message"], text
         elif escape.outcome == "changed":
-            assert error["type"] == "WeightsModifiedError" and "reloads the model" in error["message"], text
+            assert error["type"] == "WeightsModifiedError" and "results were discarded" in error["message"], text
         else:
             assert [worker["pid"] for worker in gpt2_workers(server)] == before, "the worker should have survived"
     assert_intact(server, reference)
@@ -556,7 +556,7 @@ def test_print_flood_is_capped(server, reference):
 
 
 @pytest.mark.slow
-def test_infinite_loop_times_out_and_the_worker_is_replaced(server, reference):
+def test_infinite_loop_times_out_and_only_its_request_process_is_killed(server, reference):
     before = gpt2_workers(server)[0]
     started = time.monotonic()
     outcome = run(server, "while True:\n    pass\n")
@@ -566,7 +566,8 @@ def test_infinite_loop_times_out_and_the_worker_is_replaced(server, reference):
     assert TIMEOUT_S - 0.5 <= elapsed < TIMEOUT_S + 30
     assert_intact(server, reference)
     after = gpt2_workers(server)[0]
-    assert after["pid"] != before["pid"] and after["restarts"] == before["restarts"] + 1
+    # The worker forks a process per request: the time limit kills that one; the loaded model stays.
+    assert after["pid"] == before["pid"] and after["restarts"] == before["restarts"]
 
 
 @pytest.mark.slow
