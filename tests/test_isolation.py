@@ -247,8 +247,10 @@ def test_best_effort_reports_and_off_does_nothing():
 # -- a process per request -----------------------------------------------------------------------------
 
 
-def _forker(timeout: float = 30.0) -> RequestForker:
-    return RequestForker(timeout=timeout, memory_budget=1 << 30, max_message=1 << 26)
+def _forker(works: dict[str, Callable[[Any], None]], timeout: float = 30.0) -> RequestForker:
+    """A forker whose request processes run ``works[payload]`` (the payload names the work)."""
+    return RequestForker(lambda payload, connection: works[payload.decode()](connection), timeout=timeout,
+                         memory_budget=1 << 30, max_message=1 << 26)
 
 
 def _answer(connection: Any, **fields: Any) -> None:
@@ -257,7 +259,6 @@ def _answer(connection: Any, **fields: Any) -> None:
 
 def test_nothing_a_request_starts_outlives_it():
     def scenario() -> dict:
-        forker = _forker()
         relayed: list[bytes] = []
 
         def leave_processes(connection: Any) -> None:
@@ -278,7 +279,8 @@ def test_nothing_a_request_starts_outlives_it():
             daemon_pid = int(os.read(reader, 64))
             _answer(connection, pids=[plain.pid, session.pid, daemon_pid], me=os.getpid())
 
-        outcome = forker.run(leave_processes, relayed.append)
+        forker = _forker({"leave": leave_processes, "fine": lambda connection: _answer(connection, fine=True)})
+        outcome = forker.run(b"leave", relayed.append)
         pids = json.loads(framing.decode(relayed[-1]).payload)["pids"]
         after = {"kind": outcome.kind, "leftovers": outcome.leftovers, "alive": [alive(pid) for pid in pids],
                  "request_alive": alive(outcome.pid)}
@@ -288,7 +290,7 @@ def test_nothing_a_request_starts_outlives_it():
         except ChildProcessError:
             after["reaped"] = True
         # The next request runs normally, and leaves nothing either.
-        second = forker.run(lambda connection: _answer(connection, fine=True), relayed.append)
+        second = forker.run(b"fine", relayed.append)
         after["second"] = (second.kind, second.leftovers)
         return after
 
@@ -300,7 +302,6 @@ def test_nothing_a_request_starts_outlives_it():
 
 def test_a_timeout_or_a_crash_costs_only_the_request_process():
     def scenario() -> dict:
-        forker = _forker(timeout=1.0)
         relayed: list[bytes] = []
 
         def endless(connection: Any) -> None:
@@ -317,11 +318,17 @@ def test_a_timeout_or_a_crash_costs_only_the_request_process():
             os.write(connection.fileno(), b"\x00\x10\x00\x00partial")  # a length prefix and too few bytes
             os._exit(0)
 
+        forker = _forker({"timeout": endless, "crash": crash, "partial": half_a_message,
+                          "fine": lambda connection: _answer(connection, fine=True)}, timeout=1.0)
         out = {}
-        for name, work in (("timeout", endless), ("crash", crash), ("partial", half_a_message)):
-            outcome = forker.run(work, relayed.append)
+        for name in ("timeout", "crash", "partial"):
+            outcome = forker.run(name.encode(), relayed.append)
             out[name] = [outcome.kind, outcome.how, outcome.leftovers, alive(outcome.pid)]
-        out["after"] = forker.run(lambda connection: _answer(connection, fine=True), relayed.append).kind
+        waiting = forker._ready[0]
+        os.kill(waiting, signal.SIGKILL)  # the process waiting for the next request dies: another is forked
+        while Path(f"/proc/{waiting}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            time.sleep(0.01)
+        out["after"] = forker.run(b"fine", relayed.append).kind
         out["logs"] = [framing.decode(data).fields.get("text") for data in relayed
                        if framing.decode(data).type == "log"]
         return out
@@ -367,7 +374,6 @@ def test_state_a_request_changes_dies_with_its_process(gpt2_dir):
         torch.manual_seed(0)
         served = seethrough.LanguageModel(str(gpt2_dir), dispatch=True)
         module, tokenizer = served._model, served.tokenizer
-        forker = _forker()
         results: dict[str, Any] = {}
 
         def probe(connection: Any) -> None:
@@ -380,19 +386,21 @@ def test_state_a_request_changes_dies_with_its_process(gpt2_dir):
                     logits=logits.flatten().tolist(), grad_mode=grad_ok, draw=torch.rand(3).tolist(),
                     grad_attr=str(type(torch.nn.Parameter.__dict__.get("grad"))), dtype=str(weight.dtype))
 
-        for name, statement in MUTATIONS.items():
+        def mutate(statement: str, connection: Any) -> None:
+            try:
+                exec(statement, {"torch": torch, "module": module, "tokenizer": tokenizer})
+            except Exception as error:  # noqa: BLE001 - a refused change is fine too
+                _answer(connection, refused=str(error))
+            else:
+                _answer(connection, done=True)
+
+        works = {name: (lambda connection, statement=statement: mutate(statement, connection))
+                 for name, statement in MUTATIONS.items()}
+        forker = _forker({**works, "probe": probe})
+        for name in MUTATIONS:
             relayed: list[bytes] = []
-
-            def mutate(connection: Any, statement: str = statement) -> None:
-                try:
-                    exec(statement, {"torch": torch, "module": module, "tokenizer": tokenizer})
-                except Exception as error:  # noqa: BLE001 - a refused change is fine too
-                    _answer(connection, refused=str(error))
-                else:
-                    _answer(connection, done=True)
-
-            first = forker.run(mutate, relayed.append)
-            after = forker.run(probe, relayed.append)
+            first = forker.run(name.encode(), relayed.append)
+            after = forker.run(b"probe", relayed.append)
             results[name] = {"mutated": first.kind, "probe": after.kind,
                              **json.loads(framing.decode(relayed[-1]).payload)}
         return results
@@ -586,23 +594,27 @@ def test_the_state_fingerprint_sees_every_mutation_and_nothing_else(which, gpt2_
         with served.generate(PROMPT, max_new_tokens=3, do_sample=False):
             pass
         out: dict[str, Any] = {"plain use": fingerprint.changes()}
-        forker = _forker()
+
+        def mutate(statement: str, connection: Any) -> None:
+            try:
+                exec(statement, {"torch": torch, "module": module, "tokenizer": tokenizer})
+            except Exception as error:  # noqa: BLE001
+                _answer(connection, changes=None, refused=str(error))
+                return
+            _answer(connection, changes=fingerprint.changes())
+
+        statements = {}
         for name, statement in MUTATIONS.items():
             if which != "gpt2" and "transformer" in statement:
                 statement = (statement.replace("transformer.h", "model.layers")
                              .replace(".attn.scale_attn_weights", ".self_attn.is_causal")
                              .replace("[0].attn", "[0].self_attn"))
+            statements[name] = statement
+        forker = _forker({name: (lambda connection, statement=statement: mutate(statement, connection))
+                          for name, statement in statements.items()})
+        for name in MUTATIONS:
             relayed: list[bytes] = []
-
-            def mutate(connection: Any, statement: str = statement) -> None:
-                try:
-                    exec(statement, {"torch": torch, "module": module, "tokenizer": tokenizer})
-                except Exception as error:  # noqa: BLE001
-                    _answer(connection, changes=None, refused=str(error))
-                    return
-                _answer(connection, changes=fingerprint.changes())
-
-            forker.run(mutate, relayed.append)
+            forker.run(name.encode(), relayed.append)
             out[name] = json.loads(framing.decode(relayed[-1]).payload)["changes"]
         return out
 

@@ -24,6 +24,13 @@ forks) is re-parented to it, killed and reaped too; the private ``/tmp``
 is emptied.  The request process also dies with the model process
 (``PR_SET_PDEATHSIG``).  Its address space is capped at its size at fork
 plus the per-request budget (``RLIMIT_AS``).
+
+Speed: the next request process is forked as soon as the previous one is
+gone and waits for its payload, so a fork is not on a request's path; the
+model process's private memory (the read-only weights, the heap) is backed
+by huge pages where the kernel allows (``MADV_HUGEPAGE``/``MADV_COLLAPSE``),
+so a fork copies few page-table entries; ``gc.freeze()`` keeps a request's
+garbage collector from touching (and so copying) the loaded objects.
 """
 
 from __future__ import annotations
@@ -118,51 +125,106 @@ def _describe_status(status: int) -> str:
 
 
 class RequestForker:
-    """Forks, watches and cleans up after request processes (see the module docs)."""
+    """Forks, watches and cleans up after request processes (see the module docs).
 
-    def __init__(self, timeout: float, memory_budget: int | None, max_message: int,
-                 private_tmp: str | None = None) -> None:
+    ``handler(payload, connection)`` runs in each request process.  The next
+    request process is forked as soon as the previous one is gone and waits
+    for its payload, so the fork is not on a request's path.
+    """
+
+    def __init__(self, handler: Callable[[bytes, Connection], None], timeout: float, memory_budget: int | None,
+                 max_message: int, private_tmp: str | None = None) -> None:
+        self.handler = handler
         self.timeout = timeout
         self.memory_budget = memory_budget
         self.max_message = max_message
         self.private_tmp = private_tmp
         self._libc = _libc()
+        self._libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         # Orphans of a request (a daemonised grandchild) come to this process, not to init.
         self.subreaper = self._libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
         gc.freeze()  # the loaded model's objects: not scanned, so not copied, by a request's collector
+        self.huge_bytes = _use_huge_pages(self._libc)
+        self._ready: tuple[int, Connection, Connection] | None = None
+        self._prefork()
 
-    def run(self, work: Callable[[Connection], None], relay: Callable[[bytes], None]) -> Outcome:
-        """Run ``work(connection)`` in a request process; hand each message it sends to ``relay``."""
-        reader_fd, writer_fd = os.pipe()
+    def run(self, payload: bytes, relay: Callable[[bytes], None]) -> Outcome:
+        """Run the handler on ``payload`` in a request process; hand each message it sends to ``relay``."""
+        ready, self._ready = self._ready, None
+        if ready is not None and os.waitpid(ready[0], os.WNOHANG)[0] != 0:  # killed while it waited (reaped now)
+            ready[1].close()
+            ready[2].close()
+            ready = None
+        pid, sender, reader = ready if ready is not None else self._fork()
+        try:
+            try:
+                sender.send_bytes(payload)
+            except OSError:  # the waiting process is gone (killed from outside): fork another
+                self._discard(pid, sender, reader)
+                pid, sender, reader = self._fork()
+                sender.send_bytes(payload)
+            outcome = self._watch(pid, reader, relay)
+        finally:
+            sender.close()
+            reader.close()
+        outcome.leftovers = self._clean_up(pid)
+        self._prefork()
+        return outcome
+
+    def close(self) -> None:
+        """Stop the waiting request process."""
+        ready, self._ready = self._ready, None
+        if ready is not None:
+            self._discard(*ready)
+
+    # -- the request process ------------------------------------------------------------------
+    def _fork(self) -> tuple[int, Connection, Connection]:
+        job_reader, job_writer = os.pipe()
+        answer_reader, answer_writer = os.pipe()
         parent = os.getpid()
         pid = os.fork()
-        if pid == 0:  # the request process
+        if pid == 0:
             status = 70
             try:
-                os.close(reader_fd)
+                os.close(job_writer)
+                os.close(answer_reader)
                 self._enter_child(parent)
-                work(Connection(writer_fd, readable=False))
+                try:
+                    payload = Connection(job_reader, writable=False).recv_bytes()
+                except EOFError:  # the model process stopped, or discarded this process
+                    os._exit(0)
+                self.handler(payload, Connection(answer_writer, readable=False))
                 status = 0
             except BaseException:  # noqa: BLE001 - nothing may escape a forked child
                 logger.exception("request process failed outside the request")
             finally:
                 os._exit(status)
-        os.close(writer_fd)
-        reader = Connection(reader_fd, writable=False)
-        try:
-            outcome = self._watch(pid, reader, relay)
-        finally:
-            reader.close()
-        outcome.leftovers = self._clean_up(pid)
-        return outcome
+        os.close(job_reader)
+        os.close(answer_writer)
+        return pid, Connection(job_writer, readable=False), Connection(answer_reader, writable=False)
 
-    # -- the request process ------------------------------------------------------------------
+    def _prefork(self) -> None:
+        try:
+            self._ready = self._fork()
+        except OSError as error:  # e.g. the process limit: fork at the next request instead
+            logger.warning("could not fork the next request process ahead of time: %s", error)
+            self._ready = None
+
     def _enter_child(self, parent: int) -> None:
         os.setpgid(0, 0)  # its own process group: one kill reaches whatever it starts
         self._libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
         if os.getppid() != parent:  # the model process died between fork and prctl
             os._exit(1)
         limit_address_space(self.memory_budget)
+
+    def _discard(self, pid: int, sender: Connection, reader: Connection) -> None:
+        sender.close()
+        reader.close()
+        self._kill(pid)
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
 
     # -- the model process --------------------------------------------------------------------
     def _watch(self, pid: int, reader: Connection, relay: Callable[[bytes], None]) -> Outcome:
@@ -223,6 +285,34 @@ class RequestForker:
         if self.private_tmp:
             _empty(self.private_tmp)
         return leftovers
+
+
+_HUGE = 2 << 20
+MADV_HUGEPAGE, MADV_COLLAPSE = 14, 25
+
+
+def _use_huge_pages(libc: ctypes.CDLL) -> int:
+    """Back this process's private writable memory with huge pages where the kernel can
+    (``MADV_COLLAPSE``, Linux 6.1+): a fork then copies one page-table entry per 2 MiB
+    instead of 512.  Returns the bytes collapsed (0 where the kernel cannot)."""
+    collapsed = 0
+    try:
+        with open("/proc/self/maps", encoding="ascii", errors="replace") as handle:
+            regions = handle.read().splitlines()
+    except OSError:
+        return 0
+    for line in regions:
+        parts = line.split()
+        if len(parts) < 5 or parts[1] != "rw-p" or (len(parts) > 5 and parts[5] != "[heap]"):
+            continue
+        low, high = (int(text, 16) for text in parts[0].split("-"))
+        start, end = (low + _HUGE - 1) // _HUGE * _HUGE, high // _HUGE * _HUGE
+        if end <= start:
+            continue
+        libc.madvise(start, end - start, MADV_HUGEPAGE)
+        if libc.madvise(start, end - start, MADV_COLLAPSE) == 0:
+            collapsed += end - start
+    return collapsed
 
 
 def _children() -> list[int]:

@@ -34,6 +34,7 @@ request left on parameters and restores torch's global grad mode.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import ctypes.util
@@ -120,6 +121,10 @@ class ReadOnlyWeights:
         size = max(mmap.PAGESIZE, (total + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE)
         mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
                             prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            # Huge pages: a fork (one per request) copies ~500x fewer page-table entries.
+            with contextlib.suppress(OSError):
+                mapping.madvise(mmap.MADV_HUGEPAGE)
         base = torch.frombuffer(mapping, dtype=torch.uint8)
         with torch.no_grad():
             for parameter, offset in zip(candidates, offsets):

@@ -274,7 +274,12 @@ def run_worker(conn: Any, options: WorkerOptions) -> None:
     _die_with_parent()  # after isolating: a user namespace needs a single-threaded process
     if fork:
         private_tmp = isolation.PRIVATE_TMP if report.steps.get("file system") is True else None
-        forker = RequestForker(options.timeout, options.memory_limit,
+
+        def handler(payload: bytes, child: Any) -> None:  # runs in each request process
+            answer, error, _ = _handle(child, payload, model, guard, options, None, forked=True)
+            child.send_bytes(framing.encode("answer", answer, error=error, replace=False, reason=None))
+
+        forker = RequestForker(handler, options.timeout, options.memory_limit,
                                options.max_result_bytes + framing.MAX_HEADER_BYTES + 4096, private_tmp)
         memory = ("no memory limit" if options.memory_limit is None else
                   f"memory limit: each request process may grow {options.memory_limit / 2**30:.2f} GiB past the "
@@ -298,7 +303,7 @@ def run_worker(conn: Any, options: WorkerOptions) -> None:
             continue
         started = time.perf_counter()
         if forker is not None:
-            _run_forked(conn, forker, message.payload, model, guard, options)
+            _run_forked(conn, forker, message.payload)
             replace = False
         else:
             answer, error, problems = _handle(conn, message.payload, model, guard, options, fingerprint)
@@ -321,15 +326,9 @@ def _choose_request_process(wanted: str, uses_cuda: bool) -> bool:
     return wanted == "fork" or (wanted == "auto" and not uses_cuda)
 
 
-def _run_forked(conn: Any, forker: RequestForker, payload: bytes, model: Any, guard: Any,
-                options: WorkerOptions) -> None:
+def _run_forked(conn: Any, forker: RequestForker, payload: bytes) -> None:
     """One request in a forked request process; its messages are relayed whole to the API process."""
-
-    def work(child: Any) -> None:
-        answer, error, _ = _handle(child, payload, model, guard, options, None, forked=True)
-        child.send_bytes(framing.encode("answer", answer, error=error, replace=False, reason=None))
-
-    outcome = forker.run(work, conn.send_bytes)
+    outcome = forker.run(payload, conn.send_bytes)
     if outcome.kind == "timeout":
         conn.send_bytes(framing.encode("timeout"))
     elif outcome.kind == "crashed":
