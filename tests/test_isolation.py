@@ -23,7 +23,6 @@ Three levels, all with real processes:
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import json
 import os
@@ -281,8 +280,9 @@ def test_nothing_a_request_starts_outlives_it():
 
         forker = _forker({"leave": leave_processes, "fine": lambda connection: _answer(connection, fine=True)})
         outcome = forker.run(b"leave", relayed.append)
+        leftovers = forker.finish()
         pids = json.loads(framing.decode(relayed[-1]).payload)["pids"]
-        after = {"kind": outcome.kind, "leftovers": outcome.leftovers, "alive": [alive(pid) for pid in pids],
+        after = {"kind": outcome.kind, "leftovers": leftovers, "alive": [alive(pid) for pid in pids],
                  "request_alive": alive(outcome.pid)}
         try:
             os.waitpid(outcome.pid, os.WNOHANG)
@@ -291,7 +291,7 @@ def test_nothing_a_request_starts_outlives_it():
             after["reaped"] = True
         # The next request runs normally, and leaves nothing either.
         second = forker.run(b"fine", relayed.append)
-        after["second"] = (second.kind, second.leftovers)
+        after["second"] = (second.kind, forker.finish())
         return after
 
     got = in_child(scenario)
@@ -323,7 +323,7 @@ def test_a_timeout_or_a_crash_costs_only_the_request_process():
         out = {}
         for name in ("timeout", "crash", "partial"):
             outcome = forker.run(name.encode(), relayed.append)
-            out[name] = [outcome.kind, outcome.how, outcome.leftovers, alive(outcome.pid)]
+            out[name] = [outcome.kind, outcome.how, forker.finish(), alive(outcome.pid)]
         waiting = forker._ready[0]
         os.kill(waiting, signal.SIGKILL)  # the process waiting for the next request dies: another is forked
         while Path(f"/proc/{waiting}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":

@@ -49,7 +49,7 @@ import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 __all__ = ["Outcome", "RequestForker", "address_space", "limit_address_space"]
 
@@ -68,7 +68,7 @@ class Outcome:
     kind: str  # "answered", "crashed" or "timeout"
     how: str = ""  # for "crashed": the exit status or signal, in words
     pid: int = 0
-    leftovers: int = 0  # processes the request left behind (killed)
+    reaped: bool = False  # the request process has been waited for already
 
 
 def address_space() -> int | None:
@@ -129,12 +129,16 @@ class RequestForker:
 
     ``handler(payload, connection)`` runs in each request process.  The next
     request process is forked as soon as the previous one is gone and waits
-    for its payload, so the fork is not on a request's path.
+    for its payload, so the fork is not on a request's path; ``prepare()``
+    runs in it while it waits (a warm-up forward: the pages a forward writes
+    are copied then, not during the request).
     """
 
     def __init__(self, handler: Callable[[bytes, Connection], None], timeout: float, memory_budget: int | None,
-                 max_message: int, private_tmp: str | None = None) -> None:
+                 max_message: int, private_tmp: str | None = None,
+                 prepare: Callable[[], None] | None = None) -> None:
         self.handler = handler
+        self.prepare = prepare
         self.timeout = timeout
         self.memory_budget = memory_budget
         self.max_message = max_message
@@ -146,16 +150,24 @@ class RequestForker:
         gc.freeze()  # the loaded model's objects: not scanned, so not copied, by a request's collector
         self.huge_bytes = _use_huge_pages(self._libc)
         self._ready: tuple[int, Connection, Connection] | None = None
+        self._finished: int | None = None  # the last request process, killed but not yet reaped
         self._prefork()
 
     def run(self, payload: bytes, relay: Callable[[bytes], None]) -> Outcome:
-        """Run the handler on ``payload`` in a request process; hand each message it sends to ``relay``."""
+        """Run the handler on ``payload`` in a request process; hand each message it sends to ``relay``.
+
+        The request process is killed as soon as it has answered; reaping it and
+        whatever it left happens in :meth:`finish`, which the next ``run`` calls
+        before it hands over its payload (so the exiting process's teardown
+        overlaps the time between requests)."""
+        self.finish()
         ready, self._ready = self._ready, None
         if ready is not None and os.waitpid(ready[0], os.WNOHANG)[0] != 0:  # killed while it waited (reaped now)
             ready[1].close()
             ready[2].close()
             ready = None
         pid, sender, reader = ready if ready is not None else self._fork()
+        outcome: Outcome | None = None
         try:
             try:
                 sender.send_bytes(payload)
@@ -167,12 +179,20 @@ class RequestForker:
         finally:
             sender.close()
             reader.close()
-        outcome.leftovers = self._clean_up(pid)
+            self._kill(pid, group_only=outcome is not None and outcome.reaped)
+            self._finished = pid
         self._prefork()
         return outcome
 
+    def finish(self) -> int:
+        """Reap the last request process, kill and reap what it left, empty the private
+        /tmp; return how many processes it had left behind."""
+        pid, self._finished = self._finished, None
+        return 0 if pid is None else self._clean_up(pid)
+
     def close(self) -> None:
-        """Stop the waiting request process."""
+        """Stop the waiting request process (and reap the last one)."""
+        self.finish()
         ready, self._ready = self._ready, None
         if ready is not None:
             self._discard(*ready)
@@ -189,6 +209,8 @@ class RequestForker:
                 os.close(job_writer)
                 os.close(answer_reader)
                 self._enter_child(parent)
+                if self.prepare is not None:
+                    self.prepare()
                 try:
                     payload = Connection(job_reader, writable=False).recv_bytes()
                 except EOFError:  # the model process stopped, or discarded this process
@@ -247,10 +269,12 @@ class RequestForker:
             if _message_type(data) == "answer":
                 return Outcome("answered", pid=pid)
         _, status = os.waitpid(pid, 0)
-        return Outcome("crashed", _describe_status(status), pid=pid)
+        return Outcome("crashed", _describe_status(status), pid=pid, reaped=True)
 
-    def _kill(self, pid: int) -> None:
-        for target in (-pid, pid):  # the group first, then the process if it left the group
+    def _kill(self, pid: int, group_only: bool = False) -> None:
+        """SIGKILL the process group ``pid`` leads, then the process if it left the group
+        (not once it is reaped: its pid may belong to another process by then)."""
+        for target in (-pid,) if group_only else (-pid, pid):
             try:
                 os.kill(target, signal.SIGKILL)
             except ProcessLookupError:
@@ -258,14 +282,14 @@ class RequestForker:
 
     def _clean_up(self, pid: int) -> int:
         """Reap the request process; kill and reap anything it left; empty the private /tmp."""
-        self._kill(pid)
         try:
             os.waitpid(pid, 0)
         except ChildProcessError:
             pass  # reaped already (a crash)
         leftovers = 0
+        waiting = self._ready[0] if self._ready is not None else None
         for _ in range(_SWEEP_ROUNDS):
-            children = _children()
+            children = [child for child in _children() if child != waiting]
             if not children:
                 break
             for child in children:
