@@ -13,12 +13,14 @@
   wall-clock limit;
 * **worker processes** (:mod:`.worker`, started by :mod:`.process` in a spawn
   context, talking over a pipe with :mod:`.framing` — never pickles): each
-  loads its model once, makes its weights read-only, caps its memory, runs
-  one request at a time with the same machinery as a local trace
-  (:func:`seethrough.remote.execute.execute`), streams printed lines back,
-  and checks after every request that the model is unchanged
-  (:mod:`.guard`).  A crash, timeout, memory exhaustion or a changed model
-  fails that request only; the worker is replaced.
+  loads its model once, makes its weights read-only, walls itself off from
+  the host (:mod:`.isolation`) and runs one request at a time, each in a
+  process forked from it (:mod:`.forking`; where fork is impossible, in
+  place with a full state check, :mod:`.fingerprint`), with the same
+  machinery as a local trace (:func:`seethrough.remote.execute.execute`),
+  streams printed lines back, and checks after every request that the model
+  is unchanged (:mod:`.guard`).  A crash, timeout, memory exhaustion or a
+  changed model fails that request only.
 
 :mod:`.settings` parses the command line; :mod:`.cli` runs it all;
 :mod:`.testing` starts a server in a subprocess (tests, benchmarks).  The
