@@ -210,7 +210,10 @@ class RequestForker:
                 os.close(answer_reader)
                 self._enter_child(parent)
                 if self.prepare is not None:
-                    self.prepare()
+                    try:
+                        self.prepare()
+                    except Exception:  # noqa: BLE001 - only a speed-up: the request still runs without it
+                        logger.debug("warm-up in a waiting request process failed", exc_info=True)
                 try:
                     payload = Connection(job_reader, writable=False).recv_bytes()
                 except EOFError:  # the model process stopped, or discarded this process
