@@ -14,6 +14,7 @@ See the README for the tour: invokes (batching), generation, gradients,
 caches, edits, sessions, and the nnsight-compatible names.
 """
 
+from ._version import __version__
 from .config import CONFIG
 from .envoy import Envoy
 from .errors import (
@@ -38,7 +39,6 @@ from .tracing.cache import Cache, CacheKeyError
 from .tracing.runtime import save
 from .tracing.tracer import Invoker, Tracer
 
-__version__ = "0.1.0"
 
 # nnsight-compatible names: code written for nnsight runs after changing its import.
 NNsight = Model

@@ -20,6 +20,7 @@ import argparse
 import sys
 from typing import Callable, Sequence
 
+from ._version import __version__
 
 
 def _positive(text: str) -> int:
@@ -77,8 +78,6 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo, _add_
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``seethrough`` argument parser with every subcommand."""
-    from . import __version__
-
     parser = argparse.ArgumentParser(
         prog="seethrough",
         description="seethrough: transparent access to the internals of PyTorch models.",

@@ -17,7 +17,7 @@ import types
 from typing import Any
 
 
-from .. import __version__
+from .._version import __version__
 from ..envoy import Envoy
 from ..errors import SeethroughError
 from ..tracing.capture import CapturedBlock

@@ -16,7 +16,7 @@ import traceback
 from typing import Any, Callable
 
 
-from .. import __version__
+from .._version import __version__
 from ..tracing.capture import capture_source_block
 from ..tracing.run import TraceRun
 from ..tracing.runtime import SAVE_METHOD, save_method

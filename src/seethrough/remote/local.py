@@ -30,7 +30,7 @@ import json
 import sys
 from typing import Any
 
-from .. import __version__
+from .._version import __version__
 from ..config import CONFIG
 from . import wire
 from .client import MAX_REQUEST_BYTES, MAX_RESULT_BYTES, _http_error, rebuild_error

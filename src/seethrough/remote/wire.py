@@ -58,6 +58,7 @@ import msgpack
 import safetensors.torch
 import torch
 
+from .._version import __version__
 from ..errors import SeethroughError
 
 __all__ = [
@@ -290,11 +291,7 @@ def _stable_order(items: set | frozenset) -> list:
 
 
 def _library_version() -> str:
-    try:
-        from .. import __version__
-    except ImportError:
-        return "unknown"
-    return str(__version__)
+    return __version__
 
 
 def pack(value: Any, *, max_bytes: int, level: int = COMPRESSION_LEVEL) -> bytes:

@@ -42,7 +42,7 @@ from typing import Any, AsyncIterator
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
-from ... import __version__
+from ..._version import __version__
 from ..client import CONTENT_TYPE
 from ..protocol import PROTOCOL
 from .checkers import CheckerPool, CheckLimits

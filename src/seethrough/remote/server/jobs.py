@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ... import __version__
+from ..._version import __version__
 from .. import wire
 from .framing import log_cut_notice
 

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..._version import __version__
 from . import framing, isolation
 from .fingerprint import StateFingerprint
 from .forking import RequestForker, address_space, limit_address_space
@@ -381,7 +382,6 @@ def _handle(conn: Any, payload: bytes, model: Any, guard: Any, options: WorkerOp
 
     ``forked``: this is a request process, whose changes die with it (a change is
     still reported, so that no result computed on a changed model goes back)."""
-    from ... import __version__
     from .. import wire
     from ..execute import execute
     from ..protocol import PROTOCOL, ProtocolError, parse_request
@@ -429,7 +429,6 @@ def _handle(conn: Any, payload: bytes, model: Any, guard: Any, options: WorkerOp
 
 
 def _error(kind: str, message: str, module: str = "builtins") -> dict:
-    from ... import __version__
 
     return {"type": kind, "module": module, "message": message, "filename": "", "line": None, "code": "",
             "traceback": "", "server_version": __version__}
