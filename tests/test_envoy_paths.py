@@ -13,7 +13,7 @@ from torch import nn
 import seethrough
 from seethrough import Envoy, LanguageModel
 from seethrough.errors import EnvoyClassError, MissedProviderError, ModulePathError, OutOfOrderError, SeethroughError
-from fixtures.models import MLP, assert_pristine, assert_same_state, state_snapshot
+from fixtures.models import MLP, assert_pristine, assert_same_state, hook_state, state_snapshot
 
 
 # -- import paths ------------------------------------------------------------------------------
@@ -189,6 +189,7 @@ class AttentionEnvoy(Envoy):
 
 def test_an_attention_envoy_reads_and_edits_heads_like_raw_hooks(smollm2_small):
     hf, tokenizer = smollm2_small
+    hooks_before = hook_state(hf)  # HF may keep hooks of its own on the shared model
     model = LanguageModel(hf, tokenizer=tokenizer, envoys={"self_attn": AttentionEnvoy})
     prompt = "The Eiffel Tower is in"
     ids = tokenizer(prompt, return_tensors="pt")
@@ -231,7 +232,7 @@ def test_an_attention_envoy_reads_and_edits_heads_like_raw_hooks(smollm2_small):
     assert torch.equal(read, seen["heads"])
     assert torch.equal(logits, reference)
     assert_same_state(hf, before)
-    assert_pristine(hf)
+    assert_pristine(hf, hooks_before)
 
 
 def test_a_property_that_fails_inside_says_so(mlp):
@@ -418,6 +419,7 @@ def test_an_error_inside_a_hooked_call_reaches_the_callers_line(mlp_sae):
 
 def test_hook_true_at_every_generation_step_matches_raw_hooks(smollm2_small):
     hf, tokenizer = smollm2_small
+    hooks_before = hook_state(hf)  # HF may keep hooks of its own on the shared model
     torch.manual_seed(0)
     width = hf.config.hidden_size
     adapter = nn.Sequential(nn.Linear(width, 16), nn.Linear(16, width)).eval()
@@ -445,4 +447,4 @@ def test_hook_true_at_every_generation_step_matches_raw_hooks(smollm2_small):
         assert torch.equal(tokens, reference)
     finally:
         del hf.model.layers[1].adapter
-    assert_pristine(hf)
+    assert_pristine(hf, hooks_before)
