@@ -247,11 +247,7 @@ class Envoy:
 
     @inputs.setter
     def inputs(self, value: Any) -> None:
-        if not (isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], dict)):
-            raise TypeError(
-                f"`{self._display_path()}.inputs` must be assigned `(args, kwargs)`: a tuple of "
-                "the positional arguments and a dict of keyword arguments."
-            )
+        _check_inputs_pair(self._display_path(), value)
         _write(self, "input", "inputs", value)
 
     def skip(self, value: Any) -> None:
@@ -366,6 +362,15 @@ def _read(envoy: Envoy, kind: str, accessor: str, skip_calls: int) -> Any:
         else:
             value = None
     return run.present(value)
+
+
+def _check_inputs_pair(path: str, value: Any) -> None:
+    """``.inputs`` takes ``(args, kwargs)``, for a module or an operation alike."""
+    if not (isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], dict)):
+        raise TypeError(
+            f"`{path}.inputs` must be assigned `(args, kwargs)`: a tuple of "
+            "the positional arguments and a dict of keyword arguments."
+        )
 
 
 def _write(envoy: Envoy, kind: str, accessor: str, value: Any) -> None:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 
 from ._frames import where_user_is
-from .envoy import NextCall, _read, _task_or_raise, _write
+from .envoy import NextCall, _check_inputs_pair, _read, _task_or_raise, _write
 from .errors import ModulePathError, NotInTraceError, SourceError
 from .tracing.operations import OpKey, OpRuntime, RunSources, body_of, forward_function, module_key
 from .tracing.rewrite import Analysis
@@ -214,11 +214,7 @@ class Operation:
 
     @inputs.setter
     def inputs(self, value: Any) -> None:
-        if not (isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], dict)):
-            raise TypeError(
-                f"`{self._display_path()}.inputs` must be assigned `(args, kwargs)`: a tuple of "
-                "the positional arguments and a dict of keyword arguments."
-            )
+        _check_inputs_pair(self._display_path(), value)
         self._ready("inputs")
         _write(self, "input", "inputs", value)
 
