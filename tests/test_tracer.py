@@ -260,18 +260,43 @@ def _walk(tb):
 
 
 def test_gradients_read_and_edit_against_autograd(mlp):
+    """Read the gradient arriving at fc1's output, then edit what flows further
+    back; the reference edits the same gradient with a raw tensor hook."""
     model = seethrough.Model(mlp)
     x = torch.randn(3, 4)
-    with model.trace(x):
+    scale = torch.tensor([2.0, 0.0, -1.0, 0.5, 1.0, 3.0, 0.0, 1.5])
+
+    def reference_edit(gradient: torch.Tensor) -> torch.Tensor:
+        return gradient * scale
+
+    # Reference: plain autograd, the edit made by a hook on fc1's output tensor.
+    arrived: list[torch.Tensor] = []
+
+    def on_fc1(module, args, output):
+        output.register_hook(lambda g: arrived.append(g.clone()) or reference_edit(g))
+
+    handle = mlp.fc1.register_forward_hook(on_fc1)
+    ref_x = x.clone().requires_grad_(True)
+    try:
+        mlp(ref_x).sum().backward()
+    finally:
+        handle.remove()
+    ref_weight_grad = mlp.fc1.weight.grad.clone()
+    mlp.zero_grad()
+
+    traced_x = x.clone().requires_grad_(True)
+    with model.trace(traced_x):
         hidden = model.fc1.output.save()
         loss = model.output.sum()
         with loss.backward():
-            grad = hidden.grad.save()
-    ref_hidden = mlp.fc1(x)
-    ref_hidden.retain_grad()
-    mlp.fc2(torch.relu(ref_hidden)).sum().backward()
-    assert torch.allclose(grad, ref_hidden.grad)
+            grad = hidden.grad.clone().save()
+            hidden.grad = reference_edit(hidden.grad)
+    assert torch.allclose(grad, arrived[0])  # the gradient as it arrived, before the edit
+    assert not torch.allclose(ref_weight_grad, torch.zeros_like(ref_weight_grad))
+    assert torch.allclose(mlp.fc1.weight.grad, ref_weight_grad)  # the edit flowed back
+    assert torch.allclose(traced_x.grad, ref_x.grad)
     mlp.zero_grad()
+    assert_pristine(mlp)
 
 
 def test_wrapped_module_behaves_like_bare_module(mlp):
