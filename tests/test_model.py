@@ -16,6 +16,7 @@ def test_edit_applies_to_the_new_wrapper_only(mlp):
     with model.edit() as ablated:
         model.act.output[:] = 0
     with torch.no_grad():
+        hidden_by_hand = torch.relu(mlp.fc1(x))  # the reference, without the module's own forward
         with ablated.trace(x):
             edited_hidden = model.act.output.save()
             edited = model.output.save()
@@ -23,8 +24,12 @@ def test_edit_applies_to_the_new_wrapper_only(mlp):
             plain = model.output.save()
         assert torch.allclose(edited, mlp.fc2(torch.zeros(2, 8)))
         assert torch.equal(edited_hidden, torch.zeros(2, 8))
-        assert torch.allclose(plain, mlp(x))
-        assert torch.allclose(mlp(x), plain)  # the module itself is untouched
+        assert torch.allclose(plain, mlp.fc2(hidden_by_hand))
+        # the module itself is untouched: called directly after the edited trace,
+        # its act (seen by a raw hook) and its output are the unedited ones
+        direct, seen = record_outputs(mlp, ["act"], x)
+        assert torch.equal(seen["act"][0], hidden_by_hand)
+        assert torch.allclose(direct, mlp.fc2(hidden_by_hand))
     assert_pristine(mlp)
 
 

@@ -6,10 +6,12 @@ import gc
 import threading
 import weakref
 
+import pytest
 import torch
 
 import seethrough
 from fixtures.models import assert_pristine
+from seethrough.errors import NotSavedError
 
 
 def test_two_threads_trace_the_same_model(mlp):
@@ -58,12 +60,19 @@ def test_unsaved_activations_are_freed_without_gc(mlp):
     refs = _activation_probe(mlp.fc1)
     gc.collect()
     gc.disable()
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        expected = mlp.fc2(torch.relu(mlp.fc1(x)))  # before the trace: refs[-1] is the trace's
     try:
-        with model.trace(torch.randn(2, 4)) as tracer:
+        with model.trace(x) as tracer:
             hidden = model.fc1.output * 2
             kept = model.output.save()
-        assert refs and refs[-1]() is None, "an unsaved activation outlived the trace"
-        assert kept is not None and tracer is not None and hidden is not None
+        # freed although `tracer`, `hidden` and `kept` are all still bound here
+        assert len(refs) == 2 and refs[-1]() is None, "an unsaved activation outlived the trace"
+        assert isinstance(tracer, seethrough.Tracer)
+        assert torch.allclose(kept, expected)  # the saved value survives, with the right numbers
+        with pytest.raises(NotSavedError, match=r"`hidden` was computed inside the trace"):
+            hidden + 1  # the unsaved value is a placeholder, not the tensor
     finally:
         gc.enable()
 
