@@ -150,15 +150,27 @@ def test_save_method_exists_only_inside_traces():
 def test_failing_body_leaves_model_intact(mlp):
     model = seethrough.Model(mlp)
     snapshot = state_snapshot(mlp)
-    for bad in (
-        lambda: model.fc1.output.foo(),
-        lambda: model.fc9.output,
-        lambda: setattr(model.fc1, "output", "text"),
-    ):
-        with pytest.raises(Exception):
+    cases = [
+        # the user's own mistake keeps its type and message, unwrapped
+        (lambda: model.fc1.output.foo(), AttributeError, ["'Tensor' object has no attribute 'foo'"], None),
+        (lambda: model.fc9.output, ModulePathError, ["`fc9`", "Did you mean", "`fc1`"], "MARK-fc9"),  # MARK-fc9
+        (
+            lambda: setattr(model.fc1, "output", "text"),  # MARK-text
+            ShapeMismatchError,
+            ["cannot assign a str to model.fc1.output", "(1, 8)", "assign a tensor"],
+            "MARK-text",
+        ),
+    ]
+    for bad, error_type, parts, marker in cases:
+        with pytest.raises(error_type) as info:
             with model.trace(torch.randn(1, 4)):
                 model.fc1.output[:] = 0
                 bad()
+        assert type(info.value) is error_type, type(info.value)
+        message = str(info.value)
+        assert all(part in message for part in parts), message
+        if marker is not None:
+            assert _mentions_line(message, marker), message
         assert_pristine(mlp)
         assert_same_state(mlp, snapshot)
 
