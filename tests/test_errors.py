@@ -5,9 +5,14 @@ made, and for a hint of what to do."""
 
 from __future__ import annotations
 
+import ast
+import builtins
+import importlib
 import inspect
 import re
+from pathlib import Path
 
+import greenlet
 import pytest
 import torch
 
@@ -175,9 +180,237 @@ def test_failing_body_leaves_model_intact(mlp):
         assert_same_state(mlp, snapshot)
 
 
-def test_every_library_error_is_a_seethrough_error():
-    import seethrough.errors as errors
+# -- every error the package raises, found in its source with `ast` ------------------------------
+#
+# The rule (DESIGN: "every misuse gets a clear error, a subclass of SeethroughError"):
+# a `raise` in src/seethrough raises a SeethroughError subclass, unless it is one of
+#   * a protocol signal with no message for a person: `raise AttributeError(name)` in a
+#     `__getattr__` (hasattr, getattr(x, n, default), copy and pickle probe with it),
+#     `KeyError(key)` / `IndexError(i)` in a `__getitem__`;
+#   * an internal signal: a private class (`_Name`) or one of the server's own
+#     (seethrough.remote.server.*) that is caught by name in an `except` of the package
+#     (the interleaver's control flow, the server's framing/intake/queue errors turned into
+#     HTTP answers), `greenlet.GreenletExit`
+#     (how a greenlet is ended), FastAPI's HTTPException under remote/server (an HTTP answer);
+#   * a site listed in _BUILTIN_SITES, each with the reason a builtin is right there;
+#   * re-raising a value made elsewhere (`raise error`, `raise rebuild_error(...)` which
+#     rebuilds what a remote body raised, so the user's own errors keep their type).
+# Builtins raised for a misuse (`raise TypeError("... use X instead")`) are not allowed: raise
+# seethrough.UsageTypeError / UsageValueError / UsageAttributeError / UsageKeyError (or a more
+# specific SeethroughError), which are the builtin too, so `except TypeError` keeps working.
 
-    classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, Exception)]
-    assert len(classes) >= 10
-    assert all(issubclass(c, SeethroughError) for c in classes)
+_SRC = Path(seethrough.__file__).parent
+_README = (_SRC.parent.parent / "README.md").read_text()
+_UNRESOLVED = object()
+
+# (file under src/seethrough, enclosing function): builtin exception names allowed there, and why.
+_BUILTIN_SITES: dict[tuple[str, str], tuple[set[str], str]] = {
+    ("remote/server/worker.py", "write"): ({"TypeError"}, "stands in for sys.stdout.write in a remote body: Python's own error"),
+    ("remote/server/worker.py", "print"): ({"TypeError"}, "stands in for print() in a remote body: Python's own error"),
+    ("remote/sandbox.py", "_einops_proxy"): (
+        {"ModuleNotFoundError"},
+        "`import einops` on a server without it fails as an import does, so `except ImportError` works",
+    ),
+    ("remote/server/testing.py", "start"): (
+        {"RuntimeError"},
+        "the test harness's server process did not start: a broken environment, reported with its log",
+    ),
+    ("cli.py", "_positive"): ({"ArgumentTypeError"}, "argparse's own way to refuse a command-line value (usage + exit 2)"),
+}
+_PROTOCOL = {"__getattr__": (AttributeError,), "__getattribute__": (AttributeError,), "__getitem__": (KeyError, IndexError)}
+# A signal raised into the user's frame and swallowed by a with-statement's exit (no `except`):
+# name -> "module:Class.method" that swallows it.
+_SWALLOWED_IN_EXIT = {"_TakenOver": "seethrough.tracing.takeover:Takeover.end"}
+# Functions whose result is re-raised as the error it stands for (the user's own type included).
+_REBUILDERS = {"seethrough.remote.client.rebuild_error"}
+
+
+def _package_modules():
+    for path in sorted(_SRC.rglob("*.py")):
+        relative = path.relative_to(_SRC)
+        if relative.name == "__main__.py":
+            continue  # importing it would run the command line
+        parts = ("seethrough", *relative.with_suffix("").parts)
+        dotted = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        yield relative.as_posix(), importlib.import_module(dotted), ast.parse(path.read_text(), str(path))
+
+
+class _Site:
+    def __init__(self, file: str, module, node: ast.Raise, function: str | None, owner: str | None) -> None:
+        self.file, self.module, self.node, self.function, self.owner = file, module, node, function, owner
+
+    def __str__(self) -> str:
+        return f"src/seethrough/{self.file}:{self.node.lineno} ({ast.unparse(self.node.exc)[:90]})"
+
+
+def _raise_sites(file: str, module, tree: ast.AST) -> list[_Site]:
+    sites: list[_Site] = []
+
+    def visit(node: ast.AST, function: str | None, owner: str | None) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.ClassDef):
+                visit(child, function, child.name)
+            elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                visit(child, child.name, owner)
+            else:
+                if isinstance(child, ast.Raise) and child.exc is not None:
+                    sites.append(_Site(file, module, child, function, owner))
+                visit(child, function, owner)
+
+    visit(tree, None, None)
+    return sites
+
+
+def _resolve(expr: ast.expr, site: _Site):
+    namespace = vars(site.module)
+    if isinstance(expr, ast.Name):
+        if expr.id in namespace:
+            return namespace[expr.id]
+        return getattr(builtins, expr.id, _UNRESOLVED)  # else a local variable
+    if isinstance(expr, ast.Attribute):
+        if isinstance(expr.value, ast.Name) and expr.value.id in ("self", "cls") and site.owner in namespace:
+            return inspect.getattr_static(namespace[site.owner], expr.attr, _UNRESOLVED)
+        base = _resolve(expr.value, site)
+        return _UNRESOLVED if base is _UNRESOLVED else getattr(base, expr.attr, _UNRESOLVED)
+    return _UNRESOLVED
+
+
+def _raised_class(site: _Site):
+    """The exception class a raise site raises, or None for a value made elsewhere."""
+    exc = site.node.exc
+    target = _resolve(exc.func if isinstance(exc, ast.Call) else exc, site)
+    if isinstance(target, (staticmethod, classmethod)):
+        target = target.__func__
+    if target is _UNRESOLVED:
+        return None  # `raise error`: re-raising a value built (and checked) elsewhere
+    if isinstance(target, type):
+        return target
+    if isinstance(target, BaseException):
+        return type(target)
+    assert callable(target), f"{site}: raises {target!r}"
+    if f"{target.__module__}.{target.__qualname__}" in _REBUILDERS:
+        return None
+    annotation = inspect.signature(target).return_annotation
+    if isinstance(annotation, str):
+        annotation = eval(annotation, target.__globals__, vars(builtins))  # noqa: S307 - our own source
+    assert isinstance(annotation, type), f"{site}: {target.__qualname__} needs a return annotation naming the error"
+    return annotation
+
+
+def _lookup(expr: ast.expr, namespace: dict):
+    if isinstance(expr, ast.Name):
+        return namespace.get(expr.id, getattr(builtins, expr.id, None))
+    if isinstance(expr, ast.Attribute):
+        base = _lookup(expr.value, namespace)
+        return getattr(base, expr.attr, None) if base is not None else None
+    return None
+
+
+def _caught_classes() -> set[type]:
+    """Exception classes the package handles itself: named in an `except`, or in an
+    `__exit__` (a with-block that swallows it, as the takeover's signal)."""
+    caught: set[type] = set()
+    for _, module, tree in _package_modules():
+        namespace = vars(module)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ExceptHandler) and node.type is not None:
+                parts = node.type.elts if isinstance(node.type, ast.Tuple) else [node.type]
+            elif isinstance(node, ast.FunctionDef) and node.name == "__exit__":
+                parts = [n for n in ast.walk(node) if isinstance(n, (ast.Name, ast.Attribute))]
+            else:
+                continue
+            for part in parts:
+                value = _lookup(part, namespace)
+                if isinstance(value, type) and issubclass(value, BaseException):
+                    caught.add(value)
+    for signal, swallower in _SWALLOWED_IN_EXIT.items():
+        module_name, _, qualname = swallower.partition(":")
+        owner, _, method = qualname.partition(".")
+        module = importlib.import_module(module_name)
+        source = inspect.getsource(getattr(getattr(module, owner), method))
+        named = [value for name, value in vars(module).items() if re.search(rf"\b{name}\b", source)]
+        assert any(value is vars(module)[signal] for value in named), f"{swallower} no longer handles {signal}"
+        caught.add(vars(module)[signal])
+    return caught
+
+
+def _is_allowed(site: _Site, cls: type, caught: set[type]) -> bool:
+    if issubclass(cls, SeethroughError):
+        return True
+    internal = cls.__name__.startswith("_") or cls.__module__.startswith("seethrough.remote.server.")
+    if internal and cls.__module__.startswith("seethrough.") and cls in caught:
+        return True  # an internal signal the package catches itself
+    if cls is greenlet.GreenletExit:
+        return True
+    if cls.__name__ == "HTTPException" and site.file.startswith("remote/server/"):
+        return True
+    allowed, _why = _BUILTIN_SITES.get((site.file, site.function or ""), (set(), ""))
+    if cls.__name__ in allowed:
+        return True
+    exc = site.node.exc
+    # the builtin itself, called with the bare name or key (not a factory, no message)
+    direct = isinstance(exc, ast.Call) and _resolve(exc.func, site) is cls
+    bare = direct and not exc.keywords and all(isinstance(a, ast.Name) for a in exc.args)
+    return bare and cls in _PROTOCOL.get(site.function or "", ())
+
+
+def test_every_raise_in_the_package_is_a_seethrough_error_or_a_justified_builtin():
+    caught = _caught_classes()
+    sites = [site for file, module, tree in _package_modules() for site in _raise_sites(file, module, tree)]
+    assert len(sites) > 300  # the walk saw the whole package, not one file
+    checked, wrong, used = 0, [], set()
+    for site in sites:
+        cls = _raised_class(site)
+        if cls is None:
+            continue
+        checked += 1
+        if not _is_allowed(site, cls, caught):
+            wrong.append(f"{site}: raises {cls.__module__}.{cls.__name__}")
+        if (site.file, site.function or "") in _BUILTIN_SITES:
+            used.add((site.file, site.function))
+    assert checked > 250
+    assert not wrong, (
+        "misuse must raise a SeethroughError subclass (seethrough.UsageTypeError/UsageValueError/"
+        "UsageAttributeError/UsageKeyError are the builtin too), or justify the builtin in "
+        "_BUILTIN_SITES:\n" + "\n".join(wrong)
+    )
+    assert used == set(_BUILTIN_SITES), f"stale _BUILTIN_SITES entries: {set(_BUILTIN_SITES) - used}"
+
+
+def _exception_classes():
+    for file, module, tree in _package_modules():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef):
+                cls = vars(module).get(node.name)
+                if isinstance(cls, type) and issubclass(cls, BaseException) and cls.__module__ == module.__name__:
+                    yield file, cls
+
+
+def test_every_error_class_is_a_seethrough_error_or_caught_inside_the_package():
+    caught = _caught_classes()
+    classes = list(_exception_classes())
+    assert len(classes) >= 35
+    public = [cls for _, cls in classes if issubclass(cls, SeethroughError)]
+    assert len(public) >= 25 and SeethroughError in public
+    internal = [cls for _, cls in classes if not issubclass(cls, SeethroughError)]
+    escaping = [f"{cls.__module__}.{cls.__name__}" for cls in internal if cls not in caught]
+    assert not escaping, f"errors that would reach users without being a SeethroughError: {escaping}"
+    public_named = [f"{cls.__module__}.{cls.__name__}" for cls in internal
+                    if not (cls.__name__.startswith("_") or cls.__module__.startswith("seethrough.remote.server."))]
+    assert not public_named, f"a public error class outside the server must be a SeethroughError: {public_named}"
+
+
+def test_every_seethrough_error_is_exported_or_documented():
+    undocumented = []
+    for file, cls in _exception_classes():
+        if not issubclass(cls, SeethroughError):
+            continue
+        assert not cls.__name__.startswith("_") and not any(p.startswith("_") for p in cls.__module__.split("."))
+        exported = cls.__name__ in seethrough.__all__ and getattr(seethrough, cls.__name__) is cls
+        if not exported and not re.search(rf"\b{cls.__name__}\b", _README):
+            undocumented.append(f"{cls.__module__}.{cls.__name__} (src/seethrough/{file})")
+    assert not undocumented, f"export these from seethrough or name them in README's Errors: {undocumented}"
+    for name in seethrough.__all__:
+        value = getattr(seethrough, name)
+        if isinstance(value, type) and issubclass(value, SeethroughError):
+            assert re.search(rf"\b{name}\b", _README), f"{name} is exported but the README does not list it"

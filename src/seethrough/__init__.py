@@ -31,6 +31,10 @@ from .errors import (
     ShapeMismatchError,
     SourceError,
     TraceSourceError,
+    UsageAttributeError,
+    UsageKeyError,
+    UsageTypeError,
+    UsageValueError,
     WeightsModifiedError,
 )
 from .models import LanguageModel, Model
@@ -70,6 +74,10 @@ __all__ = [
     "ShapeMismatchError",
     "SourceError",
     "TraceSourceError",
+    "UsageAttributeError",
+    "UsageKeyError",
+    "UsageTypeError",
+    "UsageValueError",
     "WeightsModifiedError",
     "__version__",
 ]

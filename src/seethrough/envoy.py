@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 
 from ._frames import where_user_is
-from .errors import ModulePathError, NotInTraceError
+from .errors import ModulePathError, NotInTraceError, UsageAttributeError, UsageTypeError
 from .tracing.runtime import current_run, current_task
 
 if TYPE_CHECKING:
@@ -152,7 +152,7 @@ class Envoy:
 
     def __iter__(self) -> Iterator["Envoy"]:
         if not isinstance(self._module, (torch.nn.ModuleList, torch.nn.Sequential, torch.nn.ModuleDict)):
-            raise TypeError(
+            raise UsageTypeError(
                 f"`{self._display_path()}` ({type(self._module).__name__}) is not a module "
                 "container; iterate `.children()` of the module (`model._model`) instead."
             )
@@ -181,7 +181,7 @@ class Envoy:
         names and indices as parts).  Inside a trace a last part ``output``,
         ``input`` or ``inputs`` gives that value."""
         if not isinstance(path, str):
-            raise TypeError(f"`get` takes a dotted path like 'model.layers.0', not a {type(path).__name__}.")
+            raise UsageTypeError(f"`get` takes a dotted path like 'model.layers.0', not a {type(path).__name__}.")
         parts = path.lstrip(".").split(".") if path.strip(".") else []
         target: Any = self
         for index, part in enumerate(parts):
@@ -277,7 +277,7 @@ class Envoy:
             # with a setter; never a name of the module (`weight`, a submodule).
             object.__setattr__(self, name, value)
             return
-        raise AttributeError(
+        raise UsageAttributeError(
             f"cannot set `{name}` on `{self._display_path()}` ({where_user_is()}): envoys only "
             "take `.output`, `.input` and `.inputs` assignments inside a trace. To change the "
             "module itself, use `model._model` outside a trace."
@@ -367,7 +367,7 @@ def _read(envoy: Envoy, kind: str, accessor: str, skip_calls: int) -> Any:
 def _check_inputs_pair(path: str, value: Any) -> None:
     """``.inputs`` takes ``(args, kwargs)``, for a module or an operation alike."""
     if not (isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], dict)):
-        raise TypeError(
+        raise UsageTypeError(
             f"`{path}.inputs` must be assigned `(args, kwargs)`: a tuple of "
             "the positional arguments and a dict of keyword arguments."
         )

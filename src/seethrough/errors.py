@@ -43,6 +43,24 @@ class EnvoyClassError(SeethroughError, TypeError):
     something that is neither a module type nor a path."""
 
 
+# Misuse that plain Python would report as a TypeError, ValueError, ... : the
+# error is that builtin too, so ``except TypeError`` keeps working.
+class UsageTypeError(SeethroughError, TypeError):
+    """An argument, or an assigned value, of a type seethrough does not take."""
+
+
+class UsageValueError(SeethroughError, ValueError):
+    """An argument value seethrough cannot use."""
+
+
+class UsageAttributeError(SeethroughError, AttributeError):
+    """An attribute that cannot be set or read that way (the message says which works)."""
+
+
+class UsageKeyError(SeethroughError, KeyError):
+    """A key that is not there (the message says which keys are)."""
+
+
 class ShapeMismatchError(SeethroughError, ValueError):
     """An assigned value does not have the shape of the value it replaces."""
 

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import torch
 
 from ..envoy import Envoy
+from ..errors import UsageValueError
 
 
 def layer_envoys(model: Any, layers: Sequence[int] | None = None) -> list[Envoy]:
@@ -18,7 +19,7 @@ def layer_envoys(model: Any, layers: Sequence[int] | None = None) -> list[Envoy]
     try:
         stack = model.layers
     except AttributeError:
-        raise ValueError(
+        raise UsageValueError(
             f"{type(model).__name__} has no `layers` alias: the interp helpers need a model whose "
             "decoder blocks seethrough recognises (Llama, GPT-2, GPT-NeoX, ...), or `rename=` to name them."
         ) from None
@@ -41,7 +42,7 @@ def check_layers(model: Any, layers: Sequence[int] | None) -> list[int]:
     chosen = set()
     for index in layers:
         if not -total <= index < total:
-            raise ValueError(f"layer {index} does not exist: the model has {total} layers (0..{total - 1}).")
+            raise UsageValueError(f"layer {index} does not exist: the model has {total} layers (0..{total - 1}).")
         chosen.add(index % total)
     return sorted(chosen)
 
@@ -64,7 +65,7 @@ def target_id(model: Any, text: str) -> int:
     first token of its encoding (``" Paris"`` is one token in most vocabularies)."""
     ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
     if not ids:
-        raise ValueError(f"the target {text!r} encodes to no tokens.")
+        raise UsageValueError(f"the target {text!r} encodes to no tokens.")
     return int(ids[0])
 
 

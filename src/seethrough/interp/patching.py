@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from ..errors import UsageValueError
 from ._common import check_layers, layer_envoys, residual, target_id, token_count
 
 
@@ -127,7 +128,7 @@ def activation_patching(
 
 def _check_position(position: int, shared: list[int]) -> int:
     if position not in shared:
-        raise ValueError(
+        raise UsageValueError(
             f"position {position} is not shared by both prompts: positions count from the end "
             f"and must be in {shared[0]}..-1."
         )

@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..errors import UsageValueError
 from ._common import check_layers, layer_envoys, residual, token_count
 
 
@@ -31,7 +32,7 @@ def mean_residual(model: Any, prompts: Sequence[str], layer: int) -> torch.Tenso
     (all but the first, when there are several), then over prompts: ``[hidden]``.
     All prompts share one batched forward."""
     if not prompts:
-        raise ValueError("mean_residual needs at least one prompt.")
+        raise UsageValueError("mean_residual needs at least one prompt.")
     (index,) = check_layers(model, [layer])
     (envoy,) = layer_envoys(model, [index])
     # Left padding: a prompt's own tokens are its last `length`; skip the first of them.
@@ -67,7 +68,7 @@ def generate_text(
     (e.g. a progress bar's ``update``).
     """
     if steer is not None and layer is None:
-        raise ValueError("steering needs the layer to add the vector at: pass `layer=`.")
+        raise UsageValueError("steering needs the layer to add the vector at: pass `layer=`.")
     envoy = layer_envoys(model, check_layers(model, [layer]))[0] if steer is not None else None
     delta = None if steer is None else (scale * steer).to(model.device)
     with torch.no_grad():

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from ..errors import UsageValueError
+
 
 def format_cell(value: Any, float_format: str = ".4f") -> str:
     """One cell as text: floats with ``float_format``, None as ``-``."""
@@ -53,9 +55,9 @@ def format_table(
     numbers (or text that reads as a number) are right-aligned, others left.
     """
     if any(len(row) != len(headers) for row in rows):
-        raise ValueError(f"every row needs {len(headers)} cells, one per header.")
+        raise UsageValueError(f"every row needs {len(headers)} cells, one per header.")
     if align is not None and (len(align) != len(headers) or set(align) - {"l", "r"}):
-        raise ValueError(f"align needs one of 'l'/'r' per column ({len(headers)}), got {align!r}.")
+        raise UsageValueError(f"align needs one of 'l'/'r' per column ({len(headers)}), got {align!r}.")
     cells = [[format_cell(value, float_format) for value in row] for row in rows]
     widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
     if align is None:

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import UsageValueError
+
 # For each standard root-level name, the paths it may stand for, in order.
 STANDARD_PATHS: dict[str, tuple[str, ...]] = {
     "layers": (
@@ -79,7 +81,7 @@ def parse_rename(rename: dict, taken: frozenset[str] = frozenset()) -> list[Rena
     """``rename={key: alias or [aliases]}`` as ``(key path parts, alias)`` rules
     (see the module docs); ``taken`` names attributes an alias may not hide."""
     if not isinstance(rename, dict):
-        raise ValueError(f"rename= takes a dict of {{module path: new name}}, not a {type(rename).__name__}.")
+        raise UsageValueError(f"rename= takes a dict of {{module path: new name}}, not a {type(rename).__name__}.")
     rules: list[RenameRule] = []
     for key, aliases in rename.items():
         names = [aliases] if isinstance(aliases, str) else aliases
@@ -88,13 +90,13 @@ def parse_rename(rename: dict, taken: frozenset[str] = frozenset()) -> list[Rena
             not parts or not all(parts) or not isinstance(names, (list, tuple)) or not names
             or not all(isinstance(n, str) and n.isidentifier() for n in names)
         ):
-            raise ValueError(
+            raise UsageValueError(
                 f"rename={{{key!r}: {aliases!r}}}: keys are module paths or names ('transformer.h', "
                 "'.h', 'self_attn', 'h.0'), values are new names (Python identifiers) or lists of them."
             )
         for name in names:
             if name in taken:
-                raise ValueError(
+                raise UsageValueError(
                     f"rename={{{key!r}: {name!r}}}: `{name}` is already an attribute of every wrapped "
                     "model (an accessor or method), so the alias would never be reached. Pick another name."
                 )

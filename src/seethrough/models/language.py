@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from .._frames import where_user_is
-from ..errors import BatchError, NotInTraceError, SeethroughError
+from ..errors import BatchError, NotInTraceError, SeethroughError, UsageTypeError
 from ..tracing.run import TraceRun
 from ..tracing.runtime import current_task
 from ..tracing.tracer import Tracer
@@ -79,7 +79,7 @@ class LanguageModel(Model):
             loaded = True
         else:
             if not isinstance(model, (str, os.PathLike)):
-                raise TypeError(f"LanguageModel takes a model object, a folder or a repo id, not {type(model).__name__}.")
+                raise UsageTypeError(f"LanguageModel takes a model object, a folder or a repo id, not {type(model).__name__}.")
             source = os.fspath(model)
             # With `host=`, the model is the one that server serves (its module
             # tree built from the server's description); without, a local

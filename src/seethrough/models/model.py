@@ -35,7 +35,7 @@ from torch.utils._pytree import tree_map
 
 from ..envoy import Envoy
 from .._frames import describe_location
-from ..errors import EnvoyClassError, ModulePathError, SeethroughError, TraceSourceError
+from ..errors import EnvoyClassError, ModulePathError, SeethroughError, TraceSourceError, UsageTypeError
 from ..source import ModuleSource
 from ..tracing.capture import capture_with_block
 from ..tracing.run import EditSpec, TraceRun
@@ -61,7 +61,7 @@ class Model(Envoy):
         envoys: Any = None,
     ) -> None:
         if not isinstance(module, torch.nn.Module):
-            raise TypeError(f"seethrough.Model wraps a torch.nn.Module, not a {type(module).__name__}.")
+            raise UsageTypeError(f"seethrough.Model wraps a torch.nn.Module, not a {type(module).__name__}.")
         super().__init__(module, "", None)
         if envoys is None:
             envoys = _class_envoys(type(self))
@@ -307,7 +307,7 @@ class Model(Envoy):
                     )
                 out.append(self._envoy_at(path))
             else:
-                raise TypeError(f"modules must be envoys or paths like 'model.layers.0', not {type(item).__name__}.")
+                raise UsageTypeError(f"modules must be envoys or paths like 'model.layers.0', not {type(item).__name__}.")
         return out
 
     # -- inputs (overridden by LanguageModel) ---------------------------------------

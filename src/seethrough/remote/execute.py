@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 
 from .._version import __version__
+from ..errors import UsageTypeError
 from ..tracing.capture import capture_source_block
 from ..tracing.run import TraceRun
 from ..tracing.runtime import SAVE_METHOD, save_method
@@ -100,7 +101,7 @@ def _backend(model: Any, request: Request) -> Any:
         from ..models.language import _GenerateBackend
 
         if not hasattr(model, "generate"):
-            raise TypeError("this served model is not a language model; use kind 'trace'.")
+            raise UsageTypeError("this served model is not a language model; use kind 'trace'.")
         model._ensure_loaded()
         return _GenerateBackend(dict(request.generate))
     from ..models.model import _forward_backend

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
-from ..errors import SeethroughError
+from ..errors import SeethroughError, UsageAttributeError, UsageKeyError
 from .interleaver import MISSING
 
 if TYPE_CHECKING:

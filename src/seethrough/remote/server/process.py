@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from . import framing
+from .settings import SettingsError
 from .worker import WorkerOptions, run_worker
 
 __all__ = ["START_METHODS", "WorkerDied", "WorkerProcess", "WorkerStartError", "start_context"]
@@ -48,7 +49,7 @@ def start_context(method: str, sources: list[str] | tuple[str, ...] = ()) -> Any
     """The multiprocessing context for ``method``; for ``forkserver``, with the
     libraries and the modelling modules of ``sources`` preloaded."""
     if method not in START_METHODS:
-        raise ValueError(f"unknown start method {method!r}; use one of {', '.join(START_METHODS)}")
+        raise SettingsError(f"unknown start method {method!r}; use one of {', '.join(START_METHODS)}")
     context = multiprocessing.get_context(method)
     if method == "forkserver":
         context.set_forkserver_preload(_PRELOAD + _modelling_modules(sources))
