@@ -75,32 +75,41 @@ def test_unsaved_values_become_helpful_placeholders():
 
 
 def test_outer_variables_and_unassigned_names_are_left_alone():
-    model = seethrough.Model(_net())
+    net = _net()
+    model = seethrough.Model(net)
     steer = torch.ones(6)
     results = []
-    with model.trace(torch.randn(2, 4)):
-        model[0].output[:] += steer
-        results.append(model[2].output.save())
-        if False:
-            steer = None
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        with model.trace(x):
+            model[0].output[:] += steer
+            results.append(model[2].output.save())
+            if False:
+                steer = None
+        expected = net[2](net[1](net[0](x) + 1))  # the outer `steer` read inside the body
     assert torch.equal(steer, torch.ones(6))  # not assigned: left as it was
-    assert len(results) == 1 and results[0].shape == (2, 2)
+    assert len(results) == 1 and torch.allclose(results[0], expected)
 
 
 def test_closure_variables_are_read_and_written():
-    model = seethrough.Model(_net())
+    net = _net()
+    model = seethrough.Model(net)
     scale = 2.0
+    x = torch.randn(1, 4)
 
     def inner():
         nonlocal scale
-        with model.trace(torch.randn(1, 4)):
-            model[0].output[:] *= scale
-            scale = 3.0
-            out = model.output.save()
+        with torch.no_grad():
+            with model.trace(x):
+                model[0].output[:] *= scale
+                scale = 3.0
+                out = model.output.save()
         return out
 
     out = inner()
-    assert out.shape == (1, 2)
+    with torch.no_grad():
+        expected = net[2](net[1](net[0](x) * 2.0))  # the closure's value when the edit ran
+    assert torch.allclose(out, expected)
     assert scale == 3.0
 
 
@@ -116,23 +125,32 @@ def test_method_and_loop():
                     self.seen.append(self.model[0].output.save())
             return self.seen
 
-    seen = Probe().run([torch.randn(1, 4) for _ in range(3)])
-    assert len(seen) == 3 and all(s.shape == (1, 6) for s in seen)
+    xs = [torch.randn(1, 4) for _ in range(3)]
+    probe = Probe()
+    seen = probe.run(xs)
+    assert len(seen) == 3
+    with torch.no_grad():
+        for x, got in zip(xs, seen):  # each pass of the loop saw its own input
+            assert torch.allclose(got, probe.model._model[0](x))
 
 
 def test_body_on_the_same_line_and_helper_functions():
-    model = seethrough.Model(_net())
+    net = _net()
+    model = seethrough.Model(net)
+    x = torch.randn(1, 4)
 
     def grab(envoy):
         return envoy.output.save()
 
-    with model.trace(torch.randn(1, 4)): h = grab(model[0])  # noqa: E701
-    assert h.shape == (1, 6)
+    with model.trace(x): h = grab(model[0])  # noqa: E701
+    assert torch.allclose(h, net[0](x))
 
 
 def test_functions_defined_in_the_body_see_its_names():
-    model = seethrough.Model(_net())
-    with model.trace(torch.randn(2, 4)):
+    net = _net()
+    model = seethrough.Model(net)
+    x = torch.randn(2, 4)
+    with model.trace(x):
         factor = 3
 
         def scaled(t):
@@ -140,7 +158,7 @@ def test_functions_defined_in_the_body_see_its_names():
 
         out = scaled(model[0].output).save()
         squares = [v * factor for v in range(3)]
-    assert out.shape == (2, 6)
+    assert torch.allclose(out, net[0](x) * 3)
     assert squares == [0, 3, 6]
     assert scaled(torch.ones(1)).item() == 3
 
