@@ -280,15 +280,32 @@ def test_a_model_built_from_the_server_description_traces_remotely(server, name,
         remote_model("nope", host=server.url, api_key=ALICE)
 
 
-def test_config_host_and_key_are_used(server, gpt2, monkeypatch):
+def plain_first_block(folder, text: str) -> torch.Tensor:
+    """Reference: block 0's output on a plain HuggingFace forward, read by a raw hook."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    seen = []
+    handle = hf.transformer.h[0].register_forward_hook(lambda m, a, o: seen.append(o[0] if isinstance(o, tuple) else o))
+    try:
+        with torch.no_grad():
+            hf(**tokenizer(text, return_tensors="pt"))
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def test_config_host_and_key_are_used(server, gpt2, gpt2_dir, monkeypatch):
     monkeypatch.setattr(seethrough.CONFIG.API, "HOST", server.url)
     monkeypatch.setattr(seethrough.CONFIG.API, "APIKEY", ALICE)
     with gpt2.trace("Configured", remote=True):
         hidden = gpt2.layers[0].output.save()
     assert hidden.shape[-1] == 32
+    torch.testing.assert_close(hidden, plain_first_block(gpt2_dir, "Configured"), atol=1e-5, rtol=1e-5)
 
 
-def test_per_call_host_overrides_config(server, gpt2, monkeypatch):
+def test_per_call_host_overrides_config(server, gpt2, gpt2_dir, monkeypatch):
     monkeypatch.setattr(seethrough.CONFIG.API, "HOST", f"http://127.0.0.1:{testing.free_port()}")
     monkeypatch.setattr(seethrough.CONFIG.API, "APIKEY", ALICE)
     with pytest.raises(RemoteConnectionError, match="cannot reach"):
@@ -297,6 +314,7 @@ def test_per_call_host_overrides_config(server, gpt2, monkeypatch):
     with gpt2.trace("Somewhere", remote=True, host=server.url):
         hidden = gpt2.layers[0].output.save()
     assert hidden.shape[-1] == 32
+    torch.testing.assert_close(hidden, plain_first_block(gpt2_dir, "Somewhere"), atol=1e-5, rtol=1e-5)
 
 
 def test_environment_variables_are_used(server, gpt2_dir, tmp_path):
