@@ -61,6 +61,10 @@ class UsageKeyError(SeethroughError, KeyError):
     """A key that is not there (the message says which keys are)."""
 
 
+class UsageIndexError(SeethroughError, IndexError):
+    """An index out of range (the message says the range)."""
+
+
 class ShapeMismatchError(SeethroughError, ValueError):
     """An assigned value does not have the shape of the value it replaces."""
 

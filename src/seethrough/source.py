@@ -26,7 +26,7 @@ import torch
 
 from ._frames import where_user_is
 from .envoy import NextCall, _check_inputs_pair, _read, _task_or_raise, _write
-from .errors import ModulePathError, NotInTraceError, SourceError
+from .errors import ModulePathError, NotInTraceError, SourceError, UsageAttributeError
 from .tracing.operations import OpKey, OpRuntime, RunSources, body_of, forward_function, module_key
 from .tracing.rewrite import Analysis
 from .tracing.runtime import current_task
@@ -122,7 +122,7 @@ class ModuleSource(_Source):
         return f"{self._envoy._path}.source" if self._envoy._path else "source"
 
     def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError(f"cannot set `{name}` on `{self._where_()}`: assign an operation's `.output`/`.input` instead.")
+        raise UsageAttributeError(f"cannot set `{name}` on `{self._where_()}`: assign an operation's `.output`/`.input` instead.")
 
 
 class FunctionSource(_Source):
@@ -154,7 +154,7 @@ class FunctionSource(_Source):
         return f"{self._parent._path}.source"
 
     def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError(f"cannot set `{name}` on `{self._where_()}`: assign an operation's `.output`/`.input` instead.")
+        raise UsageAttributeError(f"cannot set `{name}` on `{self._where_()}`: assign an operation's `.output`/`.input` instead.")
 
 
 class Operation:

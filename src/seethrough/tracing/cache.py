@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
-from ..errors import SeethroughError, UsageAttributeError, UsageKeyError
+from ..errors import SeethroughError, UsageIndexError, UsageTypeError
 from .interleaver import MISSING
 
 if TYPE_CHECKING:
@@ -165,7 +165,7 @@ class CacheEntry:
                 return cache._entry(child)
             calls = self.calls
             if not -len(calls) <= index < len(calls):
-                raise IndexError(
+                raise UsageIndexError(
                     f"`{_display(self.path)}` was recorded {len(calls)} time(s); call {index} does not exist."
                 )
             return calls[index]
@@ -176,7 +176,7 @@ class CacheEntry:
                 typed += "." + part
                 path = cache._step(path, part, typed)
             return cache._entry(path)
-        raise TypeError(f"cache entries are indexed by call or submodule number, or by name; not {type(index).__name__}.")
+        raise UsageTypeError(f"cache entries are indexed by call or submodule number, or by name; not {type(index).__name__}.")
 
     def keys(self) -> list[str]:
         """The cached paths at or below this one."""
@@ -269,7 +269,7 @@ class Cache:
         """The real path a key names: ``model`` is the root; then names,
         indices and aliases as on the model."""
         if not isinstance(key, str):
-            raise TypeError(f"cache keys are module paths like 'model.layers.0', not {type(key).__name__}.")
+            raise UsageTypeError(f"cache keys are module paths like 'model.layers.0', not {type(key).__name__}.")
         relative = "" if key == "model" else (key[6:] if key.startswith("model.") else key)
         if relative in self._calls:
             return relative
