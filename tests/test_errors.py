@@ -216,6 +216,14 @@ _BUILTIN_SITES: dict[tuple[str, str], tuple[set[str], str]] = {
         {"RuntimeError"},
         "the test harness's server process did not start: a broken environment, reported with its log",
     ),
+    **{
+        ("remote/server/isolation.py", function): (
+            {"OSError"},
+            "an OS call failed: the OSError the OS gives; isolate() catches it and reports the step "
+            "(an IsolationError under --isolation required)",
+        )
+        for function in ("_check", "_private_file_system", "_expose", "_drop_to")
+    },
     ("cli.py", "_positive"): ({"ArgumentTypeError"}, "argparse's way to refuse a command-line value (usage, exit 2)"),
 }
 _PROTOCOL = {

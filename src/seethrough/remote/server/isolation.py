@@ -42,6 +42,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ...errors import SeethroughError
+from .settings import SettingsError
+
 __all__ = ["LEVELS", "IsolationError", "IsolationReport", "PRIVATE_TMP", "isolate", "worker_uid"]
 
 LEVELS = ("required", "best-effort", "off")
@@ -62,7 +65,7 @@ _MOUNT_FLAGS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "no
                 "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME}
 
 
-class IsolationError(RuntimeError):
+class IsolationError(SeethroughError, RuntimeError):
     """The OS refused an isolation step that ``--isolation required`` asks for."""
 
 
@@ -134,7 +137,7 @@ def isolate(level: str, nproc_extra: int = 32, readable: tuple[str, ...] = ()) -
     pools, a request process); ``readable``: folders the worker must still be
     able to read after dropping root (besides Python's own, which are added)."""
     if level not in LEVELS:
-        raise ValueError(f"unknown isolation level {level!r}; use one of {', '.join(LEVELS)}")
+        raise SettingsError(f"unknown isolation level {level!r}; use one of {', '.join(LEVELS)}")
     report = IsolationReport(level)
     if level == "off":
         return report

@@ -50,6 +50,7 @@ from ..._version import __version__
 from . import framing, isolation
 from .fingerprint import StateFingerprint
 from .forking import RequestForker, address_space, limit_address_space
+from .settings import SettingsError
 
 __all__ = ["LogStream", "WorkerOptions", "describe_model", "run_worker"]
 
@@ -333,10 +334,10 @@ def run_worker(conn: Any, options: WorkerOptions) -> None:
 def _choose_request_process(wanted: str, uses_cuda: bool) -> bool:
     """True: fork a process per request; False: run requests here and check the state after each."""
     if wanted not in REQUEST_PROCESSES:
-        raise ValueError(f"unknown request process model {wanted!r}; use one of {', '.join(REQUEST_PROCESSES)}")
+        raise SettingsError(f"unknown request process model {wanted!r}; use one of {', '.join(REQUEST_PROCESSES)}")
     if wanted == "fork" and uses_cuda:
-        raise RuntimeError("--request-process fork is impossible for a model on a CUDA device (CUDA does not "
-                           "survive fork); use --request-process auto or reuse")
+        raise SettingsError("--request-process fork is impossible for a model on a CUDA device (CUDA does not "
+                            "survive fork); use --request-process auto or reuse")
     return wanted == "fork" or (wanted == "auto" and not uses_cuda)
 
 
