@@ -476,18 +476,17 @@ ESCAPES = [
     Escape("write weights by slice", f"{W}[:] = 0\n", "error", "in-place"),  # autograd refuses it
     Escape("write weights by slice without grad", f"import torch\nwith torch.no_grad():\n    {W}[:] = 0\n",
            "crash", "read-only"),
-    Escape("write weights via .data", f"{W}.data.zero_()\n", "crash", "read-only"),
-    Escape("fill weights via .data slice", f"{W}.data[0, 0] = 1.5\n", "crash", "read-only"),
-    Escape("copy_ into weights", f"import torch\nwith torch.no_grad():\n    {W}.copy_({W} * 0)\n", "crash", "read-only"),
+    Escape("write weights via .data", f"{W}.data.zero_()\n", "error", "not available in remote trace bodies"),
+    Escape("fill weights via .data slice", f"{W}.data[0, 0] = 1.5\n", "error", "not available in remote trace bodies"),
+    Escape("copy_ into weights", f"import torch\nwith torch.no_grad():\n    {W}.copy_({W} * 0)\n", "error", "not available in remote trace bodies"),
     Escape("out= into weights", f"import torch\nwith torch.no_grad():\n    torch.add({W}, 1, out={W})\n",
            "crash", "read-only"),
-    Escape("drop a layer", "layer = model.transformer.h.pop(0)\n", "changed", "module"),
-    Escape("to float16", "import torch\nmodel.to(torch.float16)\n", "changed", "dtype"),
-    Escape("half()", "model.half()\n", "changed", "dtype"),
-    Escape("requires_grad_", f"{W}.requires_grad_(False)\n", "changed", "requires_grad"),
-    Escape("config.update", "model.config.update({'n_layer': 1})\n", "changed", "model.config changed"),
-    Escape("generation_config.update", "model.generation_config.update(max_length=3)\n", "changed",
-           "generation_config changed"),
+    Escape("drop a layer", "layer = model.transformer.h.pop(0)\n", "error", "not available in remote trace bodies"),
+    Escape("to float16", "import torch\nmodel.to(torch.float16)\n", "error", "not available in remote trace bodies"),
+    Escape("half()", "model.half()\n", "error", "not available in remote trace bodies"),
+    Escape("requires_grad_", f"{W}.requires_grad_(False)\n", "error", "not available in remote trace bodies"),
+    Escape("config.update", "model.config.update({'n_layer': 1})\n", "error", "not available in remote trace bodies"),
+    Escape("generation_config.update", "model.generation_config.update(max_length=3)\n", "error", "not available in remote trace bodies"),
     Escape("recursion bomb", "def f(n):\n    return f(n + 1)\nf(0)\n", "error", "recursion"),
     Escape("giant tensor", "import torch\nbig = torch.zeros(2 ** 31)\n", "error", "memory"),
     Escape("giant list", "big = [0] * (10 ** 9)\n", "error", "memory"),
@@ -535,10 +534,14 @@ def test_escape_is_refused_or_contained(server, reference, escape, canary):
 
 @pytest.mark.slow
 def test_rng_seed_and_grad_mode_do_not_leak_into_the_next_request(server):
+    """A body's seed lasts for its request; every request starts from a fresh seed."""
     draw = "import torch\nr = torch.rand(4).save()\n"
     first = run(server, draw).values["r"]
-    run(server, "import torch\ntorch.manual_seed(1234)\ntorch.set_grad_enabled(False)\n")
-    assert torch.equal(run(server, draw).values["r"], first)
+    seeded = run(server, "import torch\ntorch.manual_seed(1234)\ntorch.set_grad_enabled(False)\nr = torch.rand(4).save()\n")
+    assert torch.equal(seeded.values["r"], torch.rand(4, generator=torch.Generator().manual_seed(1234)))
+    after = run(server, draw).values["r"]
+    # each request draws from a fresh seed: not the seeded stream, not the previous request's draws
+    assert not torch.equal(after, seeded.values["r"]) and not torch.equal(after, first)
     grad = ("h = model.transformer.h[0].output\nloss = model.output.logits.sum()\n"
             "with loss.backward():\n    g = h.grad.save()\n")
     assert run(server, grad).values["g"].abs().sum() > 0

@@ -5,19 +5,27 @@ The request's body goes through exactly the machinery of a local trace
 run in greenlets beside the model's forward pass, handed back with the same
 rules.  The differences are the walls around it: the body and its helper
 functions are validated by :mod:`.sandbox` and run in its restricted
-namespace; the model is a per-request clone of the served wrapper (so an
-edit cannot leak into the next request); the global RNG is restored after
-the request; and only transferable values go back.
+namespace, every attribute they touch checked by the run-time allowlist of
+:mod:`.reach` (also in the ``with`` blocks nested in them); the model is a
+per-request clone of the served wrapper (so an edit cannot leak into the
+next request); the global RNG starts from a fresh seed and is restored
+after the request, as is the grad mode; the body's source, parses and
+compiled blocks are dropped from every cache when it ends; and only
+transferable values go back.
 """
 
 from __future__ import annotations
 
+import itertools
+import linecache
 import traceback
 from typing import Any, Callable
 
+import torch
 
 from .._version import __version__
 from ..errors import UsageTypeError
+from ..tracing import capture
 from ..tracing.capture import capture_source_block
 from ..tracing.run import TraceRun
 from ..tracing.runtime import SAVE_METHOD, save_method
@@ -25,6 +33,7 @@ from ..tracing.saving import NotSaved
 from ..tracing.tracer import SessionScope, Tracer, enter_session, exit_session
 from . import sandbox
 from .protocol import PORTABLE_LEAVES, Request
+from .reach import Guard, guard_tree
 
 REMOTE_PREFIX = "remote:"
 
@@ -36,12 +45,16 @@ def remote_filename(filename: str) -> str:
 
 def execute(request: Request, served: Any, print_function: Callable[..., Any] = print) -> dict:
     """Run ``request`` on the served wrapper; return the answer (values or error)."""
+    grad_mode = torch.is_grad_enabled()
     try:
-        with sandbox.isolated_rng_state():
+        with sandbox.isolated_rng_state(), capture.code_transform(REMOTE_PREFIX, guard_tree):
             values = _run(request, served, print_function)
         return _answer(values)
     except Exception as error:  # noqa: BLE001 - every failure becomes an answer
         return {"error": describe_error(error, request)}
+    finally:
+        torch.set_grad_enabled(grad_mode)
+        capture.forget(REMOTE_PREFIX)  # no line, parse or compiled block of this body outlives it
 
 
 def _run(request: Request, served: Any, print_function: Callable[..., Any]) -> dict[str, Any]:
@@ -49,15 +62,20 @@ def _run(request: Request, served: Any, print_function: Callable[..., Any]) -> d
     padded = "\n" * (request.first_line - 1) + request.source
     sandbox.validate(padded, filename)
     model = served._clone()  # per request: `edit` and friends cannot reach the next one
+    module = getattr(model, "_module", None)
+    protected = itertools.chain(module.parameters(), module.buffers()) if module is not None else ()
+    guard = Guard(protected)  # the served weights: read, never changed in place
     extra: dict[str, Any] = dict(request.variables)
     for name, path in request.envoys.items():
         extra[name] = model if path == "" else model._envoy_at(path)
     for name, module in request.modules.items():
         extra[name] = sandbox.module_proxy(module)
-    namespace = sandbox.safe_globals(extra, print_function)
+    namespace = sandbox.safe_globals(extra, print_function, guard)
     for name, source in request.functions.items():
-        tree = sandbox.validate(source, remote_filename(f"{request.filename}:{name}"))
-        exec(compile(tree, remote_filename(f"{request.filename}:{name}"), "exec", dont_inherit=True), namespace)
+        helper_file = remote_filename(f"{request.filename}:{name}")
+        tree = sandbox.validate(source, helper_file)
+        linecache.cache[helper_file] = (len(source), None, source.splitlines(keepends=True), helper_file)
+        exec(sandbox.compile_body(tree, helper_file), namespace)
     captured = capture_source_block(padded, filename, what=f"model.{request.kind}(...)")
     if request.kind == "session":
         namespace[SAVE_METHOD] = save_method  # the session body's own `X.save()` calls

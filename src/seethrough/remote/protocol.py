@@ -23,6 +23,14 @@ The answer is ``{"values": {name: value}, "not_saved": [name, ...]}`` or
 
 :func:`parse_request` checks every field of an untrusted request and raises
 :class:`ProtocolError` (a 400 for the server) naming the field and the fix.
+
+Generation options are an allowlist (:data:`GENERATE_OPTIONS`: lengths,
+sampling, beams, penalties, stop strings, token ids, what to return);
+anything else, above all what makes HuggingFace load code or files
+(``custom_generate``, ``trust_remote_code``, a path, a repo), is refused
+naming the option.  The inputs of a traced call travel to the model's
+forward; names that only load code or files there are refused as well
+(:func:`check_call_options`, also used for calls made inside a body).
 """
 
 from __future__ import annotations
@@ -47,6 +55,65 @@ PORTABLE_LEAVES = (type(None), bool, int, float, complex, str, bytes, torch.Tens
 
 class ProtocolError(SeethroughError, ValueError):
     """A remote request that does not have the required shape."""
+
+
+# HuggingFace ``generate`` settings a remote request may use: plain numbers,
+# flags, token ids and strings that change decoding, never code or files.
+# (Group beam search, contrastive search and DoLa load code from the Hub in
+# transformers 5, so their settings are not here.)
+GENERATE_OPTIONS = frozenset("""
+    max_new_tokens min_new_tokens max_length min_length early_stopping max_time
+    do_sample temperature top_k top_p min_p typical_p epsilon_cutoff eta_cutoff
+    num_beams length_penalty num_return_sequences
+    repetition_penalty encoder_repetition_penalty no_repeat_ngram_size encoder_no_repeat_ngram_size
+    bad_words_ids suppress_tokens begin_suppress_tokens exponential_decay_length_penalty
+    renormalize_logits remove_invalid_values forced_bos_token_id forced_eos_token_id
+    stop_strings eos_token_id pad_token_id bos_token_id decoder_start_token_id
+    output_scores output_logits output_attentions output_hidden_states return_dict_in_generate use_cache
+""".split())
+# Token inputs that travel with a generate request beside its options.
+GENERATE_INPUTS = frozenset({"input_ids", "attention_mask", "token_type_ids"})
+# Options of the client, never of a call made on the server.
+CLIENT_OPTIONS = frozenset({"remote", "host", "api_key", "blocking", "backend"})
+# Names (or parts of names) of options that load code, files or repositories.
+_LOADING_OPTIONS = frozenset({"custom_generate", "trust_remote_code", "revision", "token", "use_auth_token",
+                              "local_files_only", "subfolder", "from_tf", "from_flax", "assistant_model",
+                              "generation_config", "logits_processor", "stopping_criteria", "streamer",
+                              "prefix_allowed_tokens_fn", "synced_gpus", "tokenizer", "assistant_tokenizer"})
+# Words of an option name (split at "_") that say it names a file, folder or repository.
+_LOADING_WORDS = frozenset({"path", "paths", "file", "files", "filename", "dir", "directory", "folder", "repo",
+                            "url", "hub", "code"})
+
+
+def loads_code_or_files(name: str) -> bool:
+    """True for option names that make a library load code, files or repositories."""
+    lowered = name.lower()
+    return lowered in _LOADING_OPTIONS or not _LOADING_WORDS.isdisjoint(lowered.split("_"))
+
+
+def check_generate_options(options: dict, where: str) -> None:
+    """Refuse generation options outside :data:`GENERATE_OPTIONS` (naming the first)."""
+    for name in options:
+        if not isinstance(name, str) or name not in GENERATE_OPTIONS:
+            raise ProtocolError(_refusal(name, where, "generation option")
+                                + f" Allowed: {', '.join(sorted(GENERATE_OPTIONS))}.")
+
+
+def check_call_options(options: dict, where: str) -> None:
+    """Refuse keyword inputs of a traced call that are client options or load code or files."""
+    for name in options:
+        if not isinstance(name, str) or name in CLIENT_OPTIONS or name.startswith("_") or loads_code_or_files(name):
+            raise ProtocolError(_refusal(name, where, "keyword input"))
+
+
+def _refusal(name: Any, where: str, what: str) -> str:
+    if name in CLIENT_OPTIONS:
+        why = "it is an option of the seethrough client: code on the server cannot start remote requests"
+    elif isinstance(name, str) and loads_code_or_files(name):
+        why = "it makes the server load code, files or repositories"
+    else:
+        why = "it is not one of the options a seethrough server accepts"
+    return f"`{where}` has the {what} {name!r}, which a seethrough server refuses: {why}; remove it."
 
 
 class VersionMismatchError(ProtocolError):
@@ -142,6 +209,12 @@ def parse_request(value: Any, server_protocol: int = PROTOCOL, server_version: s
     generate = _require(options.get("generate", {}), dict, "options.generate", "generate keyword arguments")
     if any(not isinstance(k, str) or k.startswith("_") for k in generate):
         raise ProtocolError("request field `options.generate` must have keyword names not starting with `_`.")
+    check_generate_options(generate, "options.generate")
+    if kind == "generate":
+        extra = {k: v for k, v in kwargs.items() if k not in GENERATE_INPUTS}
+        check_generate_options(extra, "inputs.kwargs")
+    else:
+        check_call_options(kwargs, "inputs.kwargs")
     variables = _names(value.get("variables", {}), "variables", object)
     envoys = _names(value.get("envoys", {}), "envoys", str)
     modules = _names(value.get("modules", {}), "modules", str)

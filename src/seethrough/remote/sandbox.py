@@ -100,34 +100,27 @@ import contextlib
 import importlib
 import keyword
 import math
-import sys
+import secrets
 import types
 from typing import Any, Callable, Iterator
 
 import torch
 
-from ..errors import SeethroughError
 from ..tracing.capture import PARSE_LOCK
+from .protocol import CLIENT_OPTIONS
+from .reach import Guard, guard_tree
+from .refusal import DEFAULT_FILENAME, SandboxViolation, user_line, where
 
 __all__ = [
     "ALLOWED_MODULES", "ASSIGNABLE_ATTRIBUTES", "FORBIDDEN_ATTRIBUTES", "FORBIDDEN_ATTRIBUTE_PREFIXES",
-    "FORBIDDEN_NAMES", "SandboxViolation", "isolated_rng_state", "module_proxy", "run_body", "safe_builtins",
-    "safe_globals", "validate",
+    "FORBIDDEN_NAMES", "SandboxViolation", "compile_body", "isolated_rng_state", "module_proxy", "run_body",
+    "safe_builtins", "safe_globals", "validate",
 ]
 
-DEFAULT_FILENAME = "<remote body>"
 MAX_SOURCE_CHARS = 1_000_000
 ALLOWED_MODULES = frozenset({"torch", "torch.nn", "torch.nn.functional", "torch.linalg", "torch.fft", "math", "einops"})
 ASSIGNABLE_ATTRIBUTES = frozenset({"output", "input", "inputs", "grad"})
-
-
-class SandboxViolation(SeethroughError):
-    """Code in a remote trace body that the server refuses to run."""
-
-    def __init__(self, message: str, *, lineno: int | None = None, filename: str | None = None,
-                 construct: str | None = None) -> None:
-        super().__init__(message)
-        self.lineno, self.filename, self.construct = lineno, filename, construct
+_LOADING_KEYWORDS = frozenset({"custom_generate", "trust_remote_code"})
 
 
 # -- the rules ----------------------------------------------------------------------
@@ -217,11 +210,6 @@ _REFUSED_NODES: dict[str, tuple[str, str]] = {
 # -- validation -----------------------------------------------------------------------
 
 
-def _where(lineno: int | None, filename: str) -> str:
-    text = f"line {lineno}" if lineno else "the body"
-    return text if filename == DEFAULT_FILENAME else f"{text} of {filename}"
-
-
 def validate(source: str, filename: str = DEFAULT_FILENAME) -> ast.Module:
     """Parse ``source`` and check it against the rules above; return its AST.
 
@@ -240,7 +228,7 @@ def validate(source: str, filename: str = DEFAULT_FILENAME) -> ast.Module:
         with PARSE_LOCK:  # parses from two threads can corrupt CPython's AST state
             tree = ast.parse(source, filename=filename, mode="exec")
     except SyntaxError as error:
-        raise SandboxViolation(f"{_where(error.lineno, filename)}: syntax error in the remote trace body: {error.msg}",
+        raise SandboxViolation(f"{where(error.lineno, filename)}: syntax error in the remote trace body: {error.msg}",
                                lineno=error.lineno, filename=filename) from None
     except (ValueError, RecursionError, MemoryError) as error:
         raise SandboxViolation(f"the remote trace body cannot be parsed: {error or type(error).__name__}",
@@ -276,7 +264,7 @@ class _Checker:
     def _refuse(self, node: ast.AST | None, line: int, fallback: str, why: str, instead: str) -> None:
         construct = fallback if node is None else self._construct(node, fallback)
         raise SandboxViolation(
-            f"{_where(line, self.filename)}: `{construct}` is not allowed in a remote trace body: {why}; {instead}",
+            f"{where(line, self.filename)}: `{construct}` is not allowed in a remote trace body: {why}; {instead}",
             lineno=line, filename=self.filename, construct=construct,
         )
 
@@ -303,6 +291,13 @@ class _Checker:
         if node.arg is not None and node.arg.startswith("_"):
             self._refuse(node, line, node.arg, "keyword arguments starting with an underscore reach internals",
                          "rename it without the leading underscore")
+        if node.arg in CLIENT_OPTIONS:
+            self._refuse(node, line, f"{node.arg}=", "code on the server cannot start remote requests (it is an "
+                         "option of the seethrough client)", "run the inner trace on the server itself: drop "
+                         f"`{node.arg}=`")
+        if node.arg in _LOADING_KEYWORDS:
+            self._refuse(node, line, f"{node.arg}=", "it makes the server load and run code or files",
+                         "use the model as the server serves it")
 
     def _check_Nonlocal(self, node: ast.Nonlocal, line: int) -> None:
         for name in node.names:
@@ -329,8 +324,9 @@ class _Checker:
             self._refuse(None, line, "async for", "async code exposes coroutine frames", "use a plain for")
 
     def _check_MatchClass(self, node: ast.MatchClass, line: int) -> None:
-        for attr in node.kwd_attrs:  # `case C(attr=...)` reads that attribute
-            self._attribute(attr, node, line)
+        # `case C(attr=...)` reads attributes past the run-time allowlist.
+        self._refuse(node, line, "case " + self._construct(node, "C(...)"), "class patterns read attributes "
+                     "past the server's checks", "match values (case 1:), sequences or mappings, or use isinstance")
 
     def _check_Attribute(self, node: ast.Attribute, line: int) -> None:
         self._attribute(node.attr, node, line)
@@ -426,8 +422,6 @@ _TORCH_MEMBERS = """tensor as_tensor zeros ones full arange linspace logspace ey
     float64 double int64 long int32 int int16 short int8 uint8 bool complex64 cfloat complex128 cdouble
     complex32 chalf uint16 uint32 uint64 float8_e4m3fn float8_e5m2 inf nan pi e preserve_format contiguous_format
     channels_last""".split()
-_NN_MEMBERS = """Module Parameter Linear LayerNorm RMSNorm Embedding Sequential ModuleList ModuleDict Identity ReLU
-    GELU SiLU Tanh Sigmoid Softmax LogSoftmax Dropout CrossEntropyLoss MSELoss""".split()
 _FUNCTIONAL_MEMBERS = """relu relu_ relu6 gelu silu mish elu selu celu leaky_relu prelu rrelu glu hardtanh
     hardswish hardsigmoid hardshrink softshrink tanhshrink softsign softplus softmin softmax log_softmax
     gumbel_softmax sigmoid logsigmoid tanh threshold linear bilinear layer_norm rms_norm group_norm batch_norm
@@ -455,20 +449,11 @@ def _static_members(module: str) -> frozenset[str]:
     return frozenset(_proxy(module)._members) if module in ALLOWED_MODULES else frozenset()
 
 
-def _user_line() -> str:
-    """'line N: ' of the innermost frame outside this file (the user's code)."""
-    frame = sys._getframe(1)
-    while frame is not None and frame.f_code.co_filename == __file__:
-        frame = frame.f_back
-    if frame is None:
-        return ""
-    return f"{_where(frame.f_lineno, frame.f_code.co_filename)}: "
-
-
 class _ModuleProxy:
     """A read-only stand-in for a module that exposes only allowed members."""
 
     __slots__ = ("_module_name", "_members")
+    _remote_checks_own_attributes = True  # for the run-time guard (reach.Guard)
 
     def __init__(self, module_name: str, members: dict[str, Any]) -> None:
         object.__setattr__(self, "_module_name", module_name)
@@ -481,13 +466,13 @@ class _ModuleProxy:
         if attr in members:
             return members[attr]
         raise SandboxViolation(
-            f"{_user_line()}`{self._module_name}.{attr}` is not available in remote trace bodies; "
+            f"{user_line()}`{self._module_name}.{attr}` is not available in remote trace bodies; "
             "use the tensor maths of torch, math and einops (see seethrough.remote.sandbox for the list)",
             construct=f"{self._module_name}.{attr}",
         )
 
     def __setattr__(self, attr: str, value: Any = None) -> None:
-        raise SandboxViolation(f"{_user_line()}modules are read-only in remote trace bodies "
+        raise SandboxViolation(f"{user_line()}modules are read-only in remote trace bodies "
                                f"(tried to change `{self._module_name}.{attr}`)")
 
     __delattr__ = __setattr__
@@ -515,8 +500,11 @@ class _SandboxTensor(metaclass=_TensorClassMeta):
     """``torch.Tensor`` in remote bodies: isinstance works, the legacy constructor does not."""
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
-        raise SandboxViolation(f"{_user_line()}`torch.Tensor(...)` is not available in remote trace bodies: it "
+        raise SandboxViolation(f"{user_line()}`torch.Tensor(...)` is not available in remote trace bodies: it "
                                "may return uninitialized memory; use torch.tensor(data) or torch.zeros(shape)")
+
+
+_SandboxTensor.__name__ = _SandboxTensor.__qualname__ = "torch.Tensor"
 
 
 def _zeros_for_empty(*size: Any, **kwargs: Any) -> torch.Tensor:
@@ -533,7 +521,7 @@ def _einops_proxy() -> _ModuleProxy:
     try:
         einops = importlib.import_module("einops")
     except ImportError:
-        raise ModuleNotFoundError(f"{_user_line()}einops is not installed on this seethrough server; "
+        raise ModuleNotFoundError(f"{user_line()}einops is not installed on this seethrough server; "
                                   "use torch.einsum / reshape / permute instead", name="einops") from None
     members = _pick(einops, _EINOPS_MEMBERS)
     real_reduce = members.get("reduce")
@@ -541,7 +529,7 @@ def _einops_proxy() -> _ModuleProxy:
         def reduce(tensor: Any, pattern: str, reduction: Any, **axes_lengths: Any) -> Any:
             # einops turns a reduction *name* into a method lookup: only its own names may pass.
             if not callable(reduction) and reduction not in _EINOPS_REDUCTIONS:
-                raise SandboxViolation(f"{_user_line()}einops.reduce: unknown reduction {reduction!r}; "
+                raise SandboxViolation(f"{user_line()}einops.reduce: unknown reduction {reduction!r}; "
                                        f"use one of {sorted(_EINOPS_REDUCTIONS)}")
             return real_reduce(tensor, pattern, reduction, **axes_lengths)
 
@@ -564,7 +552,8 @@ def _proxy(name: str) -> _ModuleProxy:
     elif name == "torch.nn.functional":
         proxy = _ModuleProxy(name, _pick(torch.nn.functional, _FUNCTIONAL_MEMBERS))
     elif name == "torch.nn":
-        proxy = _ModuleProxy(name, {**_pick(torch.nn, _NN_MEMBERS), "functional": _proxy("torch.nn.functional")})
+        # No classes (Module, Parameter, layers): their attributes are shared by every request.
+        proxy = _ModuleProxy(name, {"functional": _proxy("torch.nn.functional")})
     elif name == "torch.linalg":
         proxy = _ModuleProxy(name, _pick(torch.linalg, _LINALG_MEMBERS))
     elif name == "torch.fft":
@@ -575,7 +564,7 @@ def _proxy(name: str) -> _ModuleProxy:
                        nn=_proxy("torch.nn"), linalg=_proxy("torch.linalg"), fft=_proxy("torch.fft"))
         proxy = _ModuleProxy(name, members)
     else:
-        raise SandboxViolation(f"{_user_line()}`import {name}` is not allowed in a remote trace body")
+        raise SandboxViolation(f"{user_line()}`import {name}` is not allowed in a remote trace body")
     _PROXIES[name] = proxy
     return proxy
 
@@ -599,7 +588,7 @@ def _guarded_import(name: str, globals: Any = None, locals: Any = None, fromlist
     if level != 0 or name not in ALLOWED_MODULES:
         shown = "." * level + name
         raise SandboxViolation(
-            f"{_user_line()}`import {shown}` is not allowed in a remote trace body; remote bodies may import only "
+            f"{user_line()}`import {shown}` is not allowed in a remote trace body; remote bodies may import only "
             + ", ".join(sorted(ALLOWED_MODULES)), construct=f"import {shown}")
     return _proxy(name if fromlist else name.split(".")[0])
 
@@ -622,13 +611,16 @@ def safe_builtins(print_function: Callable[..., Any] = print) -> dict[str, Any]:
     return table
 
 
-def safe_globals(extra: dict[str, Any], print_function: Callable[..., Any] = print) -> dict[str, Any]:
+def safe_globals(extra: dict[str, Any], print_function: Callable[..., Any] = print,
+                 guard: Guard | None = None) -> dict[str, Any]:
     """The global namespace a validated body runs in: ``extra`` plus safe builtins.
 
     ``extra`` holds the user's variables (decoded from the wire), ``model``,
     ``tracer`` and the like; its names must be identifiers without a leading
     underscore, and it must not hold modules (the body gets modules only
-    through ``import``, as proxies).
+    through ``import``, as proxies).  ``guard`` (a fresh :class:`~.reach.Guard`
+    by default) checks every attribute the code compiled by
+    :func:`compile_body` touches.
     """
     namespace: dict[str, Any] = {}
     for name, value in extra.items():
@@ -641,7 +633,14 @@ def safe_globals(extra: dict[str, Any], print_function: Callable[..., Any] = pri
         namespace[name] = value
     namespace["__builtins__"] = safe_builtins(print_function)
     namespace["__name__"] = "__remote_body__"
+    namespace.update((guard if guard is not None else Guard()).namespace())
     return namespace
+
+
+def compile_body(tree: ast.Module, filename: str) -> types.CodeType:
+    """Compile a validated tree with its attribute accesses routed through the guard."""
+    with PARSE_LOCK:
+        return compile(guard_tree(tree), filename, "exec", dont_inherit=True)
 
 
 def run_body(source: str, extra: dict[str, Any], filename: str = DEFAULT_FILENAME,
@@ -650,23 +649,25 @@ def run_body(source: str, extra: dict[str, Any], filename: str = DEFAULT_FILENAM
 
     No time or memory limit: the server's worker process adds those.
     """
-    tree = validate(source, filename)
-    code = compile(tree, filename, "exec", dont_inherit=True)
+    code = compile_body(validate(source, filename), filename)
     namespace = safe_globals(extra, print_function)
     exec(code, namespace)
     return namespace
 
 
 @contextlib.contextmanager
-def isolated_rng_state() -> Iterator[None]:
-    """Restore torch's global RNG state (CPU and initialized CUDA) on exit.
+def isolated_rng_state(fresh: bool = True) -> Iterator[None]:
+    """Seed torch's global RNG afresh (``fresh``) and restore its state on exit.
 
-    A body may call ``torch.manual_seed``; the server wraps each request in
-    this so one user's seed does not decide the next user's random draws.
+    Each request starts from its own random seed, so one user's draws say
+    nothing about another's; a body that wants reproducible draws calls
+    ``torch.manual_seed`` (which lasts until the request ends).
     """
     cpu_state = torch.random.get_rng_state()
     cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     try:
+        if fresh:
+            torch.manual_seed(secrets.randbits(63))
         yield
     finally:
         torch.random.set_rng_state(cpu_state)

@@ -16,12 +16,15 @@ builtins; values whose class has a ``save`` of its own keep it (see
 ``save_method``).  Calls with arguments (``obj.save(path)``) are left alone.
 
 Captures are cached per (code object, instruction offset): a trace inside a
-loop or a function called many times is parsed and compiled once.
+loop or a function called many times is parsed and compiled once.  Code from
+elsewhere (a remote request) can be rewritten before compiling
+(:func:`code_transform`) and forgotten afterwards (:func:`forget`).
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import copy
 import dis
 import linecache
@@ -30,6 +33,7 @@ import textwrap
 import threading
 from dataclasses import dataclass, field
 from types import CodeType, FrameType
+from typing import Callable, Iterator
 
 from ..errors import TraceSourceError
 from .runtime import SAVE_METHOD
@@ -75,6 +79,41 @@ _CACHE_LIMIT = 2048
 # Held while parsing or compiling user code anywhere in seethrough (see
 # capture_with_block for why).
 PARSE_LOCK = threading.RLock()
+# Rewrites of the code of some files before it is compiled, by file-name
+# prefix: a remote body's nested blocks are compiled the way the body was.
+_transforms: dict[str, Callable[[ast.Module], ast.Module]] = {}
+
+
+@contextlib.contextmanager
+def code_transform(prefix: str, transform: Callable[[ast.Module], ast.Module]) -> Iterator[None]:
+    """While open, blocks of files named ``prefix...`` compile ``transform(tree)``."""
+    with PARSE_LOCK:
+        _transforms[prefix] = transform
+    try:
+        yield
+    finally:
+        with PARSE_LOCK:
+            if _transforms.get(prefix) is transform:
+                del _transforms[prefix]
+
+
+def forget(prefix: str) -> None:
+    """Drop the cached captures, parses and source lines of files named ``prefix...``."""
+    with PARSE_LOCK:
+        for key in [key for key in _cache if key[0].co_filename.startswith(prefix)]:
+            del _cache[key]
+        for name in [name for name in _parse_cache if name.startswith(prefix)]:
+            del _parse_cache[name]
+        for name in [name for name in list(linecache.cache) if isinstance(name, str) and name.startswith(prefix)]:
+            linecache.cache.pop(name, None)
+
+
+def _compile(module: ast.Module, filename: str) -> CodeType:
+    for prefix, transform in _transforms.items():
+        if filename.startswith(prefix):
+            module = transform(module)
+            break
+    return compile(module, filename, "exec", dont_inherit=True)
 
 
 def capture_with_block(frame: FrameType, what: str = "model.trace(...)") -> CapturedBlock:
@@ -226,7 +265,7 @@ def _build(
     rewritten = _rewrite_saves(body)
     module = ast.Module(body=rewritten, type_ignores=[])
     try:
-        code = compile(module, filename, "exec", dont_inherit=True)
+        code = _compile(module, filename)
     except SyntaxError as err:
         raise TraceSourceError(
             f"the body of `with {what}` at {filename}:{with_lineno} cannot run as a trace "
