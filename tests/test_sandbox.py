@@ -1,22 +1,38 @@
-"""The sandbox for remote trace bodies (seethrough.remote.sandbox).
+"""The sandbox for remote trace bodies (seethrough.remote.sandbox, .reach, .execute).
 
-A corpus of escape attempts: each is either refused by ``validate`` (and the
-message names the line and the construct) or fails when run, with canaries
-(a file that must not be written, an environment variable that must not be
-set) proving that nothing happened.  Then realistic bodies that must work.
+The attack corpus (``tests/sandbox_corpus.py``) runs here in-process through
+the server's own :func:`~seethrough.remote.execute.execute` on a served
+GPT-2 (random weights, real tokenizer).  Each attack counts as contained only
+when it is refused as the corpus says (or runs harmlessly on a copy) AND no
+canary fired: the canary file does not exist, the loopback listener saw no
+connection, and neither the secret environment variable nor the model's
+folder appears in the answer, printed lines or error.  After each attack, a
+clean request must give exactly the answer of a freshly loaded model
+(activations, logits, a weight's gradient, a seeded RNG draw, tokenizer and
+config reads), which is itself checked against plain HuggingFace and autograd.
+Then unit tests of the rules and realistic bodies that must work.
 """
 
 from __future__ import annotations
 
+import gc
 import importlib.util
+import linecache
 import os
-from dataclasses import dataclass
+import secrets
+import select
+import socket
+from pathlib import Path
 
 import pytest
 import torch
 
 import seethrough
+from seethrough import LanguageModel
 from seethrough.errors import SeethroughError
+from seethrough.remote.execute import execute
+from seethrough.remote.protocol import ProtocolError, Request, parse_request
+from seethrough.remote.reach import ConfigView, Guard, TokenizerView
 from seethrough.remote.sandbox import (
     SandboxViolation,
     isolated_rng_state,
@@ -26,185 +42,219 @@ from seethrough.remote.sandbox import (
     safe_globals,
     validate,
 )
+from seethrough.tracing import capture
+from sandbox_corpus import ATTACKS, NEW, OPTION_ATTACKS, SECRET_ENV, Attack
 from fixtures.models import MLP
 
-CANARY_ENV = "SEETHROUGH_SANDBOX_CANARY"
+PROMPT = "The quick brown fox"
+# Sensitive to everything a body could have changed: tokenization, config,
+# generation config, weights, gradients, the RNG.
+CLEAN_SOURCE = """import torch
+h0 = model.transformer.h[0].output[0].save()
+final = model.transformer.ln_f.input
+logits = model.output.logits.save()
+loss = logits.sum()
+with loss.backward():
+    final_grad = final.grad.save()
+weight_grad = model.transformer.h[0].mlp.c_fc.weight.grad.clone().save()
+torch.manual_seed(7)
+draw = torch.rand(3).save()
+ids = model.tokenizer("hello world")["input_ids"]
+names = list(model.tokenizer.model_input_names)
+config = model.config.to_dict()
+generation = model.generation_config.to_dict()
+print(len(model.tokenizer), model.tokenizer.eos_token_id)
+"""
+STATE_FIELDS = ("h0", "logits", "final_grad", "weight_grad", "draw", "ids", "names", "config", "generation")
 
 
-@dataclass(frozen=True)
-class Escape:
-    name: str
-    source: str
-    line: int | None = None  # refused statically at this line...
-    construct: str | None = None  # ...naming this construct; None: must fail at run time
+def request(source: str, kind: str = "trace", **fields) -> Request:
+    fields.setdefault("args", [PROMPT] if kind != "session" else [])
+    fields.setdefault("variables", {"x": torch.linspace(-1, 1, 3)})
+    return Request(model="gpt2", kind=kind, source=source, filename="attack.py", first_line=1,
+                   tracer_name="tracer" if kind != "session" else None, envoys={"model": ""}, **fields)
 
 
-ESCAPES = [
-    # imports of dangerous modules
-    Escape("import os", "import os\nos.system('touch {canary}')", 1, "import os"),
-    Escape("import sys", "x = 1\nimport sys", 2, "import sys"),
-    Escape("import subprocess", "import subprocess as sp", 1, "import subprocess"),
-    Escape("import builtins", "import builtins\nbuiltins.open('{canary}', 'w')", 1, "import builtins"),
-    Escape("import importlib", "import importlib", 1, "import importlib"),
-    Escape("import ctypes", "import ctypes", 1, "import ctypes"),
-    Escape("import pickle", "import pickle", 1, "import pickle"),
-    Escape("import marshal", "import marshal", 1, "import marshal"),
-    Escape("from io import", "from io import open as o", 1, "from io import"),
-    Escape("import socket", "import socket", 1, "import socket"),
-    Escape("import shutil", "import shutil", 1, "import shutil"),
-    Escape("from pathlib", "from pathlib import Path\nPath('{canary}').touch()", 1, "from pathlib import"),
-    Escape("import numpy", "import numpy as np", 1, "import numpy"),
-    Escape("relative import", "from . import wire", 1, "from . import"),
-    Escape("star import", "from math import *", 1, "from math import"),
-    Escape("torch submodule import", "import torch.utils.cpp_extension", 1, "import torch.utils.cpp_extension"),
-    Escape("from torch import private", "from torch import _C", 1, "from torch import _C"),
-    Escape("__import__", "__import__('os').system('touch {canary}')", 1, "__import__"),
-    # dunder walks
-    Escape("subclasses walk", "y = 1\nsubs = ().__class__.__bases__[0].__subclasses__()", 2, "__subclasses__"),
-    Escape("class of tensor", "x.__class__", 1, "x.__class__"),
-    Escape("function globals", "def f():\n    pass\nb = f.__globals__['__builtins__']", 3, "__globals__"),
-    Escape("function code", "def f():\n    pass\nc = f.__code__", 3, "f.__code__"),
-    Escape("module dict", "model.__dict__", 1, "model.__dict__"),
-    Escape("builtins name", "__builtins__['open']('{canary}', 'w')", 1, "__builtins__"),
-    Escape("print self", "print.__self__", 1, "__self__"),
-    Escape("import torch as t; t.__dict__", "import torch as t\nt.__dict__['load']", 2, "t.__dict__"),
-    # frames
-    Escape("generator frame", "def g():\n    yield 1\nit = g()\nglobs = it.gi_frame.f_back.f_globals", 4, "f_globals"),
-    Escape("generator code", "def g():\n    yield 1\ncode = g().gi_code", 3, "gi_code"),
-    Escape("coroutine", "async def c():\n    pass", 1, "async def"),
-    Escape("await", "def f():\n    x = 1\n    return [y async for y in x]", 3, "async for"),
-    Escape("traceback frame", "try:\n    1 / 0\nexcept ZeroDivisionError as e:\n    f = e.__traceback__.tb_frame", 4, "__traceback__"),
-    Escape("tb_next without dunder", "def f(tb):\n    return tb.tb_next.tb_frame.f_globals", 2, "f_globals"),
-    # string-driven attribute lookups
-    Escape("str.format walk", 'leak = "{0.__class__}".format(x)', 1, ".format"),
-    Escape("str.format on a name", 'fmt = "{0.__globals__}"\nleak = fmt.format(print)', 2, "fmt.format"),
-    Escape("format_map", 'str.format_map("{x.__class__}", {"x": x})', 1, "format_map"),
-    Escape("getattr", "getattr(x, '__class__')", 1, "getattr"),
-    Escape("setattr", "setattr(model, 'forward', print)", 1, "setattr"),
-    Escape("delattr", "delattr(model, 'fc1')", 1, "delattr"),
-    Escape("hasattr", "hasattr(x, 'T')", 1, "hasattr"),
-    Escape("vars", "vars(model)", 1, "vars"),
-    Escape("globals", "g = globals()['__builtins__']", 1, "globals"),
-    Escape("locals", "def f():\n    return locals()", 2, "locals"),
-    Escape("dir", "dir(x)", 1, "dir"),
-    Escape("eval", "eval('1 + 1')", 1, "eval"),
-    Escape("exec", "exec('import os')", 1, "exec"),
-    Escape("compile", "compile('1', 'f', 'exec')", 1, "compile"),
-    Escape("open", "open('{canary}', 'w').write('owned')", 1, "open"),
-    Escape("breakpoint", "breakpoint()", 1, "breakpoint"),
-    Escape("input", "input()", 1, "input"),
-    Escape("help", "help(x)", 1, "help"),
-    Escape("exit", "exit(1)", 1, "exit"),
-    Escape("quit", "quit()", 1, "quit"),
-    # the class machinery
-    Escape("type()", "t = type(x)", 1, "type"),
-    Escape("object", "object.__subclasses__()", 1, "__subclasses__"),
-    Escape("object()", "o = object()", 1, "object"),
-    Escape("super", "def f():\n    return super()", 2, "super"),
-    Escape("class definition", "class Evil:\n    pass", 1, "class Evil"),
-    Escape("mro", "bases = ValueError.mro()", 1, "ValueError.mro"),
-    Escape("memoryview", "memoryview(b'abc')", 1, "memoryview"),
-    # torch surfaces
-    Escape("torch.load", "import torch\ntorch.load('{canary}')", 2, "torch.load"),
-    Escape("torch.from_file", "import torch\ntorch.from_file('{canary}')", 2, "torch.from_file"),
-    Escape("torch._C", "import torch\ntorch._C", 2, "torch._C"),
-    Escape("torch.hub.load", "import torch\ntorch.hub.load('a', 'b')", 2, "torch.hub.load"),
-    Escape("set default dtype", "import torch\ntorch.set_default_dtype(torch.float64)", 2, "set_default_dtype"),
-    Escape("numpy tofile", "x.numpy().tofile('{canary}')", 1, "tofile"),
-    Escape("numpy", "arr = x.numpy()", 1, "x.numpy"),
-    Escape("untyped storage", "s = x.untyped_storage()", 1, "untyped_storage"),
-    Escape("storage", "s = x.storage()", 1, "x.storage"),
-    Escape("uninitialized memory", "leak = x.new_empty(1000)", 1, "new_empty"),
-    Escape("resize", "x.resize_(10**6)", 1, "resize_"),
-    Escape("share memory", "x.share_memory_()", 1, "share_memory_"),
-    Escape("cuda", "y = x.cuda()", 1, "x.cuda"),
-    Escape("grad_fn hook", "def f(g):\n    return g\nx.grad_fn.register_hook(f)", 3, "register_hook"),
-    Escape("tensor hook", "x.register_hook(print)", 1, "register_hook"),
-    # the served model
-    Escape("model._model", "m = model._model", 1, "model._model"),
-    Escape("forward hook", "h = model.fc1.register_forward_hook(print)", 1, "register_forward_hook"),
-    Escape("save_pretrained", "model.config.save_pretrained('{canary}')", 1, "save_pretrained"),
-    Escape("load_state_dict", "model.load_state_dict({})", 1, "load_state_dict"),
-    Escape("module apply", "model.apply(print)", 1, "model.apply"),
-    Escape("replace forward", "model.fc1.forward = print", 1, "model.fc1.forward"),
-    Escape("replace weight", "model.fc1.weight = None", 1, "model.fc1.weight"),
-    Escape("delete attribute", "del model.fc1", 1, "model.fc1"),
-    Escape("train mode", "model.train()", 1, "model.train"),
-    Escape("to_empty", "model.to_empty(device='cpu')", 1, "to_empty"),
-    Escape("push_to_hub", "model.push_to_hub('me/model')", 1, "push_to_hub"),
-    Escape("tokenizer backend", "tok.backend_tokenizer.save('{canary}')", 1, "backend_tokenizer"),
-    # syntax that smuggles
-    Escape("decorator", "@print\ndef f():\n    pass", 1, "@print"),
-    Escape("lambda smuggling a builtin", "steal = lambda: __import__", 1, "__import__"),
-    Escape("lambda smuggling a walk", "steal = lambda o: o.__globals__", 1, "__globals__"),
-    Escape("nested function", "def outer():\n    def inner():\n        return open('{canary}', 'w')\n    return inner", 3, "open"),
-    Escape("comprehension hiding a walk", "c = [s for s in ().__class__.__base__.__subclasses__()]", 1, "__subclasses__"),
-    Escape("walrus", "if (o := open):\n    pass", 1, "open"),
-    Escape("rebinding a builtin", "getattr = print", 1, "getattr"),
-    Escape("private argument", "def f(_secret):\n    return _secret", 1, "_secret"),
-    Escape("private keyword", "print(1, __class__=2)", 1, "__class__"),
-    Escape("match attribute walk", "match x:\n    case int(__class__=c):\n        pass", 2, "__class__"),
-    Escape("global statement", "def f():\n    global x\n    x = 1", 2, "global x"),
-    Escape("bare except", "try:\n    pass\nexcept:\n    pass", 3, "except:"),
-    Escape("catch BaseException", "try:\n    pass\nexcept BaseException:\n    pass", 3, "BaseException"),
-    Escape("frame prefix", "f = x.f_locals", 1, "f_locals"),
-    # refused only when run
-    Escape("torch.save at run time", "import torch\ntorch.save(x, '{canary}')"),
-    Escape("torch.ops", "import torch as t\nt.ops.aten.add"),
-    Escape("torch.hub listing", "import torch\ntorch.hub.list('me/repo')"),
-    Escape("torch.utils via alias", "import torch as t\nt.utils.cpp_extension"),
-    Escape("torch.jit", "import torch\ntorch.jit.script(print)"),
-    Escape("torch.cuda", "import torch\ntorch.cuda.init()", 2, "torch.cuda"),
-    Escape("torch.backends", "import torch\ntorch.backends.cudnn"),
-    Escape("torch.distributed", "import torch\ntorch.distributed"),
-    Escape("torch.multiprocessing", "import torch\ntorch.multiprocessing", 2, "torch.multiprocessing"),
-    Escape("torch.library", "import torch\ntorch.library"),
-    Escape("torch.classes", "import torch\ntorch.classes"),
-    Escape("torch.compile", "import torch\ntorch.compile(print)", 2, "torch.compile"),
-    Escape("functional reaching torch", "import torch.nn.functional as F\nF.handle_torch_function"),
-    Escape("legacy constructor", "import torch\nleak = torch.Tensor(10000)"),
-    Escape("writing to a module proxy", "import torch\ntorch.output = print"),
-    Escape("deleting from a module proxy", "import torch\ndel torch.grad"),
-    Escape("os.system without import", "os.system('touch {canary}')", 1, "os.system"),
-    Escape("os without import", "os.makedirs('{canary}')"),
-    Escape("environ without import", "environ['" + CANARY_ENV + "'] = '1'"),
-    Escape("undefined file helper", "handle = open_file('{canary}', 'w')"),
-]
+def run_request(served, source: str, kind: str = "trace", **fields) -> tuple[dict, list[str]]:
+    printed: list[str] = []
+
+    def capture_print(*values, sep=" ", end="\n"):
+        printed.append(sep.join(str(value) for value in values) + end)
+
+    return execute(request(source, kind, **fields), served, print_function=capture_print), printed
+
+
+def assert_same_answer(got: dict, expected: dict) -> None:
+    assert "error" not in got, got.get("error")
+    for name in STATE_FIELDS:
+        a, b = got["values"][name], expected["values"][name]
+        if isinstance(b, torch.Tensor):
+            assert torch.equal(a, b), name
+        else:
+            assert a == b, name
+
+
+@pytest.fixture(scope="module")
+def served(gpt2_dir) -> LanguageModel:
+    return LanguageModel(str(gpt2_dir), dispatch=True)
+
+
+@pytest.fixture(scope="module")
+def fresh_answer(gpt2_dir, served) -> dict:
+    """The clean request's answer from a model nothing has run on, checked against HuggingFace and autograd."""
+    answer, printed = run_request(LanguageModel(str(gpt2_dir), dispatch=True), CLEAN_SOURCE)
+    assert "error" not in answer, answer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gpt2_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(gpt2_dir)
+    seen = {}
+    hook = model.transformer.ln_f.register_forward_hook(lambda m, a, o: seen.update(final=a[0]))
+    logits = model(**tokenizer(PROMPT, return_tensors="pt")).logits
+    hook.remove()
+    seen["final"].retain_grad()
+    logits.sum().backward()
+    values = answer["values"]
+    assert torch.allclose(values["logits"], logits.detach(), atol=1e-5)
+    assert torch.allclose(values["final_grad"], seen["final"].grad, atol=1e-5)
+    assert torch.allclose(values["weight_grad"], model.transformer.h[0].mlp.c_fc.weight.grad, atol=1e-4)
+    assert torch.equal(values["draw"], torch.rand(3, generator=torch.Generator().manual_seed(7)))
+    assert values["ids"] == tokenizer("hello world")["input_ids"]
+    assert values["names"] == list(tokenizer.model_input_names)
+    assert values["config"]["n_layer"] == 2 and "_name_or_path" not in values["config"]
+    assert printed == [f"{len(tokenizer)} {tokenizer.eos_token_id}\n"]
+    return answer
+
+
+@pytest.fixture(scope="module")
+def listener():
+    """A loopback port where nothing may connect."""
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    server.setblocking(False)
+    yield server
+    server.close()
+
+
+def connections(listener) -> int:
+    count = 0
+    while select.select([listener], [], [], 0)[0]:
+        connection, _ = listener.accept()
+        connection.close()
+        count += 1
+    return count
 
 
 @pytest.fixture
-def canary(tmp_path):
-    path = tmp_path / "canary.txt"
-    os.environ.pop(CANARY_ENV, None)
-    yield path
-    assert not path.exists(), "an escape wrote the canary file"
-    assert CANARY_ENV not in os.environ, "an escape set the canary environment variable"
+def canaries(tmp_path, listener, monkeypatch):
+    secret = "s3cret-" + secrets.token_hex(8)
+    monkeypatch.setenv(SECRET_ENV, secret)
+    path = tmp_path / "canary"
+    yield {"canary": str(path), "port": str(listener.getsockname()[1]), "secret": SECRET_ENV}, secret, path
+    assert not path.exists(), "an attack wrote the canary file"
+    assert connections(listener) == 0, "an attack opened a network connection"
 
 
-def extra_for_escapes():
-    return {"x": torch.randn(3, requires_grad=True) * 1, "model": seethrough.Model(MLP()), "tok": None}
+def fill(source: str, values: dict) -> str:
+    for key, value in values.items():
+        source = source.replace("{" + key + "}", value)
+    return source
 
 
-def test_corpus_is_large_enough():
-    assert len(ESCAPES) >= 35
-    assert len({escape.name for escape in ESCAPES}) == len(ESCAPES)
+def test_corpus_is_large_and_covers_every_class():
+    assert len(ATTACKS) + len(OPTION_ATTACKS) >= 120
+    assert len(NEW) >= 60
+    names = [attack.name for attack in ATTACKS] + [attack.name for attack in OPTION_ATTACKS]
+    assert len(set(names)) == len(names)
+    groups = {attack.group for attack in ATTACKS}
+    for group in ("network and the client", "secrets and paths", "code execution", "files",
+                  "state of later requests", "library internals", "raw memory", "classes"):
+        assert group in groups, group
 
 
-@pytest.mark.parametrize("escape", ESCAPES, ids=lambda escape: escape.name)
-def test_escape_attempts_are_refused_or_contained(escape, canary):
-    source = escape.source.replace("{canary}", str(canary))
-    if escape.construct is not None:
+@pytest.mark.parametrize("attack", ATTACKS, ids=lambda attack: attack.name)
+def test_attack_is_contained(attack: Attack, served, fresh_answer, canaries, gpt2_dir):
+    values, secret, _ = canaries
+    source = fill(attack.source, values)
+    if attack.static:
         with pytest.raises(SandboxViolation) as info:
             validate(source)
         message = str(info.value)
-        assert message.startswith(f"line {escape.line}:"), message
-        assert escape.construct in message, message
+        assert message.startswith(f"line {attack.line}:"), message
+        assert attack.construct in message, message
         assert "not allowed in a remote trace body" in message, message
-        assert info.value.lineno == escape.line
+        assert info.value.lineno == attack.line
+    answer, printed = run_request(served, source, attack.kind)
+    text = repr(answer) + "".join(printed)
+    assert secret not in text, "the secret came back"
+    assert str(gpt2_dir) not in text, "the server's model folder came back"
+    error = answer.get("error")
+    if attack.outcome == "runs" and not attack.static:
+        assert error is None, error
     else:
-        validate(source)  # passes the static checks...
-        with pytest.raises((SandboxViolation, NameError)):  # ...and still cannot do anything
-            run_body(source, extra_for_escapes())
+        assert error is not None, f"the attack ran: {answer}"
+        # KeyError: a hidden key of a config copy
+        assert error["type"] in ("SandboxViolation", "NameError", "KeyError"), error
+        assert attack.says in error["message"], error["message"]
+        assert error["line"] is not None, error
+    again, _ = run_request(served, CLEAN_SOURCE)
+    assert_same_answer(again, fresh_answer)
+
+
+@pytest.mark.parametrize("attack", OPTION_ATTACKS, ids=lambda attack: attack.name)
+def test_request_options_are_allowlisted(attack):
+    wire = request("x = 1", attack.kind, generate=dict(attack.generate), kwargs=dict(attack.kwargs)).to_wire()
+    with pytest.raises(ProtocolError) as info:
+        parse_request(wire)
+    assert attack.says in str(info.value) and "remove it" in str(info.value)
+
+
+def test_allowed_generation_options_pass():
+    wire = request("x = 1", "generate", kwargs={"attention_mask": None}, generate={
+        "max_new_tokens": 3, "do_sample": True, "temperature": 0.7, "top_k": 5, "top_p": 0.9, "num_beams": 2,
+        "repetition_penalty": 1.1, "no_repeat_ngram_size": 2, "stop_strings": ["."], "eos_token_id": 1,
+        "pad_token_id": 0, "output_scores": True, "return_dict_in_generate": True, "min_new_tokens": 1}).to_wire()
+    assert parse_request(wire).generate["num_beams"] == 2
+    traced = request("x = 1", kwargs={"output_hidden_states": True, "output_attentions": False}).to_wire()
+    assert parse_request(traced).kwargs == {"output_hidden_states": True, "output_attentions": False}
+
+
+def test_nothing_of_a_body_stays_in_caches(served):
+    """Line caches, parse caches and compiled blocks of a remote body are dropped when it ends."""
+    big = "".join(f"v{i} = {i}\n" for i in range(20_000))
+    body = big + "with tracer.invoke(PROMPT_TEXT):\n    h = model.transformer.h[0].output[0].save()\n"
+    answer, _ = run_request(served, body, args=[], variables={"PROMPT_TEXT": PROMPT},
+                            functions={"helper": "def helper(t):\n    return t * 2\n"})
+    assert "error" not in answer, answer
+    gc.collect()
+    assert not [name for name in linecache.cache if str(name).startswith("remote:")]
+    assert not [name for name in capture._parse_cache if name.startswith("remote:")]
+    assert not [key for key in capture._cache if key[0].co_filename.startswith("remote:")]
+    assert not capture._transforms
+
+
+def test_each_request_draws_from_a_fresh_seed(served):
+    draws = [run_request(served, "import torch\nr = torch.rand(4).save()")[0]["values"]["r"] for _ in range(3)]
+    assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])
+    seeded = run_request(served, "import torch\ntorch.manual_seed(3)\nr = torch.rand(4).save()")[0]["values"]["r"]
+    assert torch.equal(seeded, torch.rand(4, generator=torch.Generator().manual_seed(3)))
+
+
+def test_views_are_copies_and_read_only(served):
+    config = ConfigView(served._module.config)
+    assert config.hidden_size == 32 == config.n_embd and "name_or_path" not in config.keys()
+    config.to_dict()["n_layer"] = 99
+    assert config.n_layer == 2
+    with pytest.raises(SandboxViolation, match="read-only"):
+        config.n_layer = 5
+    tokenizer = TokenizerView(served.tokenizer)
+    tokenizer.model_input_names.append("evil")
+    assert served.tokenizer.model_input_names == ["input_ids", "attention_mask"]
+    assert tokenizer.decode(tokenizer.encode("hello world")) == "hello world"
+    assert tokenizer("hi", return_tensors="pt")["input_ids"].shape == (1, 1)
+    with pytest.raises(SandboxViolation, match="return_tensors"):
+        tokenizer("hi", return_tensors="np")
 
 
 def test_static_messages_say_why_and_what_to_do_instead():
@@ -290,8 +340,10 @@ def test_module_proxies_can_be_injected_as_variables():
         module_proxy("os")
     with pytest.raises(SandboxViolation, match="only .grad, .input, .inputs, .output can be assigned"):
         run("F.relu = print", F=functional)  # refused before running
+    with pytest.raises(SandboxViolation, match="only .output, .input and .inputs of envoys"):
+        run("F.output = print", F=functional)  # refused by the run-time allowlist
     with pytest.raises(SandboxViolation, match="modules are read-only"):
-        run("F.output = print", F=functional)
+        functional.output = print  # and by the proxy itself
 
 
 def test_safe_globals_refuses_private_names_and_modules():
@@ -310,8 +362,12 @@ def test_rng_state_is_restored():
     expected = torch.rand(3)
     torch.manual_seed(0)
     with isolated_rng_state():
+        first = run_body("import torch\nnoise = torch.randn(5)", {})["noise"]
         run_body("import torch\ntorch.manual_seed(1234)\nnoise = torch.randn(5)", {})
     assert torch.equal(torch.rand(3), expected)
+    with isolated_rng_state():
+        second = run_body("import torch\nnoise = torch.randn(5)", {})["noise"]
+    assert not torch.equal(first, second)  # a fresh seed each time
 
 
 # -- realistic bodies --------------------------------------------------------------------
@@ -357,6 +413,7 @@ def test_tensor_arithmetic_and_torch_functions():
 def test_functional_imports_helpers_loops_and_comprehensions():
     x = torch.randn(3, 4)
     ns, _ = run(
+        "import torch\n"
         "import torch.nn.functional as F\n"
         "from torch.nn import functional as G\n"
         "from torch import nn, linalg\n"
@@ -374,8 +431,7 @@ def test_functional_imports_helpers_loops_and_comprehensions():
         "while total < 5:\n"
         "    total += 1\n"
         "angle = math.cos(math.pi)\n"
-        "layer = nn.Linear(4, 2)\n"
-        "out = layer(x)\n"
+        "out = F.linear(x, torch.ones(2, 4))\n"
         "if (k := len(rows)) == 3:\n"
         "    found = k\n"
         "square = (lambda v: v * v)(3)\n"

@@ -54,6 +54,7 @@ def execute(request: Request, served: Any, print_function: Callable[..., Any] = 
         return {"error": describe_error(error, request)}
     finally:
         torch.set_grad_enabled(grad_mode)
+        _drop_gradients(served)
         capture.forget(REMOTE_PREFIX)  # no line, parse or compiled block of this body outlives it
 
 
@@ -112,6 +113,14 @@ def _run(request: Request, served: Any, print_function: Callable[..., Any]) -> d
         values["__result__"] = result  # `tracer.result` after the block, on the client
     values.pop(request.tracer_name or "", None)
     return values
+
+
+def _drop_gradients(served: Any) -> None:
+    """Gradients a request left on the served weights do not reach the next one."""
+    module = getattr(served, "_module", None)
+    if isinstance(module, torch.nn.Module):
+        for parameter in module.parameters():
+            parameter.grad = None
 
 
 def _backend(model: Any, request: Request) -> Any:

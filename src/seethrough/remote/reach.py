@@ -78,6 +78,16 @@ class _Rewriter(ast.NodeTransformer):
         return ast.copy_location(ast.Attribute(value=check, attr=node.attr, ctx=node.ctx), node)
 
 
+    def visit_Subscript(self, node: ast.Subscript) -> ast.AST:
+        self.generic_visit(node)
+        if isinstance(node.ctx, ast.Load):
+            return node
+        # `w[...] = v` / `del w[...]`: the container is checked (never a served weight).
+        node.value = ast.copy_location(
+            ast.Call(func=ast.Name(SET, ast.Load()), args=[node.value, ast.Constant("[]")], keywords=[]), node.value)
+        return node
+
+
 def guard_tree(tree: ast.Module) -> ast.Module:
     """A copy of ``tree`` whose attribute accesses go through the guard."""
     rewritten = _Rewriter().visit(copy.deepcopy(tree))
@@ -253,6 +263,10 @@ class ConfigView:
     def _allowed(self, name: str) -> bool:
         return name in self._values or name in ("to_dict", "get", "keys", "items", "values")
 
+    def _why(self, name: str) -> str:
+        return (f"a config is a read-only copy of its plain values in remote bodies ({self._kind} has no value "
+                f"`{name}`; it has {', '.join(sorted(self._values)[:40])}{', ...' if len(self._values) > 40 else ''})")
+
 
 _TOKENIZER_CALL_OPTIONS = frozenset("""text text_pair text_target text_pair_target add_special_tokens padding
     truncation max_length stride is_split_into_words pad_to_multiple_of padding_side return_tensors
@@ -292,6 +306,10 @@ class TokenizerView:
     def _allowed(self, name: str) -> bool:
         return name in _TOKENIZER_METHODS or name in _TOKENIZER_VALUES
 
+    def _why(self, name: str) -> str:
+        return ("the tokenizer's reads are: tok(text, ...), " + ", ".join(sorted(_TOKENIZER_METHODS))
+                + " and the values " + ", ".join(sorted(_TOKENIZER_VALUES)))
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         _check_tokenizer_options("tokenizer(...)", kwargs, _TOKENIZER_CALL_OPTIONS)
         return self._tokenizer(*args, **kwargs)
@@ -313,7 +331,7 @@ class TokenizerView:
         if name in _TOKENIZER_VALUES:
             value = self._tokenizer.get_vocab() if name == "vocab" else getattr(self._tokenizer, name)
             return plain_copy(value)
-        raise _refusal(self, name)
+        raise _refusal(self, name, self._why(name))
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise SandboxViolation(f"{user_line()}the tokenizer is read-only in remote trace bodies (tried to set "
@@ -356,7 +374,10 @@ class Guard:
     """
 
     def __init__(self, parameters: Iterable[torch.Tensor] = ()) -> None:
+        parameters = list(parameters)
         self._parameters = {id(p) for p in parameters}
+        # Their memory: views (w.T, w[0]) and aliases (w.detach()) share it.
+        self._storages = {ptr for ptr in map(_storage_of, parameters) if ptr}
         self._views: dict[int, Any] = {}
         self._keep: list[Any] = []  # originals of the views (their ids stay unique)
 
@@ -366,7 +387,7 @@ class Guard:
     # -- reading
     def get(self, obj: Any, name: str) -> Any:
         if isinstance(obj, torch.Tensor):  # the hot path
-            if name in _TENSOR_ALLOWED and not (id(obj) in self._parameters and _changes_parameter(name)):
+            if name in _TENSOR_ALLOWED and not (_changes_parameter(name) and self._is_weight(obj)):
                 return getattr(obj, name)
             raise self._tensor_refusal(obj, name)
         if isinstance(obj, type):
@@ -385,13 +406,16 @@ class Guard:
             allowed_here = getattr(obj, "_allowed", None)
             if allowed_here is None or allowed_here(name):
                 return getattr(obj, name)
-            raise _refusal(obj, name)
+            raise _refusal(obj, name, obj._why(name))
         if self._allowed_other(obj, kind, name):
             return getattr(obj, name)
         raise _refusal(obj, name)
 
+    def _is_weight(self, tensor: torch.Tensor) -> bool:
+        return id(tensor) in self._parameters or (bool(self._storages) and _storage_of(tensor) in self._storages)
+
     def _tensor_refusal(self, obj: torch.Tensor, name: str) -> SandboxViolation:
-        if id(obj) in self._parameters and name in _TENSOR_ALLOWED:
+        if name in _TENSOR_ALLOWED and self._is_weight(obj):
             return _refusal(obj, name, "it would change a weight of the served model, shared by every request; "
                                        "compute on a copy (w.clone()) or edit activations (.output)")
         return _refusal(obj, name, "tensors expose their maths, shapes and autograd reads, not their storage, "
@@ -484,16 +508,31 @@ class Guard:
 
     # -- assigning
     def set_target(self, obj: Any, name: str) -> Any:
-        """``obj`` if the body may assign or delete ``obj.name``; a refusal otherwise."""
+        """``obj`` if the body may assign or delete ``obj.name`` (``obj[...]`` for ``"[]"``); a refusal otherwise."""
+        if name == "[]":
+            if isinstance(obj, torch.Tensor) and self._is_weight(obj):
+                raise SandboxViolation(f"{user_line()}writing into a weight of the served model (or a view of one) "
+                                       "is not available in remote trace bodies: it is shared by every request; "
+                                       "edit a copy (w.clone()) or the activations (.output)", construct="[...] =")
+            return obj
         if name in ("output", "input", "inputs") and isinstance(obj, (Envoy, NextCall)):
             return obj
         if name == "grad" and isinstance(obj, torch.Tensor) and not isinstance(obj, type):
-            if id(obj) in self._parameters:
+            if self._is_weight(obj):
                 raise _refusal(obj, name, "the gradient of a served weight is kept on the server between requests; "
                                           "edit gradients of activations (h.grad inside `with loss.backward():`)")
             return obj
+        if isinstance(obj, type):
+            raise _refusal(obj, name, "classes cannot be changed in remote bodies (they are shared by every request)")
         raise _refusal(obj, name, "only .output, .input and .inputs of envoys and .grad of tensors can be assigned "
                                   "in remote bodies")
+
+
+def _storage_of(tensor: torch.Tensor) -> int:
+    try:
+        return tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):  # fake, meta or sparse tensors hold no memory
+        return 0
 
 
 def _changes_parameter(name: str) -> bool:
