@@ -219,8 +219,10 @@ NEW: list[Attack] = [
     A("the client module", "from seethrough.remote.client import RemoteClient", 1, "from seethrough", group=NET),
     A("http.client", "import http.client", 1, "import http.client", group=NET),
     A("urllib", f'import urllib.request\nurllib.request.urlopen("{LOOPBACK}")', 1, "import urllib", group=NET),
-    A("torch hub download", f'import torch\ntorch.hub.load_state_dict_from_url("{LOOPBACK}/w")', group=NET,
-      server=True),
+    A("torch hub download", f'import torch\ntorch.hub.load_state_dict_from_url("{LOOPBACK}/w")', 2,
+      "load_state_dict_from_url", group=NET, server=True),
+    A("torch hub by alias", f'import torch as t\nhub = t.hub\nhub.download_url_to_file("{LOOPBACK}", "{{canary}}")',
+      group=NET, says="torch.hub", server=True),
     A("torch.distributed rendezvous", 'import torch\ntorch.distributed.init_process_group("gloo", '
       'init_method="tcp://127.0.0.1:{port}", rank=0, world_size=2)', group=NET, server=True),
     A("tokenizer download", f'model.tokenizer.from_pretrained("{LOOPBACK}")', 1, "from_pretrained", group=NET),
@@ -302,7 +304,7 @@ NEW: list[Attack] = [
     A("Parameter class grad", "import torch\ntorch.nn.Parameter.grad = torch.ones(1)", group=CLASSES,
       says="torch.nn.Parameter", server=True),
     A("Tensor class grad", "import torch\ntorch.Tensor.grad = None", group=CLASSES, says="class", server=True),
-    A("Tensor class method", "import torch\ntorch.Tensor.add = print", group=CLASSES),
+    A("Tensor class method", "import torch\ntorch.Tensor.add = print", 2, "torch.Tensor.add", group=CLASSES),
     A("Tensor class read", "import torch\nf = torch.Tensor.add", group=CLASSES, says="class"),
     A("int class method", "f = int.bit_length", group=CLASSES, says="class"),
     A("exception class", "a = ValueError.args", group=CLASSES),
@@ -322,7 +324,8 @@ NEW: list[Attack] = [
     A("weight requires_grad_", "model.transformer.h[0].attn.c_attn.weight.requires_grad_(False)", group=STATE),
     A("module forward", "f = model.transformer.h[0].attn.forward", group=STATE),
     A("module list append", "model.transformer.h.append(model.transformer.h[0])", group=STATE),
-    A("eval mode", "model.eval()", group=STATE),
+    A("eval mode", "model.eval()", 1, "model.eval", group=STATE),
+    A("inference mode switch", "model.requires_grad_(False)", group=STATE),
     A("move the model", 'model.to("meta")', group=STATE, server=True),
     A("generation config attribute", "model.generation_config.max_length = 3", 1,
       "model.generation_config.max_length", group=STATE),
@@ -370,3 +373,85 @@ OPTION_ATTACKS: list[OptionAttack] = [
 ]
 
 ATTACKS: list[Attack] = CLASSIC + NEW
+
+
+# -- "nothing persists": state a body changes, or tries to ---------------------------------------------
+
+# Sensitive to everything a body could have changed: tokenization, config,
+# generation config, weights, gradients, the RNG.
+CLEAN_SOURCE = """import torch
+h0 = model.transformer.h[0].output[0].save()
+final = model.transformer.ln_f.input
+logits = model.output.logits.save()
+loss = logits.sum()
+with loss.backward():
+    final_grad = final.grad.save()
+weight_grad = model.transformer.h[0].mlp.c_fc.weight.grad.clone().save()
+torch.manual_seed(7)
+draw = torch.rand(3).save()
+ids = model.tokenizer("hello world")["input_ids"]
+names = list(model.tokenizer.model_input_names)
+config = model.config.to_dict()
+generation = model.generation_config.to_dict()
+print(len(model.tokenizer), model.tokenizer.eos_token_id)
+"""
+STATE_FIELDS = ("h0", "logits", "final_grad", "weight_grad", "draw", "ids", "names", "config", "generation")
+# A sampled generation from a seed: the RNG, the generation config, the tokenizer's padding.
+CLEAN_GENERATE_SOURCE = """import torch
+torch.manual_seed(11)
+steps = []
+for step in tracer.iter[:]:
+    steps.append(model.lm_head.output[:, -1].save())
+tokens = tracer.result.save()
+"""
+CLEAN_GENERATE_OPTIONS = {"max_new_tokens": 3, "do_sample": True, "top_k": 20}
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    source: str
+    kind: str = "trace"
+
+
+M = Mutation
+MUTATIONS: list[Mutation] = [
+    M("tokenizer input names", 'model.tokenizer.model_input_names.append("token_type_ids")'),
+    M("tokenizer special tokens list", 'model.tokenizer.all_special_tokens.append("x")'),
+    M("tokenizer vocabulary dict", 'v = model.tokenizer.get_vocab()\nv["hello"] = 1\nv.clear()'),
+    M("tokenizer vocab property", "model.tokenizer.vocab.clear()"),
+    M("tokenizer special tokens map", 'model.tokenizer.special_tokens_map["pad_token"] = "x"'),
+    M("tokenizer call with left padding", 'ids = model.tokenizer(["a", "b c d"], padding=True, padding_side="left")'),
+    M("tokenizer call with truncation", 'ids = model.tokenizer("a b c d e", truncation=True, max_length=1)'),
+    M("tokenizer padding side attribute", 'model.tokenizer.padding_side = "left"'),
+    M("config dict copy", 'd = model.config.to_dict()\nd["n_layer"] = 0\nd["id2label"][0] = "evil"'),
+    M("config nested value", 'm = model.config.id2label\nm[0] = "evil"\nm.clear()'),
+    M("config update", 'model.config.update({"_attn_implementation": "x"})'),
+    M("config attribute", "model.config.use_cache = False"),
+    M("generation config dict", 'g = model.generation_config.to_dict()\ng["max_length"] = 1'),
+    M("generation config update", "model.generation_config.update(do_sample=False, top_k=1)"),
+    M("Parameter class grad", "import torch\ntorch.nn.Parameter.grad = torch.ones(1)"),
+    M("Tensor class attribute", "import torch\ntorch.Tensor.grad = None"),
+    M("global seed", "import torch\ntorch.manual_seed(0)"),
+    M("grad mode", "import torch\ntorch.set_grad_enabled(False)"),
+    M("weight gradient", "import torch\nw = model.transformer.h[0].mlp.c_fc.weight\nw.grad = torch.ones_like(w)"),
+    M("accumulated weight gradients", "loss = model.output.logits.sum()\nloss.backward()"),
+    M("weight in place", "model.transformer.h[0].mlp.c_fc.weight.add_(1)"),
+    M("weight through a view", "import torch\nwith torch.no_grad():\n    model.lm_head.weight.T[0] = 0"),
+    M("weight requires_grad", "model.transformer.h[0].mlp.c_fc.weight.requires_grad_(False)"),
+    M("module dtype", "import torch\nmodel.to(torch.float16)"),
+    M("module list", "layer = model.transformer.h.pop(0)"),
+    M("module forward", "model.transformer.h[0].attn.forward = print"),
+    M("module mode", "model.train()"),
+    M("an edited output", "model.transformer.h[0].output[0][:] = 0\nh = model.output.logits.save()"),
+    M("a skipped module", "model.transformer.h[1].skip(model.transformer.h[1].input)"),
+    M("a cache of every module", "c = tracer.cache()\nh = model.output.logits.save()"),
+    M("an edited gradient", "h = model.transformer.h[1].output\nloss = model.output.logits.sum()\n"
+      "with loss.backward():\n    h.grad[:] = 0"),
+    M("an error after an edit", 'model.transformer.h[0].output[0][:] = 1\nraise ValueError("stop here")'),
+    M("stop after an edit", "model.transformer.h[0].output[0][:] = 2\ntracer.stop()"),
+    M("a session that edits", 'with model.trace("a b"):\n    model.transformer.h[0].output[0][:] = 0\n'
+      'with model.trace("c d"):\n    h = model.transformer.h[1].output[0].save()', kind="session"),
+    M("a generation that edits", 'with model.generate("a b", max_new_tokens=2) as gen:\n'
+      '    for step in gen.iter[:]:\n        model.transformer.h[0].output[0][:] = 0', kind="session"),
+]

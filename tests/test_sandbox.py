@@ -43,29 +43,11 @@ from seethrough.remote.sandbox import (
     validate,
 )
 from seethrough.tracing import capture
-from sandbox_corpus import ATTACKS, NEW, OPTION_ATTACKS, SECRET_ENV, Attack
+from sandbox_corpus import (ATTACKS, CLEAN_GENERATE_OPTIONS, CLEAN_GENERATE_SOURCE, CLEAN_SOURCE, MUTATIONS, NEW,
+                            OPTION_ATTACKS, SECRET_ENV, STATE_FIELDS, Attack, Mutation)
 from fixtures.models import MLP
 
 PROMPT = "The quick brown fox"
-# Sensitive to everything a body could have changed: tokenization, config,
-# generation config, weights, gradients, the RNG.
-CLEAN_SOURCE = """import torch
-h0 = model.transformer.h[0].output[0].save()
-final = model.transformer.ln_f.input
-logits = model.output.logits.save()
-loss = logits.sum()
-with loss.backward():
-    final_grad = final.grad.save()
-weight_grad = model.transformer.h[0].mlp.c_fc.weight.grad.clone().save()
-torch.manual_seed(7)
-draw = torch.rand(3).save()
-ids = model.tokenizer("hello world")["input_ids"]
-names = list(model.tokenizer.model_input_names)
-config = model.config.to_dict()
-generation = model.generation_config.to_dict()
-print(len(model.tokenizer), model.tokenizer.eos_token_id)
-"""
-STATE_FIELDS = ("h0", "logits", "final_grad", "weight_grad", "draw", "ids", "names", "config", "generation")
 
 
 def request(source: str, kind: str = "trace", **fields) -> Request:
@@ -185,6 +167,8 @@ def test_attack_is_contained(attack: Attack, served, fresh_answer, canaries, gpt
         assert attack.construct in message, message
         assert "not allowed in a remote trace body" in message, message
         assert info.value.lineno == attack.line
+    else:
+        validate(source)  # passes the static checks: the run-time allowlist has to stop it
     answer, printed = run_request(served, source, attack.kind)
     text = repr(answer) + "".join(printed)
     assert secret not in text, "the secret came back"
@@ -200,6 +184,34 @@ def test_attack_is_contained(attack: Attack, served, fresh_answer, canaries, gpt
         assert error["line"] is not None, error
     again, _ = run_request(served, CLEAN_SOURCE)
     assert_same_answer(again, fresh_answer)
+
+
+@pytest.fixture(scope="module")
+def fresh_generation(gpt2_dir) -> dict:
+    answer, _ = run_request(LanguageModel(str(gpt2_dir), dispatch=True), CLEAN_GENERATE_SOURCE, "generate",
+                            generate=dict(CLEAN_GENERATE_OPTIONS))
+    assert "error" not in answer, answer
+    assert len(answer["values"]["steps"]) == 3
+    return answer
+
+
+def test_mutations_are_enough():
+    assert len(MUTATIONS) >= 30 and len({m.name for m in MUTATIONS}) == len(MUTATIONS)
+
+
+@pytest.mark.parametrize("mutation", MUTATIONS, ids=lambda mutation: mutation.name)
+def test_nothing_a_body_changes_persists(mutation: Mutation, served, fresh_answer, fresh_generation):
+    try:
+        validate(mutation.source)
+    except SandboxViolation:
+        pass  # refused before running (execute() refuses it too)
+    run_request(served, mutation.source, mutation.kind)
+    assert_same_answer(run_request(served, CLEAN_SOURCE)[0], fresh_answer)
+    generated, _ = run_request(served, CLEAN_GENERATE_SOURCE, "generate", generate=dict(CLEAN_GENERATE_OPTIONS))
+    assert "error" not in generated, generated
+    assert torch.equal(generated["values"]["tokens"], fresh_generation["values"]["tokens"])
+    for a, b in zip(generated["values"]["steps"], fresh_generation["values"]["steps"], strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("attack", OPTION_ATTACKS, ids=lambda attack: attack.name)
