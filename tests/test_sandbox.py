@@ -535,3 +535,48 @@ def test_einops_when_installed():
     assert torch.allclose(ns["m"], x.mean(1))
     with pytest.raises(SandboxViolation, match="unknown reduction"):
         run("import einops\neinops.reduce(x, 'b s d -> b d', 'numpy')", x=x)
+
+
+RESEARCH_BODY = """import torch
+import torch.nn.functional as F
+layers = model.transformer.h
+n = len(layers)
+widths = [layer.mlp.c_fc.weight.shape[-1] for layer in layers]
+heads = model.transformer.h[0].attn.num_heads
+cfg = (model.config.n_layer, model.config.hidden_size, model.config.num_hidden_layers)
+unembed = model.lm_head.weight.T.clone()
+h0 = model.transformer.h[0].output
+norms = h0.norm(dim=-1).tolist()
+steer = torch.ones(h0.shape[-1], device=model.device) * 0.5
+model.transformer.h[1].output[:, -1] += steer.to(h0.dtype)
+logits = model.output.logits
+probs = F.softmax(logits[:, -1], dim=-1)
+top = probs.topk(5)
+tokens = model.tokenizer.convert_ids_to_tokens(top.indices[0].tolist())
+text = model.tokenizer.decode(top.indices[0, :2])
+enc = model.tokenizer("hello there", return_tensors="pt")
+shape = tuple(enc.input_ids.shape) + tuple(enc["attention_mask"].shape)
+vals = {k: round(v, 6) for k, v in zip(tokens, top.values[0].tolist())}
+summary = ", ".join(f"{k}={v:.4f}" for k, v in vals.items())
+device = str(model.device) + model.device.type
+tiny = h0.dtype.is_floating_point and torch.finfo(h0.dtype).eps > 0
+saved_probs = probs.save()
+"""
+RESEARCH_NAMES = ("n", "widths", "heads", "cfg", "norms", "tokens", "text", "shape", "vals", "summary", "device",
+                  "tiny", "saved_probs")
+
+
+def test_research_code_runs_remotely_as_it_does_locally(served, gpt2_dir):
+    """Everyday interpretability code passes the allowlist and gives the values of a local trace."""
+    answer, _ = run_request(served, RESEARCH_BODY)
+    assert "error" not in answer, answer
+    local = LanguageModel(str(gpt2_dir), dispatch=True)
+    namespace: dict = {"model": local}
+    with local.trace(PROMPT):
+        exec(compile(RESEARCH_BODY, "<research>", "exec"), namespace)  # noqa: S102 - the same text, locally
+    for name in RESEARCH_NAMES:
+        got, expected = answer["values"][name], namespace[name]
+        if isinstance(expected, torch.Tensor):
+            assert torch.equal(got, expected), name
+        else:
+            assert got == expected, name

@@ -451,6 +451,8 @@ class Guard:
             return name in fields or name in _BUILTIN_ATTRIBUTES[tuple]
         if isinstance(obj, dict):
             return self._mapping(obj, kind, name)
+        if kind.__name__ == "BatchEncoding" and kind.__module__.startswith("transformers"):  # tokenizer(...)
+            return name in _BATCH_ENCODING_API or name in obj.keys()
         if isinstance(obj, BaseException):
             return name == "args"
         if isinstance(obj, types.GeneratorType):
