@@ -473,9 +473,9 @@ ESCAPES = [
     Escape("uninitialized memory", "import torch\nt = torch.Tensor(100)\n", "error", "uninitialized"),
     Escape("monkeypatch forward", "model.transformer.h[0].forward = print\n", "refused", "forward"),
     Escape("register a hook", "model.transformer.h[0].register_forward_hook(print)\n", "refused", "register_forward_hook"),
-    Escape("write weights by slice", f"{W}[:] = 0\n", "error", "in-place"),  # autograd refuses it
+    Escape("write weights by slice", f"{W}[:] = 0\n", "error", "not available in remote trace bodies"),
     Escape("write weights by slice without grad", f"import torch\nwith torch.no_grad():\n    {W}[:] = 0\n",
-           "crash", "read-only"),
+           "error", "not available in remote trace bodies"),
     Escape("write weights via .data", f"{W}.data.zero_()\n", "error", "not available in remote trace bodies"),
     Escape("fill weights via .data slice", f"{W}.data[0, 0] = 1.5\n", "error", "not available in remote trace bodies"),
     Escape("copy_ into weights", f"import torch\nwith torch.no_grad():\n    {W}.copy_({W} * 0)\n", "error", "not available in remote trace bodies"),
