@@ -210,3 +210,18 @@ def test_nothing_persists_on_the_server(mutation: Mutation, server, fresh):
     send(server, make(mutation.source, mutation.kind))
     assert_equal_values(clean_trace(server), fresh[0], STATE_FIELDS)
     assert_equal_values(clean_generation(server), fresh[1], ("tokens", "steps"))
+
+
+def test_a_refusal_at_run_time_reaches_the_user_with_their_line(server, gpt2_dir):
+    from seethrough import LanguageModel
+    from seethrough.remote.sandbox import SandboxViolation
+
+    model = LanguageModel(str(gpt2_dir))
+    object.__setattr__(model, "_remote_name", "gpt2")
+    with pytest.raises(SandboxViolation) as info:
+        with model.trace(PROMPT, remote=True, host=server.url, api_key=KEY):
+            hidden = model.transformer.h[0].output.save()
+            bpe = model.tokenizer.model
+    message = str(info.value)
+    assert "`.model` of a TokenizerView is not available in remote trace bodies" in message, message
+    assert "bpe = model.tokenizer.model" in message and __file__ in message, message
