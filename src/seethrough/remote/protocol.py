@@ -47,7 +47,6 @@ PROTOCOL = 1
 KINDS = ("trace", "generate", "session")
 MODULES = ("torch", "torch.nn", "torch.nn.functional", "torch.linalg", "torch.fft", "math", "einops")
 MAX_NAMES = 1_000
-MAX_SOURCE_CHARS = 2_000_000  # the body and its helper functions together
 # Values that travel as they are (with lists, tuples, sets, dicts of them, and
 # Ellipsis); both the client's check and the server's answer use this.
 PORTABLE_LEAVES = (type(None), bool, int, float, complex, str, bytes, torch.Tensor, torch.Size, torch.dtype,
@@ -223,10 +222,6 @@ def parse_request(value: Any, server_protocol: int = PROTOCOL, server_version: s
         if module not in MODULES:
             raise ProtocolError(f"request field `modules.{name}` names {module!r}; remote bodies may use only {', '.join(MODULES)}.")
     functions = _names(value.get("functions", {}), "functions", str)
-    total = len(source) + sum(len(text) for text in functions.values())
-    if total > MAX_SOURCE_CHARS:
-        raise ProtocolError(f"the body and its helper functions are {total:,} characters of source, over the limit "
-                            f"of {MAX_SOURCE_CHARS:,}; send data as variables (tensors, lists) instead of source text.")
     return Request(
         model=model, kind=kind, source=source, filename=filename, first_line=first_line,
         client_version=str(client_version), tracer_name=tracer_name, args=list(args), kwargs=dict(kwargs), keep_graph=keep_graph,
