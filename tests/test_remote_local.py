@@ -210,14 +210,20 @@ def test_errors_keep_their_type_and_line(gpt2):
 def test_a_body_that_changes_weights_is_reported(gpt2):
     saved = {name: value.clone() for name, value in gpt2._model.state_dict().items()}
     try:
-        with pytest.raises(WeightsModifiedError):  # seen by the trace itself
+        with pytest.raises(SandboxViolation, match="writing into a weight"):  # refused by the allowlist
             with gpt2.trace("Hello", remote="local"):
                 with torch.no_grad():
                     gpt2.transformer.h[0].mlp.c_fc.weight[0, 0] = 5.0
-        with pytest.raises(WeightsModifiedError, match="a server would discard its results.*c_fc.bias"):
-            with gpt2.trace("Hello", remote="local"):  # seen only by the server's model check
+        with pytest.raises(SandboxViolation, match="`.data` of a Parameter"):
+            with gpt2.trace("Hello", remote="local"):
                 for parameter in gpt2.transformer.h[0].mlp.c_fc.parameters():
                     parameter.data[0] = 5.0
+        assert all(torch.equal(value, saved[name]) for name, value in gpt2._model.state_dict().items())
+        with pytest.raises(WeightsModifiedError, match="a server would discard its results.*c_fc.bias"):
+            with gpt2.trace("Hello", remote="local"):  # past the allowlist: seen by the server's model check
+                with torch.no_grad():
+                    for parameter in gpt2.transformer.h[0].mlp.c_fc.parameters():
+                        torch.add(parameter, 5.0, out=parameter)
     finally:
         gpt2._model.load_state_dict(saved)
 

@@ -178,8 +178,8 @@ def test_attack_is_contained(attack: Attack, served, fresh_answer, canaries, gpt
         assert error is None, error
     else:
         assert error is not None, f"the attack ran: {answer}"
-        # KeyError: a hidden key of a config copy
-        assert error["type"] in ("SandboxViolation", "NameError", "KeyError"), error
+        # KeyError: a hidden key of a config copy; ModulePathError: no such attribute at all
+        assert error["type"] in ("SandboxViolation", "NameError", "KeyError", "ModulePathError"), error
         assert attack.says in error["message"], error["message"]
         assert error["line"] is not None, error
     again, _ = run_request(served, CLEAN_SOURCE)

@@ -186,7 +186,8 @@ def test_attack_is_contained_by_the_server(attack: Attack, server, fresh, listen
     elif attack.outcome == "refused":
         error = reply.answer.get("error")
         assert error is not None, f"the attack ran: {reply.answer}"
-        assert error["type"] in ("SandboxViolation", "NameError", "KeyError") and attack.says in error["message"], error
+        assert error["type"] in ("SandboxViolation", "NameError", "KeyError", "ModulePathError"), error
+        assert attack.says in error["message"], error
         assert error["line"] is not None
     else:
         assert "error" not in reply.answer, reply.answer

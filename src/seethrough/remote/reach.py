@@ -482,6 +482,8 @@ class Guard:
             return getattr(envoy, name)
         if name in module.__dict__ and not _hidden(name) and _is_plain(module.__dict__[name]):
             return plain_copy(module.__dict__[name])
+        if not hasattr(type(envoy), name) and not hasattr(module, name):
+            raise envoy._unknown(name)  # no such thing: the envoy's own error (did you mean ...)
         raise SandboxViolation(
             f"{user_line()}`{envoy._display_path()}.{name}` is not available in remote trace bodies: an envoy gives "
             "its submodules, parameters, buffers, plain settings and the tracing API (.output, .input, .inputs, "
