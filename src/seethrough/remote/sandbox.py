@@ -2,10 +2,12 @@
 
 A seethrough server runs code written by strangers: the body of a
 ``with model.trace(...)`` block and the helpers it calls.  This module is the
-first wall around that code (the worker process with time and memory limits,
-the server's, is the second).  The server calls ``validate(source, filename)``,
-then ``exec(compile(tree, filename, "exec", dont_inherit=True),
-safe_globals(extra))``; :func:`run_body` does exactly that.
+first wall around that code: static rules, module proxies and the namespace;
+:mod:`.reach` adds the run-time allowlist of what each kind of object gives a
+body (the worker process with time and memory limits, the server's, is the
+next wall).  The server calls ``validate(source, filename)``, then
+``exec(compile_body(tree, filename), safe_globals(extra))``; :func:`run_body`
+does exactly that.
 
 Static rules (``validate``)
 ---------------------------
@@ -60,7 +62,8 @@ Run-time rules (``safe_globals``)
   containers, common exception classes), the given ``print`` and a guarded
   ``__import__``.
 * ``import torch`` (or math, einops) yields a read-only proxy exposing an
-  explicit list of members (``_TORCH_MEMBERS``, ``_FUNCTIONAL_MEMBERS``...);
+  explicit list of members (``_TORCH_MEMBERS``, ``_FUNCTIONAL_MEMBERS``...;
+  ``torch.nn`` holds only ``functional``: no classes such as ``Parameter``);
   anything else, e.g. ``torch.save``, ``torch.ops``, ``torch.hub``,
   ``torch.utils``, ``torch.jit``, ``torch.cuda``, raises a
   :class:`SandboxViolation` naming the user's line.  einops is imported
@@ -76,8 +79,8 @@ Decisions
   worker seeing only its own device.  ``cuda`` is refused (``to`` does it).
 * ``torch.manual_seed`` is **allowed** (the same body must run locally and
   remotely), and so is ``torch.Generator``.  It changes the worker's global
-  RNG, so the server must restore the RNG state after each request:
-  :func:`isolated_rng_state` does that.
+  RNG, so each request starts from a fresh seed and the state is restored
+  after it: :func:`isolated_rng_state` does that.
 * NumPy is **not** available: ``import numpy`` is refused and so is
   ``.numpy()``; results travel as tensors or via ``.tolist()``.
 * ``torch.empty``/``torch.empty_like`` exist but return zeros, and
@@ -85,11 +88,11 @@ Decisions
   the legacy constructor ``torch.Tensor(n)``: uninitialized memory on a
   shared server may hold another user's activations.
 
-What static rules cannot see, and the worker process must contain: in-place
-writes to weights (``weight[:] = 0``, ``p.data.zero_()``), module-changing
-calls whose names tensors share (``model.to(...)``, ``model.half()``,
-``model.layers.pop(0)``, ``model.config.update(...)``), the global RNG
-(``torch.manual_seed``), CPU and memory exhaustion, and infinite loops.
+What static rules cannot see is checked at run time by :mod:`.reach`
+(in-place writes to weights, ``model.to(...)``, ``model.config.update(...)``,
+library internals behind ordinary names); what neither sees, the worker
+process contains: torch functions writing into an argument (``out=``),
+CPU and memory exhaustion, and infinite loops.
 """
 
 from __future__ import annotations
