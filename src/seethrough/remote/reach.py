@@ -19,6 +19,8 @@ the line, the type and the attribute):
   ``session``, ``scan`` (their options checked: no ``remote``/``host``/
   ``api_key``, generation options from the allowlist), ``device``,
   ``tokenizer`` and ``config``/``generation_config``;
+* **operations** of ``.source`` (``attn.source.attention_interface_0``):
+  ``output``, ``input``, ``inputs``, ``next``, ``source``, ``name``;
 * **the trace API**: ``invoke``, ``iter``, ``all``, ``next``, ``barrier``,
   ``stop``, ``cache``, ``result``, ``log``, ``generator``;
 * **tensors**: their maths, shape and dtype methods (:data:`TENSOR_ATTRIBUTES`,
@@ -51,21 +53,30 @@ from typing import Any, Callable, Iterable
 import torch
 
 from ..envoy import Envoy, NextCall
+from ..source import FunctionSource, ModuleSource, Operation
 from ..tracing.cache import Cache, CacheEntry
+from ..tracing.runtime import SAVE_METHOD, save_method
 from ..tracing.tracer import Invoker, Tracer
 from ..tracing.values import SavableTuple
 from .protocol import (CLIENT_OPTIONS, GENERATE_INPUTS, ProtocolError, check_call_options,
                        check_generate_options)
 from .refusal import SandboxViolation, user_line
 
-__all__ = ["ConfigView", "GET", "Guard", "SET", "TENSOR_ATTRIBUTES", "TokenizerView", "guard_tree"]
+__all__ = ["ConfigView", "GET", "Guard", "SAVE", "SET", "TENSOR_ATTRIBUTES", "TokenizerView", "guard_tree"]
 
-GET, SET = "__st_get__", "__st_set__"
+GET, SET, SAVE = "__st_get__", "__st_set__", "__st_save__"
 
 # -- rewriting the code ----------------------------------------------------------------
 
 
 class _Rewriter(ast.NodeTransformer):
+    def visit_Name(self, node: ast.Name) -> ast.AST:
+        # `X.save()` was compiled as SAVE_METHOD(X) (tracing.capture); a body cannot
+        # spell that name, so every use is the rewrite's: route it through the guard.
+        if node.id == SAVE_METHOD:
+            return ast.copy_location(ast.Name(SAVE, node.ctx), node)
+        return node
+
     def visit_Attribute(self, node: ast.Attribute) -> ast.AST:
         value = self.visit(node.value)
         if isinstance(node.ctx, ast.Load):
@@ -102,6 +113,7 @@ _ROOT_API = frozenset({"trace", "generate", "session", "scan", "device", "tokeni
                        "generation_config", "generator"})
 _TRACER_API = frozenset({"invoke", "iter", "all", "next", "barrier", "stop", "cache", "result", "log", "generator"})
 _NEXT_CALL_API = frozenset({"output", "input", "inputs", "next"})
+_OPERATION_API = frozenset({"output", "input", "inputs", "next", "source", "name"})
 _CACHE_API = frozenset({"keys", "model", "include_output", "include_inputs"})
 _CACHE_ENTRY_API = frozenset({"output", "input", "inputs", "outputs", "all_inputs", "path"})
 _CONFIG_NAMES = frozenset({"config", "generation_config"})
@@ -382,7 +394,14 @@ class Guard:
         self._keep: list[Any] = []  # originals of the views (their ids stay unique)
 
     def namespace(self) -> dict[str, Callable[..., Any]]:
-        return {GET: self.get, SET: self.set_target}
+        return {GET: self.get, SET: self.set_target, SAVE: self.save}
+
+    def save(self, value: Any) -> Any:
+        """``value.save()``: seethrough's save, or the value's own ``save`` where the allowlist has it."""
+        own = getattr(type(value), "save", None)
+        if own is not None and not getattr(own, "seethrough_save", False):
+            self.get(value, "save")  # refuses where a library object's own save() would run
+        return save_method(value)
 
     # -- reading
     def get(self, obj: Any, name: str) -> Any:
@@ -426,6 +445,10 @@ class Guard:
             return name in _TRACER_API
         if isinstance(obj, NextCall):
             return name in _NEXT_CALL_API
+        if isinstance(obj, (ModuleSource, FunctionSource)):  # .source: its attributes are operation names
+            return True
+        if isinstance(obj, Operation):
+            return name in _OPERATION_API
         if isinstance(obj, Cache):
             return name in _CACHE_API
         if isinstance(obj, CacheEntry):
@@ -519,7 +542,7 @@ class Guard:
                                        "is not available in remote trace bodies: it is shared by every request; "
                                        "edit a copy (w.clone()) or the activations (.output)", construct="[...] =")
             return obj
-        if name in ("output", "input", "inputs") and isinstance(obj, (Envoy, NextCall)):
+        if name in ("output", "input", "inputs") and isinstance(obj, (Envoy, NextCall, Operation)):
             return obj
         if name == "grad" and isinstance(obj, torch.Tensor) and not isinstance(obj, type):
             if self._is_weight(obj):
