@@ -53,6 +53,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from ..envoy import Envoy, NextCall
+from ..models.language import Generator as GenerationLoop
 from ..source import FunctionSource, ModuleSource, Operation
 from ..tracing.cache import Cache, CacheEntry
 from ..tracing.runtime import SAVE_METHOD, save_method
@@ -449,6 +450,8 @@ class Guard:
             return True
         if isinstance(obj, Operation):
             return name in _OPERATION_API
+        if isinstance(obj, GenerationLoop):  # model.generator.output: the generated ids
+            return name == "output"
         if isinstance(obj, Cache):
             return name in _CACHE_API
         if isinstance(obj, CacheEntry):
