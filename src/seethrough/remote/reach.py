@@ -53,7 +53,6 @@ from typing import Any, Callable, Iterable
 import torch
 
 from ..envoy import Envoy, NextCall
-from ..models.language import Generator as GenerationLoop
 from ..source import FunctionSource, ModuleSource, Operation
 from ..tracing.cache import Cache, CacheEntry
 from ..tracing.runtime import SAVE_METHOD, save_method
@@ -450,8 +449,6 @@ class Guard:
             return True
         if isinstance(obj, Operation):
             return name in _OPERATION_API
-        if isinstance(obj, GenerationLoop):  # model.generator.output: the generated ids
-            return name == "output"
         if isinstance(obj, Cache):
             return name in _CACHE_API
         if isinstance(obj, CacheEntry):
@@ -483,7 +480,8 @@ class Guard:
             return name == "args"
         if isinstance(obj, types.GeneratorType):
             return name in _GENERATOR_OBJECT_API
-        allowed = getattr(kind, "_remote_attributes", None)  # an opt-in of seethrough's own value types
+        # An opt-in of seethrough's own types from layers above this one (model.generator: {"output"}).
+        allowed = getattr(kind, "_remote_attributes", None)
         return isinstance(allowed, frozenset) and name in allowed
 
     def _mapping(self, obj: dict, kind: type, name: str) -> bool:
