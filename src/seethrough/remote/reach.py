@@ -53,6 +53,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from ..envoy import Envoy, NextCall
+from ..errors import UsageAttributeError
 from ..source import FunctionSource, ModuleSource, Operation
 from ..tracing.cache import Cache, CacheEntry
 from ..tracing.runtime import SAVE_METHOD, save_method
@@ -242,8 +243,8 @@ class ConfigView:
         values = self._values
         if name in values:
             return copy.deepcopy(values[name])
-        raise AttributeError(f"{user_line()}the config ({self._kind}) has no value `{name}` that a remote body can "
-                             f"read; it has: {', '.join(sorted(values))}")
+        raise UsageAttributeError(f"{user_line()}the config ({self._kind}) has no value `{name}` that a remote body "
+                                  f"can read; it has: {', '.join(sorted(values))}")
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise SandboxViolation(f"{user_line()}configs are read-only in remote trace bodies (tried to set `{name}`); "
