@@ -23,7 +23,6 @@ from typing import Any, Callable
 
 import torch
 
-from .._version import __version__
 from ..errors import UsageTypeError
 from ..tracing import capture
 from ..tracing.capture import capture_source_block
@@ -32,7 +31,7 @@ from ..tracing.runtime import SAVE_METHOD, save_method
 from ..tracing.saving import NotSaved
 from ..tracing.tracer import SessionScope, Tracer, enter_session, exit_session
 from . import sandbox
-from .protocol import PORTABLE_LEAVES, Request
+from .protocol import PORTABLE_LEAVES, Request, error_answer
 from .reach import Guard, guard_tree
 
 REMOTE_PREFIX = "remote:"
@@ -204,13 +203,6 @@ def describe_error(error: BaseException, request: Request) -> dict:
         if line is not None and request.first_line <= line:
             code = (request.source.splitlines() or [""])[min(line - request.first_line, len(request.source.splitlines()) - 1)].strip()
     shown = "".join(traceback.format_list(user_frames)).replace(REMOTE_PREFIX, "")
-    return {
-        "type": type(error).__name__,
-        "module": type(error).__module__,
-        "message": str(error),
-        "filename": filename[len(REMOTE_PREFIX):] if filename.startswith(REMOTE_PREFIX) else filename,
-        "line": line,
-        "code": code,
-        "traceback": shown,
-        "server_version": __version__,
-    }
+    return error_answer(type(error).__name__, str(error), module=type(error).__module__,
+                        filename=filename[len(REMOTE_PREFIX):] if filename.startswith(REMOTE_PREFIX) else filename,
+                        line=line, code=code, traceback=shown)

@@ -35,7 +35,7 @@ from ..config import CONFIG
 from . import wire
 from .client import MAX_REQUEST_BYTES, MAX_RESULT_BYTES, _http_error, rebuild_error
 from .execute import execute
-from .protocol import PROTOCOL, Request, parse_request
+from .protocol import PROTOCOL, Request, error_answer, parse_request
 from .server.guard import ModelGuard
 from .server.intake import IntakeError, check_request
 from .server.settings import Settings
@@ -66,8 +66,9 @@ def run_local(request: Request, model: Any) -> dict:
     try:
         packed = wire.pack(answer, max_bytes=_LIMITS.max_result_bytes)
     except wire.WireError as failure:
-        packed = wire.pack({"error": _error(type(failure).__name__, "seethrough.remote.wire",
-                                            f"the request ran, but its result cannot be sent back: {failure}")},
+        packed = wire.pack({"error": error_answer(
+            type(failure).__name__, f"the request ran, but its result cannot be sent back: {failure}",
+            module="seethrough.remote.wire")},
                            max_bytes=_LIMITS.max_result_bytes)
     answer = wire.unpack(packed, max_bytes=MAX_RESULT_BYTES)
     if "error" in answer:
@@ -89,11 +90,12 @@ def _execute_guarded(request: Request, served: Any) -> dict:
         for parameter, grad in grads:
             parameter.grad = grad
     if problems:
-        return {"error": _error(
-            "WeightsModifiedError", "seethrough.errors",
+        return {"error": error_answer(
+            "WeightsModifiedError",
             f"this request changed the model, so a server would discard its results: {'; '.join(problems)}. "
             "Edit activations inside the trace (`.output`, `.input`, `.skip()`) instead; the served model's "
             "weights, modules and config must stay as they are.",
+            module="seethrough.errors",
         )}
     return answer
 
@@ -123,6 +125,4 @@ def _print(*values: Any, sep: str | None = " ", end: str | None = "\n", file: An
         sys.stdout.flush()
 
 
-def _error(kind: str, module: str, message: str) -> dict:
-    return {"type": kind, "module": module, "message": message, "filename": "", "line": None, "code": "",
-            "traceback": "", "server_version": __version__}
+

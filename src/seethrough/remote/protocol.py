@@ -19,7 +19,9 @@ A request is one wire value (see :mod:`.wire`), a dict:
     }
 
 The answer is ``{"values": {name: value}, "not_saved": [name, ...]}`` or
-``{"error": {"type", "message", "filename", "line", "code", "traceback"}}``.
+``{"error": ...}`` in the one shape :func:`error_answer` makes (type, module,
+message, filename, line, code, traceback, server version), whether the body
+raised, the worker, the server or ``remote="local"`` refused it.
 
 :func:`parse_request` checks every field of an untrusted request and raises
 :class:`ProtocolError` (a 400 for the server) naming the field and the fix.
@@ -41,6 +43,7 @@ from typing import Any
 
 import torch
 
+from .._version import __version__
 from ..errors import SeethroughError
 
 PROTOCOL = 1
@@ -173,6 +176,14 @@ def _names(mapping: Any, where: str, values: type | tuple) -> dict:
         if values is not object:
             _require(value, values, f"{where}.{name}", "see the seethrough remote protocol")
     return mapping
+
+
+def error_answer(kind: str, message: str, *, module: str = "builtins", filename: str = "", line: int | None = None,
+                 code: str = "", traceback: str = "") -> dict:
+    """An error answer: the exception's type and module (so the client raises the
+    same class), its message, and where in the user's code it arose."""
+    return {"type": kind, "module": module, "message": message, "filename": filename, "line": line, "code": code,
+            "traceback": traceback, "server_version": __version__}
 
 
 def parse_request(value: Any, server_protocol: int = PROTOCOL, server_version: str = "") -> Request:

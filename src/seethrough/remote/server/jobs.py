@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..._version import __version__
 from .. import wire
+from ..protocol import error_answer
 from .framing import log_cut_notice
 
 __all__ = ["Job", "JobStore", "QuotaExceeded", "TERMINAL", "server_error"]
@@ -48,9 +48,8 @@ DEFAULT_MAX_JOBS_PER_KEY = 200
 
 
 def server_error(kind: str, message: str, module: str = "seethrough.remote.server", filename: str = "") -> dict:
-    """An error answer made by the server itself (same shape as the worker's)."""
-    return {"type": kind, "module": module, "message": message, "filename": filename, "line": None, "code": "",
-            "traceback": "", "server_version": __version__}
+    """An error answer made by the server itself (the protocol's one shape)."""
+    return error_answer(kind, message, module=module, filename=filename)
 
 
 class QuotaExceeded(Exception):

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from ..._version import __version__
+from ..protocol import error_answer
 from . import framing, isolation
 from .fingerprint import StateFingerprint
 from .forking import RequestForker, address_space, limit_address_space
@@ -394,7 +395,7 @@ def _handle(conn: Any, payload: bytes, model: Any, guard: Any, options: WorkerOp
             PROTOCOL, __version__,
         )
     except (wire.WireError, ProtocolError) as error:  # the API process checked it; only a bug lands here
-        answer: dict = {"error": _error(type(error).__name__, str(error))}
+        answer: dict = {"error": error_answer(type(error).__name__, str(error))}
     else:
         with contextlib.redirect_stdout(stream):
             answer = execute(request, model, print_function=stream.print)
@@ -406,7 +407,7 @@ def _handle(conn: Any, payload: bytes, model: Any, guard: Any, options: WorkerOp
     if problems:
         after = ("the change died with the request's own process, so the next request sees the model as loaded"
                  if forked else "the server reloads the model")
-        answer = {"error": _error(
+        answer = {"error": error_answer(
             "WeightsModifiedError",
             f"this request changed the served model, so its results were discarded ({after}): "
             f"{'; '.join(problems)}. Edit activations inside the trace (`.output`, `.input`, `.skip()`) "
@@ -420,19 +421,15 @@ def _handle(conn: Any, payload: bytes, model: Any, guard: Any, options: WorkerOp
     try:
         packed = wire.pack(answer, max_bytes=options.max_result_bytes)
     except wire.WireError as failure:
-        error = _error(type(failure).__name__, f"the request ran, but its result cannot be sent back: {failure}",
+        error = error_answer(type(failure).__name__, f"the request ran, but its result cannot be sent back: {failure}",
                        module="seethrough.remote.wire")
         packed = wire.pack({"error": error}, max_bytes=options.max_result_bytes)
     except MemoryError:
-        error = _error("MemoryError", "the request ran, but packing its result ran out of memory; save less")
+        error = error_answer("MemoryError", "the request ran, but packing its result ran out of memory; save less")
         packed = wire.pack({"error": error}, max_bytes=options.max_result_bytes)
     return packed, _short(error) if isinstance(error, dict) else None, problems
 
 
-def _error(kind: str, message: str, module: str = "builtins") -> dict:
-
-    return {"type": kind, "module": module, "message": message, "filename": "", "line": None, "code": "",
-            "traceback": "", "server_version": __version__}
 
 
 def _explain_memory(error: dict, budget: int | None) -> dict:
