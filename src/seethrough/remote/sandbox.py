@@ -110,7 +110,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ..tracing.capture import PARSE_LOCK
-from .protocol import CLIENT_OPTIONS
+from .protocol import CLIENT_OPTIONS, MODULES
 from .reach import Guard, guard_tree
 from .refusal import DEFAULT_FILENAME, SandboxViolation, user_line, where
 
@@ -121,7 +121,7 @@ __all__ = [
 ]
 
 MAX_SOURCE_CHARS = 1_000_000
-ALLOWED_MODULES = frozenset({"torch", "torch.nn", "torch.nn.functional", "torch.linalg", "torch.fft", "math", "einops"})
+ALLOWED_MODULES = frozenset(MODULES)  # the protocol's list: what a request may bind is what a body may import
 ASSIGNABLE_ATTRIBUTES = frozenset({"output", "input", "inputs", "grad"})
 _LOADING_KEYWORDS = frozenset({"custom_generate", "trust_remote_code"})
 
