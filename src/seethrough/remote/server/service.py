@@ -61,8 +61,11 @@ class WorkerSlot:
 
     def describe(self) -> dict:
         worker = self.worker
-        return {"state": self.state, "pid": worker.pid if worker is not None else None, "restarts": self.restarts,
-                "busy": self.current is not None}
+        description = {"state": self.state, "pid": worker.pid if worker is not None else None,
+                       "restarts": self.restarts, "busy": self.current is not None}
+        if worker is not None and hasattr(worker, "describe"):  # a Ray worker: where it runs
+            description.update(worker.describe())
+        return description
 
     # -- the dispatcher ---------------------------------------------------------------
     def _loop(self) -> None:
@@ -202,9 +205,11 @@ class WorkerSlot:
 class ModelService:
     """One served model (see the module docs)."""
 
-    def __init__(self, spec: ModelSpec, settings: Settings, store: JobStore, context: Any = None) -> None:
+    def __init__(self, spec: ModelSpec, settings: Settings, store: JobStore, context: Any = None,
+                 backend: Any = None) -> None:
         self.spec = spec
         self.context = context
+        self.backend = backend  # a RayBackend (--ray): workers are Ray actors; None: local processes
         self.settings = settings
         self.store = store
         self.queue = FairQueue(settings.max_queued, settings.max_queued_per_key)
@@ -229,9 +234,15 @@ class ModelService:
         )
 
     # -- workers ------------------------------------------------------------------------
+    def spawn(self) -> Any:
+        """A new, not yet started worker: a local process, or a Ray actor with ``--ray``."""
+        if self.backend is not None:
+            return self.backend.worker(self.options())
+        return WorkerProcess(self.options(), self.context)
+
     def start(self) -> None:
         """Load the model in every slot's worker (in parallel); raise :class:`WorkerStartError`."""
-        workers = [WorkerProcess(self.options(), self.context) for _ in self.slots]
+        workers = [self.spawn() for _ in self.slots]
         for worker in workers:
             worker.start()
         try:
@@ -258,7 +269,7 @@ class ModelService:
         for attempt in range(1, _START_ATTEMPTS + 1):
             if self.stopping:
                 return None
-            worker = WorkerProcess(self.options(), self.context)
+            worker = self.spawn()
             worker.start()
             try:
                 worker.wait_ready(self.settings.startup_timeout)
@@ -275,7 +286,7 @@ class ModelService:
             self._spare_loading = True
 
         def load() -> None:
-            worker = WorkerProcess(self.options(), self.context)
+            worker = self.spawn()
             try:
                 worker.start()
                 worker.wait_ready(self.settings.startup_timeout)
@@ -345,7 +356,9 @@ class ServerRuntime:
                               spool_dir=settings.spool_dir, max_stored_bytes_per_key=settings.max_stored_bytes_per_key,
                               max_jobs_per_key=settings.max_jobs_per_key)
         context = start_context(settings.start_method, [spec.source for spec in settings.models])
-        self.services = {spec.name: ModelService(spec, settings, self.store, context) for spec in settings.models}
+        self.backend = _ray_backend(settings)
+        self.services = {spec.name: ModelService(spec, settings, self.store, context, self.backend)
+                         for spec in settings.models}
         self.names = model_names(settings.models, {spec.name: _local_folder(spec.source) for spec in settings.models})
 
     def start(self) -> None:
@@ -365,6 +378,8 @@ class ServerRuntime:
         for service in self.services.values():
             service.stop()
         self.store.close()
+        if self.backend is not None:
+            self.backend.shutdown()
 
     def health(self) -> dict:
         return {name: service.health() for name, service in self.services.items()}
@@ -376,6 +391,16 @@ class ServerRuntime:
         if len(lines) == 1:
             return next(iter(lines)), complete
         return " | ".join(f"{name}: {service.isolation}" for name, service in self.services.items()), complete
+
+
+def _ray_backend(settings: Settings) -> Any:
+    """The Ray backend for ``--ray``, else None."""
+    if settings.ray is None:
+        return None
+    # Ray is an optional extra: imported only by a server started with --ray, never by a plain one
+    from .ray_backend import RayBackend
+
+    return RayBackend(settings)
 
 
 def _local_folder(source: str) -> str | None:

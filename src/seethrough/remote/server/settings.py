@@ -28,6 +28,7 @@ DEFAULT_PORT = 8470
 DEFAULT_SERVED = "smollm2=HuggingFaceTB/SmolLM2-135M-Instruct"
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+_RAY_ADDRESS = re.compile(r"^(ray://)?[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
 
 
@@ -77,6 +78,9 @@ class Settings:
     max_jobs_per_key: int = 200  # queued, running and kept requests per key
     isolation: str = "best-effort"  # required | best-effort | off (see .isolation)
     request_process: str = "auto"  # fork | reuse | auto (fork unless the model uses CUDA)
+    ray: str | None = None  # --ray: "auto", "local" or a head's host:port; None: workers are local processes
+    cpus_per_worker: float | None = None  # Ray resource requests per worker (--ray only)
+    gpus_per_worker: float | None = None
 
 
 def parse_size(text: str | int) -> int:
@@ -200,7 +204,35 @@ def build_parser(prog: str = "seethrough serve") -> argparse.ArgumentParser:
                              "is on a CUDA device")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                         help="how much the server logs (default info)")
+    scale = parser.add_argument_group("scale-out on Ray (pip install \"seethrough[ray]\")")
+    scale.add_argument("--ray", default=None, metavar="ADDRESS",
+                       help="place each model's workers as Ray actors on a cluster: 'auto' (the cluster this machine "
+                            "belongs to), HOST:PORT of a head node, or 'local' (a private Ray instance on this machine)")
+    scale.add_argument("--cpus-per-worker", type=float, default=None, metavar="N",
+                       help="CPUs Ray reserves for each worker (default 1; --ray only)")
+    scale.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
+                       help="GPUs Ray reserves for each worker; above 1 the model is spread over them with "
+                            "device_map='auto' (default 0; --ray only)")
     return parser
+
+
+def _ray_options(options: argparse.Namespace) -> None:
+    """Check --ray and the resource requests that only make sense with it."""
+    if options.ray is None:
+        for flag, value in (("--cpus-per-worker", options.cpus_per_worker), ("--gpus-per-worker", options.gpus_per_worker)):
+            if value is not None:
+                raise SettingsError(f"{flag} is a Ray resource request: use it with --ray ADDRESS")
+        return
+    address = options.ray.strip()
+    if address not in ("auto", "local") and not _RAY_ADDRESS.match(address):
+        raise SettingsError(f"--ray {options.ray!r}: write 'auto', 'local' or the head node's HOST:PORT "
+                            "(e.g. --ray 10.0.0.5:6379)")
+    if options.cpus_per_worker is not None and options.cpus_per_worker <= 0:
+        raise SettingsError(f"--cpus-per-worker must be positive, got {options.cpus_per_worker:g}")
+    if options.gpus_per_worker is not None and options.gpus_per_worker < 0:
+        raise SettingsError(f"--gpus-per-worker must be 0 or more, got {options.gpus_per_worker:g}")
+    if options.gpus_per_worker is not None and options.gpus_per_worker > 1 and options.gpus_per_worker % 1:
+        raise SettingsError(f"--gpus-per-worker above 1 must be a whole number, got {options.gpus_per_worker:g}")
 
 
 def parse_args(argv: list[str] | None = None, prog: str = "seethrough serve") -> Settings:
@@ -223,6 +255,7 @@ def parse_args(argv: list[str] | None = None, prog: str = "seethrough serve") ->
         raise SettingsError(f"--threads must be positive, got {options.threads}")
     if not 0 < options.port < 65536:
         raise SettingsError(f"--port must be between 1 and 65535, got {options.port}")
+    _ray_options(options)
     return Settings(
         models=models,
         host=options.host,
@@ -253,4 +286,7 @@ def parse_args(argv: list[str] | None = None, prog: str = "seethrough serve") ->
         max_jobs_per_key=options.max_jobs_per_key,
         isolation=options.isolation,
         request_process=options.request_process,
+        ray=options.ray.strip() if options.ray is not None else None,
+        cpus_per_worker=options.cpus_per_worker,
+        gpus_per_worker=options.gpus_per_worker,
     )

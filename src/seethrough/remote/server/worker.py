@@ -53,7 +53,7 @@ from .fingerprint import StateFingerprint
 from .forking import RequestForker, address_space, limit_address_space
 from .settings import SettingsError
 
-__all__ = ["LogStream", "WorkerOptions", "describe_model", "run_worker"]
+__all__ = ["LogStream", "WorkerOptions", "describe_model", "load_kwargs", "run_worker"]
 
 logger = logging.getLogger("seethrough.server.worker")
 
@@ -80,6 +80,7 @@ class WorkerOptions:
     timeout: float = 300.0  # wall-clock seconds per request (enforced here in the fork model)
     isolation: str = "best-effort"  # see .isolation.LEVELS
     request_process: str = "auto"  # "fork", "reuse", or "auto": fork unless the model uses CUDA
+    device_map: str | None = None  # e.g. "auto" for a Ray worker given several GPUs
 
 REQUEST_PROCESSES = ("auto", "fork", "reuse")
 
@@ -358,6 +359,11 @@ def _uses_cuda(model: Any) -> bool:
     return (device is not None and device.type == "cuda") or torch.cuda.is_initialized()
 
 
+def load_kwargs(options: WorkerOptions) -> dict:
+    """The keyword arguments the worker loads its model with (besides the source)."""
+    return {"device_map": options.device_map} if options.device_map else {}
+
+
 def _load(options: WorkerOptions) -> tuple[Any, Any, dict]:
     import torch
 
@@ -369,7 +375,7 @@ def _load(options: WorkerOptions) -> tuple[Any, Any, dict]:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # no "Loading weights" bars in the server's log
-    model = LanguageModel(options.source, dispatch=True)
+    model = LanguageModel(options.source, dispatch=True, **load_kwargs(options))
     read_only = ReadOnlyWeights.apply(model._model) if options.read_only_weights else None
     _warm_up(model)
     guard = ModelGuard(model._model, model.tokenizer, read_only)
