@@ -78,7 +78,7 @@ class WorkerHost:
     def start(self, timeout: float) -> dict:
         """Start the worker and wait for its model; a dict with ``info`` or ``error``."""
         context = ray.get_runtime_context()
-        where = {"node": context.get_node_id(), "node_ip": ray.util.get_node_ip_address(), "actor_pid": os.getpid(),
+        where = {"node": context.get_node_id(), "actor_pid": os.getpid(),
                  "gpus": [str(gpu) for gpu in ray.get_gpu_ids()]}
         self.worker.start()
         try:
@@ -153,6 +153,13 @@ class RayBackend:
             options = dataclasses.replace(options, device_map=device_map)
         return RayWorker(self, options)
 
+    def node_address(self, node_id: str | None) -> str | None:
+        """The address a node registered with (``NodeManagerAddress``), for ``/v1/health``."""
+        for node in ray.nodes():
+            if node.get("NodeID") == node_id:
+                return node.get("NodeManagerAddress")
+        return None
+
     def shutdown(self) -> None:
         ray.shutdown()
 
@@ -203,6 +210,7 @@ class RayWorker:
             raise WorkerStartError(f"the Ray worker for {name!r} was lost while loading {source!r} "
                                    f"({_first_line(error)})") from None
         self.where = dict(reply.get("where") or {})
+        self.where["node_ip"] = self.backend.node_address(self.where.get("node"))
         if "error" in reply:
             self.kill()
             raise WorkerStartError(str(reply["error"]))
