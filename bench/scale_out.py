@@ -5,7 +5,7 @@ started one at a time (so an idle one never competes with the one being
 measured), each serving two models with ``--threads 1`` per worker:
 
 * ``smollm2``: SmolLM2-135M-Instruct, all 30 layers, offline — the *heavy*
-  request (a trace of a 18-token prompt saving the last layer's last token),
+  request (a trace of an 18-token prompt saving the last layer's last token),
   for throughput: ``--clients`` closed-loop clients send requests for
   ``--seconds``;
 * ``gpt2``: a random 2-layer GPT-2 — the *light* request (a 5-token trace),

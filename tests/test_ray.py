@@ -297,3 +297,11 @@ def test_a_node_leaving_mid_load_loses_no_request(server, cluster, gpt2):
     assert_same(expected, trace_body(gpt2, on(server))[0], "after the node left")
     health = server.health()
     assert health["status"] == "ok" and sum(w["restarts"] for w in back) >= 1
+
+
+def test_an_unreachable_head_stops_the_command_with_a_clear_error(gpt2_dir):
+    port = testing.free_port()
+    done = subprocess.run([sys.executable, "-m", "seethrough.remote.server", "--model", f"gpt2={gpt2_dir}",
+                           "--ray", f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert f"cannot reach the Ray head at 127.0.0.1:{port}" in done.stderr and "ray start --head" in done.stderr

@@ -29,7 +29,11 @@ def serve(settings: Settings, prog: str = "seethrough serve") -> int:
     if settings.api_keys is None:
         logger.warning("no --api-keys file: this server accepts requests from anyone who can reach %s:%d",
                        settings.host, settings.port)
-    runtime = ServerRuntime(settings)
+    try:
+        runtime = ServerRuntime(settings)
+    except WorkerStartError as error:  # --ray: the cluster cannot be reached
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 1
     names = ", ".join(f"{spec.name}={spec.source}" for spec in settings.models)
     if settings.models == (_model_spec(DEFAULT_SERVED),):
         logger.info("serving the bundled offline model (%s); choose models with --model NAME=PATH_OR_REPO", names)

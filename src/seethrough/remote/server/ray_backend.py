@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import socket
 import time
 from collections import deque
 from typing import Any
@@ -131,7 +132,7 @@ class RayBackend:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         address = settings.ray or "auto"
-        self.private = address == "local"
+        _check_reachable(address)
         ray.init(address=address, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False,
                  logging_level=logging.WARNING, configure_logging=False)
         self.gpus = settings.gpus_per_worker or 0.0
@@ -323,6 +324,18 @@ class RayWorker:
         if kind == _MALFORMED:
             raise framing.FramingError(str(fields.get("how")))
         return framing.Message(kind, dict(fields), bytes(payload))
+
+
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Fail at once, in words, when a HOST:PORT head does not answer (Ray itself would retry for ever)."""
+    if address in ("auto", "local") or address.startswith("ray://"):
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as error:
+        raise WorkerStartError(f"cannot reach the Ray head at {address} ({error}); start it with `ray start --head` "
+                               "there, or pass --ray auto on a node of the cluster") from None
 
 
 def _first_line(error: BaseException) -> str:
