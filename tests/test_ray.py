@@ -196,12 +196,13 @@ def test_results_only_for_the_submitting_key(server):
 
 
 @pytest.mark.slow
-def test_an_endless_request_times_out_and_its_actor_is_replaced(server, gpt2):
+def test_an_endless_request_times_out_and_the_next_is_served(server, gpt2):
     before = {w["actor_pid"] for w in wait_for_idle_workers(server)}
     outcome = run(server, "while True:\n    pass\n")
     assert outcome.error["type"] == "TimeoutError" and f"limit of {TIMEOUT_S} s" in outcome.error["message"]
     after = wait_for_idle_workers(server)
-    assert len(before - {w["actor_pid"] for w in after}) == 1  # exactly the one that ran it was replaced
+    # the worker stops the request (its request process, or the actor, which is then replaced): never both
+    assert len(before - {w["actor_pid"] for w in after}) <= 1
     assert_same(trace_body(gpt2, {})[0], trace_body(gpt2, on(server))[0], "after the timeout")
 
 

@@ -11,17 +11,19 @@ Each :class:`RayWorker` is one Ray actor (:class:`WorkerHost`), placed by Ray
 with the resources ``--cpus-per-worker`` / ``--gpus-per-worker`` ask for and
 spread over the cluster's nodes.  The actor runs **no user code**: it starts
 the ordinary worker process (:class:`~.process.WorkerProcess`, the same entry
-point, pipe framing, read-only weights, memory limit, model check and
-isolation as the built-in server) as its child and relays its messages.  A
+point, pipe framing, OS isolation, process per request, read-only weights,
+memory limit and model check as the built-in server) as its child and relays its messages.  A
 request's code runs only in that child.
 
 Faults: a killed actor, or one whose node left the cluster, surfaces as
 :class:`~.process.WorkerDied` on the next poll (every wait on Ray is
 bounded, so the API never hangs on a lost actor); the slot fails the running
 request with a ``WorkerCrashedError`` and starts a replacement actor, which
-Ray places on a node that is still there.  Past ``--timeout`` the slot kills
-the actor (``ray.kill``); the worker process in it notices its parent is gone
-and exits within a second.
+Ray places on a node that is still there.  The wall-clock limit is enforced
+as locally: a forking worker (``--request-process fork``) kills the request's
+process itself and serves on; otherwise, or when a worker stops answering,
+the slot kills the actor (``ray.kill``) — the worker process in it notices
+its parent is gone and exits within a second — and starts a new one.
 
 This module imports :mod:`ray`; it is imported only by a server started with
 ``--ray`` (Ray is the optional extra ``seethrough[ray]``).
