@@ -29,14 +29,17 @@ from __future__ import annotations
 import difflib
 from typing import TYPE_CHECKING, Any, Iterator
 
+import greenlet
 import torch
 
 from ._frames import where_user_is
 from .errors import ModulePathError, NotInTraceError, UsageAttributeError, UsageTypeError
-from .tracing.runtime import current_run, current_task
+from .tracing.runtime import TaskGreenlet, current_run, current_task
 
 if TYPE_CHECKING:
     from .models.model import Model
+
+_getcurrent = greenlet.getcurrent
 
 RESERVED = frozenset({"output", "input", "inputs", "skip", "next", "path", "source"})
 
@@ -69,6 +72,11 @@ class Envoy:
             path = f"{self._path}.{name}" if self._path else name
             child = self._root._envoy_class(module, path)(module, path, self._root)
             self._children[name] = child
+            if _cacheable(self, name):
+                # Found by plain attribute lookup from now on: `model.layer`
+                # then skips __getattr__ (and the AttributeError Python
+                # raises and formats before calling it), hot in trace bodies.
+                self.__dict__[name] = child
         return child
 
     def _envoy_class(self, module: torch.nn.Module, path: str) -> type["Envoy"]:
@@ -225,7 +233,13 @@ class Envoy:
     @property
     def output(self) -> Any:
         """The module's output in the running trace."""
-        return _read(self, "output", "output", 0)
+        # `_read(self, "output", "output", 0)`, inlined: the hot path of a trace body.
+        current = _getcurrent()
+        if type(current) is not TaskGreenlet:
+            return _read(self, "output", "output", 0)  # raises NotInTraceError
+        run = current.task.run
+        value = run.interleaver.request(current.task, self, "output")
+        return value if type(value) is torch.Tensor else run.present(value)
 
     @output.setter
     def output(self, value: Any) -> None:
@@ -282,6 +296,27 @@ class Envoy:
             "take `.output`, `.input` and `.inputs` assignments inside a trace. To change the "
             "module itself, use `model._model` outside a trace."
         )
+
+
+def _cacheable(envoy: Envoy, name: str) -> bool:
+    """May the child envoy ``name`` live in ``envoy.__dict__``?  Only where
+    plain lookup would otherwise reach ``__getattr__`` anyway, and that is
+    ours: not a private or dunder name, nothing of the envoy's class (methods,
+    properties of custom envoys), no instance attribute of its own."""
+    cls = type(envoy)
+    return (
+        cls.__getattr__ is Envoy.__getattr__
+        and name.isidentifier()
+        and not name.startswith("_")
+        and not hasattr(cls, name)
+        and name not in envoy.__dict__
+    )
+
+
+def cached_children(envoy: Envoy) -> list[str]:
+    """The names under which ``envoy.__dict__`` holds child envoys (see ``_child``)."""
+    own = envoy.__dict__
+    return [name for name, child in envoy._children.items() if type(name) is str and own.get(name) is child]
 
 
 def _is_user_subclass(cls: type) -> bool:

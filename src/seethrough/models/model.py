@@ -33,7 +33,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_map
 
-from ..envoy import Envoy
+from ..envoy import Envoy, cached_children
 from .._frames import describe_location
 from ..errors import EnvoyClassError, ModulePathError, SeethroughError, TraceSourceError, UsageTypeError
 from ..source import ModuleSource
@@ -366,9 +366,13 @@ class Model(Envoy):
         handed back."""
         if not trace:
             return self._call_untraced(args, kwargs, remote)
+        if remote is False and host is None and blocking is True:
+            options = None  # a local trace (`_remote_options` would say the same), the common case
+        else:
+            options = _remote_options(remote, host, api_key, blocking, self.__dict__.get("_remote_host"))
         return Tracer(
             self, args, kwargs, _forward_backend, has_input=bool(args or kwargs), keep_graph=keep_graph,
-            remote=_remote_options(remote, host, api_key, blocking, self.__dict__.get("_remote_host")),
+            remote=options,
             pre_scan=self._scan_backend() if scan or validate else None,
         )
 
@@ -415,6 +419,8 @@ class Model(Envoy):
     def _clone(self) -> "Model":
         clone = type(self).__new__(type(self))
         clone.__dict__.update(self.__dict__)
+        for name in cached_children(self):  # the clone makes its own child envoys
+            del clone.__dict__[name]
         object.__setattr__(clone, "_root", clone)
         object.__setattr__(clone, "_children", {})
         object.__setattr__(clone, "_edits", list(self._edits))

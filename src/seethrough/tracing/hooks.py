@@ -5,12 +5,13 @@ hook (several microseconds each); a trace adds and removes its hooks within
 one call, so it writes the entries straight into the module's hook
 dictionaries, using ids from the same counter as PyTorch's own handles, and
 deletes exactly those entries afterwards.  Where a PyTorch version lacks those
-dictionaries, the public API is used instead.
+dictionaries, the public API is used instead (:class:`HandleHookSet`; both
+behave the same, and both are tested).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch.utils.hooks import RemovableHandle
@@ -21,46 +22,60 @@ _DIRECT = all(
 )
 
 
-def _next_id() -> int:
-    hook_id = RemovableHandle.next_id
-    RemovableHandle.next_id = hook_id + 1
-    return hook_id
-
-
-class HookSet:
-    """The hooks one trace added; :meth:`remove_all` takes every one of them away."""
+class DirectHookSet:
+    """The hooks one trace added; :meth:`remove_all` takes every one of them
+    away.  Writes straight into the modules' hook dictionaries."""
 
     __slots__ = ("_entries",)
 
     def __init__(self) -> None:
-        self._entries: list[tuple[torch.nn.Module, str, Any]] = []
+        self._entries: list[tuple[dict, int, dict | None]] = []
 
     def add_output(self, module: torch.nn.Module, hook: Callable) -> None:
-        if _DIRECT:
-            hook_id = RemovableHandle.next_id
-            RemovableHandle.next_id = hook_id + 1
-            module._forward_hooks[hook_id] = hook
-            self._entries.append((module, "output", hook_id))
-        else:  # older/newer PyTorch layouts (tests/test_hooks.py forces this path)
-            self._entries.append((module, "handle", module.register_forward_hook(hook)))
+        """``hook(module, args, output)`` after the module runs."""
+        hook_id = RemovableHandle.next_id
+        RemovableHandle.next_id = hook_id + 1
+        hooks = module._forward_hooks
+        hooks[hook_id] = hook
+        self._entries.append((hooks, hook_id, None))
 
     def add_input(self, module: torch.nn.Module, hook: Callable) -> None:
         """``hook(module, args, kwargs)`` before the module runs."""
-        if _DIRECT:
-            hook_id = _next_id()
-            module._forward_pre_hooks[hook_id] = hook
-            module._forward_pre_hooks_with_kwargs[hook_id] = True
-            self._entries.append((module, "input", hook_id))
-        else:
-            self._entries.append((module, "handle", module.register_forward_pre_hook(hook, with_kwargs=True)))
+        hook_id = RemovableHandle.next_id
+        RemovableHandle.next_id = hook_id + 1
+        module._forward_pre_hooks[hook_id] = hook
+        module._forward_pre_hooks_with_kwargs[hook_id] = True
+        self._entries.append((module._forward_pre_hooks, hook_id, module._forward_pre_hooks_with_kwargs))
 
     def remove_all(self) -> None:
         entries, self._entries = self._entries, []
-        for module, kind, key in entries:
-            if kind == "output":
-                module._forward_hooks.pop(key, None)
-            elif kind == "input":
-                module._forward_pre_hooks.pop(key, None)
-                module._forward_pre_hooks_with_kwargs.pop(key, None)
-            else:
-                key.remove()
+        for hooks, hook_id, with_kwargs in entries:
+            hooks.pop(hook_id, None)
+            if with_kwargs is not None:
+                with_kwargs.pop(hook_id, None)
+
+
+class HandleHookSet:
+    """The same through PyTorch's public API (``register_forward_hook``),
+    for PyTorch versions without those dictionaries."""
+
+    __slots__ = ("_handles",)
+
+    def __init__(self) -> None:
+        self._handles: list[RemovableHandle] = []
+
+    def add_output(self, module: torch.nn.Module, hook: Callable) -> None:
+        self._handles.append(module.register_forward_hook(hook))
+
+    def add_input(self, module: torch.nn.Module, hook: Callable) -> None:
+        self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def remove_all(self) -> None:
+        handles, self._handles = self._handles, []
+        for handle in handles:
+            handle.remove()
+
+
+def HookSet() -> DirectHookSet | HandleHookSet:  # noqa: N802 - it stands for the class it picks
+    """The hook set of one trace: direct where PyTorch has the dictionaries."""
+    return DirectHookSet() if _DIRECT else HandleHookSet()

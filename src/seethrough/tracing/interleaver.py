@@ -65,14 +65,13 @@ class Task:
     greenlet: Any = None  # its worker greenlet while it runs
     state = NEW
     pending: tuple | None = None  # the event key it waits for
-    pending_envoy: "Envoy | None" = None
-    pending_kind = ""
-    pending_frame: Any = None
-    ran_before = False
+    # What it last asked for, for messages should the value never come:
+    # (envoy or None, kind, the asking frame, its module had run before,
+    # asked before the forward began).
+    asked: tuple | None = None
     blocked_until: Callable[[], bool] | None = None
     blocked_at: Any = None  # the barrier it waits at (for messages), if any
     waited_for: str | None = None  # what it last waited for, as a sentence for messages
-    asked_before_forward = False  # its pending request was made before the forward began
     hooked_calls: set[int] | None = None  # ids of modules it ran itself with `hook=True`
 
     # nnsight code catches these as `Mediator.OutOfOrderError` / `Mediator.
@@ -278,9 +277,14 @@ class Interleaver:
         if queue is None:
             self.waiting[key] = [task]
         else:
-            queue.append(task)
-            if len(queue) > 1 and queue[-2].index > task.index:
-                queue.sort(key=_by_index)
+            self._queue(queue, task)
+
+    @staticmethod
+    def _queue(queue: list[Task], task: Task) -> None:
+        """Add ``task`` to the tasks waiting for one key, kept in invoke order."""
+        queue.append(task)
+        if len(queue) > 1 and queue[-2].index > task.index:
+            queue.sort(key=_by_index)
 
     def _unwait(self, task: Task) -> None:
         key = task.pending
@@ -294,6 +298,7 @@ class Interleaver:
     # -- called from inside a task -------------------------------------------
     def request(self, task: Task, envoy: "Envoy", kind: str, skip_current: bool = False) -> Any:
         """The value of ``kind`` ("input"/"output") of ``envoy``'s module for ``task``."""
+        # The hot path of every `.output`/`.input`: kept to few steps.
         if self.closing or not task.is_invoke:
             if self.closing:
                 raise greenlet.GreenletExit()
@@ -314,12 +319,16 @@ class Interleaver:
                 raise OutOfOrderError(self._too_late_message(envoy, kind, sys._getframe(1), finished=True))
         if key not in self.hooks:
             self.hook(module, kind, envoy)
-        task.pending_envoy = envoy
-        task.pending_kind = kind
-        task.pending_frame = sys._getframe(1)  # the user's frame is found from here on error
-        task.ran_before = key in self.fired
-        task.asked_before_forward = not (self.forward_running or self.forward_done)
-        self._wait(task, key)
+        # For messages, should the value never come; the frame is the user's
+        # (found from here on error).
+        task.asked = (envoy, kind, sys._getframe(1), key in self.fired, not (self.forward_running or self.forward_done))
+        task.pending = key
+        task.state = WAITING
+        queue = self.waiting.get(key)
+        if queue is None:
+            self.waiting[key] = [task]
+        else:
+            self._queue(queue, task)
         return self.main.switch()
 
     def call_hooked(self, task: Task, module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
@@ -341,9 +350,7 @@ class Interleaver:
         key = ("step", step)
         root = self.run.root_module
         self.hook(root, "input")
-        task.pending_envoy = None
-        task.pending_kind = "step"
-        task.pending_frame = sys._getframe(1)
+        task.asked = (None, "step", sys._getframe(1), False, False)
         self._wait(task, key)
         self.main.switch()
 
@@ -415,11 +422,11 @@ class Interleaver:
         output of the module itself and of all its ancestors, always before
         their calls begin."""
         key = (id(module), kind)
-        if key in self.hooks:
+        hooks = self.hooks
+        if key in hooks:
             return
         if kind == "input":
             self._install(module, "input", key)
-        hooks = self.hooks
         plan = envoy.__dict__.get("_plan") if envoy is not None else None
         if plan is None or plan[0][0] is not module:
             plan = self.run.model._hook_plan(module)
@@ -427,7 +434,13 @@ class Interleaver:
                 envoy.__dict__["_plan"] = plan  # the same module tree every trace
         for each, each_key in plan:
             if each_key not in hooks:
-                self._install(each, "output", each_key)
+                # `_install(each, "output", each_key)`, inlined (once per
+                # accessed output and trace).
+                hooks[each_key] = True
+                if not (self.root_output_by_return and each is self.run.root_module):
+                    self.hook_set.add_output(each, self._make_output_hook(each_key))
+                if self.on_module_hooked is not None:
+                    self.on_module_hooked(each)
 
     def _install(self, module: torch.nn.Module, kind: str, key: tuple) -> None:
         hooks = self.hooks
@@ -454,13 +467,20 @@ class Interleaver:
 
     def _make_output_hook(self, key: tuple) -> Callable:
         getcurrent = greenlet.getcurrent
+        main = self.main
+        fired = self.fired
+        waiting = self.waiting
 
         def output_hook(mod: torch.nn.Module, args: Any, output: Any) -> Any:
             # Only our own forward pass (and calls made with `hook=True`) count
             # (see `_in_our_forward`).
-            if not (self.forward_running or self.hooked_calls_running) or getcurrent() is not self.main:
+            if not (self.forward_running or self.hooked_calls_running) or getcurrent() is not main:
                 return None
-            result = self._reached(key, "output", output)
+            # `_reached`, with its common exit inlined: nobody wants the value.
+            fired[key] = True
+            if key not in waiting and not self.blocked and key not in self.after:
+                return None
+            result = self._deliver(key, "output", output)
             return result if result is not output else None
 
         return output_hook
@@ -492,6 +512,10 @@ class Interleaver:
         self.fired[key] = True
         if not self._wanted(key):
             return value  # nobody asked: the hook only keeps an ancestor observable
+        return self._deliver(key, kind, value)
+
+    def _deliver(self, key: tuple, kind: str, value: Any) -> Any:
+        """Serve ``value`` to the tasks that want ``key`` (see `_reached`)."""
         batch_size = self.batch_size if not self.hooked_calls_running else _UNBATCHED
         event = Event(key, kind, value, batch_size)
         if torch.is_grad_enabled():
@@ -507,11 +531,18 @@ class Interleaver:
         previous = self.current
         self.current = event
         try:
-            queue = self.waiting.get(event.key)
+            key = event.key
+            waiting = self.waiting
+            queue = waiting.get(key)
             if queue is not None and len(queue) == 1 and not self.blocked:
-                # The common case: exactly one task waits for this value.
-                self._resume(queue[0], event)
-                if event.key in self.waiting or self.blocked:
+                # The common case: exactly one task waits for this value
+                # (`_resume`, inlined).
+                task = queue[0]
+                task.pending = None
+                del waiting[key]
+                event.served.add(task.index)
+                self._switch(task, event.value if task.rows is None and event.kind != "step" else self._view(event, task))
+                if key in waiting or self.blocked:
                     self.drain(event)
             else:
                 self.drain(event)
@@ -561,9 +592,7 @@ class Interleaver:
         """The backend's return value (``tracer.result``), once it has returned."""
         if self.forward_done:
             return self.run.output
-        task.pending_envoy = None
-        task.pending_kind = "result"
-        task.pending_frame = sys._getframe(1)
+        task.asked = (None, "result", sys._getframe(1), False, False)
         self._wait(task, ("result",))
         return self.main.switch()
 
@@ -610,12 +639,12 @@ class Interleaver:
 
     def _not_provided(self, task: Task, key: tuple) -> MissedProviderError:
         """The error for ``task``, still waiting for ``key`` when the forward ended."""
-        envoy, kind, frame = task.pending_envoy, task.pending_kind, task.pending_frame
-        if task.asked_before_forward and key not in self.fired and kind in ("input", "output"):
+        envoy, kind, frame, ran_before, asked_before_forward = task.asked
+        if asked_before_forward and key not in self.fired and kind in ("input", "output"):
             # Hooked before the forward began and never reached: the model did
             # not call the module at all (not a question of order).
             return MissedProviderError(self._never_called_message(envoy, kind, frame))
-        message = self._too_late_message(envoy, kind, frame, ran_before=task.ran_before, waited_for=task.waited_for)
+        message = self._too_late_message(envoy, kind, frame, ran_before=ran_before, waited_for=task.waited_for)
         if task.hooked_calls and key[0] in task.hooked_calls:
             path = envoy._display_path() if envoy is not None else "the module"
             message += (
@@ -692,8 +721,8 @@ class Interleaver:
                 task.state = DONE
                 task.blocked_until = None
                 task.blocked_at = None
-            if task.pending_frame is not None:
-                task.pending_frame = None  # frames of the user's code: let them go
+            if task.asked is not None:
+                task.asked = None  # it holds a frame of the user's code: let it go
         self.current = None
 
 

@@ -54,6 +54,8 @@ class EditSpec:
 
 
 _NOTHING: Any = MappingProxyType({})  # an empty, read-only default for rarely used maps
+# Attribute names in a body's text that ask for a run's preparation (`_note`).
+_SPECIAL = frozenset({"backward", "skip", "iter", "all", "next"})
 
 
 class TraceRun:
@@ -74,6 +76,8 @@ class TraceRun:
     _backward_patched = False
     _executing = False
     sources: Any = None  # RunSources: forwards instrumented for `.source` (tracing/operations.py)
+    edit_tasks: Any = ()  # Tasks of the model's persistent edits (model.edit())
+    explicit_invokes: Any = ()  # Tasks of the `tracer.invoke` blocks, in order
 
     def __init__(
         self,
@@ -96,30 +100,29 @@ class TraceRun:
         self.inputs = inputs
         self.has_input = inputs is not None
         self.saves = SaveRegistry(keep_graph)
-        self.interleaver = Interleaver(self)
+        interleaver = self.interleaver = Interleaver(self)
         # Backends that call the root module exactly once say so; its output
         # is then observed from their return value instead of a hook.
         if getattr(backend, "single_call", False):
-            self.interleaver.root_output_by_return = True
+            interleaver.root_output_by_return = True
         self.invoke_inputs: list[tuple[Task, tuple[tuple, dict]]] = []
-        self.explicit_invokes: list[Task] = []
 
-        if captured.uses_invoke:
-            body_ns: BodyNamespace = TracedNamespace(seed, globals_)
-        else:
-            body_ns = BodyNamespace(seed, globals_)
+        uses_invoke = "invoke" in captured.attributes
+        body_ns = TracedNamespace(seed, globals_) if uses_invoke else BodyNamespace(seed, globals_)
         if captured.as_name:
             dict.__setitem__(body_ns, captured.as_name, tracer)
         self.body = Task(self, 0, "the trace body", captured.code, body_ns, None, captured.stored, self.has_input)
-        if captured.uses_invoke:
-            self.flow = CrossFlow(self.interleaver, self.body, globals_)
-        self.edit_tasks: list[Task] = []
-        self._note(captured)
-        for spec in model._edits:
-            self.edit_tasks.append(
-                Task(self, 0, "an edit (model.edit)", spec.captured.code, BodyNamespace(spec.seed, spec.globals), None, spec.captured.stored, True)
-            )
-            self._note(spec.captured)
+        if uses_invoke:
+            self.flow = CrossFlow(interleaver, self.body, globals_)
+        if not captured.attributes.isdisjoint(_SPECIAL):
+            self._note(captured)
+        if model._edits:
+            self.edit_tasks = []
+            for spec in model._edits:
+                self.edit_tasks.append(
+                    Task(self, 0, "an edit (model.edit)", spec.captured.code, BodyNamespace(spec.seed, spec.globals), None, spec.captured.stored, True)
+                )
+                self._note(spec.captured)
 
     def _note(self, captured: CapturedBlock) -> None:
         """Prepare what this body's text says it may need."""
@@ -174,7 +177,8 @@ class TraceRun:
         for task in self.edit_tasks:
             interleaver.add(task)
             interleaver.start(task)
-        interleaver.add(body)
+        body.index = len(interleaver.tasks)  # `interleaver.add(body)`
+        interleaver.tasks.append(body)
         if self.has_input:
             self.invoke_inputs.append((body, self.inputs))
         interleaver.start(body)
@@ -267,6 +271,8 @@ class TraceRun:
             )
         if self.flow is None:
             self.flow = CrossFlow(self.interleaver, self.body, self.globals)
+        if not self.explicit_invokes:
+            self.explicit_invokes = []
         ns, side, segments = self.flow.invoke_namespace(captured)
         if as_name:
             dict.__setitem__(ns, as_name, invoker)
@@ -279,7 +285,8 @@ class TraceRun:
             if self.shared_kwargs:
                 kwargs = {**self.shared_kwargs, **kwargs}
             self.invoke_inputs.append((invoke, (args, kwargs)))
-        self._note(captured)
+        if not captured.attributes.isdisjoint(_SPECIAL):
+            self._note(captured)
 
     def module_access_outside_invoke(self, envoy: "Envoy", kind: str) -> str:
         accessor = "output" if kind == "output" else "input"
@@ -407,7 +414,8 @@ class TraceRun:
         """Drop the links from the namespaces back to this run; where a body
         defined functions (which keep its namespace as their globals), leave
         nothing unsaved reachable from it."""
-        for task in (self.body, *self.explicit_invokes, *self.edit_tasks):
+        tasks = (self.body, *self.explicit_invokes, *self.edit_tasks) if self.explicit_invokes or self.edit_tasks else (self.body,)
+        for task in tasks:
             ns = task.ns
             ns.resolver = None
             if isinstance(ns, TracedNamespace):
@@ -415,8 +423,8 @@ class TraceRun:
             task.run = None  # type: ignore[assignment]
         if self.flow is not None:
             self.flow.release()
-        self.flow = None
-        if not (self.captured.defines_scopes or any(t.code is not self.captured.code for t in self.explicit_invokes)):
+            self.flow = None
+        if not self.captured.defines_scopes and not any(t.code is not self.captured.code for t in self.explicit_invokes):
             return
         for task in (self.body, *self.explicit_invokes):
             ns = task.ns

@@ -110,7 +110,12 @@ def save(value: T, *, keep_graph: bool | None = None) -> T:
     the trace ends; ``keep_graph=True`` keeps the graph even in a trace run
     with ``keep_graph=False``; by default the trace's setting applies.
     """
-    run = current_run()
+    current = greenlet.getcurrent()
+    if type(current) is TaskGreenlet:  # `current_run()`, inlined (hot in trace bodies)
+        run = current.task.run
+    else:
+        runs = getattr(_local, "runs", None)
+        run = runs[-1] if runs else None
     if run is None:
         return value
     return run.saves.add(value, keep_graph=keep_graph)
@@ -155,6 +160,8 @@ def save_method(value: T) -> T:
     if kind is super:  # `super().save()` in a class defined in the body
         return value.save()
     own = getattr(kind, "save", None)
+    if own is tensor_save:  # a tensor while traces run (the common case)
+        return save(value)
     if own is None:
         try:
             own = object.__getattribute__(value, "__dict__").get("save")

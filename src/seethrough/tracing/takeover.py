@@ -8,6 +8,13 @@ names it assigned back into the caller's frame, as if the body had run there.
 
 Only the caller's frame is traced, only until its next instruction, and any
 trace function already installed (a debugger, coverage) is put back at once.
+
+Python calls ``__exit__`` while the skip (:class:`_TakenOver`) is the
+exception being handled.  Code run from there would have every exception it
+raises, even those it catches itself, chained to it (created eagerly, with a
+context): a model's forward raises and catches many internally (``hasattr``,
+``StopIteration``), so a trace would cost more the bigger the model.  The
+body is run with no exception being handled (:func:`unhandle`).
 """
 
 from __future__ import annotations
@@ -37,6 +44,25 @@ def _noop_trace(frame: FrameType, event: str, arg: Any) -> None:
     return None
 
 
+# PyErr_SetExcInfo(type, value, traceback) sets the exception being handled,
+# taking over a reference to each argument (NULL for none).
+_set_exc_info = ctypes.pythonapi.PyErr_SetExcInfo
+_set_exc_info.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+_set_exc_info.restype = None
+
+
+def unhandle() -> None:
+    """In ``__exit__`` of a taken-over block: from here on no exception is
+    being handled (as outside any ``except``), so that the body's run raises
+    exceptions as a plain run does (see the module docs).
+
+    Nothing needs putting back: when ``__exit__`` returns or raises, Python
+    itself restores what was handled before the ``with`` statement (its
+    reference to the skip is the one dropped here)."""
+    if sys.exception() is not None:
+        _set_exc_info(None, None, None)
+
+
 class Takeover:
     """One armed skip of one ``with`` body in one frame."""
 
@@ -56,18 +82,25 @@ class Takeover:
         return takeover
 
     def end(self, exc_type: Any) -> bool:
-        """Undo :meth:`arm`; True when the body was taken over, i.e. is ours to run."""
-        self.disarm()
-        return exc_type is TAKEN_OVER
+        """Undo :meth:`arm`; True when the body was taken over, i.e. is ours
+        to run (from ``__exit__``, with no exception being handled any more:
+        see :func:`unhandle`)."""
+        if self._armed:
+            self.disarm()
+        if exc_type is TAKEN_OVER:
+            if sys.exception() is not None:  # `unhandle()`, inlined
+                _set_exc_info(None, None, None)
+            return True
+        return False
 
     def arm(self) -> None:
         frame = self.frame
-        self._old_global = sys.gettrace()
+        self._old_global = old_global = sys.gettrace()
         self._old_local = frame.f_trace
         self._old_opcodes = frame.f_trace_opcodes
         frame.f_trace = _raise_taken_over
         frame.f_trace_opcodes = True
-        if self._old_global is None:
+        if old_global is None:
             # Frame-level trace functions only fire while some trace function is set.
             sys.settrace(_noop_trace)
         self._armed = True
@@ -78,10 +111,11 @@ class Takeover:
         frame = self.frame
         frame.f_trace_opcodes = self._old_opcodes
         frame.f_trace = self._old_local
-        if self._old_global is None:
+        old_global = self._old_global
+        if old_global is None:
             sys.settrace(None)
-        elif sys.gettrace() is not self._old_global:
-            sys.settrace(self._old_global)
+        elif sys.gettrace() is not old_global:
+            sys.settrace(old_global)
         self._armed = False
         self._old_global = self._old_local = None
 

@@ -87,6 +87,14 @@ def exit_session(session: Any) -> None:
 class Tracer:
     """``with model.trace(input) as tracer:`` — see the package docs."""
 
+    # Defaults on the class: a tracer is built for every trace.
+    _frame: Any = None
+    _takeover: Takeover | None = None
+    _captured: CapturedBlock | None = None
+    _run: TraceRun | None = None
+    _result: Any = None
+    job: Any = None  # the remote request's handle (remote=True)
+
     def __init__(
         self,
         model: "Model",
@@ -108,16 +116,10 @@ class Tracer:
         self._has_input = has_input
         self._keep_graph = keep_graph
         self._what = what
-        self._frame: Any = None
-        self._takeover: Takeover | None = None
-        self._captured: CapturedBlock | None = None
-        self._run: TraceRun | None = None
-        self._result: Any = None
         # Generation keeps its (small) result for `tracer.result` after the
         # block; a plain trace does not keep the model's output alive.
         self._keep_result = keep_result
         self._remote = remote  # RemoteOptions when the block runs on a server
-        self.job: Any = None  # the remote request's handle (remote=True)
         # `trace(..., scan=True)`: the scan backend to run the body with first
         self._pre_scan = pre_scan
 
