@@ -160,6 +160,7 @@ class Interleaver:
     step = -1  # index of the current call of the root module (generation step)
     root_output_by_return = False  # see `root_returned`
     hooked_calls_running = 0  # modules a body runs with `hook=True`, now running (see `call_hooked`)
+    output_hook: Callable | None = None  # made on first use (see `_output_hook`)
     on_module_hooked: Callable[[torch.nn.Module], None] | None = None
 
     def __init__(self, run: "TraceRun") -> None:
@@ -438,7 +439,7 @@ class Interleaver:
                 # accessed output and trace).
                 hooks[each_key] = True
                 if not (self.root_output_by_return and each is self.run.root_module):
-                    self.hook_set.add_output(each, self._make_output_hook(each_key))
+                    self.hook_set.add_output(each, self.output_hook or self._output_hook())
                 if self.on_module_hooked is not None:
                     self.on_module_hooked(each)
 
@@ -453,7 +454,7 @@ class Interleaver:
                 # served from there (see `root_returned`), saving a hook on the
                 # root and PyTorch's slow call path for it.
                 return
-            self.hook_set.add_output(module, self._make_output_hook(key))
+            self.hook_set.add_output(module, self._output_hook())
         else:
             self.hook_set.add_input(module, self._make_input_hook(module, key))
         if self.on_module_hooked is not None:
@@ -465,7 +466,14 @@ class Interleaver:
         # the calls a body makes with `hook=True` (run in the main greenlet).
         return (self.forward_running or self.hooked_calls_running > 0) and greenlet.getcurrent() is self.main
 
-    def _make_output_hook(self, key: tuple) -> Callable:
+    def _output_hook(self) -> Callable:
+        """The output hook of this trace (one function for every module)."""
+        hook = self.output_hook
+        if hook is None:
+            hook = self.output_hook = self._make_output_hook()
+        return hook
+
+    def _make_output_hook(self) -> Callable:
         getcurrent = greenlet.getcurrent
         main = self.main
         fired = self.fired
@@ -477,6 +485,7 @@ class Interleaver:
             if not (self.forward_running or self.hooked_calls_running) or getcurrent() is not main:
                 return None
             # `_reached`, with its common exit inlined: nobody wants the value.
+            key = (id(mod), "output")
             fired[key] = True
             if key not in waiting and not self.blocked and key not in self.after:
                 return None
@@ -608,6 +617,8 @@ class Interleaver:
         """The backend returned ``result``: hand it to tasks waiting for it, then
         :meth:`finish`."""
         self.forward_done = True
+        if not self.waiting and not self.blocked:
+            return  # every task has ended (nothing for `finish` to do)
         if ("result",) in self.waiting:
             self._serve(Event(("result",), "result", result, self.batch_size))
         self.finish()
