@@ -428,11 +428,12 @@ class Interleaver:
             return
         if kind == "input":
             self._install(module, "input", key)
-        plan = envoy.__dict__.get("_plan") if envoy is not None else None
-        if plan is None or plan[0][0] is not module:
-            plan = self.run.model._hook_plan(module)
+        found = envoy.__dict__.get("_plan") if envoy is not None else None
+        if found is None or found[0][0][0] is not module:
+            found = self._plan(module)
             if envoy is not None:
-                envoy.__dict__["_plan"] = plan  # the same module tree every trace
+                envoy.__dict__["_plan"] = found  # the same module tree every trace
+        plan, chain = found
         for each, each_key in plan:
             if each_key not in hooks:
                 # `_install(each, "output", each_key)`, inlined (once per
@@ -442,6 +443,17 @@ class Interleaver:
                     self.hook_set.add_output(each, self.output_hook or self._output_hook())
                 if self.on_module_hooked is not None:
                     self.on_module_hooked(each)
+            elif chain:
+                break  # hooked with all its ancestors, which come after it here
+
+    def _plan(self, module: torch.nn.Module) -> tuple[list, bool]:
+        """The model's hook plan for ``module`` (it and every module containing
+        it), and whether it is one chain, each entry the only parent of the
+        one before (a tree: then the entries after a hooked one are hooked)."""
+        model = self.run.model
+        plan = model._hook_plan(module)
+        chain = all(len(model._ancestors(each)) == len(plan) - 1 - i for i, (each, _) in enumerate(plan))
+        return plan, chain
 
     def _install(self, module: torch.nn.Module, kind: str, key: tuple) -> None:
         hooks = self.hooks
