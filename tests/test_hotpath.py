@@ -53,7 +53,8 @@ def test_hook_sets_fire_and_leave_nothing(hook_set_class):
 
 
 def test_the_hook_set_in_use_is_the_direct_one_where_torch_has_the_dictionaries():
-    assert HookSet is (DirectHookSet if hasattr(nn.Module(), "_forward_pre_hooks_with_kwargs") else HandleHookSet)
+    expected = DirectHookSet if hasattr(nn.Module(), "_forward_pre_hooks_with_kwargs") else HandleHookSet
+    assert type(HookSet()) is expected
 
 
 # -- no exception being handled while the body runs ----------------------------------
