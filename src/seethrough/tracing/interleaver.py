@@ -726,6 +726,7 @@ class Interleaver:
         if self.hooks:
             self.hook_set.remove_all()
             self.hooks.clear()
+        self.output_hook = None  # it refers back to this interleaver: no cycle left behind
         if self.after or self.waiting or self.blocked:
             self.after.clear()
             self.waiting.clear()
