@@ -23,6 +23,7 @@ Three levels, all with real processes:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -507,10 +508,15 @@ def test_a_timeout_or_a_kill_costs_the_request_process_only(isolated_server, gpt
     deadline = time.monotonic() + 30
     victims: list[int] = []
     while time.monotonic() < deadline and not victims:
-        victims = [pid for worker in before for pid in descendants(worker)] if ROOT else []
+        if job.status() == "running":
+            victims = [pid for worker in before for pid in descendants(worker)] if ROOT else []
         time.sleep(0.05)
     if victims:
-        os.kill(victims[0], signal.SIGKILL)
+        # The worker's children: the process running the body, and maybe the next one
+        # forked ahead of time; kill them all (one may have ended in the meantime).
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         with pytest.raises(SeethroughError, match="SIGKILL"):
             job.result()
     else:
