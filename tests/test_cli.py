@@ -153,7 +153,10 @@ def test_serve_command_hosts_a_model_for_remote_traces(tmp_path):
     folder = save_random_gpt2(tmp_path / "gpt2", n_layer=2, n_embd=32, n_head=4, n_positions=64)
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "seethrough", "serve", "--model", f"tiny={folder}", "--port", str(port)],
+        # Two torch threads: a request process forked from a multi-threaded model process
+        # would hang at its first parallel operation (the worker loads on one thread).
+        [sys.executable, "-m", "seethrough", "serve", "--model", f"tiny={folder}", "--port", str(port),
+         "--threads", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:

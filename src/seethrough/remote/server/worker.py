@@ -277,8 +277,11 @@ def run_worker(conn: Any, options: WorkerOptions) -> None:
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     logging.basicConfig(level=options.log_level.upper(), format=f"%(asctime)s worker[{options.name}] %(message)s")
     try:
+        threads = _single_threaded(options)
         model, guard, info = _load(options)
         fork = _choose_request_process(options.request_process, _uses_cuda(model))
+        if not fork:
+            _set_threads(threads)  # requests run in this process
         fingerprint = None if fork else StateFingerprint(model._model, model.tokenizer)
         readable = (options.source,) if os.path.isdir(options.source) else ()
         report = isolation.isolate(options.isolation, readable=readable)
@@ -297,7 +300,7 @@ def run_worker(conn: Any, options: WorkerOptions) -> None:
 
         forker = RequestForker(handler, options.timeout, options.memory_limit,
                                options.max_result_bytes + framing.MAX_HEADER_BYTES + 4096, private_tmp,
-                               prepare=lambda: _warm_forward(model))
+                               prepare=lambda: (_set_threads(threads), _warm_forward(model)))
         memory = ("no memory limit" if options.memory_limit is None else
                   f"memory limit: each request process may grow {options.memory_limit / 2**30:.2f} GiB past the "
                   f"model process ({(address_space() or 0) / 2**30:.2f} GiB of address space)")
@@ -331,6 +334,26 @@ def run_worker(conn: Any, options: WorkerOptions) -> None:
         logger.debug("request %s handled in %.1f ms", message.fields.get("job"), 1e3 * (time.perf_counter() - started))
         if replace:
             return  # the model is no longer the one loaded: the API process starts a fresh worker
+
+
+def _single_threaded(options: WorkerOptions) -> int:
+    """Run torch on one thread in this process; return the threads a request gets.
+
+    OpenMP's thread pool does not survive fork: a request process forked after
+    this process ran a multi-threaded operation would hang at its first one.
+    So the model process loads and warms up on one thread, and each request
+    process (or this one, when requests run here) takes the requested number."""
+    import torch
+
+    threads = options.threads or torch.get_num_threads()
+    torch.set_num_threads(1)
+    return threads
+
+
+def _set_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def _choose_request_process(wanted: str, uses_cuda: bool) -> bool:
@@ -370,8 +393,6 @@ def _load(options: WorkerOptions) -> tuple[Any, Any, dict]:
     from ...models.language import LanguageModel
     from .guard import ModelGuard, ReadOnlyWeights
 
-    if options.threads:
-        torch.set_num_threads(options.threads)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # no "Loading weights" bars in the server's log
