@@ -363,6 +363,8 @@ def _empty(folder: str) -> None:
     except OSError:
         return
     for entry in entries:
+        if os.path.ismount(entry.path):
+            continue  # a read-only folder the worker needs (see isolation): not the request's
         try:
             if entry.is_dir(follow_symlinks=False):
                 shutil.rmtree(entry.path, ignore_errors=True)

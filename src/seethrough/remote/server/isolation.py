@@ -244,8 +244,11 @@ def _private_file_system(owner: int, needed: list[str]) -> bool:
             if error.errno not in (errno.ENOENT, errno.EINVAL):  # gone or hidden under another mount
                 failed.append(f"{target}: {error.args[1] if len(error.args) > 1 else error}")
     _expose(owner, needed)
-    _mount("tmpfs", PRIVATE_TMP, "tmpfs", MS_NOSUID | MS_NODEV,
-           f"size={TMP_SIZE},mode=0700,uid={owner},gid={owner}")
+    # Entries of /tmp that needed paths go through (a virtualenv or a model folder
+    # there) stay reachable, read-only, inside the private tmpfs.
+    kept = sorted({Path(path).relative_to(PRIVATE_TMP).parts[0] for path in needed
+                   if Path(path).is_relative_to(PRIVATE_TMP) and path != PRIVATE_TMP})
+    _cover_keeping(PRIVATE_TMP, kept, f"size={TMP_SIZE},mode=0700,uid={owner},gid={owner}")
     if failed:
         raise OSError(errno.EPERM, f"mounts left writable: {', '.join(failed[:3])}")
     return True
@@ -293,22 +296,28 @@ def _expose(uid: int, needed: list[str]) -> None:
         if not blocked:
             return
         for folder, names in sorted(blocked.items()):
-            handles = {name: os.open(os.path.join(folder, name), os.O_PATH | os.O_CLOEXEC) for name in sorted(names)}
-            try:
-                _mount("tmpfs", folder, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
-                for name, handle in handles.items():
-                    target = os.path.join(folder, name)
-                    if os.path.isdir(f"/proc/self/fd/{handle}"):
-                        os.mkdir(target)
-                    else:
-                        open(target, "wb").close()
-                    _mount(f"/proc/self/fd/{handle}", target, None, MS_BIND | MS_REC)
-                    _mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID)
-                _mount(None, folder, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
-            finally:
-                for handle in handles.values():
-                    os.close(handle)
+            _cover_keeping(folder, sorted(names), "size=1m,mode=0755")
+            _mount(None, folder, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
     raise OSError(errno.EACCES, f"cannot make {', '.join(needed[:3])} reachable for the worker's uid")
+
+
+def _cover_keeping(folder: str, names: list[str], options: str) -> None:
+    """Cover ``folder`` with a tmpfs (``options``) that holds read-only bind mounts of
+    its entries ``names`` and nothing else of what was there."""
+    handles = {name: os.open(os.path.join(folder, name), os.O_PATH | os.O_CLOEXEC) for name in names}
+    try:
+        _mount("tmpfs", folder, "tmpfs", MS_NOSUID | MS_NODEV, options)
+        for name, handle in handles.items():
+            target = os.path.join(folder, name)
+            if os.path.isdir(f"/proc/self/fd/{handle}"):
+                os.mkdir(target)
+            else:
+                open(target, "wb").close()
+            _mount(f"/proc/self/fd/{handle}", target, None, MS_BIND | MS_REC)
+            _mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID)
+    finally:
+        for handle in handles.values():
+            os.close(handle)
 
 
 def _mount_points() -> list[tuple[str, list[str]]]:
