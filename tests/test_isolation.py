@@ -64,6 +64,9 @@ def in_child(function: Callable[[], Any], timeout: float = 120.0) -> Any:
         status = 0
         try:
             os.close(reader)
+            # This test process may have run torch on several threads: OpenMP's pool does not
+            # survive fork, so the child computes on one (as the server's model process does).
+            torch.set_num_threads(1)
             result = {"ok": function()}
         except BaseException as error:  # noqa: BLE001 - reported to the parent
             import traceback
