@@ -25,6 +25,7 @@ import torch
 from ray.cluster_utils import Cluster
 
 import seethrough
+from fixtures.network import load_is_all_correct
 from seethrough.remote.client import RemoteClient
 from seethrough.remote.server import testing
 from seethrough.remote.server.ray_backend import device_map_for
@@ -234,28 +235,7 @@ def test_8_clients_25_requests_each_over_two_workers(server, gpt2_dir):
     for prompt in (p for row in prompts for p in row):
         with local.trace(prompt):
             expected[prompt] = local.transformer.h[1].output.save()
-    results: dict[str, torch.Tensor] = {}
-    failures: list[BaseException] = []
-
-    def client(index: int) -> None:
-        key = ALICE if index % 2 else BOB
-        try:
-            for prompt in prompts[index]:
-                with remote.trace(prompt, remote=True, host=server.url, api_key=key):
-                    out = remote.transformer.h[1].output.save()
-                results[prompt] = out
-        except BaseException as error:  # noqa: BLE001 - reported by the main thread
-            failures.append(error)
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=400)
-    assert not failures, failures[:3]
-    assert len(results) == 200
-    for prompt, value in expected.items():
-        assert torch.equal(results[prompt], value), prompt
+    load_is_all_correct(remote, server.url, (BOB, ALICE), expected, prompts, timeout=400)
 
 
 @pytest.mark.slow

@@ -20,19 +20,17 @@ import importlib.util
 import linecache
 import os
 import secrets
-import select
-import socket
-from pathlib import Path
 
 import pytest
 import torch
 
 import seethrough
+from fixtures.network import connections, listener  # noqa: F401 - listener is a fixture
 from seethrough import LanguageModel
 from seethrough.errors import SeethroughError
 from seethrough.remote.execute import execute
 from seethrough.remote.protocol import ProtocolError, Request, parse_request
-from seethrough.remote.reach import ConfigView, Guard, TokenizerView
+from seethrough.remote.reach import ConfigView, TokenizerView
 from seethrough.remote.sandbox import (
     SandboxViolation,
     isolated_rng_state,
@@ -108,24 +106,6 @@ def fresh_answer(gpt2_dir, served) -> dict:
     return answer
 
 
-@pytest.fixture(scope="module")
-def listener():
-    """A loopback port where nothing may connect."""
-    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    server.bind(("127.0.0.1", 0))
-    server.listen(8)
-    server.setblocking(False)
-    yield server
-    server.close()
-
-
-def connections(listener) -> int:
-    count = 0
-    while select.select([listener], [], [], 0)[0]:
-        connection, _ = listener.accept()
-        connection.close()
-        count += 1
-    return count
 
 
 @pytest.fixture

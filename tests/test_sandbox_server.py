@@ -22,14 +22,13 @@ from __future__ import annotations
 import http.client
 import json
 import secrets
-import select
-import socket
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import torch
 
+from fixtures.network import connections, listener  # noqa: F401 - listener is a fixture
 from seethrough.remote import wire
 from seethrough.remote.client import CONTENT_TYPE, RemoteClient
 from seethrough.remote.protocol import Request
@@ -47,24 +46,6 @@ SERVER_ARGS = ["--threads", "1", "--timeout", "20", "--memory-limit", "1G", "--m
 SERVER_ATTACKS = [attack for attack in ATTACKS if attack.server]
 
 
-@pytest.fixture(scope="module")
-def listener():
-    """A loopback port where nothing may connect."""
-    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    server.bind(("127.0.0.1", 0))
-    server.listen(8)
-    server.setblocking(False)
-    yield server
-    server.close()
-
-
-def connections(listener) -> int:
-    count = 0
-    while select.select([listener], [], [], 0)[0]:
-        connection, _ = listener.accept()
-        connection.close()
-        count += 1
-    return count
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ import signal
 import struct
 import subprocess
 import sys
-import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import msgpack
 import pytest
 import torch
 
+from fixtures.network import load_is_all_correct
 from seethrough.remote import wire
 from seethrough.remote.client import CONTENT_TYPE, RemoteClient
 from seethrough.remote.protocol import Request
@@ -757,25 +757,4 @@ def test_load_8_clients_25_requests_each_all_correct(server, gpt2_dir):
             expected[prompt] = out
     finally:
         torch.set_num_threads(threads_before)
-    results: dict[str, torch.Tensor] = {}
-    failures: list[BaseException] = []
-
-    def client(index: int) -> None:
-        key = ALICE if index % 2 else BOB
-        try:
-            for prompt in prompts[index]:
-                with remote.trace(prompt, remote=True, host=server.url, api_key=key):
-                    out = remote.transformer.h[1].output.save()
-                results[prompt] = out
-        except BaseException as error:  # noqa: BLE001 - reported by the main thread
-            failures.append(error)
-
-    workers = [threading.Thread(target=client, args=(i,)) for i in range(8)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(timeout=240)
-    assert not failures, failures[:3]
-    assert len(results) == 200
-    for prompt, value in expected.items():
-        assert torch.equal(results[prompt], value), prompt
+    load_is_all_correct(remote, server.url, (BOB, ALICE), expected, prompts, timeout=240)
