@@ -20,6 +20,7 @@ import importlib.util
 import linecache
 import os
 import secrets
+from typing import Any
 
 import pytest
 import torch
@@ -79,27 +80,39 @@ def served(gpt2_dir) -> LanguageModel:
     return LanguageModel(str(gpt2_dir), dispatch=True)
 
 
-@pytest.fixture(scope="module")
-def fresh_answer(gpt2_dir, served) -> dict:
-    """The clean request's answer from a model nothing has run on, checked against HuggingFace and autograd."""
-    answer, printed = run_request(LanguageModel(str(gpt2_dir), dispatch=True), CLEAN_SOURCE)
-    assert "error" not in answer, answer
+def assert_clean_values_match_plain_hf(values: dict, gpt2_dir) -> Any:
+    """CLEAN_SOURCE's saved values equal plain HuggingFace and autograd (one torch
+    thread, as the server's workers); returns the reference tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(gpt2_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(gpt2_dir)
-    seen = {}
-    hook = model.transformer.ln_f.register_forward_hook(lambda m, a, o: seen.update(final=a[0]))
-    logits = model(**tokenizer(PROMPT, return_tensors="pt")).logits
-    hook.remove()
-    seen["final"].retain_grad()
-    logits.sum().backward()
-    values = answer["values"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gpt2_dir).eval()
+        tokenizer = AutoTokenizer.from_pretrained(gpt2_dir)
+        seen = {}
+        hook = model.transformer.ln_f.register_forward_hook(lambda m, a, o: seen.update(final=a[0]))
+        logits = model(**tokenizer(PROMPT, return_tensors="pt")).logits
+        hook.remove()
+        seen["final"].retain_grad()
+        logits.sum().backward()
+    finally:
+        torch.set_num_threads(threads)
     assert torch.allclose(values["logits"], logits.detach(), atol=1e-5)
     assert torch.allclose(values["final_grad"], seen["final"].grad, atol=1e-5)
     assert torch.allclose(values["weight_grad"], model.transformer.h[0].mlp.c_fc.weight.grad, atol=1e-4)
     assert torch.equal(values["draw"], torch.rand(3, generator=torch.Generator().manual_seed(7)))
     assert values["ids"] == tokenizer("hello world")["input_ids"]
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def fresh_answer(gpt2_dir, served) -> dict:
+    """The clean request's answer from a model nothing has run on, checked against HuggingFace and autograd."""
+    answer, printed = run_request(LanguageModel(str(gpt2_dir), dispatch=True), CLEAN_SOURCE)
+    assert "error" not in answer, answer
+    values = answer["values"]
+    tokenizer = assert_clean_values_match_plain_hf(values, gpt2_dir)
     assert values["names"] == list(tokenizer.model_input_names)
     assert values["config"]["n_layer"] == 2 and "_name_or_path" not in values["config"]
     assert printed == [f"{len(tokenizer)} {tokenizer.eos_token_id}\n"]

@@ -29,6 +29,7 @@ import pytest
 import torch
 
 from fixtures.network import connections, listener  # noqa: F401 - listener is a fixture
+from test_sandbox import assert_clean_values_match_plain_hf
 from seethrough.remote import wire
 from seethrough.remote.client import CONTENT_TYPE, RemoteClient
 from seethrough.remote.protocol import Request
@@ -121,26 +122,7 @@ def assert_equal_values(got: dict, expected: dict, names) -> None:
 def fresh(server, gpt2_dir) -> tuple[dict, dict]:
     """The first answers of the just-started server, checked against HuggingFace and autograd."""
     trace, generation = clean_trace(server), clean_generation(server)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(gpt2_dir).eval()
-        tokenizer = AutoTokenizer.from_pretrained(gpt2_dir)
-        seen = {}
-        hook = model.transformer.ln_f.register_forward_hook(lambda m, a, o: seen.update(final=a[0]))
-        logits = model(**tokenizer(PROMPT, return_tensors="pt")).logits
-        hook.remove()
-        seen["final"].retain_grad()
-        logits.sum().backward()
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.allclose(trace["logits"], logits.detach(), atol=1e-5)
-    assert torch.allclose(trace["final_grad"], seen["final"].grad, atol=1e-5)
-    assert torch.allclose(trace["weight_grad"], model.transformer.h[0].mlp.c_fc.weight.grad, atol=1e-4)
-    assert torch.equal(trace["draw"], torch.rand(3, generator=torch.Generator().manual_seed(7)))
-    assert trace["ids"] == tokenizer("hello world")["input_ids"]
+    assert_clean_values_match_plain_hf(trace, gpt2_dir)
     assert len(generation["steps"]) == 3 and generation["tokens"].shape == (1, 4 + 3)
     return trace, generation
 
