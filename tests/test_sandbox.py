@@ -80,6 +80,15 @@ def served(gpt2_dir) -> LanguageModel:
     return LanguageModel(str(gpt2_dir), dispatch=True)
 
 
+def assert_close_to_scale(got: torch.Tensor, expected: torch.Tensor, tolerance: float = 1e-5) -> None:
+    """Equal up to ``tolerance`` times the largest magnitude in ``expected``: float sums
+    taken in another order (other thread counts) differ by about 1e-6 of the scale."""
+    assert got.shape == expected.shape
+    scale = expected.abs().max().item()
+    worst = (got - expected).abs().max().item()
+    assert worst <= tolerance * scale, f"largest difference {worst:g} exceeds {tolerance:g} x scale {scale:g}"
+
+
 def assert_clean_values_match_plain_hf(values: dict, gpt2_dir) -> Any:
     """CLEAN_SOURCE's saved values equal plain HuggingFace and autograd (one torch
     thread, as the server's workers); returns the reference tokenizer."""
@@ -98,9 +107,11 @@ def assert_clean_values_match_plain_hf(values: dict, gpt2_dir) -> Any:
         logits.sum().backward()
     finally:
         torch.set_num_threads(threads)
-    assert torch.allclose(values["logits"], logits.detach(), atol=1e-5)
-    assert torch.allclose(values["final_grad"], seen["final"].grad, atol=1e-5)
-    assert torch.allclose(values["weight_grad"], model.transformer.h[0].mlp.c_fc.weight.grad, atol=1e-4)
+    # The request may run on more torch threads than the reference (CI machines have many
+    # cores), which reorders float sums: compare relative to each tensor's scale.
+    assert_close_to_scale(values["logits"], logits.detach())
+    assert_close_to_scale(values["final_grad"], seen["final"].grad)
+    assert_close_to_scale(values["weight_grad"], model.transformer.h[0].mlp.c_fc.weight.grad)
     assert torch.equal(values["draw"], torch.rand(3, generator=torch.Generator().manual_seed(7)))
     assert values["ids"] == tokenizer("hello world")["input_ids"]
     return tokenizer
