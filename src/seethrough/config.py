@@ -4,14 +4,25 @@ Remote execution reads its server and key from here; the environment
 variables ``SEETHROUGH_HOST`` and ``SEETHROUGH_API_KEY`` provide the defaults.
 The attribute names follow nnsight's ``CONFIG`` so ported code keeps working
 (``CONFIG.API.APIKEY``, ``CONFIG.API.HOST``, ``CONFIG.set_default_api_key``).
+:func:`cache_dir` is where seethrough keeps files it makes (converted
+offline models, descriptions of served models).
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 
 DEFAULT_HOST = "http://127.0.0.1:8470"
+
+
+def cache_dir() -> Path:
+    """``$SEETHROUGH_CACHE`` if set, else ``~/.cache/seethrough`` (created)."""
+    path = Path(os.environ.get("SEETHROUGH_CACHE") or Path.home() / ".cache" / "seethrough")
+    path = path.expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 class _ApiConfig:

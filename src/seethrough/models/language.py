@@ -38,7 +38,8 @@ from ..tracing.runtime import current_task
 from ..tracing.tracer import Tracer
 from .batching import PreparedInput
 from .hub import hub_endpoint, offline_loading
-from .model import Model, fake_forward
+from ..remote.client import ModelNotServedError, ServedModel, served_model
+from .model import Model, _remote_options, fake_forward
 
 # Repo ids that resolve to the offline copy shipped in a PyPI package.
 OFFLINE_MODELS = {
@@ -72,35 +73,33 @@ class LanguageModel(Model):
         **load_kwargs: Any,
     ) -> None:
         automodel = _automodel_choice(automodel, task)
-        server_only = False
-        if isinstance(model, torch.nn.Module):
+        served = model if isinstance(model, ServedModel) else None  # from `from_server`
+        source: str | None = None
+        if served is not None:
+            if host is not None or remote_name is not None:
+                raise LanguageModelError("a served model already names its server and name: pass `host=` and the "
+                                         "name to `LanguageModel.from_server(name, host=...)` instead.")
+        elif isinstance(model, torch.nn.Module):
             module = model
             source = getattr(getattr(model, "config", None), "name_or_path", None) or type(model).__name__
-            loaded = True
         else:
             if not isinstance(model, (str, os.PathLike)):
                 raise UsageTypeError(f"LanguageModel takes a model object, a folder or a repo id, not {type(model).__name__}.")
             source = os.fspath(model)
-            # With `host=`, the model is the one that server serves (its module
-            # tree built from the server's description); without, a local
-            # folder or hub id, and the server (SEETHROUGH_HOST) only as a fallback.
-            folder = _served_folder(remote_name or source, host, api_key, local=source) if host is not None else None
-            if folder is None:
-                try:
-                    module = _skeleton(source, automodel, load_kwargs)
-                except LanguageModelError as local_error:
-                    if not os.environ.get("SEETHROUGH_HOST"):
-                        raise
-                    try:
-                        folder = _served_folder(remote_name or source, None, api_key)
-                    except LookupError:  # the server lacks it too: the local reason is the useful one
-                        raise local_error from None
-            if folder is not None:
-                module = _skeleton(folder, automodel, load_kwargs)
-                if tokenizer is None:
-                    tokenizer = _load_tokenizer(folder, None)
-                server_only = True
-            loaded = False
+            found = _served_or_local(source, remote_name, host, api_key, automodel, load_kwargs)
+            if isinstance(found, ServedModel):
+                served = found
+            else:
+                module = found
+        if served is not None:
+            # A model a server serves: its module tree from the server's
+            # description (`from_server`), its weights only there.
+            module = _skeleton(str(served.folder), automodel, load_kwargs)
+            if tokenizer is None:
+                tokenizer = _load_tokenizer(str(served.folder), None)
+            source, remote_name, host = source or served.name, remote_name or served.name, served.host
+        loaded = isinstance(model, torch.nn.Module)
+        server_only = served is not None
         super().__init__(module, rename=rename, envoys=envoys)
         object.__setattr__(self, "_source", source)
         # The name a seethrough server serves this model under (remote=True).
@@ -119,6 +118,27 @@ class LanguageModel(Model):
         object.__setattr__(self, "_forward_params", _parameters_of(module))
         if dispatch:
             self.dispatch()
+
+    @classmethod
+    def from_server(cls, name: str, host: str | None = None, api_key: str | None = None,
+                    **options: Any) -> "LanguageModel":
+        """A wrapper of the model a seethrough server serves as ``name``, without its weights.
+
+        Built from the server's description (config and tokenizer files, kept
+        in the seethrough cache); the module tree is on the meta device and the
+        weights stay on the server, so the wrapper is for ``remote=True``
+        traces, which go to ``host`` unless a call says otherwise::
+
+            model = LanguageModel.from_server("gpt2", host="http://server:8470")
+            with model.trace("Hello", remote=True):
+                hidden = model.transformer.h[0].output.save()
+
+        ``host=None`` asks ``seethrough.CONFIG.API.HOST``.  A name the server
+        does not serve raises :class:`~seethrough.remote.client.ModelNotServedError`
+        listing the names it serves.  ``options`` are those of the constructor
+        (``tokenizer=``, ``rename=``, ``envoys=``, ``automodel=``, config
+        overrides).  ``LanguageModel(name, host=...)`` builds the same wrapper."""
+        return cls(served_model(name, host, api_key), **options)
 
     # -- loading ------------------------------------------------------------------
     @property
@@ -391,8 +411,6 @@ class LanguageModel(Model):
         — HuggingFace ``generate`` with the body applied to the first step, or
         to every step inside ``for step in tracer.iter[:]``.  ``tracer.result``
         is the generated token ids (prompt included)."""
-        from .model import _remote_options
-
         options = _remote_options(remote, host, api_key, blocking, self._remote_host)
         if options is None:
             self._ensure_loaded()
@@ -669,19 +687,38 @@ def _load_weights(source: str, automodel: Any, load_kwargs: dict) -> torch.nn.Mo
     return model.eval()
 
 
-def _served_folder(name: str, host: str | None, api_key: str | None, *, local: str | None = None) -> str | None:
-    """The folder describing the model a server serves as ``name``; None if it
-    serves no such model and ``local`` (a folder or an offline model's name) can
-    load here instead; otherwise the server's :class:`ModelNotServedError`,
-    which lists the models it serves."""
-    from ..remote.client import ModelNotServedError, served_model_folder  # remote code loads only when used
+def _served_or_local(source: str, remote_name: str | None, host: str | None, api_key: str | None,
+                     automodel: Any, load_kwargs: dict) -> ServedModel | torch.nn.Module:
+    """Where ``LanguageModel(source, ...)`` gets its module tree: the server's
+    description of a model it serves, or a skeleton (meta device) loaded here.
 
+    With ``host=``, the model that server serves as ``remote_name or source``
+    (a folder or offline model of that name still loads here when the server
+    has none; anything else raises the server's :class:`ModelNotServedError`,
+    which lists what it serves).  Without, a folder or repo id loaded here,
+    and the server at ``SEETHROUGH_HOST`` only for a name nothing here loads."""
+    name = remote_name or source
+    if host is not None:
+        try:
+            return served_model(name, host, api_key)
+        except ModelNotServedError:
+            if not (os.path.isdir(source) or source in OFFLINE_MODELS):
+                raise
     try:
-        return str(served_model_folder(name, host, api_key))
-    except ModelNotServedError:
-        if local is None or not (os.path.isdir(local) or local in OFFLINE_MODELS):
+        return _skeleton(source, automodel, load_kwargs)
+    except LanguageModelError as local_error:
+        if host is not None or not os.environ.get("SEETHROUGH_HOST"):
             raise
-        return None
+        try:
+            return served_model(name, None, api_key)
+        except ModelNotServedError:  # the server lacks it too: the local reason is the useful one
+            raise local_error from None
+
+
+def remote_model(name: str, host: str | None = None, api_key: str | None = None) -> LanguageModel:
+    """``LanguageModel.from_server(name, host, api_key)``: a wrapper of the model
+    a server serves as ``name``, without its weights (for ``remote=True``)."""
+    return LanguageModel.from_server(name, host, api_key)
 
 
 def _load_tokenizer(source: str, model: Any) -> Any:

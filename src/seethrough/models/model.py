@@ -36,6 +36,7 @@ from torch.utils._pytree import tree_map
 from ..envoy import Envoy, cached_children
 from .._frames import describe_location
 from ..errors import EnvoyClassError, ModulePathError, SeethroughError, TraceSourceError, UsageTypeError
+from ..remote.backend import RemoteOptions, run_remote
 from ..source import ModuleSource
 from ..tracing.capture import capture_with_block
 from ..tracing.run import EditSpec, TraceRun
@@ -416,6 +417,13 @@ class Model(Envoy):
         would, in this process)."""
         return Session(self, _remote_options(remote, host, api_key, blocking, self.__dict__.get("_remote_host")))
 
+    def _run_remote(self, **request: Any) -> dict[str, Any]:
+        """Run a captured block of this model on a server (or ``remote="local"``)
+        and bind its values in the caller's frame: what a tracer or session
+        entered with ``remote=`` does on leaving its block.  Takes the keyword
+        arguments of :func:`seethrough.remote.backend.run_remote` but ``model``."""
+        return run_remote(model=self, **request)
+
     def _clone(self) -> "Model":
         clone = type(self).__new__(type(self))
         clone.__dict__.update(self.__dict__)
@@ -575,8 +583,6 @@ def _remote_options(
         if host is not None or not blocking:
             raise SeethroughError("`host=` and `blocking=False` only apply with `remote=True`.")
         return None
-    from ..remote.backend import RemoteOptions
-
     if remote == "local":
         if host is not None or not blocking:
             raise SeethroughError(
@@ -649,10 +655,8 @@ class Session:
                 write_back(frame, scope.leaving(globals_ if module_level else snapshot))
         if takeover is None or not takeover.end(exc_type):
             return False
-        from ..remote.backend import run_remote
-
-        run_remote(options=self._remote, kind="session", model=self._model, captured=takeover.captured,
-                   frame=takeover.frame, holder=self)
+        self._model._run_remote(options=self._remote, kind="session", captured=takeover.captured,
+                                frame=takeover.frame, holder=self)
         return True
 
     def log(self, *values: Any) -> None:

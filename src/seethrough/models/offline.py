@@ -32,6 +32,7 @@ from typing import Any, Iterator
 
 import torch
 
+from ..config import cache_dir  # re-exported: `seethrough.models.offline.cache_dir` keeps working
 from ..errors import SeethroughError
 
 __all__ = [
@@ -52,14 +53,6 @@ _PACKAGES = {
     "accelerate": ("accelerate", "accelerate>=0.30"),
 }
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    """``$SEETHROUGH_CACHE`` if set, else ``~/.cache/seethrough`` (created)."""
-    path = Path(os.environ.get("SEETHROUGH_CACHE") or Path.home() / ".cache" / "seethrough")
-    path = path.expanduser()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def _missing(pip_name: str, why: str) -> SeethroughError:

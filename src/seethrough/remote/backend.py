@@ -7,7 +7,11 @@ follows it (printing what the body prints), and binds the returned values in
 the caller's scope with the same rules as a local run.  With
 ``blocking=False`` it returns after submitting; ``tracer.job`` is the handle.
 With ``remote="local"`` the same request goes through the server's steps in
-this process instead (:mod:`.local`), to check a body before submitting it.
+this process instead, to check a body before submitting it.  Those steps live
+in a higher layer (:mod:`.local` uses the server's intake, guard and
+execution), so this module does not import them: :mod:`.local`'s runner is
+handed in with :func:`register_local_runner`, which the package root
+(``seethrough/__init__.py``) calls.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import contextlib
 
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import ModulePathError
 from ..tracing.capture import CapturedBlock
@@ -25,7 +29,17 @@ from ..tracing.takeover import frame_namespace, write_back
 from . import wire
 from .client import MAX_REQUEST_BYTES, RemoteClient, RemoteError, RemoteJob
 from .collect import build_request
-from .local import run_local
+from .protocol import Request
+
+# remote="local": run_local(request, model) -> the answer a server would send.
+LocalRunner = Callable[[Request, Any], dict]
+_local_runner: LocalRunner | None = None
+
+
+def register_local_runner(runner: LocalRunner) -> None:
+    """Set what ``remote="local"`` runs a request with (:func:`.local.run_local`)."""
+    global _local_runner
+    _local_runner = runner
 
 
 @dataclass(frozen=True)
@@ -84,7 +98,13 @@ def _run_remote(
     if captured.as_name:
         values[captured.as_name] = holder
     if options.local:
-        answer = run_local(request, model)
+        if _local_runner is None:
+            raise RemoteError(
+                "remote='local' cannot run: no local runner is registered (the package root, "
+                "seethrough/__init__.py, registers seethrough.remote.local.run_local when it is imported; "
+                "was it replaced or only partly imported?). Use remote=True with a server meanwhile."
+            )
+        answer = _local_runner(request, model)
     else:
         client = RemoteClient(options.host, options.api_key)
         payload = wire.pack(request.to_wire(), max_bytes=MAX_REQUEST_BYTES)

@@ -8,26 +8,28 @@ than a second gets a one-line progress display on stderr.
 
 ``RemoteJob`` is the handle of a submitted request; ``job(id)`` finds one
 again later, also from another process (results stay readable only with the
-API key that submitted them).  ``remote_model(name)`` builds a
-``LanguageModel`` for a served model from the server's description alone
-(config and tokenizer; no weights are downloaded).
+API key that submitted them).  :func:`served_model` fetches the server's
+description of a model it serves (config and tokenizer; no weights), which
+``LanguageModel.from_server(name)`` builds its wrapper from.
 """
 
 from __future__ import annotations
 
 import base64
+import builtins
 import hashlib
 import http.client
 import json
 import sys
 import time
 import urllib.parse
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-from .. import errors as errors_module
-from ..config import CONFIG
+from ..config import CONFIG, cache_dir
 from ..errors import SeethroughError
+from ..tracing.saving import NotSaved
 from . import wire
 
 CONTENT_TYPE = "application/x-seethrough"
@@ -257,8 +259,6 @@ class RemoteJob:
 
     def result(self) -> dict:
         """The saved values of the finished request, by name (waits if needed)."""
-        from ..tracing.saving import NotSaved
-
         answer = self.wait(show=False)
         values = dict(answer.get("values", {}))
         for name in answer.get("not_saved", []):
@@ -271,30 +271,46 @@ def job(job_id: str, host: str | None = None, api_key: str | None = None) -> Rem
     return RemoteJob(RemoteClient(host, api_key), job_id)
 
 
+@dataclass(frozen=True)
+class ServedModel:
+    """A model a server serves, as the client knows it: enough to build its
+    module tree here (config and tokenizer files in ``folder``), no weights."""
+
+    name: str  # the name the server answered to
+    folder: Path  # config.json and tokenizer files, in the seethrough cache
+    host: str | None = None  # the server asked (None: CONFIG's, read at each request)
+
+
+def served_model(name: str, host: str | None = None, api_key: str | None = None) -> ServedModel:
+    """The server's description of the model it serves as ``name``; a
+    :class:`ModelNotServedError` listing what it serves if it has no such model."""
+    return ServedModel(name, served_model_folder(name, host, api_key), host)
+
+
+# Who builds a wrapper of a served model: the models layer (``LanguageModel.from_server``),
+# wired in by the package root, ``seethrough/__init__.py``.
+_model_builder: Callable[[str, str | None, str | None], Any] | None = None
+
+
+def register_model_builder(build: Callable[[str, str | None, str | None], Any]) -> None:
+    """Set the function :func:`remote_model` calls (``build(name, host, api_key)``)."""
+    global _model_builder
+    _model_builder = build
+
+
 def remote_model(name: str, host: str | None = None, api_key: str | None = None) -> Any:
-    """A ``LanguageModel`` of the model the server serves as ``name``, without its weights.
+    """``LanguageModel.from_server(name, host, api_key)``, under its older address.
 
-    Built from the server's description (config and tokenizer files, saved in
-    the seethrough cache); its module tree is on the meta device, so it is
-    only for ``remote=True`` traces::
-
-        model = remote_model("gpt2", host="http://server:8470")
-        with model.trace("Hello", remote=True):
-            hidden = model.transformer.h[0].output.save()
-
-    ``LanguageModel(name, host=...)`` does the same when ``name`` is not a
-    model it can load itself."""
-    from ..models.language import LanguageModel
-
-    host = RemoteClient(host).host
-    served_model_folder(name, host, api_key)  # a clear error when the server has no such model
-    return LanguageModel(name, host=host, api_key=api_key)
+    The wrapper is built by the models layer (``seethrough.models.remote_model``,
+    the same function); this name stays for code that imports it from here."""
+    if _model_builder is None:
+        raise RemoteError("no model wrapper is registered to build a served model with; `import seethrough` "
+                          "registers it (or call `seethrough.LanguageModel.from_server(name, host=...)`).")
+    return _model_builder(name, host, api_key)
 
 
 def served_model_folder(name: str, host: str | None = None, api_key: str | None = None) -> Path:
     """A local folder with the served model's config and tokenizer files (no weights)."""
-    from ..models.offline import cache_dir
-
     client = RemoteClient(host, api_key)
     try:
         entry = client.model(name)
@@ -346,24 +362,37 @@ def rebuild_error(data: dict) -> BaseException:
 
 
 def _exception_class(name: str, module: str) -> type[BaseException]:
-    import builtins
-
+    """The class a remote error names: a builtin, else one of seethrough's own
+    errors (all subclass :class:`SeethroughError`, whichever layer defines
+    them), else a :class:`RemoteError` subclass of that name."""
     candidate = getattr(builtins, name, None)
     if isinstance(candidate, type) and issubclass(candidate, Exception):
         return candidate
-    if module.startswith("seethrough"):
-        for source in (errors_module, _optional("seethrough.remote.sandbox"), _optional("seethrough.remote.protocol"),
-                       _optional("seethrough.models.language"), _optional("seethrough.remote.wire")):
-            candidate = getattr(source, name, None) if source is not None else None
-            if isinstance(candidate, type) and issubclass(candidate, Exception):
-                return candidate
+    if _is_ours(module):
+        found = _seethrough_errors(name)
+        exact = [cls for cls in found if cls.__module__ == module]
+        if exact or len(found) == 1:  # a class that moved between versions is still found by its name
+            return (exact or found)[0]
     return type(name, (RemoteError,), {"__module__": "seethrough.remote"})
 
 
-def _optional(module: str) -> Any:
-    import importlib
+def _seethrough_errors(name: str) -> list[type[SeethroughError]]:
+    """The error classes named ``name`` that seethrough's loaded modules define
+    (the package root loads every module whose errors reach a client).  A
+    class counts only where its module has it under that name: not a user's
+    subclass, nor a stand-in class this module made for an unknown remote error."""
+    found, stack, seen = [], [SeethroughError], set()
+    while stack:
+        cls = stack.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        stack.extend(cls.__subclasses__())
+        home = sys.modules.get(cls.__module__)
+        if cls.__name__ == name and _is_ours(cls.__module__) and getattr(home, name, None) is cls:
+            found.append(cls)
+    return found
 
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        return None
+
+def _is_ours(module: str) -> bool:
+    return module == "seethrough" or module.startswith("seethrough.")

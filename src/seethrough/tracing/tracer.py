@@ -189,12 +189,11 @@ class Tracer:
             run.release()
 
     def _run_remotely(self, frame: Any) -> None:
-        from ..remote.backend import run_remote
-
+        # The model runs it: remote execution is a layer above tracing.
         generate = getattr(self._backend, "generate_kwargs", None)
-        run_remote(
+        self._model._run_remote(
             options=self._remote, kind="generate" if generate is not None else "trace",
-            model=self._model, captured=self._captured, frame=frame, holder=self,
+            captured=self._captured, frame=frame, holder=self,
             args=self._args, kwargs=self._kwargs, keep_graph=self._keep_graph, generate=generate,
         )
 
