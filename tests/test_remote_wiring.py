@@ -98,7 +98,7 @@ def test_errors_raised_on_a_server_come_back_as_their_class(server, gpt2_dir):
     on = {"remote": True, "host": server.url, "api_key": ALICE}
     with pytest.raises(LanguageModelError, match="only in `model.generate") as info:  # models layer, on the server
         with model.trace("Hello", **on):
-            tokens = model.generator.output.save()  # MARK-generator
+            tokens = model.generator.output.save()
     assert "remote run" in str(info.value) and __file__ in str(info.value)
     with pytest.raises(SandboxViolation, match="torch.hub"):  # the server's sandbox, at run time
         with model.trace("Hello", **on):
