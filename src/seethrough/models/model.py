@@ -30,8 +30,6 @@ import sys
 from typing import Any
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._pytree import tree_map
 
 from ..envoy import Envoy, cached_children
 from .._frames import describe_location
@@ -39,12 +37,15 @@ from ..errors import EnvoyClassError, ModulePathError, SeethroughError, TraceSou
 from ..remote.backend import RemoteOptions, run_remote
 from ..source import ModuleSource
 from ..tracing.capture import capture_with_block
-from ..tracing.run import EditSpec, TraceRun
+from ..tracing.contract import HookPlan
+from ..tracing.hooks import ModuleTree
+from ..tracing.run import EditSpec
 from ..tracing.runtime import current_task
 from ..tracing.takeover import Takeover, frame_namespace, write_back
 from ..tracing.saving import LazyText
 from ..tracing.tracer import SessionScope, Tracer, enter_session, exit_session, run_block
 from .aliases import has_path, parse_rename, standard_aliases
+from .backends import forward_backend, scan_backend
 from .batching import PreparedInput, concat_inputs, count_rows, to_device
 
 _TRACE_OPTIONS = ("remote", "keep_graph", "host", "blocking", "backend")
@@ -137,48 +138,14 @@ class Model(Envoy):
         view._touch()
         return view
 
-    def _hook_plan(self, module: torch.nn.Module) -> list[tuple[torch.nn.Module, tuple]]:
-        """``(module, output key)`` for ``module`` and every module containing
-        it: whose outputs get hooked together (see ``Interleaver.hook``)."""
-        plans = self.__dict__.get("_hook_plans")
-        if plans is None:
-            plans = {}
-            object.__setattr__(self, "_hook_plans", plans)
-        found = plans.get(id(module))
-        if found is not None and found[0][0] is module:
-            return found
-        plan = [(each, (id(each), "output")) for each in (module, *self._ancestors(module))]
-        plans[id(module)] = plan
-        return plan
-
-    def _ancestors(self, module: torch.nn.Module) -> list[torch.nn.Module]:
-        """Every module that (transitively) contains ``module``."""
-        cache = self.__dict__.get("_ancestor_cache")
-        if cache is None:
-            cache = {}
-            object.__setattr__(self, "_ancestor_cache", cache)
-        found_list = cache.get(id(module))
-        if found_list is not None and found_list[0] is module:
-            return found_list[1]
-        parents = self.__dict__.get("_parent_map")
-        if parents is None or id(module) not in parents:
-            parents = {}
-            for parent in self._module.modules():
-                for child in parent._modules.values():
-                    if child is not None:
-                        parents.setdefault(id(child), []).append(parent)
-            parents.setdefault(id(self._module), [])
-            object.__setattr__(self, "_parent_map", parents)
-        found: dict[int, torch.nn.Module] = {}
-        stack = list(parents.get(id(module), ()))
-        while stack:
-            parent = stack.pop()
-            if id(parent) not in found:
-                found[id(parent)] = parent
-                stack.extend(parents.get(id(parent), ()))
-        result = list(found.values())
-        cache[id(module)] = (module, result)
-        return result
+    def _hook_plan(self, module: torch.nn.Module) -> HookPlan:
+        """The hook plan of ``module`` (see :class:`~seethrough.tracing.hooks.ModuleTree`),
+        from a tree of the wrapped module kept across traces."""
+        tree = self.__dict__.get("_module_tree")
+        if tree is None or tree.root is not self._module:
+            tree = ModuleTree(self._module)
+            object.__setattr__(self, "_module_tree", tree)
+        return tree.hook_plan(module)
 
     # -- custom envoys --------------------------------------------------------------
     def _envoy_class(self, module: torch.nn.Module, path: str) -> type[Envoy]:
@@ -372,7 +339,7 @@ class Model(Envoy):
         else:
             options = _remote_options(remote, host, api_key, blocking, self.__dict__.get("_remote_host"))
         return Tracer(
-            self, args, kwargs, _forward_backend, has_input=bool(args or kwargs), keep_graph=keep_graph,
+            self, args, kwargs, forward_backend, has_input=bool(args or kwargs), keep_graph=keep_graph,
             remote=options,
             pre_scan=self._scan_backend() if scan or validate else None,
         )
@@ -390,7 +357,7 @@ class Model(Envoy):
 
     def _scan_backend(self) -> Any:
         """The backend ``scan`` runs with (language models choose by loading state)."""
-        return _scan_backend
+        return scan_backend
 
     def scan(self, *args: Any, **kwargs: Any) -> Tracer:
         """``with model.scan(input):`` — like ``trace``, but on fake tensors: the
@@ -491,32 +458,6 @@ def _walk(envoy: Envoy, parts: tuple[str, ...]) -> Envoy | None:
             return None
         envoy = envoy._child(part)
     return envoy
-
-
-def _forward_backend(run: TraceRun, args: tuple, kwargs: dict) -> Any:
-    return run.model._run_forward(args, kwargs)
-
-
-_forward_backend.single_call = True  # type: ignore[attr-defined]  # calls the root module once
-
-
-def fake_forward(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
-    """Call ``module`` on fake copies of the inputs: real shapes and dtypes, no
-    compute, weights untouched (they take part as fake tensors too)."""
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-
-    def fake(value: Any) -> Any:
-        return mode.from_tensor(value) if isinstance(value, torch.Tensor) else value
-
-    with mode:
-        return module(*tree_map(fake, args), **tree_map(fake, kwargs))
-
-
-def _scan_backend(run: TraceRun, args: tuple, kwargs: dict) -> Any:
-    return fake_forward(run.model._module, args, kwargs)
-
-
-_scan_backend.single_call = True  # type: ignore[attr-defined]
 
 
 class _ApplyingTracer:

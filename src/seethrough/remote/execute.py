@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import UsageTypeError
+from ..models.backends import GenerateBackend, forward_backend
 from ..tracing import capture
 from ..tracing.capture import capture_source_block
 from ..tracing.run import TraceRun
@@ -101,15 +102,14 @@ def _run(request: Request, served: Any, print_function: Callable[..., Any]) -> d
         (tuple(request.args), dict(request.kwargs)) if (request.args or request.kwargs) else None,
         backend, keep_graph=request.keep_graph,
     )
-    try:
-        run.execute()
-        run.check_weights()
-    finally:
-        result = run.output
-        values = run.hand_back()
-        run.release()
-    if request.kind == "generate":
-        values["__result__"] = result  # `tracer.result` after the block, on the client
+    values: dict[str, Any] = {}
+
+    def receive(handed: dict[str, Any]) -> None:
+        values.update(handed)
+        if request.kind == "generate":
+            values["__result__"] = run.output  # `tracer.result` after the block, on the client
+
+    run.run_to_end(receive)  # as a local trace's: the same lifecycle
     values.pop(request.tracer_name or "", None)
     return values
 
@@ -124,17 +124,13 @@ def _drop_gradients(served: Any) -> None:
 
 def _backend(model: Any, request: Request) -> Any:
     if request.kind == "generate":
-        from ..models.language import _GenerateBackend
-
         if not hasattr(model, "generate"):
             raise UsageTypeError("this served model is not a language model; use kind 'trace'.")
         model._ensure_loaded()
-        return _GenerateBackend(dict(request.generate))
-    from ..models.model import _forward_backend
-
+        return GenerateBackend(dict(request.generate))
     if hasattr(model, "_ensure_loaded"):
         model._ensure_loaded()
-    return _forward_backend
+    return forward_backend
 
 
 def _answer(values: dict[str, Any]) -> dict:

@@ -13,4 +13,8 @@ are the implementation:
 * :mod:`.tracer` — ``Tracer`` and ``Invoker``, the objects users hold;
 * :mod:`.cache`, :mod:`.backward`, :mod:`.patches` — ``tracer.cache``,
   ``with loss.backward():``, and patches scoped to running traces.
+* :mod:`.contract` — what tracing needs from envoys and model wrappers
+  (protocols; this package imports neither);
+* :mod:`.hooks` — which modules to hook, and hooks added and removed cheaply;
+* :mod:`.sentinels` — ``MISSING``, the one "no value" marker.
 """

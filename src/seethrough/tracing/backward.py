@@ -29,11 +29,14 @@ import torch
 
 from .._frames import where_user_is
 from ..errors import OutOfOrderError, ShapeMismatchError
+from .patches import ClassPatch
+from .runtime import current_task
 
 if TYPE_CHECKING:
     from .interleaver import Task
 
 _TENSOR_GRAD = torch._C.TensorBase.grad  # the C-level descriptor
+_original_backward = torch.Tensor.backward
 _WITH_OPS = {op for op in ("BEFORE_WITH", "LOAD_SPECIAL") if op in dis.opmap}
 _next_ops: dict[tuple[CodeType, int], str] = {}
 
@@ -82,9 +85,8 @@ class _GradProperty:
         _TENSOR_GRAD.__delete__(tensor)
 
 
-_grad_lock = threading.Lock()
-_grad_users = 0
 _contexts = threading.local()
+_GRAD_PATCH = ClassPatch(torch.Tensor, "grad", _GradProperty())
 
 
 def _active_context() -> "BackwardContext | None":
@@ -93,11 +95,7 @@ def _active_context() -> "BackwardContext | None":
 
 
 def _enter_grad_patch(context: "BackwardContext") -> None:
-    global _grad_users
-    with _grad_lock:
-        _grad_users += 1
-        if _grad_users == 1:
-            torch.Tensor.grad = _GradProperty()  # type: ignore[misc,assignment]
+    _GRAD_PATCH.enter()
     stack = getattr(_contexts, "stack", None)
     if stack is None:
         stack = _contexts.stack = []
@@ -105,12 +103,23 @@ def _enter_grad_patch(context: "BackwardContext") -> None:
 
 
 def _exit_grad_patch(context: "BackwardContext") -> None:
-    global _grad_users
     _contexts.stack.remove(context)
-    with _grad_lock:
-        _grad_users -= 1
-        if _grad_users == 0 and "grad" in torch.Tensor.__dict__:
-            del torch.Tensor.grad
+    _GRAD_PATCH.exit()
+
+
+def _backward(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    """``Tensor.backward`` while traces run: inside a trace body and used as
+    ``with loss.backward():``, a context that pauses at each gradient; anywhere
+    else, the ordinary backward pass."""
+    task = current_task()
+    if task is not None and used_in_with():
+        return BackwardContext(task, self, args, kwargs)
+    return _original_backward(self, *args, **kwargs)
+
+
+# Installed by the traces whose bodies mention `backward` (each patch of the
+# Tensor class costs every tensor attribute lookup a cache refill).
+BACKWARD_PATCH = ClassPatch(torch.Tensor, "backward", _backward)
 
 
 class _Abort(Exception):
@@ -226,8 +235,6 @@ class BackwardContext:
     def _start(self) -> None:
         if self._thread is not None:
             return
-        from .patches import _original_backward
-
         def work() -> None:
             try:
                 _original_backward(self.loss, *self.args, **self.kwargs)

@@ -34,10 +34,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import torch
 
 from ..errors import SeethroughError, UsageIndexError, UsageTypeError
-from .interleaver import MISSING
+from .sentinels import MISSING
 
 if TYPE_CHECKING:
-    from ..models.model import Model
+    from .contract import TracedModel
 
 
 class CacheKeyError(SeethroughError, KeyError, AttributeError):
@@ -203,7 +203,7 @@ class Cache:
         include_output: bool,
         include_inputs: bool,
         keep_graph: bool,
-        root: "Model | None" = None,
+        root: "TracedModel | None" = None,
     ) -> None:
         self._envoys = envoys
         self._root = root

@@ -37,10 +37,12 @@ from .._frames import describe_frame, user_frame, where_user_is
 from ..errors import InvokeError, MissedProviderError, OutOfOrderError, ShapeMismatchError
 from .hooks import HookSet
 from .runtime import FINISHED, give_back_worker, take_worker
+from .sentinels import MISSING
 from .values import Handed, narrow, rejoin, splice
 
 if TYPE_CHECKING:
-    from ..envoy import Envoy
+    from .cache import Cache
+    from .contract import HookPlan, ModuleHandle
     from .run import TraceRun
 
 NEW, RUNNING, WAITING, BLOCKED, DONE = "new", "running", "waiting", "blocked", "done"
@@ -162,9 +164,27 @@ class Interleaver:
     hooked_calls_running = 0  # modules a body runs with `hook=True`, now running (see `call_hooked`)
     output_hook: Callable | None = None  # made on first use (see `_output_hook`)
     on_module_hooked: Callable[[torch.nn.Module], None] | None = None
+    caches: Any = ()  # the `tracer.cache(...)` objects recording in this trace (see `add_cache`)
+    result: Any = None  # what the backend returned (see `finish_with_result`)
 
-    def __init__(self, run: "TraceRun") -> None:
-        self.run = run
+    def __init__(
+        self,
+        root: torch.nn.Module,
+        hook_plan: Callable[[torch.nn.Module], "HookPlan"],
+        *,
+        outside_invoke: Callable[["ModuleHandle", str], str] | None = None,
+        deadlock_error: Callable[[Task], BaseException] | None = None,
+    ) -> None:
+        """Its collaborators: ``root``, the module the forward pass calls;
+        ``hook_plan(module)``, which modules to hook with ``module`` (a
+        model's ``_hook_plan``, or :meth:`.hooks.ModuleTree.hook_plan`);
+        ``outside_invoke(envoy, kind)``, the message for a value read by a
+        body that is no invoke; ``deadlock_error(task)``, the error for a task
+        still blocked when the forward has ended."""
+        self.root = root
+        self.hook_plan = hook_plan
+        self.outside_invoke = outside_invoke or _outside_invoke
+        self.deadlock_error = deadlock_error or _deadlock
         self.tasks: list[Task] = []
         self.main = greenlet.getcurrent()
         # Tasks waiting for each event key, in invoke order, and tasks blocked
@@ -185,7 +205,7 @@ class Interleaver:
     def start(self, task: Task) -> None:
         """Run a new task until it first waits, blocks or ends."""
         task.greenlet = take_worker(task, self.main)
-        self._switch(task, _NO_VALUE)
+        self._switch(task, MISSING)
 
     def _switch(self, task: Task, value: Any, throw: BaseException | None = None) -> None:
         main_grad = torch.is_grad_enabled()
@@ -196,7 +216,7 @@ class Interleaver:
         try:
             if throw is not None:
                 result = worker.throw(throw)
-            elif value is _NO_VALUE:
+            elif value is MISSING:
                 result = worker.switch()
             else:
                 result = worker.switch(value)
@@ -297,13 +317,13 @@ class Interleaver:
                 del self.waiting[key]
 
     # -- called from inside a task -------------------------------------------
-    def request(self, task: Task, envoy: "Envoy", kind: str, skip_current: bool = False) -> Any:
+    def request(self, task: Task, envoy: "ModuleHandle", kind: str, skip_current: bool = False) -> Any:
         """The value of ``kind`` ("input"/"output") of ``envoy``'s module for ``task``."""
         # The hot path of every `.output`/`.input`: kept to few steps.
         if self.closing or not task.is_invoke:
             if self.closing:
                 raise greenlet.GreenletExit()
-            raise InvokeError(self.run.module_access_outside_invoke(envoy, kind))
+            raise InvokeError(self.outside_invoke(envoy, kind))
         module = envoy._module
         key = (id(module), kind)
         event = self.current
@@ -311,10 +331,10 @@ class Interleaver:
             if not (skip_current and task.index in event.served):
                 event.served.add(task.index)
                 return self._view(event, task)
-        if self.forward_done or self.run.caches:
-            if self.run.caches:
-                cached = self.run.cached_value(task, envoy, kind)
-                if cached is not _MISSING:
+        if self.forward_done or self.caches:
+            if self.caches:
+                cached = self._cached(task, envoy, kind)
+                if cached is not MISSING:
                     return cached
             if self.forward_done:
                 raise OutOfOrderError(self._too_late_message(envoy, kind, sys._getframe(1), finished=True))
@@ -331,6 +351,20 @@ class Interleaver:
         else:
             self._queue(queue, task)
         return self.main.switch()
+
+    def _cached(self, task: Task, envoy: "ModuleHandle", kind: str) -> Any:
+        """The value a ``tracer.cache`` recorded for ``envoy`` (``task``'s rows), or MISSING."""
+        for cache in self.caches:
+            found = cache._lookup(envoy._path, kind)
+            if found is not MISSING:
+                if kind == "output":
+                    return narrow(found, task.rows, self.batch_size)
+                args, kwargs = found
+                return (
+                    tuple(narrow(a, task.rows, self.batch_size) for a in args),
+                    {k: narrow(v, task.rows, self.batch_size) for k, v in kwargs.items()},
+                )
+        return MISSING
 
     def call_hooked(self, task: Task, module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
         """Run ``module(*args, **kwargs)`` for ``task`` with the trace watching:
@@ -349,8 +383,7 @@ class Interleaver:
         if self.step >= step:
             return
         key = ("step", step)
-        root = self.run.root_module
-        self.hook(root, "input")
+        self.hook(self.root, "input")
         task.asked = (None, "step", sys._getframe(1), False, False)
         self._wait(task, key)
         self.main.switch()
@@ -363,14 +396,14 @@ class Interleaver:
         self.blocked.sort(key=_by_index)
         self.main.switch()
 
-    def assign(self, task: Task, envoy: "Envoy", kind: str, value: Any, accessor: str) -> None:
+    def assign(self, task: Task, envoy: "ModuleHandle", kind: str, value: Any, accessor: str) -> None:
         """Replace ``kind`` of the module's current call, for the task's rows."""
         try:
             self._assign(task, envoy, kind, value, accessor)
         except ShapeMismatchError as error:
             raise ShapeMismatchError(f"{error} ({where_user_is()})") from None
 
-    def _assign(self, task: Task, envoy: "Envoy", kind: str, value: Any, accessor: str) -> None:
+    def _assign(self, task: Task, envoy: "ModuleHandle", kind: str, value: Any, accessor: str) -> None:
         self.request(task, envoy, kind)  # waits until the forward is there
         event = self.current
         rows = task.rows
@@ -413,7 +446,20 @@ class Interleaver:
             event.value = (args, kwargs)
 
     # -- hooks ---------------------------------------------------------------
-    def hook(self, module: torch.nn.Module, kind: str, envoy: "Envoy | None" = None) -> None:
+    def add_cache(self, cache: "Cache") -> None:
+        """Let ``cache`` record its modules' values as the forward reaches them
+        (after the tasks at each), and serve requests for them later."""
+        if not self.caches:
+            self.caches = []
+        self.caches.append(cache)
+        for envoy in cache._envoys:
+            module = envoy._module
+            for kind, wanted in (("output", cache.include_output), ("input", cache.include_inputs)):
+                if wanted:
+                    self.hook(module, kind)
+                    self.after.setdefault((id(module), kind), []).append(cache._recorder(envoy._path, kind))
+
+    def hook(self, module: torch.nn.Module, kind: str, envoy: "ModuleHandle | None" = None) -> None:
         """Hook ``kind`` of ``module`` (once per trace).
 
         A hook added to a module whose call has already begun does not fire
@@ -430,7 +476,7 @@ class Interleaver:
             self._install(module, "input", key)
         found = envoy.__dict__.get("_plan") if envoy is not None else None
         if found is None or found[0][0][0] is not module:
-            found = self._plan(module)
+            found = self.hook_plan(module)
             if envoy is not None:
                 envoy.__dict__["_plan"] = found  # the same module tree every trace
         plan, chain = found
@@ -439,21 +485,12 @@ class Interleaver:
                 # `_install(each, "output", each_key)`, inlined (once per
                 # accessed output and trace).
                 hooks[each_key] = True
-                if not (self.root_output_by_return and each is self.run.root_module):
+                if not (self.root_output_by_return and each is self.root):
                     self.hook_set.add_output(each, self.output_hook or self._output_hook())
                 if self.on_module_hooked is not None:
                     self.on_module_hooked(each)
             elif chain:
                 break  # hooked with all its ancestors, which come after it here
-
-    def _plan(self, module: torch.nn.Module) -> tuple[list, bool]:
-        """The model's hook plan for ``module`` (it and every module containing
-        it), and whether it is one chain, each entry the only parent of the
-        one before (a tree: then the entries after a hooked one are hooked)."""
-        model = self.run.model
-        plan = model._hook_plan(module)
-        chain = all(len(model._ancestors(each)) == len(plan) - 1 - i for i, (each, _) in enumerate(plan))
-        return plan, chain
 
     def _install(self, module: torch.nn.Module, kind: str, key: tuple) -> None:
         hooks = self.hooks
@@ -461,7 +498,7 @@ class Interleaver:
             return
         hooks[key] = True
         if kind == "output":
-            if self.root_output_by_return and module is self.run.root_module:
+            if self.root_output_by_return and module is self.root:
                 # The root runs once and its output is what the backend returns:
                 # served from there (see `root_returned`), saving a hook on the
                 # root and PyTorch's slow call path for it.
@@ -507,7 +544,7 @@ class Interleaver:
         return output_hook
 
     def _make_input_hook(self, module: torch.nn.Module, key: tuple) -> Callable:
-        is_root = module is self.run.root_module
+        is_root = module is self.root
 
         def input_hook(mod: torch.nn.Module, args: Any, kwargs: Any) -> Any:
             if not self._in_our_forward():
@@ -612,10 +649,26 @@ class Interleaver:
     def request_result(self, task: Task) -> Any:
         """The backend's return value (``tracer.result``), once it has returned."""
         if self.forward_done:
-            return self.run.output
+            return self.result
         task.asked = (None, "result", sys._getframe(1), False, False)
         self._wait(task, ("result",))
         return self.main.switch()
+
+    # -- the forward pass -------------------------------------------------------
+    def run_forward(self, call: Callable[..., Any], *args: Any) -> Any:
+        """Run the forward pass, ``call(*args)``, with the tasks served at its
+        hooks; then :meth:`finish_with_result`.  Returns its result as the
+        tasks left it (None if a task stopped the trace)."""
+        result = None
+        self.forward_running = True
+        try:
+            result = self.root_returned(call(*args))
+        except _StopForward:
+            pass
+        finally:
+            self.forward_running = False
+        self.finish_with_result(result)
+        return result
 
     # -- the end of the forward pass ------------------------------------------
     def root_returned(self, output: Any) -> Any:
@@ -623,12 +676,13 @@ class Interleaver:
         as the root's output event; return it, as edited by the bodies."""
         if not self.root_output_by_return:
             return output
-        return self._reached((id(self.run.root_module), "output"), "output", output)
+        return self._reached((id(self.root), "output"), "output", output)
 
     def finish_with_result(self, result: Any) -> None:
         """The backend returned ``result``: hand it to tasks waiting for it, then
         :meth:`finish`."""
         self.forward_done = True
+        self.result = result
         if not self.waiting and not self.blocked:
             return  # every task has ended (nothing for `finish` to do)
         if ("result",) in self.waiting:
@@ -658,7 +712,7 @@ class Interleaver:
                 self._switch(waiting, None, throw=self._not_provided(waiting, key))
         blocked, self.blocked = self.blocked, []
         for task in blocked:
-            self._switch(task, None, throw=self.run.deadlock_error(task))
+            self._switch(task, None, throw=self.deadlock_error(task))
 
     def _not_provided(self, task: Task, key: tuple) -> MissedProviderError:
         """The error for ``task``, still waiting for ``key`` when the forward ended."""
@@ -677,7 +731,7 @@ class Interleaver:
             )
         return OutOfOrderError(message)
 
-    def _never_called_message(self, envoy: "Envoy", kind: str, frame: Any) -> str:
+    def _never_called_message(self, envoy: "ModuleHandle", kind: str, frame: Any) -> str:
         path = envoy._display_path() if envoy is not None else "the model"
         where = describe_frame(user_frame(frame))
         at = f" (at {where})" if where else ""
@@ -690,7 +744,7 @@ class Interleaver:
 
     def _too_late_message(
         self,
-        envoy: "Envoy",
+        envoy: "ModuleHandle",
         kind: str,
         frame: Any,
         finished: bool = False,
@@ -749,18 +803,31 @@ class Interleaver:
                 task.asked = None  # it holds a frame of the user's code: let it go
         self.current = None
 
+    def detach(self) -> None:
+        """Drop the collaborators and what the trace produced (after
+        :meth:`close`), so that nothing they hold waits for the garbage collector."""
+        self.outside_invoke = _outside_invoke
+        self.deadlock_error = _deadlock
+        self.on_module_hooked = None
+        self.caches = ()
+        self.result = None
+
 
 def _by_index(task: Task) -> int:
     return task.index
 
 
-class _Missing:
-    __slots__ = ()
 
-    def __repr__(self) -> str:
-        return "<missing>"
+def _outside_invoke(envoy: "ModuleHandle", kind: str) -> str:
+    """The message for a module value read by a task that is no invoke (a
+    run built by a tracer says more: see ``TraceRun.module_access_outside_invoke``)."""
+    return (
+        f"`{envoy._display_path()}.{kind}` is read outside any invoke, where the model's values "
+        "are not available: read it inside a `with tracer.invoke(...):` block."
+    )
 
 
-_MISSING = _Missing()
-MISSING = _MISSING
-_NO_VALUE = _Missing()  # start a worker without passing anything
+def _deadlock(task: Task) -> BaseException:
+    """The error for a task still blocked when the forward ended (a run
+    built by a tracer says which name or barrier it waited for)."""
+    return InvokeError(f"{task.label} was still waiting when the forward pass ended: {task.waited_for or 'nothing came'}.")

@@ -33,6 +33,7 @@ import torch
 from .._frames import is_library_file
 from ..errors import OutOfOrderError, SourceError
 from .patches import ForwardSkip
+from .sentinels import MISSING
 from .rewrite import Analysis, analyse, rewrap, unwrap_chain
 
 if TYPE_CHECKING:
@@ -238,7 +239,7 @@ class RunSources:
         chain, analysis = body_of(func, what)
         installed = Installed(analysis)
         new = installed.build(chain, what)
-        self._restore.append((module, slot, module.__dict__.get(slot, _MISSING)))
+        self._restore.append((module, slot, module.__dict__.get(slot, MISSING)))
         setattr(module, slot, types.MethodType(new, module) if bound else new)
         self.modules[id(module)] = installed
         if skip is not None:
@@ -275,16 +276,9 @@ class RunSources:
         """Put every instrumented module back as it was (last change first)."""
         entries, self._restore = self._restore, []
         for module, slot, previous in reversed(entries):
-            if previous is _MISSING:
+            if previous is MISSING:
                 module.__dict__.pop(slot, None)
             else:
                 setattr(module, slot, previous)
         self.modules.clear()
         self.ops.clear()
-
-
-class _Missing:
-    __slots__ = ()
-
-
-_MISSING = _Missing()

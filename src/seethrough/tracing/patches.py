@@ -1,9 +1,11 @@
 """Patches that exist only while a trace runs, and are always taken back.
 
 * ``torch.Tensor.save`` (so ``h = module.output.save()`` works on the real
-  tensor) and ``torch.Tensor.backward`` (so ``with loss.backward():`` can
-  pause at each gradient) are installed when the first trace of the process
-  starts and removed when the last one ends (reference-counted, thread-safe).
+  tensor) is installed when the first trace of the process starts and
+  removed when the last one ends; ``torch.Tensor.backward`` and
+  ``Tensor.grad`` (see :mod:`.backward`) likewise, for the traces that need
+  them.  All three are :class:`ClassPatch` objects: reference-counted,
+  thread-safe, and restored exactly.
 * ``module.forward`` is wrapped, per module and per trace, only when a body
   calls ``.skip(...)`` on it.
 
@@ -19,64 +21,53 @@ from typing import Any, Callable
 
 import torch
 
-from .runtime import current_task, tensor_save
-
-_lock = threading.Lock()
-_save_users = 0
-_backward_users = 0
-_original_backward = torch.Tensor.backward
+from .runtime import tensor_save
+from .sentinels import MISSING
 
 
-def enter_save_patch() -> None:
-    """Install ``Tensor.save`` while a trace runs (reference-counted)."""
-    global _save_users
-    with _lock:
-        _save_users += 1
-        if _save_users == 1:
-            torch.Tensor.save = tensor_save  # type: ignore[attr-defined]
+class ClassPatch:
+    """One attribute of a class, replaced while at least one user needs it.
+
+    Users are counted (thread-safe): the first :meth:`enter` installs
+    ``value``, the last :meth:`exit` puts back what the class had before —
+    its own attribute, or none (then the inherited one shows again).  Every
+    ``enter`` must be matched by one ``exit``, also when a trace fails."""
+
+    __slots__ = ("owner", "name", "value", "_users", "_before", "_lock")
+
+    def __init__(self, owner: type, name: str, value: Any) -> None:
+        self.owner = owner
+        self.name = name
+        self.value = value
+        self._users = 0
+        self._before: Any = MISSING
+        self._lock = threading.Lock()
+
+    def enter(self) -> None:
+        with self._lock:
+            self._users += 1
+            if self._users == 1:
+                self._before = self.owner.__dict__.get(self.name, MISSING)
+                setattr(self.owner, self.name, self.value)
+
+    def exit(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                before, self._before = self._before, MISSING
+                if before is not MISSING:
+                    setattr(self.owner, self.name, before)
+                elif self.name in self.owner.__dict__:
+                    delattr(self.owner, self.name)
+
+    @property
+    def users(self) -> int:
+        """How many users hold the patch now (0: the class is as it was)."""
+        return self._users
 
 
-def exit_save_patch() -> None:
-    global _save_users
-    with _lock:
-        _save_users -= 1
-        if _save_users == 0 and "save" in torch.Tensor.__dict__:
-            del torch.Tensor.save  # type: ignore[attr-defined]
-
-
-def enter_backward_patch() -> None:
-    """Install the ``Tensor.backward`` wrapper.  Only traces whose bodies
-    mention ``backward`` do: each patch of the Tensor class costs every tensor
-    attribute lookup a cache refill."""
-    global _backward_users
-    with _lock:
-        _backward_users += 1
-        if _backward_users == 1:
-            torch.Tensor.backward = _backward  # type: ignore[method-assign]
-
-
-def exit_backward_patch() -> None:
-    global _backward_users
-    with _lock:
-        _backward_users -= 1
-        if _backward_users == 0:
-            torch.Tensor.backward = _original_backward  # type: ignore[method-assign]
-
-
-def _backward(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-    """``Tensor.backward`` while traces run: inside a trace body and used as
-    ``with loss.backward():``, a context that pauses at each gradient; anywhere
-    else, the ordinary backward pass."""
-    task = current_task()
-    if task is not None:
-        from .backward import BackwardContext, used_in_with
-
-        if used_in_with():
-            return BackwardContext(task, self, args, kwargs)
-    return _original_backward(self, *args, **kwargs)
-
-
-_MISSING = object()
+# `h = module.output.save()` on the real tensor, while a trace runs.
+SAVE_PATCH = ClassPatch(torch.Tensor, "save", tensor_save)
 
 
 class ForwardSkip:
@@ -86,7 +77,7 @@ class ForwardSkip:
 
     def __init__(self, module: torch.nn.Module) -> None:
         self.module = module
-        self._previous = module.__dict__.get("forward", _MISSING)
+        self._previous = module.__dict__.get("forward", MISSING)
         self._thread = threading.get_ident()
         self.replacement: Callable[[Callable, tuple, dict], Any] | None = None
         original = module.forward
@@ -101,7 +92,7 @@ class ForwardSkip:
         module.forward = forward  # type: ignore[method-assign]
 
     def restore(self) -> None:
-        if self._previous is _MISSING:
+        if self._previous is MISSING:
             self.module.__dict__.pop("forward", None)
         else:
             self.module.forward = self._previous  # type: ignore[method-assign]

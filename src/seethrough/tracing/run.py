@@ -26,18 +26,18 @@ import torch
 from .._frames import describe_location, strip_library_frames
 from ..errors import InvokeError, SeethroughError, WeightsModifiedError
 from .capture import CapturedBlock
-from .interleaver import MISSING, WAITING, Interleaver, Task, _StopForward, _StopTrace
+from .interleaver import WAITING, Interleaver, Task, _StopTrace
 from .namespace import BodyNamespace, CrossFlow, TracedNamespace
-from .patches import ForwardSkip, enter_backward_patch, enter_save_patch, exit_backward_patch, exit_save_patch
+from .backward import BACKWARD_PATCH
+from .patches import SAVE_PATCH, ForwardSkip
 from .runtime import current_task, running_traces
 from .saving import LazyText, NotSaved, SaveRegistry, hand_back
-from .values import narrow, savable, splice
+from .values import savable, splice
 from .takeover import TAKEN_OVER
 
 if TYPE_CHECKING:
-    from ..envoy import Envoy
-    from ..models.model import Model
     from .cache import Cache
+    from .contract import ModuleHandle, TracedModel
 
 Backend = Callable[["TraceRun", tuple, dict], Any]
 
@@ -69,7 +69,6 @@ class TraceRun:
     shared_kwargs: Any = _NOTHING  # `model.trace(**kwargs)` with invokes: for every invoke
     skips: Any = _NOTHING  # id(module) -> ForwardSkip
     _skip_values: Any = _NOTHING  # id(module) -> [(rows, value, what)]
-    caches: Any = ()  # Cache objects of tracer.cache()
     _weights: Any = _NOTHING  # id(tensor) -> (name, tensor, version) of weights read in the body
     meetings: Any = _NOTHING  # Barrier -> Meeting: the barriers' rounds in this run
     _uses_backward = False  # `with loss.backward():` needs the Tensor.backward patch
@@ -81,7 +80,7 @@ class TraceRun:
 
     def __init__(
         self,
-        model: "Model",
+        model: "TracedModel",
         captured: CapturedBlock,
         tracer: Any,
         seed: dict,
@@ -100,7 +99,10 @@ class TraceRun:
         self.inputs = inputs
         self.has_input = inputs is not None
         self.saves = SaveRegistry(keep_graph)
-        interleaver = self.interleaver = Interleaver(self)
+        interleaver = self.interleaver = Interleaver(
+            self.root_module, model._hook_plan,
+            outside_invoke=self.module_access_outside_invoke, deadlock_error=self.deadlock_error,
+        )
         # Backends that call the root module exactly once say so; its output
         # is then observed from their return value instead of a hook.
         if getattr(backend, "single_call", False):
@@ -138,14 +140,14 @@ class TraceRun:
     def _patch_backward(self) -> None:
         if not self._backward_patched:
             self._backward_patched = True
-            enter_backward_patch()
+            BACKWARD_PATCH.enter()
 
     # -- running ------------------------------------------------------------------
     def execute(self) -> None:
         """Run everything.  User exceptions propagate with their own type."""
         running = running_traces()
         running.append(self)
-        enter_save_patch()
+        SAVE_PATCH.enter()
         self._executing = True
         if self._uses_backward:
             self._patch_backward()
@@ -167,8 +169,8 @@ class TraceRun:
                 self._executing = False
                 if self._backward_patched:
                     self._backward_patched = False
-                    exit_backward_patch()
-                exit_save_patch()
+                    BACKWARD_PATCH.exit()
+                SAVE_PATCH.exit()
                 running.pop()
 
     def _execute(self) -> None:
@@ -198,16 +200,9 @@ class TraceRun:
                     f"the trace at {self._where()} has no input, so the model never runs: pass the "
                     "input to `model.trace(input)`, or open `with tracer.invoke(input):` blocks."
                 )
+            interleaver.finish_with_result(None)
         else:
-            args, kwargs = batched
-            interleaver.forward_running = True
-            try:
-                self.output = interleaver.root_returned(self.backend(self, args, kwargs))
-            except _StopForward:
-                pass
-            finally:
-                interleaver.forward_running = False
-        interleaver.finish_with_result(self.output)
+            self.output = interleaver.run_forward(self.backend, self, *batched)
 
     def _batch(self) -> tuple[tuple, dict] | None:
         entries = self.invoke_inputs
@@ -288,7 +283,7 @@ class TraceRun:
         if not captured.attributes.isdisjoint(_SPECIAL):
             self._note(captured)
 
-    def module_access_outside_invoke(self, envoy: "Envoy", kind: str) -> str:
+    def module_access_outside_invoke(self, envoy: "ModuleHandle", kind: str) -> str:
         accessor = "output" if kind == "output" else "input"
         if self.explicit_invokes:
             return (
@@ -309,34 +304,10 @@ class TraceRun:
             return self.saves.decorate(value)
         return savable(value)
 
-    def cached_value(self, task: Task, envoy: "Envoy", kind: str) -> Any:
-        for cache in self.caches:
-            found = cache._lookup(envoy._path, kind)
-            if found is not MISSING:
-                if kind == "output":
-                    return narrow(found, task.rows, self.interleaver.batch_size)
-                args, kwargs = found
-                return (
-                    tuple(narrow(a, task.rows, self.interleaver.batch_size) for a in args),
-                    {k: narrow(v, task.rows, self.interleaver.batch_size) for k, v in kwargs.items()},
-                )
-        return MISSING
-
     def add_cache(self, cache: "Cache") -> None:
-        if not self.caches:
-            self.caches = []
-        self.caches.append(cache)
-        interleaver = self.interleaver
-        for envoy in cache._envoys:
-            module = envoy._module
-            if cache.include_output:
-                interleaver.hook(module, "output")
-                interleaver.after.setdefault((id(module), "output"), []).append(cache._recorder(envoy._path, "output"))
-            if cache.include_inputs:
-                interleaver.hook(module, "input")
-                interleaver.after.setdefault((id(module), "input"), []).append(cache._recorder(envoy._path, "input"))
+        self.interleaver.add_cache(cache)
 
-    def skip(self, task: Task, envoy: "Envoy", value: Any) -> None:
+    def skip(self, task: Task, envoy: "ModuleHandle", value: Any) -> None:
         module = envoy._module
         current = self.interleaver.current
         if id(module) not in self.skips:
@@ -384,6 +355,25 @@ class TraceRun:
         return self.flow.deadlock_error(task)
 
     # -- the end ----------------------------------------------------------------
+    def run_to_end(self, receive: Callable[[dict[str, Any]], None], in_session: list[str] | None = None) -> None:
+        """The whole life of a run, the same for a local trace, a scan and a
+        remote request: execute the bodies, check the weights, hand the names
+        back to ``receive`` — also when the run failed, so that what was saved
+        before the error still reaches the caller — and release the run.  An
+        error propagates with its traceback starting at the user's body
+        (``in_session``: see :meth:`hand_back`)."""
+        try:
+            self.execute()
+            self.check_weights()
+        except BaseException as error:
+            self.clean_traceback(error)
+            raise
+        finally:
+            try:
+                receive(self.hand_back(in_session))
+            finally:
+                self.release()
+
     def hand_back(self, in_session: list[str] | None = None) -> dict[str, Any]:
         """The names to bind in the caller's scope (see :mod:`.saving`;
         ``in_session`` collects the names handed back unsaved in a session)."""
@@ -451,14 +441,13 @@ class TraceRun:
         for the garbage collector (activations are freed as soon as the user
         drops them)."""
         self.saves.release()
-        if self.caches:
-            for cache in self.caches:
-                cache._detach_run()
-            self.caches = ()
+        interleaver = self.interleaver
+        for cache in interleaver.caches:
+            cache._detach_run()
         self.meetings = _NOTHING
         # The one cycle left (tasks no longer point here, see _scrub): the
-        # interleaver and this run.  The rest goes when the run is dropped.
-        self.interleaver.run = None  # type: ignore[assignment]
+        # interleaver holds methods of this run.  The rest goes when the run is dropped.
+        interleaver.detach()
         self.body = None  # type: ignore[assignment]
         self.seed = self.globals = self.inputs = self.output = None  # type: ignore[assignment]
         self.tracer = None

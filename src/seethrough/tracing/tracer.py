@@ -28,7 +28,7 @@ from .takeover import TAKEN_OVER, Takeover, frame_namespace, write_back
 from .values import narrow
 
 if TYPE_CHECKING:
-    from ..models.model import Model
+    from .contract import TracedModel
 
 
 _sessions = threading.local()
@@ -84,6 +84,18 @@ def exit_session(session: Any) -> None:
         stack.remove(session)
 
 
+def _drop(values: dict[str, Any]) -> None:
+    """What a scan run before the real one (``scan=True``) does with its names."""
+
+
+def _from_the_body(error: BaseException, here: Any) -> None:
+    """A run made ``error``'s traceback start at the user's body; coming back
+    through ``here`` put that frame in front of it again: take it out."""
+    tb = error.__traceback__
+    if tb is not None and tb.tb_frame is here:
+        error.__traceback__ = tb.tb_next
+
+
 class Tracer:
     """``with model.trace(input) as tracer:`` — see the package docs."""
 
@@ -97,7 +109,7 @@ class Tracer:
 
     def __init__(
         self,
-        model: "Model",
+        model: "TracedModel",
         args: tuple,
         kwargs: dict,
         backend: Backend,
@@ -160,15 +172,24 @@ class Tracer:
             keep_graph=self._keep_graph,
         )
         self._run = run
+        session = open_session()
+        unsaved: list[str] | None = [] if session is not None else None
+
+        def receive(values: dict[str, Any]) -> None:
+            if self._keep_result:
+                self._result = run.output
+            write_back(frame, values)
+            if session is not None:
+                session.lent(frame, {name: values[name] for name in unsaved}, run.saves.values())
+
         try:
-            run.execute()
-            run.check_weights()
+            run.run_to_end(receive, unsaved)
         except BaseException as error:
-            run.clean_traceback(error)
-            self._finish(run, frame)
-            del frame
+            _from_the_body(error, sys._getframe())
+            del frame, error  # the error's traceback keeps this frame: not the user's too
             raise
-        self._finish(run, frame)
+        finally:
+            self._run = None
         return True
 
     def _scan_first(self, frame: Any) -> None:
@@ -181,12 +202,10 @@ class Tracer:
             (self._args, self._kwargs) if self._has_input else None, self._pre_scan,
         )
         try:
-            run.execute()
+            run.run_to_end(_drop)
         except BaseException as error:
-            run.clean_traceback(error)
+            _from_the_body(error, sys._getframe())
             raise
-        finally:
-            run.release()
 
     def _run_remotely(self, frame: Any) -> None:
         # The model runs it: remote execution is a layer above tracing.
@@ -196,20 +215,6 @@ class Tracer:
             captured=self._captured, frame=frame, holder=self,
             args=self._args, kwargs=self._kwargs, keep_graph=self._keep_graph, generate=generate,
         )
-
-    def _finish(self, run: TraceRun, frame: Any) -> None:
-        try:
-            session = open_session()
-            unsaved: list[str] | None = [] if session is not None else None
-            values = run.hand_back(unsaved)
-            write_back(frame, values)
-            if session is not None:
-                session.lent(frame, {name: values[name] for name in unsaved}, run.saves.values())
-        finally:
-            if self._keep_result:
-                self._result = run.output
-            run.release()
-            self._run = None
 
     # -- used inside the body ---------------------------------------------------------
     def _task(self, what: str) -> Any:
