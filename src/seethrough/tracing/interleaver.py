@@ -148,6 +148,21 @@ class Event:
         self.handed: Handed | None = None
 
 
+def _outside_invoke(envoy: "ModuleHandle", kind: str) -> str:
+    """The message for a module value read by a task that is no invoke (a
+    run built by a tracer says more: see ``TraceRun.module_access_outside_invoke``)."""
+    return (
+        f"`{envoy._display_path()}.{kind}` is read outside any invoke, where the model's values "
+        "are not available: read it inside a `with tracer.invoke(...):` block."
+    )
+
+
+def _deadlock(task: Task) -> BaseException:
+    """The error for a task still blocked when the forward ended (a run
+    built by a tracer says which name or barrier it waited for)."""
+    return InvokeError(f"{task.label} was still waiting when the forward pass ended: {task.waited_for or 'nothing came'}.")
+
+
 class Interleaver:
     """Schedules the tasks of one trace around one forward (or generate) call."""
 
@@ -160,7 +175,7 @@ class Interleaver:
     closing = False
     batch_size = 0
     step = -1  # index of the current call of the root module (generation step)
-    root_output_by_return = False  # see `root_returned`
+    root_output_by_return = False  # see `run_forward`
     hooked_calls_running = 0  # modules a body runs with `hook=True`, now running (see `call_hooked`)
     output_hook: Callable | None = None  # made on first use (see `_output_hook`)
     on_module_hooked: Callable[[torch.nn.Module], None] | None = None
@@ -171,9 +186,8 @@ class Interleaver:
         self,
         root: torch.nn.Module,
         hook_plan: Callable[[torch.nn.Module], "HookPlan"],
-        *,
-        outside_invoke: Callable[["ModuleHandle", str], str] | None = None,
-        deadlock_error: Callable[[Task], BaseException] | None = None,
+        outside_invoke: Callable[["ModuleHandle", str], str] = _outside_invoke,
+        deadlock_error: Callable[[Task], BaseException] = _deadlock,
     ) -> None:
         """Its collaborators: ``root``, the module the forward pass calls;
         ``hook_plan(module)``, which modules to hook with ``module`` (a
@@ -183,8 +197,8 @@ class Interleaver:
         still blocked when the forward has ended."""
         self.root = root
         self.hook_plan = hook_plan
-        self.outside_invoke = outside_invoke or _outside_invoke
-        self.deadlock_error = deadlock_error or _deadlock
+        self.outside_invoke = outside_invoke
+        self.deadlock_error = deadlock_error
         self.tasks: list[Task] = []
         self.main = greenlet.getcurrent()
         # Tasks waiting for each event key, in invoke order, and tasks blocked
@@ -500,7 +514,7 @@ class Interleaver:
         if kind == "output":
             if self.root_output_by_return and module is self.root:
                 # The root runs once and its output is what the backend returns:
-                # served from there (see `root_returned`), saving a hook on the
+                # served from there (see `run_forward`), saving a hook on the
                 # root and PyTorch's slow call path for it.
                 return
             self.hook_set.add_output(module, self._output_hook())
@@ -662,7 +676,11 @@ class Interleaver:
         result = None
         self.forward_running = True
         try:
-            result = self.root_returned(call(*args))
+            result = call(*args)
+            if self.root_output_by_return:
+                # The root ran once and returned `result`: serve it as the
+                # root's output event; the tasks may edit it.
+                result = self._reached((id(self.root), "output"), "output", result)
         except _StopForward:
             pass
         finally:
@@ -671,13 +689,6 @@ class Interleaver:
         return result
 
     # -- the end of the forward pass ------------------------------------------
-    def root_returned(self, output: Any) -> Any:
-        """The root module returned ``output`` (single-call backends): serve it
-        as the root's output event; return it, as edited by the bodies."""
-        if not self.root_output_by_return:
-            return output
-        return self._reached((id(self.root), "output"), "output", output)
-
     def finish_with_result(self, result: Any) -> None:
         """The backend returned ``result``: hand it to tasks waiting for it, then
         :meth:`finish`."""
@@ -804,30 +815,14 @@ class Interleaver:
         self.current = None
 
     def detach(self) -> None:
-        """Drop the collaborators and what the trace produced (after
-        :meth:`close`), so that nothing they hold waits for the garbage collector."""
+        """Drop the collaborators that belong to the run (they refer back to
+        it), so that the run and what it holds do not wait for the garbage
+        collector.  After :meth:`close`."""
         self.outside_invoke = _outside_invoke
         self.deadlock_error = _deadlock
         self.on_module_hooked = None
-        self.caches = ()
-        self.result = None
-
 
 def _by_index(task: Task) -> int:
     return task.index
 
 
-
-def _outside_invoke(envoy: "ModuleHandle", kind: str) -> str:
-    """The message for a module value read by a task that is no invoke (a
-    run built by a tracer says more: see ``TraceRun.module_access_outside_invoke``)."""
-    return (
-        f"`{envoy._display_path()}.{kind}` is read outside any invoke, where the model's values "
-        "are not available: read it inside a `with tracer.invoke(...):` block."
-    )
-
-
-def _deadlock(task: Task) -> BaseException:
-    """The error for a task still blocked when the forward ended (a run
-    built by a tracer says which name or barrier it waited for)."""
-    return InvokeError(f"{task.label} was still waiting when the forward pass ended: {task.waited_for or 'nothing came'}.")

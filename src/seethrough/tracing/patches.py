@@ -54,7 +54,7 @@ class ClassPatch:
         with self._lock:
             self._users -= 1
             if self._users == 0:
-                before, self._before = self._before, MISSING
+                before = self._before  # (replaced at the next first `enter`)
                 if before is not MISSING:
                     setattr(self.owner, self.name, before)
                 elif self.name in self.owner.__dict__:

@@ -100,8 +100,7 @@ class TraceRun:
         self.has_input = inputs is not None
         self.saves = SaveRegistry(keep_graph)
         interleaver = self.interleaver = Interleaver(
-            self.root_module, model._hook_plan,
-            outside_invoke=self.module_access_outside_invoke, deadlock_error=self.deadlock_error,
+            self.root_module, model._hook_plan, self.module_access_outside_invoke, self.deadlock_error
         )
         # Backends that call the root module exactly once say so; its output
         # is then observed from their return value instead of a hook.
@@ -364,7 +363,8 @@ class TraceRun:
         (``in_session``: see :meth:`hand_back`)."""
         try:
             self.execute()
-            self.check_weights()
+            if self._weights:
+                self.check_weights()
         except BaseException as error:
             self.clean_traceback(error)
             raise
