@@ -37,6 +37,7 @@ from typing import Callable, Iterator
 
 from ..errors import TraceSourceError
 from .runtime import SAVE_METHOD
+from .save_reach import NO_CALLS, SaveReach, analyse_reach
 
 _BEFORE_WITH = dis.opmap.get("BEFORE_WITH")
 
@@ -58,6 +59,7 @@ class CapturedBlock:
     rewrote_saves: bool = False  # has argument-less `X.save()` calls (compiled as seethrough's save)
     assigned_lines: dict[str, int] = field(default_factory=dict)  # name -> line of its last plain assignment
     as_names: tuple[str, ...] = ()  # ``with model.edit() as (tracer, edited)``: the two names
+    reach: SaveReach = NO_CALLS  # the code the body may call (does a run need Tensor.save? see .save_reach)
 
     # What the body may need from a run, decided once from its text.
     @property
@@ -288,6 +290,7 @@ def _build(
         rewrote_saves=rewritten is not body,
         assigned_lines=names.lines,
         as_names=as_names,
+        reach=analyse_reach(body, _is_save_call),
     )
 
 

@@ -30,6 +30,7 @@ from .interleaver import WAITING, Interleaver, Task, _StopTrace
 from .namespace import BodyNamespace, CrossFlow, TracedNamespace
 from .backward import BACKWARD_PATCH
 from .patches import SAVE_PATCH, ForwardSkip
+from .save_reach import NO_CALLS, needs_tensor_save
 from .runtime import current_task, running_traces
 from .saving import LazyText, NotSaved, SaveRegistry, hand_back
 from .values import savable, splice
@@ -73,6 +74,8 @@ class TraceRun:
     meetings: Any = _NOTHING  # Barrier -> Meeting: the barriers' rounds in this run
     _uses_backward = False  # `with loss.backward():` needs the Tensor.backward patch
     _backward_patched = False
+    _needs_save = False  # a body may reach code calling `Tensor.save` (see `_reaches_tensor_save`)
+    _save_patched = False
     _executing = False
     sources: Any = None  # RunSources: forwards instrumented for `.source` (tracing/operations.py)
     edit_tasks: Any = ()  # Tasks of the model's persistent edits (model.edit())
@@ -117,6 +120,8 @@ class TraceRun:
             self.flow = CrossFlow(interleaver, self.body, globals_)
         if not captured.attributes.isdisjoint(_SPECIAL):
             self._note(captured)
+        if captured.reach is not NO_CALLS:
+            self._note_calls(captured, ({captured.as_name: tracer} if captured.as_name else {}, seed, globals_))
         if model._edits:
             self.edit_tasks = []
             for spec in model._edits:
@@ -124,6 +129,7 @@ class TraceRun:
                     Task(self, 0, "an edit (model.edit)", spec.captured.code, BodyNamespace(spec.seed, spec.globals), None, spec.captured.stored, True)
                 )
                 self._note(spec.captured)
+                self._note_calls(spec.captured, (spec.seed, spec.globals))
 
     def _note(self, captured: CapturedBlock) -> None:
         """Prepare what this body's text says it may need."""
@@ -136,6 +142,20 @@ class TraceRun:
         if captured.uses_steps:
             self.interleaver.hook(self.root_module, "input")
 
+    def _note_calls(self, captured: CapturedBlock, namespaces: tuple) -> None:
+        """If this body might reach code that calls ``.save()`` on a tensor (see
+        :mod:`.save_reach`), the run installs ``Tensor.save``."""
+        if self._needs_save or not needs_tensor_save(captured.reach, captured.loaded, namespaces):
+            return
+        self._needs_save = True
+        if self._executing:  # an invoke opened while the trace runs
+            self._patch_save()
+
+    def _patch_save(self) -> None:
+        if not self._save_patched:
+            self._save_patched = True
+            SAVE_PATCH.enter()
+
     def _patch_backward(self) -> None:
         if not self._backward_patched:
             self._backward_patched = True
@@ -146,8 +166,9 @@ class TraceRun:
         """Run everything.  User exceptions propagate with their own type."""
         running = running_traces()
         running.append(self)
-        SAVE_PATCH.enter()
         self._executing = True
+        if self._needs_save:
+            self._patch_save()
         if self._uses_backward:
             self._patch_backward()
         try:
@@ -169,7 +190,9 @@ class TraceRun:
                 if self._backward_patched:
                     self._backward_patched = False
                     BACKWARD_PATCH.exit()
-                SAVE_PATCH.exit()
+                if self._save_patched:
+                    self._save_patched = False
+                    SAVE_PATCH.exit()
                 running.pop()
 
     def _execute(self) -> None:
@@ -281,6 +304,8 @@ class TraceRun:
             self.invoke_inputs.append((invoke, (args, kwargs)))
         if not captured.attributes.isdisjoint(_SPECIAL):
             self._note(captured)
+        if captured.reach is not NO_CALLS:
+            self._note_calls(captured, (ns, self.seed, self.globals))
 
     def module_access_outside_invoke(self, envoy: "ModuleHandle", kind: str) -> str:
         accessor = "output" if kind == "output" else "input"
