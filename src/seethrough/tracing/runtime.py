@@ -12,6 +12,7 @@ import threading
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import greenlet
+import torch
 
 if TYPE_CHECKING:
     from .interleaver import Task
@@ -155,7 +156,11 @@ def save_method(value: T) -> T:
       outputs, ...) is marked with :func:`save` and returned as it is.
     """
     kind = type(value)
-    if kind in _BUILTIN_DATA:
+    if kind is torch.Tensor or kind in _BUILTIN_DATA:
+        # `save(value)`, inlined: the common case of every `.output.save()`.
+        current = greenlet.getcurrent()
+        if type(current) is TaskGreenlet:
+            return current.task.run.saves.add(value)
         return save(value)
     if kind is super:  # `super().save()` in a class defined in the body
         return value.save()
