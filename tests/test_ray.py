@@ -33,6 +33,7 @@ from seethrough.remote.server.settings import SettingsError, parse_args
 from seethrough.remote.server.worker import WorkerOptions, load_kwargs
 from test_remote import assert_same, generate_body, session_body, trace_body
 from test_server import ALICE, BOB, call, follow, make_request, packed, post, run
+from fixtures.threads import one_thread  # noqa: F401 - autouse: the server's one torch thread
 
 pytestmark = [pytest.mark.timeout(600)]
 
@@ -42,14 +43,6 @@ _FAST_FAILURE = {"health_check_initial_delay_ms": 1000, "health_check_period_ms"
                  "health_check_timeout_ms": 1000, "health_check_failure_threshold": 3}
 _NODE = {"num_cpus": 2, "object_store_memory": 80 * 1024**2, "include_dashboard": False}
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The server's workers run with --threads 1; so does the local side of each comparison."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # -- without a cluster -------------------------------------------------------------------------

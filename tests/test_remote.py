@@ -24,17 +24,10 @@ from seethrough.remote import protocol
 from seethrough.remote.client import RemoteAuthError, RemoteConnectionError, RemoteRequestError, job, remote_model
 from seethrough.remote.server import testing
 from test_server import ALICE, BOB, server, smollm2_small_dir  # noqa: F401 - the shared server fixtures
+from fixtures.threads import one_thread  # noqa: F401 - autouse: the server's one torch thread
 
 pytestmark = [pytest.mark.timeout(300)]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The server's workers run with --threads 1; so does the local side of each comparison."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def served(path, name: str) -> LanguageModel:

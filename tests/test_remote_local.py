@@ -18,14 +18,8 @@ from seethrough.errors import ModulePathError, SeethroughError, WeightsModifiedE
 from seethrough.remote.client import RemoteRequestError
 from seethrough.remote.sandbox import SandboxViolation
 from fixtures.models import assert_pristine, hook_state
+from fixtures.threads import one_thread  # noqa: F401 - autouse: the server's one torch thread
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -29,16 +29,10 @@ from seethrough.remote.client import ModelNotServedError, RemoteError, rebuild_e
 from seethrough.remote.protocol import error_answer
 from seethrough.remote.sandbox import SandboxViolation
 from test_server import ALICE, server, smollm2_small_dir  # noqa: F401 - the shared server fixtures
+from fixtures.threads import one_thread  # noqa: F401 - autouse: the server's one torch thread
 
 pytestmark = [pytest.mark.timeout(300)]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def plain_block_output(folder, text: str, block: int = 0) -> torch.Tensor:

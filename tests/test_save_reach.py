@@ -107,6 +107,9 @@ def test_the_values_of_the_names_decide(net):
     handed = reach_of("ys = list(map(g, xs))")
     assert needs_tensor_save(handed, {"map", "list", "g", "xs"}, ({"g": grab_first, "xs": []},))
     assert not needs_tensor_save(handed, {"map", "list", "g", "xs"}, ({"g": abs, "xs": []},))
+    # Builtins that run code from text (never rewritten) are not inert.
+    text = reach_of("exec(source, namespace)")
+    assert needs_tensor_save(text, {"exec", "source", "namespace"}, ({"source": "x = 1", "namespace": {}},))
     custom = seethrough.Model(net, envoys=SavingEnvoy)
     assert needs_tensor_save(reach_of("model[0].keep()"), {"model"}, ({"model": custom},))
 

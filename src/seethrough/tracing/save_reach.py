@@ -125,6 +125,7 @@ def needs_tensor_save(reach: SaveReach, loaded: Iterable[str], namespaces: tuple
 
 
 _UNBOUND = object()
+_RUNS_CODE = (builtins.exec, builtins.eval, builtins.__import__, builtins.breakpoint)
 _SCALARS = (int, float, bool, complex, str, bytes, type(None), slice, range, type(Ellipsis))
 _CONTAINERS = (list, tuple, set, frozenset, dict)
 _CONTAINER_LIMIT = 64  # larger containers are not looked into: assume the worst
@@ -152,7 +153,9 @@ def _is_inert(value: Any, depth: int) -> bool:
     if isinstance(value, types.ModuleType):
         return value.__name__.split(".")[0] in _LIBRARY_PREFIXES
     if isinstance(value, (types.BuiltinFunctionType, types.BuiltinMethodType)):
-        return True  # C code; a callback handed to it is a name of its own, checked on its own
+        # C code; a callback handed to it is a name of its own, checked on its
+        # own — but code run from text or imported by name is not.
+        return value not in _RUNS_CODE
     if isinstance(value, (types.FunctionType, types.MethodType)):
         return (getattr(value, "__module__", None) or "").split(".")[0] in ("torch", "seethrough")
     if isinstance(value, type):
