@@ -190,3 +190,37 @@ def test_a_helper_defined_in_the_body_works(net, x, patched_during_forward):
 
         h = local_grab(model)
     assert torch.equal(h, reference_first_output(net, x))
+
+
+class Report:
+    """A model output of the user's own class, with a method that saves."""
+
+    def __init__(self, hidden: torch.Tensor) -> None:
+        self.hidden = hidden
+
+    def keep(self) -> torch.Tensor:
+        return self.hidden.save()
+
+
+class Reporting(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> Report:
+        return Report(self.inner(x))
+
+
+def test_a_save_reached_unseen_fails_loudly_with_the_fix(x):
+    """What the text cannot show (a method of an object the model returns)
+    fails with Python's AttributeError and a note naming the fix."""
+    model = seethrough.Model(Reporting())
+    with pytest.raises(AttributeError) as caught:
+        with model.trace(x):
+            h = model.output.keep()
+    notes = "\n".join(getattr(caught.value, "__notes__", []))
+    assert "seethrough.save(value)" in notes
+    assert "save" not in torch.Tensor.__dict__
+    with model.trace(x):
+        report = model.output.save()
+    assert isinstance(report, Report)

@@ -30,7 +30,7 @@ from .interleaver import WAITING, Interleaver, Task, _StopTrace
 from .namespace import BodyNamespace, CrossFlow, TracedNamespace
 from .backward import BACKWARD_PATCH
 from .patches import SAVE_PATCH, ForwardSkip
-from .save_reach import NO_CALLS, needs_tensor_save
+from .save_reach import NO_CALLS, explain_missing_tensor_save, needs_tensor_save
 from .runtime import current_task, running_traces
 from .saving import LazyText, NotSaved, SaveRegistry, hand_back
 from .values import savable, splice
@@ -391,6 +391,8 @@ class TraceRun:
             if self._weights:
                 self.check_weights()
         except BaseException as error:
+            if isinstance(error, AttributeError) and not self._needs_save:
+                explain_missing_tensor_save(error)
             self.clean_traceback(error)
             raise
         finally:

@@ -172,3 +172,15 @@ def _is_inert(value: Any, depth: int) -> bool:
             return True
         return root is None or object.__getattribute__(root, "__dict__").get("_envoys") is None
     return False
+
+
+def explain_missing_tensor_save(error: AttributeError) -> None:
+    """Add a note to ``'Tensor' object has no attribute 'save'`` raised in a run
+    that judged it would not need ``Tensor.save`` (the error keeps its type)."""
+    if getattr(error, "name", None) != "save" or type(getattr(error, "obj", None)).__name__ not in ("Tensor", "Parameter"):
+        return
+    error.add_note(
+        "seethrough: this trace ran without `Tensor.save`, because its body reads only envoys, torch, builtins "
+        "and plain data, so nothing it calls looked able to save a tensor. The `.save()` above was reached some "
+        "other way (e.g. a method of an object the model returned): call `seethrough.save(value)` there instead."
+    )
