@@ -18,7 +18,8 @@ from torch import nn
 from seethrough.errors import InvokeError, OutOfOrderError
 from seethrough.tracing.cache import Cache
 from seethrough.tracing.hooks import ModuleTree
-from seethrough.tracing.interleaver import Interleaver, Task
+from seethrough.tracing.interleaver import Interleaver
+from seethrough.tracing.tasks import Task
 
 _CALL = compile("work()", "<interleaver test body>", "exec")
 

@@ -13,6 +13,6 @@ All are seethrough's own classes, not copies.
 
 from ..errors import MissedProviderError, OutOfOrderError
 from ..tracing.interleaver import Interleaver
-from ..tracing.interleaver import Task as Mediator
+from ..tracing.tasks import Task as Mediator
 
 __all__ = ["Interleaver", "Mediator", "MissedProviderError", "OutOfOrderError"]

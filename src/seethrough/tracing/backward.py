@@ -33,7 +33,7 @@ from .patches import ClassPatch
 from .runtime import current_task
 
 if TYPE_CHECKING:
-    from .interleaver import Task
+    from .tasks import Task
 
 _TENSOR_GRAD = torch._C.TensorBase.grad  # the C-level descriptor
 _original_backward = torch.Tensor.backward

@@ -37,7 +37,7 @@ from ..errors import InvokeError
 from .runtime import current_task
 
 if TYPE_CHECKING:
-    from .interleaver import Task
+    from .tasks import Task
 
 
 class Barrier:

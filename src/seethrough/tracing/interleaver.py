@@ -38,115 +38,14 @@ from ..errors import InvokeError, MissedProviderError, OutOfOrderError, ShapeMis
 from .hooks import HookSet
 from .runtime import FINISHED, give_back_worker, take_worker
 from .sentinels import MISSING
-from .values import Handed, narrow, rejoin, splice
+from .tasks import (BLOCKED, DONE, RUNNING, WAITING, Event, Task, _by_index, _EndOfSteps, _HookedCall, _StopForward,
+                    _StopTrace, _UNBATCHED)
+from .values import narrow, rejoin, splice
 
 if TYPE_CHECKING:
     from .cache import Cache
     from .contract import HookPlan, ModuleHandle
     from .run import TraceRun
-
-NEW, RUNNING, WAITING, BLOCKED, DONE = "new", "running", "waiting", "blocked", "done"
-
-
-class _StopTrace(BaseException):
-    """Raised by ``tracer.stop()`` inside a body; ends the trace early, keeping saves."""
-
-
-class _StopForward(BaseException):
-    """Raised out of a hook to abandon the rest of the forward pass."""
-
-
-class _EndOfSteps(BaseException):
-    """Thrown into a task waiting for a generation step that never comes."""
-
-
-class Task:
-    """One body (an invoke, the trace body, or a persistent edit) in a trace."""
-
-    # Defaults on the class: several tasks are built for every trace.
-    greenlet: Any = None  # its worker greenlet while it runs
-    state = NEW
-    pending: tuple | None = None  # the event key it waits for
-    # What it last asked for, for messages should the value never come:
-    # (envoy or None, kind, the asking frame, its module had run before,
-    # asked before the forward began).
-    asked: tuple | None = None
-    blocked_until: Callable[[], bool] | None = None
-    blocked_at: Any = None  # the barrier it waits at (for messages), if any
-    waited_for: str | None = None  # what it last waited for, as a sentence for messages
-    hooked_calls: set[int] | None = None  # ids of modules it ran itself with `hook=True`
-
-    # nnsight code catches these as `Mediator.OutOfOrderError` / `Mediator.
-    # MissedProviderError`; `seethrough.intervention.interleaver.Mediator` is this class.
-    OutOfOrderError = OutOfOrderError
-    MissedProviderError = MissedProviderError
-
-    def __init__(
-        self,
-        run: "TraceRun",
-        index: int,
-        label: str,
-        code: Any,
-        ns: dict,
-        rows: slice | None,
-        stored: frozenset[str],
-        is_invoke: bool,
-    ) -> None:
-        self.run = run
-        self.index = index
-        self.label = label
-        self.code = code
-        self.ns = ns
-        self.rows = rows
-        self.grad_enabled = torch.is_grad_enabled()
-        self.stored = stored
-        self.is_invoke = is_invoke
-
-    def _body(self, *_: Any) -> None:
-        exec(self.code, self.ns)
-
-    @property
-    def done(self) -> bool:
-        return self.state == DONE
-
-    def __repr__(self) -> str:
-        return f"<Task {self.label} {self.state}>"
-
-
-class _HookedCall:
-    """What a task switches to the main greenlet with to run a module there,
-    watched by the trace (``envoy(..., hook=True)``, see :meth:`Interleaver.call_hooked`)."""
-
-    __slots__ = ("module", "args", "kwargs")
-
-    def __init__(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        self.module = module
-        self.args = args
-        self.kwargs = kwargs
-
-
-# The batch size of events from a hooked call: its values are that call's
-# own, not rows of the traced batch, so no invoke's view narrows them.
-_UNBATCHED = -1
-
-
-class Event:
-    """A value the forward pass has reached: a module's inputs or its output."""
-
-    __slots__ = ("key", "value", "served", "batch_size", "kind", "views", "handed")
-
-    def __init__(self, key: tuple, kind: str, value: Any, batch_size: int) -> None:
-        self.key = key
-        self.kind = kind
-        self.value = value
-        self.served: set[int] = set()
-        self.batch_size = batch_size
-        # task index -> (the value it was narrowed from, the task's view): a
-        # task reading the same value twice gets the same tensors.
-        self.views: dict[int, tuple[Any, Any]] | None = None
-        # The views handed out, while autograd is on (see `values.rejoin`).
-        self.handed: Handed | None = None
-
 
 def _outside_invoke(envoy: "ModuleHandle", kind: str) -> str:
     """The message for a module value read by a task that is no invoke (a
@@ -821,8 +720,3 @@ class Interleaver:
         self.outside_invoke = _outside_invoke
         self.deadlock_error = _deadlock
         self.on_module_hooked = None
-
-def _by_index(task: Task) -> int:
-    return task.index
-
-

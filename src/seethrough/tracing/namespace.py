@@ -44,7 +44,8 @@ from .runtime import SAVE_METHOD, save_method
 
 if TYPE_CHECKING:
     from .capture import CapturedBlock
-    from .interleaver import Interleaver, Task
+    from .interleaver import Interleaver
+    from .tasks import Task
 
 _contains = dict.__contains__
 _getitem = dict.__getitem__

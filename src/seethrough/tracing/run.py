@@ -26,7 +26,8 @@ import torch
 from .._frames import describe_location, strip_library_frames
 from ..errors import InvokeError, SeethroughError, WeightsModifiedError
 from .capture import CapturedBlock
-from .interleaver import WAITING, Interleaver, Task, _StopTrace
+from .interleaver import Interleaver
+from .tasks import WAITING, Task, _StopTrace
 from .namespace import BodyNamespace, CrossFlow, TracedNamespace
 from .backward import BACKWARD_PATCH
 from .patches import SAVE_PATCH, ForwardSkip

@@ -15,7 +15,7 @@ import greenlet
 import torch
 
 if TYPE_CHECKING:
-    from .interleaver import Task
+    from .tasks import Task
     from .run import TraceRun
 
 T = TypeVar("T")

@@ -19,7 +19,7 @@ from ..errors import InvokeError, SeethroughError, TraceSourceError
 from .barrier import Barrier
 from .cache import Cache
 from .capture import CapturedBlock
-from .interleaver import _EndOfSteps, _StopTrace
+from .tasks import _EndOfSteps, _StopTrace
 from .namespace import BodyNamespace
 from .run import Backend, TraceRun
 from .runtime import current_task
