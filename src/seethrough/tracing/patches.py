@@ -1,8 +1,9 @@
 """Patches that exist only while a trace runs, and are always taken back.
 
-* ``torch.Tensor.save`` (so ``h = module.output.save()`` works on the real
-  tensor) is installed when the first trace of the process starts and
-  removed when the last one ends; ``torch.Tensor.backward`` and
+* ``torch.Tensor.save`` (so that ``.save()`` works on a real tensor in code
+  a body calls, where it is not rewritten) is installed when the first trace
+  that may need it starts (see :mod:`.save_reach`) and removed when the last
+  such trace ends; ``torch.Tensor.backward`` and
   ``Tensor.grad`` (see :mod:`.backward`) likewise, for the traces that need
   them.  All three are :class:`ClassPatch` objects: reference-counted,
   thread-safe, and restored exactly.

@@ -75,7 +75,7 @@ class TraceRun:
     meetings: Any = _NOTHING  # Barrier -> Meeting: the barriers' rounds in this run
     _uses_backward = False  # `with loss.backward():` needs the Tensor.backward patch
     _backward_patched = False
-    _needs_save = False  # a body may reach code calling `Tensor.save` (see `_reaches_tensor_save`)
+    _needs_save = False  # a body may reach code calling `Tensor.save` (see `_note_calls`)
     _save_patched = False
     _executing = False
     sources: Any = None  # RunSources: forwards instrumented for `.source` (tracing/operations.py)
