@@ -129,14 +129,16 @@ class RequestForker:
 
     ``handler(payload, connection)`` runs in each request process.  The next
     request process is forked as soon as the previous one is gone and waits
-    for its payload, so the fork is not on a request's path; ``prepare()``
+    for its payload, so the fork is not on a request's path; ``prepare(arrived)``
     runs in it while it waits (a warm-up forward: the pages a forward writes
-    are copied then, not during the request).
+    are copied then, not during the request).  ``arrived()`` is true once the
+    payload is waiting: a warm-up must stop then, since under steady load the
+    next request is sent while the warm-up still runs.
     """
 
     def __init__(self, handler: Callable[[bytes, Connection], None], timeout: float, memory_budget: int | None,
                  max_message: int, private_tmp: str | None = None,
-                 prepare: Callable[[], None] | None = None) -> None:
+                 prepare: Callable[[Callable[[], bool]], None] | None = None) -> None:
         self.handler = handler
         self.prepare = prepare
         self.timeout = timeout
@@ -209,13 +211,14 @@ class RequestForker:
                 os.close(job_writer)
                 os.close(answer_reader)
                 self._enter_child(parent)
-                if self.prepare is not None:
+                job = Connection(job_reader, writable=False)
+                if self.prepare is not None and not job.poll():
                     try:
-                        self.prepare()
+                        self.prepare(job.poll)  # `poll()` returns at once: is the payload there?
                     except Exception:  # noqa: BLE001 - only a speed-up: the request still runs without it
                         logger.debug("warm-up in a waiting request process failed", exc_info=True)
                 try:
-                    payload = Connection(job_reader, writable=False).recv_bytes()
+                    payload = job.recv_bytes()
                 except EOFError:  # the model process stopped, or discarded this process
                     os._exit(0)
                 self.handler(payload, Connection(answer_writer, readable=False))

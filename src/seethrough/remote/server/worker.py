@@ -44,7 +44,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..._version import __version__
 from ..protocol import error_answer
@@ -246,14 +246,33 @@ def _warm_up(model: Any) -> None:
         hf_logging.set_verbosity(verbosity)
 
 
-def _warm_forward(model: Any) -> None:
+class _RequestArrived(Exception):
+    """Ends a warm-up forward: the request it prepared for is waiting."""
+
+
+def _warm_forward(model: Any, arrived: Callable[[], bool]) -> None:
     """A one-token forward in a request process waiting for its request: the memory a
-    forward writes is copied from the model process now rather than during the request."""
+    forward writes is copied from the model process now rather than during the request.
+
+    It stops at the next module call once ``arrived()``: under steady load the next
+    request comes while this runs, and waiting for the rest of a warm-up would cost
+    that request more than the copying it saves.  (The check is a hook on every
+    module call, torch-wide: this process is the request's own and dies with it.)"""
     import torch
 
+    def stop_if_arrived(module: Any, args: Any) -> None:
+        if arrived():
+            raise _RequestArrived()
+
     ids = torch.zeros((1, 1), dtype=torch.long, device=model.device)
-    with torch.no_grad():
-        model._model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(stop_if_arrived)
+    try:
+        with torch.no_grad():
+            model._model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    except _RequestArrived:
+        pass
+    finally:
+        handle.remove()
 
 
 def _forward_and_generate(model: Any, ids: Any) -> None:
@@ -300,7 +319,7 @@ def run_worker(conn: Any, options: WorkerOptions) -> None:
 
         forker = RequestForker(handler, options.timeout, options.memory_limit,
                                options.max_result_bytes + framing.MAX_HEADER_BYTES + 4096, private_tmp,
-                               prepare=lambda: (_set_threads(threads), _warm_forward(model)))
+                               prepare=lambda arrived: (_set_threads(threads), _warm_forward(model, arrived)))
         memory = ("no memory limit" if options.memory_limit is None else
                   f"memory limit: each request process may grow {options.memory_limit / 2**30:.2f} GiB past the "
                   f"model process ({(address_space() or 0) / 2**30:.2f} GiB of address space)")
