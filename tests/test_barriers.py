@@ -15,7 +15,7 @@ from torch import nn
 
 import seethrough
 from seethrough import CrossInvokeError, InvokeError, LanguageModel
-from test_server import ALICE, server, smollm2_small_dir  # noqa: F401 - the shared server fixtures
+from test_server import ALICE, server  # noqa: F401 - the shared server fixtures
 
 
 class Stack(nn.Module):

@@ -257,7 +257,7 @@ def test_tutorial_multi_token_generation_on_smollm2(smollm2_full):
 
 # -- remote: the same idioms on a server ---------------------------------------------------------
 
-from test_server import ALICE, server, smollm2_small_dir  # noqa: E402,F401 - the shared server fixtures
+from test_server import ALICE, server  # noqa: E402,F401 - the shared server fixtures
 
 
 def _idioms_body(model, options):

@@ -634,13 +634,3 @@ def test_the_state_fingerprint_sees_every_mutation_and_nothing_else(which, gpt2_
     got.pop("module list")  # the module tree: the guard's business
     for name, changes in got.items():
         assert changes, f"the fingerprint missed: {name}"
-
-
-@pytest.fixture(scope="session")
-def smollm2_small_dir(tmp_path_factory, smollm2_small) -> Path:
-    path = tmp_path_factory.getbasetemp() / "smollm2-4-layers"
-    if not (path / "model.safetensors").exists():
-        model, tokenizer = smollm2_small
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-    return path

@@ -23,7 +23,7 @@ from seethrough import LanguageModel
 from seethrough.remote import protocol
 from seethrough.remote.client import RemoteAuthError, RemoteConnectionError, RemoteRequestError, job, remote_model
 from seethrough.remote.server import testing
-from test_server import ALICE, BOB, server, smollm2_small_dir  # noqa: F401 - the shared server fixtures
+from test_server import ALICE, BOB, server  # noqa: F401 - the shared server fixtures
 from fixtures.threads import one_thread  # noqa: F401 - autouse: the server's one torch thread
 
 pytestmark = [pytest.mark.timeout(300)]

@@ -28,7 +28,7 @@ from seethrough.remote import backend, client
 from seethrough.remote.client import ModelNotServedError, RemoteError, rebuild_error
 from seethrough.remote.protocol import error_answer
 from seethrough.remote.sandbox import SandboxViolation
-from test_server import ALICE, server, smollm2_small_dir  # noqa: F401 - the shared server fixtures
+from test_server import ALICE, server  # noqa: F401 - the shared server fixtures
 from fixtures.threads import one_thread  # noqa: F401 - autouse: the server's one torch thread
 
 pytestmark = [pytest.mark.timeout(300)]

@@ -237,7 +237,7 @@ def test_remote_bodies_cannot_spell_the_internal_name():
 
 # -- remote: the same code, the same values ------------------------------------------------------
 
-from test_server import ALICE, server, smollm2_small_dir  # noqa: E402,F401 - the shared server fixtures
+from test_server import ALICE, server  # noqa: E402,F401 - the shared server fixtures
 
 
 def _remote_generate_body(model, options):

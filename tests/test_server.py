@@ -21,7 +21,6 @@ import sys
 import time
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -51,17 +50,6 @@ CHECK_SOURCE = "h0 = model.transformer.h[0].output.save()\nlogits = model.output
 
 
 # -- fixtures -----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def smollm2_small_dir(tmp_path_factory, smollm2_small) -> Path:
-    """SmolLM2 cut to 4 layers, saved with its tokenizer (shared with test_remote.py)."""
-    path = tmp_path_factory.getbasetemp() / "smollm2-4-layers"
-    if not (path / "model.safetensors").exists():
-        model, tokenizer = smollm2_small
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from seethrough import NotSavedError
 from test_remote import assert_same, on, served  # noqa: F401 - shared helpers
-from test_server import server, smollm2_small_dir  # noqa: F401 - the shared server fixtures
+from test_server import server  # noqa: F401 - the shared server fixtures
 
 pytestmark = [pytest.mark.timeout(300)]
 

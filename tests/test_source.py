@@ -19,7 +19,7 @@ import seethrough
 from seethrough import LanguageModel, Model
 from seethrough.errors import ModulePathError, NotInTraceError, OutOfOrderError, SourceError
 from fixtures.models import assert_pristine, hook_state
-from test_server import ALICE, server, smollm2_small_dir  # noqa: F401 - the shared server fixtures
+from test_server import ALICE, server  # noqa: F401 - the shared server fixtures
 
 
 class Toy(nn.Module):

@@ -45,7 +45,7 @@ from .values import narrow, rejoin, splice
 if TYPE_CHECKING:
     from .cache import Cache
     from .contract import HookPlan, ModuleHandle
-    from .run import TraceRun
+
 
 def _outside_invoke(envoy: "ModuleHandle", kind: str) -> str:
     """The message for a module value read by a task that is no invoke (a
