@@ -220,6 +220,11 @@ def test_a_save_reached_unseen_fails_loudly_with_the_fix(x):
             h = model.output.keep()
     notes = "\n".join(getattr(caught.value, "__notes__", []))
     assert "seethrough.save(value)" in notes
+    with pytest.raises(AttributeError) as caught:
+        with model.session():
+            with model.trace(x):
+                h = model.output.keep()
+    assert len([note for note in caught.value.__notes__ if "seethrough.save(value)" in note]) == 1  # said once
     assert "save" not in torch.Tensor.__dict__
     with model.trace(x):
         report = model.output.save()

@@ -121,16 +121,16 @@ class TraceRun:
             self.flow = CrossFlow(interleaver, self.body, globals_)
         if not captured.attributes.isdisjoint(_SPECIAL):
             self._note(captured)
-        if captured.reach is not NO_CALLS:
-            self._note_calls(captured, ({captured.as_name: tracer} if captured.as_name else {}, seed, globals_))
+        self._note_calls(captured, (body_ns, globals_))  # body_ns: the seed and the `as` name
         if model._edits:
             self.edit_tasks = []
             for spec in model._edits:
+                edit_ns = BodyNamespace(spec.seed, spec.globals)
                 self.edit_tasks.append(
-                    Task(self, 0, "an edit (model.edit)", spec.captured.code, BodyNamespace(spec.seed, spec.globals), None, spec.captured.stored, True)
+                    Task(self, 0, "an edit (model.edit)", spec.captured.code, edit_ns, None, spec.captured.stored, True)
                 )
                 self._note(spec.captured)
-                self._note_calls(spec.captured, (spec.seed, spec.globals))
+                self._note_calls(spec.captured, (edit_ns, spec.globals))
 
     def _note(self, captured: CapturedBlock) -> None:
         """Prepare what this body's text says it may need."""
@@ -146,7 +146,8 @@ class TraceRun:
     def _note_calls(self, captured: CapturedBlock, namespaces: tuple) -> None:
         """If this body might reach code that calls ``.save()`` on a tensor (see
         :mod:`.save_reach`), the run installs ``Tensor.save``."""
-        if self._needs_save or not needs_tensor_save(captured.reach, captured.loaded, namespaces):
+        reach = captured.reach
+        if reach is NO_CALLS or self._needs_save or not needs_tensor_save(reach, captured.loaded, namespaces):
             return
         self._needs_save = True
         if self._executing:  # an invoke opened while the trace runs
@@ -305,8 +306,7 @@ class TraceRun:
             self.invoke_inputs.append((invoke, (args, kwargs)))
         if not captured.attributes.isdisjoint(_SPECIAL):
             self._note(captured)
-        if captured.reach is not NO_CALLS:
-            self._note_calls(captured, (ns, self.seed, self.globals))
+        self._note_calls(captured, (ns, self.seed, self.globals))
 
     def module_access_outside_invoke(self, envoy: "ModuleHandle", kind: str) -> str:
         accessor = "output" if kind == "output" else "input"

@@ -157,11 +157,7 @@ def save_method(value: T) -> T:
     """
     kind = type(value)
     if kind is torch.Tensor or kind in _BUILTIN_DATA:
-        # `save(value)`, inlined: the common case of every `.output.save()`.
-        current = greenlet.getcurrent()
-        if type(current) is TaskGreenlet:
-            return current.task.run.saves.add(value)
-        return save(value)
+        return save(value)  # the common case (`.output.save()`): no `save` of their own to look for
     if kind is super:  # `super().save()` in a class defined in the body
         return value.save()
     own = getattr(kind, "save", None)
