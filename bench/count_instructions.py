@@ -34,55 +34,27 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _conditions():
+    """trace_overhead.py's models, inputs and trace bodies (its sections 2 and 3)."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
 
     sys.path.insert(0, HERE)
-    import _harness as H
-
-    import seethrough
+    import trace_overhead as T
 
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    mlp = H.MLP2().eval()
-    wrapped_mlp = seethrough.Model(mlp)
-    x_mlp = torch.randn(1, 16)
-    gpt2 = {}
-    for blocks in (2, 12):
-        net = GPT2LMHeadModel(GPT2Config(n_layer=blocks, n_embd=64, n_head=4, n_positions=64, vocab_size=1000))
-        gpt2[blocks] = (net.eval(), seethrough.Model(net))
-    x_gpt2 = torch.randint(0, 1000, (1, 32))
-
-    def mlp_empty():
-        with wrapped_mlp.trace(x_mlp):
-            pass
-
-    def mlp_save():
-        with wrapped_mlp.trace(x_mlp):
-            h = wrapped_mlp.act.output.save()
-        return h
-
-    def gpt2_empty(blocks):
-        model = gpt2[blocks][1]
-        with model.trace(x_gpt2):
-            pass
-
-    def gpt2_save(blocks, k):
-        model = gpt2[blocks][1]
-        with model.trace(x_gpt2):
-            hs = [model.transformer.h[i].output.save() for i in range(k)]
-        return hs
-
+    models, _ = T.build_models(argparse.Namespace(seed=0))
+    mlp, wrapped_mlp = models["mlp"]
+    x_mlp, x_gpt2 = models["xm"], models["xt"]
+    gpt2 = {2: models["g2"], 12: models["g12"]}
     return [
         ("mlp raw", lambda: mlp(x_mlp), 400),
-        ("mlp empty", mlp_empty, 400),
-        ("mlp one-save", mlp_save, 400),
+        ("mlp empty", lambda: T.st_empty(wrapped_mlp, x_mlp), 400),
+        ("mlp one-save", lambda: T.st_mlp_save(wrapped_mlp, x_mlp), 400),
         ("gpt2-2 raw", lambda: gpt2[2][0](x_gpt2), 60),
-        ("gpt2-2 empty", lambda: gpt2_empty(2), 60),
+        ("gpt2-2 empty", lambda: T.st_empty(gpt2[2][1], x_gpt2), 60),
         ("gpt2-12 raw", lambda: gpt2[12][0](x_gpt2), 30),
-        ("gpt2-12 empty", lambda: gpt2_empty(12), 30),
-        ("gpt2-12 save 1", lambda: gpt2_save(12, 1), 30),
-        ("gpt2-12 save 12", lambda: gpt2_save(12, 12), 30),
+        ("gpt2-12 empty", lambda: T.st_empty(gpt2[12][1], x_gpt2), 30),
+        ("gpt2-12 save 1", lambda: T.st_save_first_blocks(gpt2[12][1], x_gpt2, 1), 30),
+        ("gpt2-12 save 12", lambda: T.st_save_first_blocks(gpt2[12][1], x_gpt2, 12), 30),
     ]
 
 
