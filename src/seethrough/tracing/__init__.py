@@ -7,6 +7,10 @@ are the implementation:
 * :mod:`.takeover` — stop Python from running it, write results back;
 * :mod:`.run` — one run of a body against one model call (the one mechanism);
 * :mod:`.interleaver` — greenlets and hooks that interleave bodies and forward;
+* :mod:`.stacks` — where those greenlets' C stacks live: one hub per thread
+  runs every forward, so a pooled body greenlet never resumes at a depth
+  torch's error backtraces could walk past;
+* :mod:`.runtime` — the running task, the running traces, the task greenlet type;
 * :mod:`.namespace` — where body code runs, and name flow between invokes;
 * :mod:`.values` — narrowing to an invoke's rows, splicing edits;
 * :mod:`.saving` — ``.save()`` and what comes back after a trace;

@@ -2,7 +2,8 @@
 
 Every body that takes part in a trace (each invoke, and the trace body
 itself) is a :class:`Task` running in its own greenlet.  The forward pass runs
-in the greenlet that entered the trace (the "main" one).  When a body reads
+in the trace's forward greenlet (the "main" one here; see :mod:`.stacks` for
+where these greenlets live and why).  When a body reads
 ``module.output``, its task asks the :class:`Interleaver` for the event
 (module, "output"): a hook is put on that module (only on modules someone asks
 for, so untouched modules cost nothing), and the task sleeps.  When the
@@ -36,8 +37,9 @@ import torch
 from .._frames import describe_frame, user_frame, where_user_is
 from ..errors import InvokeError, MissedProviderError, OutOfOrderError, ShapeMismatchError
 from .hooks import HookSet
-from .runtime import FINISHED, give_back_worker, take_worker
+from .runtime import FINISHED
 from .sentinels import MISSING
+from .stacks import give_back_worker, take_worker
 from .tasks import (BLOCKED, DONE, RUNNING, WAITING, Event, Task, _by_index, _EndOfSteps, _HookedCall, _StopForward,
                     _StopTrace, _UNBATCHED)
 from .values import narrow, rejoin, splice
@@ -437,14 +439,13 @@ class Interleaver:
 
     def _make_output_hook(self) -> Callable:
         getcurrent = greenlet.getcurrent
-        main = self.main
         fired = self.fired
         waiting = self.waiting
 
         def output_hook(mod: torch.nn.Module, args: Any, output: Any) -> Any:
             # Only our own forward pass (and calls made with `hook=True`) count
             # (see `_in_our_forward`).
-            if not (self.forward_running or self.hooked_calls_running) or getcurrent() is not main:
+            if not (self.forward_running or self.hooked_calls_running) or getcurrent() is not self.main:
                 return None
             # `_reached`, with its common exit inlined: nobody wants the value.
             key = (id(mod), "output")

@@ -21,6 +21,7 @@ from __future__ import annotations
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable
 
+import greenlet
 import torch
 
 from .._frames import describe_location, strip_library_frames
@@ -33,6 +34,7 @@ from .backward import BACKWARD_PATCH
 from .patches import SAVE_PATCH, ForwardSkip
 from .save_reach import NO_CALLS, explain_missing_tensor_save, needs_tensor_save
 from .runtime import current_task, running_traces
+from .stacks import run_on_hub
 from .saving import LazyText, NotSaved, SaveRegistry, hand_back
 from .values import savable, splice
 from .takeover import TAKEN_OVER
@@ -174,12 +176,11 @@ class TraceRun:
         if self._uses_backward:
             self._patch_backward()
         try:
-            self._execute()
-        except _StopTrace:
-            pass
+            run_on_hub(self._execute_on_hub)
         finally:
             try:
-                self.interleaver.close()
+                if not self.interleaver.closing:  # the forward greenlet never ran
+                    self.interleaver.close()
                 if self.skips:
                     for skip in self.skips.values():
                         skip.restore()
@@ -196,6 +197,17 @@ class TraceRun:
                     self._save_patched = False
                     SAVE_PATCH.exit()
                 running.pop()
+
+    def _execute_on_hub(self) -> None:
+        """Everything the bodies and the forward pass do, in a forward greenlet
+        (see :mod:`.stacks`); the tasks' greenlets are closed here too."""
+        self.interleaver.main = greenlet.getcurrent()  # the greenlet the forward runs in
+        try:
+            self._execute()
+        except _StopTrace:
+            pass
+        finally:
+            self.interleaver.close()
 
     def _execute(self) -> None:
         interleaver = self.interleaver

@@ -36,46 +36,6 @@ class _Finished:
 
 
 FINISHED = _Finished()
-_POOL_LIMIT = 64
-
-
-def _worker_loop() -> None:
-    # Starting a greenlet costs ~10 us, switching into a waiting one ~1 us: so
-    # workers are reused.  The task travels on the greenlet (`me.task`), not as
-    # an argument, which the first call would otherwise keep alive for good.
-    # A body that raises ends its worker, and the error reaches the parent with
-    # its traceback (nothing of it stays in the pool).
-    me = greenlet.getcurrent()
-    while True:
-        task = me.task
-        task._body()
-        task = None
-        me.task = None
-        me.parent.switch(FINISHED)
-
-
-def take_worker(task: "Task", parent: greenlet.greenlet) -> TaskGreenlet:
-    """An idle worker greenlet of this thread (or a new one) for ``task``."""
-    idle = getattr(_local, "idle", None)
-    if idle:
-        worker = idle.pop()
-        worker.parent = parent
-    else:
-        worker = TaskGreenlet(_worker_loop, parent=parent)
-    worker.task = task
-    return worker
-
-
-def give_back_worker(worker: TaskGreenlet) -> None:
-    """Return a worker whose body has ended to this thread's pool."""
-    worker.task = None
-    if worker.dead:
-        return
-    idle = getattr(_local, "idle", None)
-    if idle is None:
-        idle = _local.idle = []
-    if len(idle) < _POOL_LIMIT:
-        idle.append(worker)
 
 
 def current_task() -> "Task | None":
