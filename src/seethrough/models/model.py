@@ -130,6 +130,27 @@ class Model(Envoy):
             object.__setattr__(self, "_device_probe", probe)
         return probe.device
 
+    def _detached_root(self) -> "Model":
+        """A copy of this wrapper's settings (envoy classes, aliases, the
+        module) without its envoys, made once: child envoys hold it (and this
+        wrapper only weakly), so a child kept after the wrapper is dropped
+        still resolves its own children and aliases (see ``envoy._RootLink``)."""
+        state = self.__dict__
+        if state.get("_is_detached_copy"):
+            return self
+        detached = state.get("_detached")
+        if detached is None:
+            detached = type(self).__new__(type(self))
+            detached.__dict__.update(
+                (name, value) for name, value in state.items()
+                if name.startswith("_") and name not in ("_children", "_source", "_detached")
+                and not _holds_envoys(value)  # (public attributes are a subclass's own, not settings)
+            )
+            object.__setattr__(detached, "_children", {})
+            object.__setattr__(detached, "_is_detached_copy", True)  # a root: its `_root` is itself
+            object.__setattr__(self, "_detached", detached)
+        return detached
+
     def _source_view(self, envoy: Envoy) -> ModuleSource:
         """``envoy.source`` (one per envoy; see :mod:`seethrough.source`)."""
         view = envoy.__dict__.get("_source")
@@ -396,10 +417,36 @@ class Model(Envoy):
         clone.__dict__.update(self.__dict__)
         for name in cached_children(self):  # the clone makes its own child envoys
             del clone.__dict__[name]
-        object.__setattr__(clone, "_root", clone)
+        clone.__dict__.pop("_root_ref", None)  # the clone is a root: `_root` is itself
+        clone.__dict__.pop("_detached", None)  # and makes its own detached copy
         object.__setattr__(clone, "_children", {})
         object.__setattr__(clone, "_edits", list(self._edits))
         return clone
+
+
+def _holds_envoys(value: Any) -> bool:
+    """An envoy, or a list, tuple, set or dict with one (what a detached copy
+    of the wrapper must not hold: its envoys hold the copy)."""
+    if isinstance(value, Envoy):
+        return True
+    if isinstance(value, dict):
+        value = value.values()
+    elif not isinstance(value, (list, tuple, set, frozenset)):
+        return False
+    return any(isinstance(item, Envoy) for item in value)
+
+
+def _rename_aliases(rules: list, module: torch.nn.Module) -> tuple[dict[str, str], dict[str, tuple[str, ...]]]:
+    """The ``rename=`` aliases alone, as (root path aliases, child name aliases):
+    what ``envoys=`` path keys may be spelled with besides the real names."""
+    paths: dict[str, str] = {}
+    names: dict[str, tuple[str, ...]] = {}
+    for parts, alias in rules:
+        if len(parts) == 1:
+            names[alias] = names.get(alias, ()) + parts
+        elif has_path(module, ".".join(parts)):
+            paths[alias] = ".".join(parts)
+    return paths, names
 
 
 def _class_envoys(cls: type) -> Any:
@@ -506,8 +553,14 @@ class EditContext:
         elif captured.as_names:
             names[captured.as_names[0]] = _ApplyingTracer()
             names[captured.as_names[1]] = target
+        # What the edit keeps of its frame: the names its body uses, except
+        # those bound to the wrapper that holds the edit (bound again at
+        # each run, see EditSpec: no cycle keeps a dropped wrapper alive).
         seed.update(names)  # the body may use what `as` binds
-        target._edits.append(EditSpec(captured, seed, globals_))
+        used = captured.loaded | captured.stored
+        self_names = tuple(name for name in used if name in seed and seed[name] is target)
+        kept = {name: value for name, value in seed.items() if name in used and value is not target}
+        target._edits.append(EditSpec(captured, kept, globals_, target, self_names))
         write_back(frame, names)
         return True
 

@@ -18,6 +18,7 @@ Local traces, scans, edits, sessions and the remote server all use this class.
 
 from __future__ import annotations
 
+import weakref
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -45,14 +46,35 @@ Backend = Callable[["TraceRun", tuple, dict], Any]
 
 
 class EditSpec:
-    """A persistent intervention recorded by ``model.edit()``."""
+    """A persistent intervention recorded by ``model.edit()``.
 
-    __slots__ = ("captured", "seed", "globals")
+    The wrapper that owns the edit holds it (``model._edits``), so the edit
+    must not hold that wrapper: the names of the edit's own frame that are
+    bound to it (``with model.edit(inplace=True)``'s ``model``, the ``as``
+    name) are kept apart in ``self_names`` and bound, at each run, to the
+    wrapper (held weakly; a copy made by a later ``edit()`` stands in once the
+    owner is gone).  Without that cycle, dropping the wrapper frees it at once.
+    """
 
-    def __init__(self, captured: CapturedBlock, seed: dict, globals_: dict) -> None:
+    __slots__ = ("captured", "seed", "globals", "self_names", "_owner")
+
+    def __init__(
+        self, captured: CapturedBlock, seed: dict, globals_: dict, owner: Any = None, self_names: tuple[str, ...] = ()
+    ) -> None:
         self.captured = captured
         self.seed = seed
         self.globals = globals_
+        self.self_names = self_names
+        self._owner = weakref.ref(owner) if owner is not None else None
+
+    def namespace(self, model: Any) -> "BodyNamespace":
+        """The namespace an application of the edit to ``model``'s run starts with."""
+        ns = BodyNamespace(self.seed, self.globals)
+        if self.self_names:
+            owner = self._owner() if self._owner is not None else None
+            for name in self.self_names:
+                dict.__setitem__(ns, name, owner if owner is not None else model)
+        return ns
 
 
 _NOTHING: Any = MappingProxyType({})  # an empty, read-only default for rarely used maps
@@ -125,7 +147,7 @@ class TraceRun:
         if model._edits:
             self.edit_tasks = []
             for spec in model._edits:
-                edit_ns = BodyNamespace(spec.seed, spec.globals)
+                edit_ns = spec.namespace(model)
                 self.edit_tasks.append(
                     Task(self, 0, "an edit (model.edit)", spec.captured.code, edit_ns, None, spec.captured.stored, True)
                 )
@@ -406,7 +428,10 @@ class TraceRun:
         """The names to bind in the caller's scope (see :mod:`.saving`;
         ``in_session`` collects the names handed back unsaved in a session)."""
         replaced = self.saves.finish() if len(self.saves) else {}
-        where = LazyText(lambda: f"at {self._where()}")
+        # Placeholders of unsaved names outlive the run: they hold where it
+        # was, never the run (nor, through it, the model and its values).
+        filename, lineno = self.captured.filename, self.captured.with_lineno
+        where = LazyText(lambda: f"at {describe_location(filename, lineno)}")
         flow = self.flow
         if flow is not None and flow.invokes:
             names = set(self.captured.stored)

@@ -57,7 +57,8 @@ class SessionScope:
     def leaving(self, namespace: dict) -> dict[str, NotSaved]:
         """Placeholders for the lent values still bound in ``namespace``."""
         lent, self._lent = self._lent, {}
-        where = LazyText(lambda: f"in the session at {self.where}; only saved values leave a session")
+        at = self.where  # the placeholders hold where the session was, not the session
+        where = LazyText(lambda: f"in the session at {at}; only saved values leave a session")
         return {name: NotSaved(name, where) for name, value in lent.items() if name in namespace and namespace[name] is value}
 
 
