@@ -41,7 +41,7 @@ from ..tracing.tracer import Tracer
 from .backends import GenerateBackend, lm_scan_backend, meta_backend
 from .batching import PreparedInput
 from .hub import hub_endpoint, offline_loading
-from .model import Model, _remote_options
+from .model import CLASS_ENVOYS, Model, _remote_options
 
 # Repo ids that resolve to the offline copy shipped in a PyPI package.
 OFFLINE_MODELS = {
@@ -64,7 +64,7 @@ class LanguageModel(Model):
         automodel: Any = None,
         task: str | None = None,
         rename: dict[str, str] | None = None,
-        envoys: Any = None,
+        envoys: Any = CLASS_ENVOYS,
         remote_name: str | None = None,
         host: str | None = None,
         api_key: str | None = None,

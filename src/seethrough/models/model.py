@@ -20,8 +20,11 @@ makes every module's envoy an ``X`` (a subclass of
 :class:`~seethrough.envoy.Envoy`); ``envoys={torch.nn.Linear: X, "attn": Y}``
 chooses per module, by module type (matched along the module class's MRO,
 tried first) or by path suffix (dotted, matched part by part, ``*`` for any
-one part; a part also matches under its aliases).  A class attribute
-``envoys`` on a wrapper subclass is the default for its instances.
+one part; a part also matches under the user's ``rename=`` aliases, never
+under seethrough's standard names: ``"attn"`` is a module named ``attn``).
+A class attribute ``envoys`` on a wrapper subclass is the default for its
+instances, used unless the caller passes ``envoys=`` (``envoys=None``: plain
+envoys throughout).
 """
 
 from __future__ import annotations
@@ -51,6 +54,16 @@ from .batching import PreparedInput, concat_inputs, count_rows, to_device
 _TRACE_OPTIONS = ("remote", "keep_graph", "host", "blocking", "backend")
 
 
+class _ClassEnvoys:
+    """The default of ``envoys=``: the wrapper class's ``envoys`` attribute."""
+
+    def __repr__(self) -> str:
+        return "<the wrapper class's `envoys` attribute>"
+
+
+CLASS_ENVOYS: Any = _ClassEnvoys()
+
+
 class Model(Envoy):
     """Wraps any ``torch.nn.Module`` for tracing (see the module docs)."""
 
@@ -60,12 +73,12 @@ class Model(Envoy):
         *,
         rename: dict[str, str] | None = None,
         standard_names: bool = True,
-        envoys: Any = None,
+        envoys: Any = CLASS_ENVOYS,
     ) -> None:
         if not isinstance(module, torch.nn.Module):
             raise UsageTypeError(f"seethrough.Model wraps a torch.nn.Module, not a {type(module).__name__}.")
         super().__init__(module, "", None)
-        if envoys is None:
+        if envoys is CLASS_ENVOYS:
             envoys = _class_envoys(type(self))
         object.__setattr__(self, "_envoys", _check_envoys(envoys))
         paths, names = standard_aliases(module) if standard_names else ({}, {})
@@ -80,6 +93,7 @@ class Model(Envoy):
         object.__setattr__(self, "_path_aliases", paths)
         object.__setattr__(self, "_name_aliases", names)
         object.__setattr__(self, "_rename_rules", rules)
+        object.__setattr__(self, "_envoy_aliases", _rename_aliases(rules, module))
         object.__setattr__(self, "_edits", [])
 
     # -- the wrapped module -------------------------------------------------------
@@ -188,17 +202,21 @@ class Model(Envoy):
         for key, value in keys:  # the native path first
             if _suffix_matches(native, key, None):
                 return value
-        spellings = self._spellings(parts)
+        paths, names = self._envoy_aliases  # the user's rename= only, as nnsight
+        if not paths and not names:
+            return Envoy
+        spellings = self._spellings(parts, paths)
         for key, value in keys:
-            if any(_suffix_matches(spelled, key, self._name_aliases) for spelled in spellings):
+            if any(_suffix_matches(spelled, key, names) for spelled in spellings):
                 return value
         return Envoy
 
-    def _spellings(self, parts: list[str]) -> list[list[str]]:
+    @staticmethod
+    def _spellings(parts: list[str], paths: dict[str, str]) -> list[list[str]]:
         """``parts`` as written from the root, and with a root path alias
         (``layers`` for ``transformer.h``) in place of the path it stands for."""
         out = [["model", *parts]]
-        for alias, real in self._path_aliases.items():
+        for alias, real in paths.items():
             real_parts = real.split(".")
             if parts[: len(real_parts)] == real_parts:
                 out.append(["model", alias, *parts[len(real_parts):]])
