@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from .._frames import where_user_is
-from ..errors import BatchError, LanguageModelError, NotInTraceError, SeethroughError, UsageTypeError
+from ..errors import BatchError, InputTypeError, LanguageModelError, NotInTraceError, SeethroughError, UsageTypeError
 from ..remote.client import ModelNotServedError, ServedModel, served_model
 from ..tracing.runtime import current_task
 from ..tracing.tracer import Tracer
@@ -253,7 +253,7 @@ class LanguageModel(Model):
                 return self._pad([{"input_ids": [int(t) for t in row]} for row in raw])
             if kind == "chat":
                 return self._pad([self._encode_chat(list(chat)) for chat in raw])
-        raise LanguageModelError(
+        raise InputTypeError(
             f"cannot use a {type(raw).__name__} as language model input: pass a string, a list of "
             "strings, token ids (list or tensor), a tokenizer's output or chat messages "
             "([{'role': 'user', 'content': ...}])."

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from .._frames import describe_location, strip_library_frames
-from ..errors import InvokeError, SeethroughError, WeightsModifiedError
+from ..errors import InvokeError, OutOfOrderError, SeethroughError, WeightsModifiedError
 from .capture import CapturedBlock
 from .interleaver import Interleaver
 from .tasks import WAITING, Task, _StopTrace
@@ -197,6 +197,8 @@ class TraceRun:
             self._patch_backward()
         try:
             self._execute()
+            if self._skip_values:
+                self._check_skips_applied()
         except _StopTrace:
             pass
         finally:
@@ -218,6 +220,20 @@ class TraceRun:
                     self._save_patched = False
                     SAVE_PATCH.exit()
                 running.pop()
+
+    def _check_skips_applied(self) -> None:
+        """A ``.skip()`` the forward pass never reached (the module had already
+        run, or does not run for this input) skipped nothing: say so, as
+        nnsight does (an ``OutOfOrderError``), rather than end quietly."""
+        for entries in self._skip_values.values():
+            if entries:
+                what = entries[0][2]
+                module = what[: -len(".skip(...)")] if what.endswith(".skip(...)") else what
+                raise OutOfOrderError(
+                    f"`{what}` in the trace at {self._where()} skipped nothing: `{module}` did not run after "
+                    "that point of the forward pass (it had already run, or the model does not call it for "
+                    "this input). Call `.skip()` before reading any value of that module or of later modules."
+                )
 
     def _execute(self) -> None:
         interleaver = self.interleaver
