@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from ..envoy import Envoy, cached_children
-from .._frames import describe_location
+from .._frames import describe_location, hide_library_frames
 from ..errors import EnvoyClassError, ModulePathError, SeethroughError, TraceSourceError, UsageTypeError
 from ..remote.backend import RemoteOptions, run_remote
 from ..source import ModuleSource
@@ -658,7 +658,11 @@ class Session:
             try:
                 if takeover is None or not takeover.end(exc_type):
                     return False
-                run_block(takeover.captured, takeover.frame, (self,))
+                try:
+                    run_block(takeover.captured, takeover.frame, (self,))
+                except BaseException as error:
+                    hide_library_frames(error)  # this frame, added on the way out of run_block
+                    raise
                 return True
             finally:
                 exit_session(scope)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from .._frames import describe_location, strip_library_frames
+from .._frames import describe_location, only_user_frames, show_library_frames
 from ..errors import InvokeError, OutOfOrderError, SeethroughError, WeightsModifiedError
 from .capture import CapturedBlock
 from .interleaver import Interleaver
@@ -526,9 +526,12 @@ class TraceRun:
 
     def clean_traceback(self, error: BaseException) -> None:
         """Start the error's traceback at the user's body, hiding the library
-        frames (and the model's forward frames that lead back into them)."""
+        frames (and the model's forward frames that lead back into them);
+        with ``CONFIG.APP.DEBUG`` on, leave it whole."""
         if isinstance(error.__context__, TAKEN_OVER):
             error.__context__ = None
+        if show_library_frames():
+            return
         tb = error.__traceback__
         codes = {task.code for task in self.interleaver.tasks}
         codes.add(self.captured.code)
@@ -539,10 +542,10 @@ class TraceRun:
                 first_body = node
                 break
             node = node.tb_next
-        if first_body is not None:
-            error.__traceback__ = first_body
-        else:
-            error.__traceback__ = strip_library_frames(tb) or tb
+        # From the body on, without the library's frames; an error of the
+        # library's alone (no frame of the user's left) shows where the
+        # user's `with` statement is, added as it leaves the trace.
+        error.__traceback__ = only_user_frames(first_body if first_body is not None else tb)
 
 
 def _located(error: SeethroughError, where: str) -> SeethroughError:
