@@ -12,8 +12,10 @@ from torch import nn
 
 import seethrough
 from seethrough import Envoy, LanguageModel
-from seethrough.errors import EnvoyClassError, MissedProviderError, ModulePathError, OutOfOrderError, SeethroughError
-from fixtures.models import MLP, assert_pristine, assert_same_state, hook_state, state_snapshot
+from seethrough.errors import (
+    EnvoyClassError, MissedProviderError, ModuleNotCalledError, ModulePathError, OutOfOrderError, SeethroughError,
+)
+from fixtures.models import MLP, assert_pristine, assert_same_state, hook_state, record_outputs, state_snapshot
 
 
 # -- import paths ------------------------------------------------------------------------------
@@ -62,7 +64,8 @@ def test_a_value_the_model_never_provides_is_a_missed_provider_error(mlp_sae):
     with pytest.raises(Mediator.MissedProviderError) as info:
         with model.trace(torch.randn(2, 4)):
             features = model.sae.encoder.output.save()  # MARK-never
-    assert type(info.value) is MissedProviderError  # not an out-of-order read: nothing ran it
+    assert type(info.value) is ModuleNotCalledError  # not a question of order: nothing ran it
+    assert isinstance(info.value, Mediator.OutOfOrderError)  # nnsight 0.8.1 raises OutOfOrderError here
     message = str(info.value)
     assert "never called `model.sae.encoder`" in message and "MARK-never" in message and "hook=True" in message
     assert_pristine(mlp_sae)
@@ -133,12 +136,15 @@ def test_path_suffix_keys_match_part_by_part_with_wildcards_and_aliases(smollm2_
     assert all(type(layer) is Marked for layer in model.model.layers)
     assert type(model.model.layers[2].mlp) is Doubling and type(model.model.layers[2].mlp.up_proj) is Envoy
     assert type(model.model.norm) is Doubling and type(model.lm_head) is Envoy
-    # `attn` is SmolLM2's standard name for `self_attn`; `layers` stands for `model.layers`
-    aliased = LanguageModel(hf, tokenizer=tokenizer, envoys={"layers.0.attn": Doubling})
+    # rename= aliases count, as in nnsight: a part matches its alias
+    aliased = LanguageModel(hf, tokenizer=tokenizer, rename={"self_attn": "attention"},
+                            envoys={"layers.0.attention": Doubling})
     assert type(aliased.model.layers[0].self_attn) is Doubling
     assert type(aliased.model.layers[1].self_attn) is Envoy
     renamed = seethrough.Model(nn.Sequential(nn.Linear(2, 2)), rename={"0": "first"}, envoys={"first": Marked})
     assert type(renamed[0]) is Marked
+    rooted = LanguageModel(hf, tokenizer=tokenizer, rename={"model.layers": "blocks"}, envoys={"blocks.1": Marked})
+    assert type(rooted.model.layers[1]) is Marked and type(rooted.model.layers[0]) is Envoy
 
 
 def test_a_class_attribute_on_a_wrapper_subclass_is_the_default(mlp):
@@ -152,6 +158,49 @@ def test_a_class_attribute_on_a_wrapper_subclass_is_the_default(mlp):
     assert type(Child(mlp).fc2) is Doubling  # inherited
     assert type(MyModel(mlp, envoys=Marked).fc1) is Marked  # the argument wins
     assert type(seethrough.Model(mlp).fc1) is Envoy
+
+
+def test_the_class_attribute_is_used_unless_envoys_none_is_passed(mlp):
+    class MyModel(seethrough.NNsight):
+        envoys = Doubling
+
+    x = torch.randn(3, 4)
+    _, seen = record_outputs(mlp, ["fc1"], x)  # the reference: a raw forward hook
+    model = MyModel(mlp)
+    with torch.no_grad(), model.trace(x):
+        doubled = model.fc1.doubled.save()
+    assert torch.equal(doubled, seen["fc1"][0] * 2)
+    plain = MyModel(mlp, envoys=None)  # None asks for plain envoys, over the class's default
+    assert type(plain.fc1) is Envoy and not hasattr(plain.fc1, "doubled")
+
+
+def test_a_language_model_subclass_chooses_envoys_by_class_attribute_or_by_init(tiny_gpt2, gpt2_tokenizer):
+    class WithAttribute(LanguageModel):
+        envoys = {"attn": Marked}
+
+    class WithInit(LanguageModel):  # the nnsight 0.8.1 way: no class attribute there
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("envoys", {"attn": Marked})
+            super().__init__(*args, **kwargs)
+
+    for cls in (WithAttribute, WithInit):
+        model = cls(tiny_gpt2, tokenizer=gpt2_tokenizer)
+        assert type(model.transformer.h[1].attn) is Marked  # GPT-2's module is called `attn`
+        assert type(model.transformer.h[1].mlp) is Envoy
+        assert type(cls(tiny_gpt2, tokenizer=gpt2_tokenizer, envoys=None).transformer.h[1].attn) is Envoy
+
+
+def test_string_keys_match_module_names_and_renames_not_standard_aliases(smollm2_small):
+    hf, tokenizer = smollm2_small
+    model = LanguageModel(hf, tokenizer=tokenizer, envoys={"attn": Marked})
+    # `attn` is seethrough's standard name for SmolLM2's `self_attn`, not its name: as in
+    # nnsight (which has no standard names), the key matches nothing here
+    assert type(model.model.layers[0].self_attn) is Envoy
+    assert model.model.layers[0].attn is model.model.layers[0].self_attn  # the alias still reads it
+    by_name = LanguageModel(hf, tokenizer=tokenizer, envoys={"self_attn": Marked})
+    assert type(by_name.model.layers[0].attn) is Marked
+    renamed = LanguageModel(hf, tokenizer=tokenizer, rename={"self_attn": "attn"}, envoys={"attn": Marked})
+    assert type(renamed.model.layers[3].self_attn) is Marked  # the user's own rename= counts
 
 
 def test_custom_envoys_survive_edits_and_clones(mlp):

@@ -19,6 +19,7 @@ import torch
 import seethrough
 from fixtures.models import assert_pristine, assert_same_state, state_snapshot
 from seethrough.errors import (
+    AssignTypeError,
     ModulePathError,
     NotInTraceError,
     OutOfOrderError,
@@ -161,7 +162,7 @@ def test_failing_body_leaves_model_intact(mlp):
         (lambda: model.fc9.output, ModulePathError, ["`fc9`", "Did you mean", "`fc1`"], "MARK-fc9"),  # MARK-fc9
         (
             lambda: setattr(model.fc1, "output", "text"),  # MARK-text
-            ShapeMismatchError,
+            AssignTypeError,  # a ShapeMismatchError and a TypeError
             ["cannot assign a str to model.fc1.output", "(1, 8)", "assign a tensor"],
             "MARK-text",
         ),
@@ -427,3 +428,294 @@ def test_every_seethrough_error_is_exported_or_documented():
         value = getattr(seethrough, name)
         if isinstance(value, type) and issubclass(value, SeethroughError):
             assert re.search(rf"\b{name}\b", _README), f"{name} is exported but the README does not list it"
+
+
+# -- the exception types nnsight users catch ----------------------------------------------------
+#
+# The common misuses, what nnsight 0.8.1 raises for each (run on nnsight 0.8.1,
+# torch 2.13, transformers 5.24) and what seethrough raises.  Where nnsight
+# raises a builtin on purpose, seethrough's error is that builtin too (and a
+# SeethroughError), so `except ValueError:` written for nnsight keeps
+# catching it.  The rows marked as differences are where nnsight's builtin is
+# an accident of its internals (an AttributeError on None, a forward called
+# without its input) or where seethrough does something else on purpose; the
+# README's "Porting from nnsight" has the same table.
+
+
+class _WithUnused(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer1 = torch.nn.Linear(5, 10)
+        self.layer2 = torch.nn.Linear(10, 2)
+        self.unused = torch.nn.Linear(2, 2)  # never called by forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer2(self.layer1(x))
+
+
+def _tiny():
+    torch.manual_seed(0)
+    return seethrough.NNsight(_WithUnused())
+
+
+_X = torch.rand(1, 5)
+
+
+def _invoke_in_invoke(lm):
+    m = _tiny()
+    with m.trace() as tracer:
+        with tracer.invoke(_X):
+            with tracer.invoke(_X):
+                a = m.layer1.output.save()
+
+
+def _no_input_reads_output(lm):
+    m = _tiny()
+    with m.trace():
+        out = m.output.save()
+
+
+def _input_and_an_invoke(lm):
+    m = _tiny()
+    with m.trace(_X) as tracer:
+        with tracer.invoke(_X):
+            a = m.layer1.output.save()
+
+
+def _barrier_not_reached(lm):
+    m = _tiny()
+    with m.trace(_X) as tracer:
+        barrier = tracer.barrier(2)
+        barrier()
+
+
+def _output_outside_a_trace(lm):
+    _tiny().layer1.output
+
+
+def _source_value_outside_a_trace(lm):
+    lm.transformer.h[0].attn.source.attention_interface_0.output
+
+
+def _out_of_order(lm):
+    m = _tiny()
+    with m.trace(_X):
+        late = m.layer2.output.save()
+        early = m.layer1.output.save()
+
+
+def _never_called(lm):
+    m = _tiny()
+    with m.trace(_X):
+        never = m.unused.output.save()
+
+
+def _skip_after_the_module_ran(lm):
+    m = _tiny()
+    with m.trace(_X):
+        hidden = m.layer1.output.save()
+        m.layer1.skip(hidden)
+
+
+def _missing_submodule(lm):
+    m = _tiny()
+    with m.trace(_X):
+        value = m.layer3.output.save()
+
+
+def _envoy_index_out_of_range(lm):
+    lm.transformer.h[99]
+
+
+def _get_a_bad_path(lm):
+    _tiny().get("layer9")
+
+
+def _unknown_source_operation(lm):
+    with lm.trace("Hello"):
+        value = lm.transformer.h[0].attn.source.no_such_operation_0.output.save()
+
+
+def _cache_key_names_no_module(lm):
+    m = _tiny()
+    with m.trace(_X) as tracer:
+        cache = tracer.cache()
+    cache["model.nonexistent"]
+
+
+def _assign_a_string_to_an_output(lm):
+    m = _tiny()
+    with m.trace(_X):
+        m.layer1.output = "a string"
+
+
+def _language_model_input_of_a_wrong_type(lm):
+    with lm.trace(12345):
+        value = lm.transformer.h[0].output.save()
+
+
+def _rename_to_a_non_string(lm):
+    seethrough.NNsight(_WithUnused(), rename={"layer1": 5})
+
+
+def _envoys_not_an_envoy_class(lm):
+    seethrough.NNsight(_WithUnused(), envoys=int)
+
+
+def _unsaved_value_after_the_trace(lm):
+    m = _tiny()
+    with m.trace(_X):
+        hidden = m.layer1.output
+    hidden.shape
+
+
+def _users_index_error_in_the_body(lm):
+    m = _tiny()
+    with m.trace(_X):
+        row = m.layer1.output[999].save()
+
+
+def _users_shape_error_in_an_edit(lm):
+    m = _tiny()
+    with m.trace(_X):
+        m.layer1.output[:] = torch.zeros(3, 3)
+
+
+def _forward_refuses_a_keyword(lm):
+    m = _tiny()
+    with m.trace(_X, not_an_argument=3):
+        value = m.layer1.output.save()
+
+
+def _wrap_a_non_module(lm):
+    seethrough.NNsight(42)
+
+
+def _invoke_after_its_trace_ended(lm):
+    m = _tiny()
+    with m.trace(_X) as tracer:
+        pass
+    with tracer.invoke(_X):
+        pass
+
+
+def _only_an_empty_invoke(lm):
+    m = _tiny()
+    with m.trace() as tracer:
+        with tracer.invoke():
+            value = m.layer1.output.save()
+
+
+def _stop_outside_its_trace(lm):
+    m = _tiny()
+    with m.trace(_X) as tracer:
+        pass
+    tracer.stop()
+
+
+def _generator_output_in_a_trace(lm):
+    with lm.trace("Hello"):
+        value = lm.generator.output.save()
+
+
+def _cache_of_a_module_that_does_not_exist(lm):
+    m = _tiny()
+    with m.trace(_X) as tracer:
+        cache = tracer.cache(modules=["model.nonexistent"])
+
+
+def _invokes_whose_inputs_cannot_batch(lm):
+    m = _tiny()
+    with m.trace() as tracer:
+        with tracer.invoke(torch.rand(1, 5)):
+            pass
+        with tracer.invoke(torch.rand(1, 7)):
+            pass
+
+
+E = seethrough.errors
+# (misuse, what nnsight 0.8.1 raises, seethrough's error class, the builtins it must be)
+NNSIGHT_ERRORS = [
+    (_invoke_in_invoke, "ValueError", E.InvokeError, (ValueError,)),
+    (_no_input_reads_output, "ValueError", E.InvokeError, (ValueError,)),
+    (_input_and_an_invoke, "ValueError", E.InvokeError, (ValueError,)),
+    (_barrier_not_reached, "ValueError", E.InvokeError, (ValueError,)),
+    (_output_outside_a_trace, "ValueError", E.NotInTraceError, (ValueError,)),
+    (_source_value_outside_a_trace, "ValueError", E.NotInTraceError, (ValueError,)),
+    (_out_of_order, "OutOfOrderError", E.OutOfOrderError, ()),
+    (_never_called, "OutOfOrderError", E.ModuleNotCalledError, ()),
+    (_skip_after_the_module_ran, "OutOfOrderError", E.OutOfOrderError, ()),
+    (_missing_submodule, "AttributeError", E.ModulePathError, (AttributeError,)),
+    (_envoy_index_out_of_range, "AttributeError", E.ModulePathError, (AttributeError,)),
+    (_get_a_bad_path, "AttributeError", E.ModulePathError, (AttributeError,)),
+    (_unknown_source_operation, "AttributeError", E.ModulePathError, (AttributeError,)),
+    (_cache_key_names_no_module, "AttributeError", seethrough.CacheKeyError, (AttributeError, KeyError)),
+    (_assign_a_string_to_an_output, "TypeError", E.AssignTypeError, (TypeError,)),
+    (_language_model_input_of_a_wrong_type, "TypeError", E.InputTypeError, (TypeError,)),
+    (_rename_to_a_non_string, "TypeError", E.UsageTypeError, (TypeError,)),
+    (_envoys_not_an_envoy_class, "TypeError", E.EnvoyClassError, (TypeError,)),
+    (_unsaved_value_after_the_trace, "UnboundLocalError", E.NotSavedError, (NameError,)),
+    # the user's own errors keep their type (and are no SeethroughError)
+    (_users_index_error_in_the_body, "IndexError", IndexError, (IndexError,)),
+    (_users_shape_error_in_an_edit, "RuntimeError", RuntimeError, (RuntimeError,)),
+    (_forward_refuses_a_keyword, "TypeError", TypeError, (TypeError,)),
+]
+# Differences: (misuse, what nnsight 0.8.1 raises, seethrough's error class, why)
+NNSIGHT_DIFFERENCES = [
+    (_wrap_a_non_module, "AttributeError ('int' object has no attribute '__dict__')", E.UsageTypeError,
+     "nnsight's is an accident of its internals; a wrong argument type is a TypeError"),
+    (_invoke_after_its_trace_ended, "AttributeError ('NoneType' object has no attribute 'interleaver')",
+     E.InvokeError, "an accident of nnsight's internals; seethrough says the invoke is outside its trace"),
+    (_only_an_empty_invoke, "TypeError (the forward called without its input)", E.InvokeError,
+     "the trace has no input: the same ValueError as any trace without input"),
+    (_stop_outside_its_trace, "EarlyStopException (escapes)", E.SeethroughError, "says where stop() works"),
+    (_generator_output_in_a_trace, "OutOfOrderError", E.LanguageModelError,
+     "says that the generator exists only in model.generate (a ValueError)"),
+    (_cache_of_a_module_that_does_not_exist, "nothing (an empty cache)", E.ModulePathError,
+     "never a silently empty result"),
+    (_invokes_whose_inputs_cannot_batch, "NotImplementedError (NNsight cannot batch invokes)", E.BatchError,
+     "seethrough batches invokes of any module; inputs of different shapes cannot be (a ValueError)"),
+]
+
+
+@pytest.fixture(scope="module")
+def gpt2_lm(tiny_gpt2, gpt2_tokenizer):
+    return seethrough.LanguageModel(tiny_gpt2, tokenizer=gpt2_tokenizer)
+
+
+@pytest.mark.parametrize("misuse, nnsight_raises, expected, builtins", NNSIGHT_ERRORS,
+                         ids=[row[0].__name__.strip("_") for row in NNSIGHT_ERRORS])
+def test_misuse_raises_what_nnsight_users_catch(gpt2_lm, misuse, nnsight_raises, expected, builtins):
+    with pytest.raises(BaseException) as info:
+        misuse(gpt2_lm)
+    error = info.value
+    assert type(error) is expected, f"{type(error).__name__}: {error}"
+    for kind in builtins:
+        assert isinstance(error, kind), f"nnsight raises {nnsight_raises}: {type(error).__name__} is no {kind.__name__}"
+    if issubclass(expected, SeethroughError):
+        assert str(error)  # a message (what, where, the fix: checked for each error elsewhere)
+    else:
+        assert not isinstance(error, SeethroughError)  # the user's own error, unwrapped
+    if nnsight_raises == "OutOfOrderError":  # `except OutOfOrderError` written for nnsight
+        from seethrough.intervention.interleaver import OutOfOrderError as NnsightPathOutOfOrder
+
+        assert isinstance(error, NnsightPathOutOfOrder)
+
+
+@pytest.mark.parametrize("misuse, nnsight_raises, expected, why", NNSIGHT_DIFFERENCES,
+                         ids=[row[0].__name__.strip("_") for row in NNSIGHT_DIFFERENCES])
+def test_misuse_where_seethrough_differs_on_purpose(gpt2_lm, misuse, nnsight_raises, expected, why):
+    with pytest.raises(SeethroughError) as info:
+        misuse(gpt2_lm)
+    assert type(info.value) is expected, f"{type(info.value).__name__}: {info.value}"
+
+
+def test_a_skip_before_the_module_runs_still_skips_it(mlp):
+    # the reference for the skip rows above: skipping fc1 with a value gives fc2(act(value))
+    model = seethrough.Model(mlp)
+    x, replacement = torch.randn(2, 4), torch.randn(2, 8)
+    with torch.no_grad():
+        with model.trace(x):
+            model.fc1.skip(replacement)
+            out = model.output.save()
+        assert torch.allclose(out, mlp.fc2(torch.relu(replacement)))

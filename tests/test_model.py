@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -260,3 +264,207 @@ def test_barrier_hands_a_value_to_the_next_invoke(mlp):
         # Reference: plain forwards; b's fc1 output replaced by a's.
         assert torch.allclose(h, mlp.fc1(a), atol=1e-6)
         assert torch.allclose(out, mlp.fc2(mlp.act(mlp.fc1(a))), atol=1e-6)
+
+
+# -- lifetime: dropping the wrapper frees it (and its run state) at once ------------------------
+#
+# Envoys hold their wrapper weakly, an edit does not hold the wrapper it belongs
+# to, a cache and the placeholders of unsaved names hold no run: so no reference
+# cycle keeps a dropped wrapper alive, and it goes by reference counting alone,
+# without waiting for the garbage collector (checked with the collector off).
+
+
+@contextlib.contextmanager
+def _collector_off():
+    gc.collect()
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_on:
+            gc.enable()
+
+
+def _run_state() -> list[str]:
+    """Objects of a trace run still alive anywhere in the process."""
+    from seethrough.tracing.interleaver import Interleaver
+    from seethrough.tracing.run import TraceRun
+    from seethrough.tracing.tasks import Task
+
+    kinds = (TraceRun, Interleaver, Task)
+    return [type(o).__name__ for o in gc.get_objects() if type(o) in kinds]
+
+
+def _trace(model, x):
+    with model.trace(x):
+        hidden = model.fc1.output.save()
+        model.act.output[:, 0] = 0
+    return hidden
+
+
+def _failing_out_of_order(model, x):
+    try:
+        with model.trace(x):
+            late = model.fc2.output.save()
+            early = model.fc1.output.save()
+    except seethrough.OutOfOrderError:
+        pass
+
+
+def _failing_user_error(model, x):
+    try:
+        with model.trace(x):
+            model.fc1.output[:] = torch.zeros(3, 3)  # the user's own shape error
+    except RuntimeError:
+        pass
+
+
+def _session(model, x):
+    with model.session():
+        with model.trace(x):
+            hidden = model.fc1.output
+        with model.trace(x):
+            model.fc1.output[:] = hidden * 2
+            out = model.output.save()
+    return out
+
+
+def _cache(model, x):
+    with model.trace(x) as tracer:
+        cache = tracer.cache()
+    return cache["model.fc1"].output
+
+
+def _scan(model, x):
+    with model.scan(x):
+        shape = model.fc2.output.shape
+    return shape
+
+
+def _edit(model, x):
+    with model.edit() as edited:
+        model.act.output[:] = 0
+    with edited.trace(x):
+        out = edited.output.save()
+    return out
+
+
+def _edit_inplace(model, x):
+    with model.edit(inplace=True):
+        model.act.output[:] = 0
+    with model.trace(x):
+        out = model.output.save()
+    return out
+
+
+def _invokes_and_barrier(model, x):
+    with model.trace() as tracer:
+        barrier = tracer.barrier(2)
+        with tracer.invoke(x):
+            shared = model.fc1.output
+            barrier()
+        with tracer.invoke(x):
+            barrier()
+            model.fc1.output[:] = shared
+            out = model.output.save()
+    return out
+
+
+def _backward(model, x):
+    with model.trace(x.requires_grad_()):
+        hidden = model.fc1.output
+        with model.output.sum().backward():
+            grad = hidden.grad.save()
+    return grad
+
+
+def _source(model, x):
+    with model.trace(x):
+        hidden = model.fc1.source.F_linear_0.output.save()  # an operation inside the forward
+    return hidden
+
+
+USES = [_trace, _failing_out_of_order, _failing_user_error, _session, _cache, _scan, _edit, _edit_inplace,
+        _invokes_and_barrier, _backward, _source]
+
+
+@pytest.mark.parametrize("use", USES, ids=lambda f: f.__name__.lstrip("_"))
+def test_a_dropped_wrapper_is_freed_at_once_after_any_use(mlp, use):
+    x = torch.randn(2, 4)
+    with _collector_off():
+        model = seethrough.Model(mlp)
+        kept = use(model, x)  # what the use returns (saved values) stays with the user
+        ref = weakref.ref(model)
+        del model
+        assert ref() is None, "the wrapper outlived the last reference to it (a reference cycle)"
+        assert _run_state() == []
+    del kept
+    gc.collect()
+    assert_pristine(mlp)
+
+
+def test_a_dropped_language_model_is_freed_after_generate_and_a_failing_generate(tiny_gpt2, gpt2_tokenizer):
+    with _collector_off():
+        model = seethrough.LanguageModel(tiny_gpt2, tokenizer=gpt2_tokenizer)
+        with model.generate("The tower is", max_new_tokens=3) as tracer:
+            hidden = seethrough.save([])
+            for step in tracer.iter[:]:
+                hidden.append(model.transformer.h[0].output[0, -1])
+        try:
+            with model.generate("The tower is", max_new_tokens=2) as tracer:
+                late = model.transformer.h[1].output.save()
+                early = model.transformer.h[0].output.save()
+        except seethrough.OutOfOrderError:
+            pass
+        ref = weakref.ref(model)
+        del model, tracer
+        assert ref() is None
+        assert _run_state() == []
+    assert len(hidden) == 3
+
+
+def test_values_kept_after_the_wrapper_is_dropped_stay_right_and_hold_no_model(mlp):
+    x = torch.randn(3, 4)
+    _, seen = record_outputs(mlp, ["fc1", "act"], x)  # the reference: raw forward hooks
+    with _collector_off():
+        model = seethrough.Model(mlp)
+        with torch.no_grad(), model.trace(x) as tracer:
+            cache = tracer.cache()
+            unsaved = model.act.output  # handed back as a placeholder: not saved
+        ref = weakref.ref(model)
+        del model, tracer
+        assert ref() is None  # neither the cache nor the placeholder holds the wrapper
+    assert torch.equal(cache["model.fc1"].output, seen["fc1"][0])  # read by module path, as before
+    assert torch.equal(cache.model.act.output, seen["act"][0])
+    with pytest.raises(seethrough.NotSavedError):
+        unsaved.shape
+
+
+def test_an_envoy_kept_after_its_wrapper_is_dropped_keeps_working(tiny_gpt2, gpt2_tokenizer):
+    class Marked(seethrough.Envoy):
+        pass
+
+    # a chain on a wrapper nobody keeps: the wrapper goes at once, its envoys stay usable
+    blocks = seethrough.LanguageModel(tiny_gpt2, tokenizer=gpt2_tokenizer, envoys={"attn": Marked},
+                                      rename={"mlp": "ffn"}).transformer.h
+    gc.collect()
+    assert type(blocks[1].attn) is Marked  # the wrapper's envoy classes
+    assert blocks[1].ffn is blocks[1].mlp  # and its aliases
+    assert blocks[0].mlp.c_fc._module is tiny_gpt2.transformer.h[0].mlp.c_fc
+
+
+def test_a_wrapper_subclass_keeping_its_envoys_in_attributes_is_freed_at_once(mlp):
+    class Keeping(seethrough.NNsight):  # as libraries built on nnsight do (`self.layers = ...`)
+        def __init__(self, module):
+            super().__init__(module)
+            self.linears = [self.fc1, self.fc2]
+            self._by_name = {"act": self.act}
+
+    with _collector_off():
+        model = Keeping(mlp)
+        with torch.no_grad(), model.trace(torch.randn(2, 4)):
+            first = model.linears[0].output.save()
+        ref = weakref.ref(model)
+        del model
+        assert ref() is None

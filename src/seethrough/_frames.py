@@ -4,7 +4,9 @@ seethrough runs the user's trace body through its own machinery, so the frames
 of the library sit between the user's ``with`` statement and the user's
 lines.  These helpers find the innermost frame that belongs to the user (to
 name it in messages) and cut library frames out of tracebacks, so a failing
-trace points at the user's line, not at ours.
+trace points at the user's line, not at ours.  With ``CONFIG.APP.DEBUG`` on
+(``SEETHROUGH_DEBUG=1`` / ``NNSIGHT_DEBUG=1``), tracebacks are left whole,
+library frames included (see :func:`show_library_frames`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import linecache
 import os
 import sys
 from types import FrameType, TracebackType
+
+from .config import CONFIG
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 # Frames of these packages are plumbing between the user's code and ours.
@@ -62,13 +66,33 @@ def _short(filename: str) -> str:
     return rel if not rel.startswith("..") else filename
 
 
-def strip_library_frames(tb: TracebackType | None) -> TracebackType | None:
-    """Drop leading seethrough frames from a traceback, keeping everything from
-    the first user frame on (deeper library frames called by user code stay:
-    they explain what the user's call did)."""
-    while tb is not None and (
-        is_library_file(tb.tb_frame.f_code.co_filename)
-        or tb.tb_frame.f_code.co_filename.endswith(_PLUMBING)
-    ):
+def show_library_frames() -> bool:
+    """Whether tracebacks keep seethrough's own frames (``CONFIG.APP.DEBUG``)."""
+    return CONFIG.APP.DEBUG
+
+
+def hide_library_frames(error: BaseException) -> None:
+    """Unless ``CONFIG.APP.DEBUG`` is on, take seethrough's frames out of
+    ``error``'s traceback (in place), wherever they are in it."""
+    if not CONFIG.APP.DEBUG:
+        error.__traceback__ = only_user_frames(error.__traceback__)
+
+
+def _is_plumbing(tb: TracebackType) -> bool:
+    filename = tb.tb_frame.f_code.co_filename
+    return is_library_file(filename) or filename.endswith(_PLUMBING)
+
+
+def only_user_frames(tb: TracebackType | None) -> TracebackType | None:
+    """The traceback without any frame of seethrough (or of greenlet), wherever
+    in the chain: what the user's code called and what it was called by, with
+    the library's plumbing in between left out.  None if nothing is left."""
+    kept = []
+    while tb is not None:
+        if not _is_plumbing(tb):
+            kept.append(tb)
         tb = tb.tb_next
-    return tb
+    result = None
+    for entry in reversed(kept):  # tracebacks link forward: rebuild from the innermost
+        result = TracebackType(result, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
+    return result

@@ -2,8 +2,12 @@
 
 Remote execution reads its server and key from here; the environment
 variables ``SEETHROUGH_HOST`` and ``SEETHROUGH_API_KEY`` provide the defaults.
+``CONFIG.APP.DEBUG`` (default off; ``SEETHROUGH_DEBUG=1`` or nnsight's
+``NNSIGHT_DEBUG=1`` turn it on) keeps seethrough's own frames in the
+tracebacks of errors raised in a trace; off, they show only your code.
 The attribute names follow nnsight's ``CONFIG`` so ported code keeps working
-(``CONFIG.API.APIKEY``, ``CONFIG.API.HOST``, ``CONFIG.set_default_api_key``).
+(``CONFIG.API.APIKEY``, ``CONFIG.API.HOST``, ``CONFIG.set_default_api_key``,
+``CONFIG.APP.DEBUG``).
 :func:`cache_dir` is where seethrough keeps files it makes (converted
 offline models, descriptions of served models).
 """
@@ -15,6 +19,15 @@ from pathlib import Path
 
 
 DEFAULT_HOST = "http://127.0.0.1:8470"
+# Environment variables that turn CONFIG.APP.DEBUG on (seethrough's, then nnsight's name).
+DEBUG_VARIABLES = ("SEETHROUGH_DEBUG", "NNSIGHT_DEBUG")
+_OFF = frozenset({"", "0", "false", "no", "off"})
+
+
+def _env_flag(name: str) -> bool:
+    """Whether the environment variable ``name`` is set to something other
+    than an empty string, ``0``, ``false``, ``no`` or ``off``."""
+    return os.environ.get(name, "").strip().lower() not in _OFF
 
 
 def cache_dir() -> Path:
@@ -64,6 +77,26 @@ class _AppConfig:
     def __init__(self) -> None:
         self.REMOTE_LOGGING: bool = True  # stream `print` output of remote bodies
         self.PROGRESS: bool = True  # progress displays for slow steps
+        self._debug: bool | None = None
+
+    @property
+    def DEBUG(self) -> bool:  # noqa: N802 - nnsight's name
+        """Show seethrough's own frames in the tracebacks of errors raised in a
+        trace (off: only your code's frames).  Read when an error is raised, so
+        setting it mid-session takes effect at once.  A value set in code wins;
+        until then (or after setting ``None``) ``SEETHROUGH_DEBUG`` or
+        ``NNSIGHT_DEBUG`` set to anything but ``0``/``false``/``no``/``off``
+        turns it on."""
+        if self._debug is not None:
+            return self._debug
+        return any(_env_flag(name) for name in DEBUG_VARIABLES)
+
+    @DEBUG.setter
+    def DEBUG(self, value: bool | None) -> None:  # noqa: N802
+        self._debug = None if value is None else bool(value)
+
+    def __repr__(self) -> str:
+        return f"<APP DEBUG={self.DEBUG} REMOTE_LOGGING={self.REMOTE_LOGGING} PROGRESS={self.PROGRESS}>"
 
 
 class Config:

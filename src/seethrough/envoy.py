@@ -27,6 +27,7 @@ Other attributes (``.weight``, ``.config``, methods) are the module's own.
 from __future__ import annotations
 
 import difflib
+import weakref
 from typing import Any, Iterator, Protocol, runtime_checkable
 
 import greenlet
@@ -63,14 +64,47 @@ class EnvoyRoot(Protocol):
         """``envoy.source``: the operations of its forward (:mod:`.source`)."""
         ...
 
+    def _detached_root(self) -> "EnvoyRoot":
+        """A root with this one's settings that holds neither this root nor
+        its envoys: what envoys fall back on once the wrapper is gone."""
+        ...
+
+
+class _RootLink:
+    """``envoy._root``: the root of the envoy's tree (the wrapper).
+
+    The root owns its envoys (``_children``, top down); an envoy below it
+    holds the root only weakly (``_root_ref``), and the root holds no link to
+    itself, so the tree has no reference cycle: dropping the wrapper frees it,
+    its envoys and its module at once, without waiting for the garbage
+    collector.  An envoy that outlives its wrapper (``Model(net).encoder``,
+    kept) falls back on a detached copy of the wrapper's settings
+    (``_root_state``: envoy classes, aliases), which holds no envoy, so it
+    keeps resolving its children and aliases as before.  (A non-data
+    descriptor: an instance attribute ``_root`` still wins.)"""
+
+    def __get__(self, envoy: Any, owner: Any = None) -> Any:
+        if envoy is None:
+            return self
+        state = envoy.__dict__
+        ref = state.get("_root_ref")
+        if ref is None:
+            return envoy
+        root = ref()
+        return root if root is not None else state["_root_state"]
+
 
 class Envoy:
     """The stand-in for one module of a wrapped model (see the module docs)."""
 
+    _root = _RootLink()
+
     def __init__(self, module: torch.nn.Module, path: str, root: "EnvoyRoot | None" = None) -> None:
         object.__setattr__(self, "_module", module)
         object.__setattr__(self, "_path", path)
-        object.__setattr__(self, "_root", root if root is not None else self)
+        if root is not None and root is not self:
+            object.__setattr__(self, "_root_ref", weakref.ref(root))
+            object.__setattr__(self, "_root_state", root._detached_root())
         object.__setattr__(self, "_children", {})
 
     # -- the module tree --------------------------------------------------------
@@ -103,6 +137,10 @@ class Envoy:
         """The envoy class for the module at ``path`` (the wrapper's ``envoys=``
         chooses; a bare envoy tree uses :class:`Envoy` throughout)."""
         return Envoy
+
+    def _detached_root(self) -> "Envoy":
+        """See :class:`EnvoyRoot` (a bare envoy tree has no settings to copy)."""
+        return self
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):

@@ -3,8 +3,11 @@
 Every error the library raises on its own account derives from
 :class:`SeethroughError`, so ``except seethrough.SeethroughError`` catches all
 of them.  Where an error is also naturally an ``AttributeError``,
-``ValueError`` or ``NameError`` it derives from that too, so code written
-against plain Python or PyTorch keeps working.  Exceptions raised by the
+``ValueError``, ``TypeError`` or ``NameError`` it derives from that too, so
+code written against plain Python or PyTorch keeps working; where nnsight
+0.8.1 raises a builtin for the same misuse (``ValueError`` for an invoke
+inside an invoke, or a module value read outside a trace), seethrough's error
+is that builtin as well, so nnsight code's ``except`` clauses still catch it.  Exceptions raised by the
 user's own code inside a trace are never wrapped: they keep their type.
 
 Messages follow one pattern: what was wrong, where in the user's code
@@ -18,8 +21,9 @@ class SeethroughError(Exception):
     """Root of every error raised by seethrough itself."""
 
 
-class NotInTraceError(SeethroughError):
-    """A module value (``.output``, ``.input``, ...) was read outside a trace."""
+class NotInTraceError(SeethroughError, ValueError):
+    """A module value (``.output``, ``.input``, ...) was read outside a trace
+    (a ``ValueError`` too, as nnsight raises)."""
 
 
 class MissedProviderError(SeethroughError):
@@ -32,6 +36,12 @@ class MissedProviderError(SeethroughError):
 
 class OutOfOrderError(MissedProviderError):
     """A value was asked for after the forward (or backward) pass had gone past it."""
+
+
+class ModuleNotCalledError(OutOfOrderError):
+    """A value of a module the model never called in this forward pass (so not
+    a question of order).  nnsight 0.8.1 raises its ``OutOfOrderError`` here,
+    so this is one: ``except OutOfOrderError`` written for nnsight catches it."""
 
 
 class ModulePathError(SeethroughError, AttributeError):
@@ -69,8 +79,15 @@ class ShapeMismatchError(SeethroughError, ValueError):
     """An assigned value does not have the shape of the value it replaces."""
 
 
-class InvokeError(SeethroughError):
-    """``tracer.invoke`` used in a way that cannot be batched or scheduled."""
+class AssignTypeError(ShapeMismatchError, TypeError):
+    """An assigned value of a type that cannot replace the value (a string for
+    a tensor): a ``TypeError`` too, as the forward would raise under nnsight."""
+
+
+class InvokeError(SeethroughError, ValueError):
+    """``tracer.invoke`` used in a way that cannot be batched or scheduled (an
+    invoke inside an invoke, a trace without input, a barrier not reached): a
+    ``ValueError`` too, as nnsight raises."""
 
 
 class BatchError(SeethroughError, ValueError):
@@ -79,6 +96,10 @@ class BatchError(SeethroughError, ValueError):
 
 class LanguageModelError(SeethroughError, ValueError):
     """A language model could not be loaded, or an input or setting was refused."""
+
+
+class InputTypeError(LanguageModelError, TypeError):
+    """An input of a type a language model does not take (a ``TypeError`` too)."""
 
 
 class TraceSourceError(SeethroughError):

@@ -1,6 +1,8 @@
 """``seethrough.intervention.interleaver``: nnsight's path to the interleaver's names.
 
-* ``OutOfOrderError`` — a value asked for after its module had run;
+* ``OutOfOrderError`` — a value asked for after its module had run (also
+  raised, as :class:`~seethrough.errors.ModuleNotCalledError`, for a module
+  the model never called, as nnsight 0.8.1 does);
 * ``MissedProviderError`` — a value the model never provided (an
   ``OutOfOrderError`` is one);
 * ``Mediator`` — nnsight's name for the body of one invoke, seethrough's

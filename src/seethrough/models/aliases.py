@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import UsageValueError
+from ..errors import UsageTypeError, UsageValueError
 
 # For each standard root-level name, the paths it may stand for, in order.
 STANDARD_PATHS: dict[str, tuple[str, ...]] = {
@@ -81,16 +81,16 @@ def parse_rename(rename: dict, taken: frozenset[str] = frozenset()) -> list[Rena
     """``rename={key: alias or [aliases]}`` as ``(key path parts, alias)`` rules
     (see the module docs); ``taken`` names attributes an alias may not hide."""
     if not isinstance(rename, dict):
-        raise UsageValueError(f"rename= takes a dict of {{module path: new name}}, not a {type(rename).__name__}.")
+        raise UsageTypeError(f"rename= takes a dict of {{module path: new name}}, not a {type(rename).__name__}.")
     rules: list[RenameRule] = []
     for key, aliases in rename.items():
         names = [aliases] if isinstance(aliases, str) else aliases
         parts = tuple(key.lstrip(".").split(".")) if isinstance(key, str) else ()
-        if (
-            not parts or not all(parts) or not isinstance(names, (list, tuple)) or not names
-            or not all(isinstance(n, str) and n.isidentifier() for n in names)
-        ):
-            raise UsageValueError(
+        well_typed = isinstance(key, str) and isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names)
+        if not well_typed or not parts or not all(parts) or not names or not all(n.isidentifier() for n in names):
+            # A key or name of the wrong type is a TypeError (as nnsight raises), a bad string a ValueError.
+            error = UsageValueError if well_typed else UsageTypeError
+            raise error(
                 f"rename={{{key!r}: {aliases!r}}}: keys are module paths or names ('transformer.h', "
                 "'.h', 'self_attn', 'h.0'), values are new names (Python identifiers) or lists of them."
             )

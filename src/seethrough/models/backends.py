@@ -23,7 +23,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_map
 
-from ..errors import LanguageModelError
+from ..errors import LanguageModelError, SeethroughError
 from ..tracing.run import TraceRun
 
 BackendFunction = Callable[[TraceRun, tuple, dict], Any]
@@ -120,6 +120,8 @@ class GenerateBackend:
         try:
             return run.model._module.generate(*args, **kwargs, **self.generate_kwargs)
         except (TypeError, ValueError) as error:
+            if isinstance(error, SeethroughError):
+                raise  # one of ours (from a body or a hook), not HuggingFace refusing a setting
             message = str(error)
             if "model_kwargs" in message or "generation" in message.lower() or "unexpected keyword" in message:
                 raise LanguageModelError(

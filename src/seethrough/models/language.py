@@ -34,14 +34,14 @@ from typing import Any
 import torch
 
 from .._frames import where_user_is
-from ..errors import BatchError, LanguageModelError, NotInTraceError, SeethroughError, UsageTypeError
+from ..errors import BatchError, InputTypeError, LanguageModelError, NotInTraceError, SeethroughError, UsageTypeError
 from ..remote.client import ModelNotServedError, ServedModel, served_model
 from ..tracing.runtime import current_task
 from ..tracing.tracer import Tracer
 from .backends import GenerateBackend, lm_scan_backend, meta_backend
 from .batching import PreparedInput
 from .hub import hub_endpoint, offline_loading
-from .model import Model, _remote_options
+from .model import CLASS_ENVOYS, Model, _remote_options
 
 # Repo ids that resolve to the offline copy shipped in a PyPI package.
 OFFLINE_MODELS = {
@@ -64,7 +64,7 @@ class LanguageModel(Model):
         automodel: Any = None,
         task: str | None = None,
         rename: dict[str, str] | None = None,
-        envoys: Any = None,
+        envoys: Any = CLASS_ENVOYS,
         remote_name: str | None = None,
         host: str | None = None,
         api_key: str | None = None,
@@ -253,7 +253,7 @@ class LanguageModel(Model):
                 return self._pad([{"input_ids": [int(t) for t in row]} for row in raw])
             if kind == "chat":
                 return self._pad([self._encode_chat(list(chat)) for chat in raw])
-        raise LanguageModelError(
+        raise InputTypeError(
             f"cannot use a {type(raw).__name__} as language model input: pass a string, a list of "
             "strings, token ids (list or tensor), a tokenizer's output or chat messages "
             "([{'role': 'user', 'content': ...}])."

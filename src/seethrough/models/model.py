@@ -20,8 +20,11 @@ makes every module's envoy an ``X`` (a subclass of
 :class:`~seethrough.envoy.Envoy`); ``envoys={torch.nn.Linear: X, "attn": Y}``
 chooses per module, by module type (matched along the module class's MRO,
 tried first) or by path suffix (dotted, matched part by part, ``*`` for any
-one part; a part also matches under its aliases).  A class attribute
-``envoys`` on a wrapper subclass is the default for its instances.
+one part; a part also matches under the user's ``rename=`` aliases, never
+under seethrough's standard names: ``"attn"`` is a module named ``attn``).
+A class attribute ``envoys`` on a wrapper subclass is the default for its
+instances, used unless the caller passes ``envoys=`` (``envoys=None``: plain
+envoys throughout).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from typing import Any
 import torch
 
 from ..envoy import Envoy, cached_children
-from .._frames import describe_location
+from .._frames import describe_location, hide_library_frames
 from ..errors import EnvoyClassError, ModulePathError, SeethroughError, TraceSourceError, UsageTypeError
 from ..remote.backend import RemoteOptions, run_remote
 from ..source import ModuleSource
@@ -51,6 +54,16 @@ from .batching import PreparedInput, concat_inputs, count_rows, to_device
 _TRACE_OPTIONS = ("remote", "keep_graph", "host", "blocking", "backend")
 
 
+class _ClassEnvoys:
+    """The default of ``envoys=``: the wrapper class's ``envoys`` attribute."""
+
+    def __repr__(self) -> str:
+        return "<the wrapper class's `envoys` attribute>"
+
+
+CLASS_ENVOYS: Any = _ClassEnvoys()
+
+
 class Model(Envoy):
     """Wraps any ``torch.nn.Module`` for tracing (see the module docs)."""
 
@@ -60,12 +73,12 @@ class Model(Envoy):
         *,
         rename: dict[str, str] | None = None,
         standard_names: bool = True,
-        envoys: Any = None,
+        envoys: Any = CLASS_ENVOYS,
     ) -> None:
         if not isinstance(module, torch.nn.Module):
             raise UsageTypeError(f"seethrough.Model wraps a torch.nn.Module, not a {type(module).__name__}.")
         super().__init__(module, "", None)
-        if envoys is None:
+        if envoys is CLASS_ENVOYS:
             envoys = _class_envoys(type(self))
         object.__setattr__(self, "_envoys", _check_envoys(envoys))
         paths, names = standard_aliases(module) if standard_names else ({}, {})
@@ -80,6 +93,7 @@ class Model(Envoy):
         object.__setattr__(self, "_path_aliases", paths)
         object.__setattr__(self, "_name_aliases", names)
         object.__setattr__(self, "_rename_rules", rules)
+        object.__setattr__(self, "_envoy_aliases", _rename_aliases(rules, module))
         object.__setattr__(self, "_edits", [])
 
     # -- the wrapped module -------------------------------------------------------
@@ -130,6 +144,27 @@ class Model(Envoy):
             object.__setattr__(self, "_device_probe", probe)
         return probe.device
 
+    def _detached_root(self) -> "Model":
+        """A copy of this wrapper's settings (envoy classes, aliases, the
+        module) without its envoys, made once: child envoys hold it (and this
+        wrapper only weakly), so a child kept after the wrapper is dropped
+        still resolves its own children and aliases (see ``envoy._RootLink``)."""
+        state = self.__dict__
+        if state.get("_is_detached_copy"):
+            return self
+        detached = state.get("_detached")
+        if detached is None:
+            detached = type(self).__new__(type(self))
+            detached.__dict__.update(
+                (name, value) for name, value in state.items()
+                if name.startswith("_") and name not in ("_children", "_source", "_detached")
+                and not _holds_envoys(value)  # (public attributes are a subclass's own, not settings)
+            )
+            object.__setattr__(detached, "_children", {})
+            object.__setattr__(detached, "_is_detached_copy", True)  # a root: its `_root` is itself
+            object.__setattr__(self, "_detached", detached)
+        return detached
+
     def _source_view(self, envoy: Envoy) -> ModuleSource:
         """``envoy.source`` (one per envoy; see :mod:`seethrough.source`)."""
         view = envoy.__dict__.get("_source")
@@ -167,17 +202,21 @@ class Model(Envoy):
         for key, value in keys:  # the native path first
             if _suffix_matches(native, key, None):
                 return value
-        spellings = self._spellings(parts)
+        paths, names = self._envoy_aliases  # the user's rename= only, as nnsight
+        if not paths and not names:
+            return Envoy
+        spellings = self._spellings(parts, paths)
         for key, value in keys:
-            if any(_suffix_matches(spelled, key, self._name_aliases) for spelled in spellings):
+            if any(_suffix_matches(spelled, key, names) for spelled in spellings):
                 return value
         return Envoy
 
-    def _spellings(self, parts: list[str]) -> list[list[str]]:
+    @staticmethod
+    def _spellings(parts: list[str], paths: dict[str, str]) -> list[list[str]]:
         """``parts`` as written from the root, and with a root path alias
         (``layers`` for ``transformer.h``) in place of the path it stands for."""
         out = [["model", *parts]]
-        for alias, real in self._path_aliases.items():
+        for alias, real in paths.items():
             real_parts = real.split(".")
             if parts[: len(real_parts)] == real_parts:
                 out.append(["model", alias, *parts[len(real_parts):]])
@@ -396,10 +435,36 @@ class Model(Envoy):
         clone.__dict__.update(self.__dict__)
         for name in cached_children(self):  # the clone makes its own child envoys
             del clone.__dict__[name]
-        object.__setattr__(clone, "_root", clone)
+        clone.__dict__.pop("_root_ref", None)  # the clone is a root: `_root` is itself
+        clone.__dict__.pop("_detached", None)  # and makes its own detached copy
         object.__setattr__(clone, "_children", {})
         object.__setattr__(clone, "_edits", list(self._edits))
         return clone
+
+
+def _holds_envoys(value: Any) -> bool:
+    """An envoy, or a list, tuple, set or dict with one (what a detached copy
+    of the wrapper must not hold: its envoys hold the copy)."""
+    if isinstance(value, Envoy):
+        return True
+    if isinstance(value, dict):
+        value = value.values()
+    elif not isinstance(value, (list, tuple, set, frozenset)):
+        return False
+    return any(isinstance(item, Envoy) for item in value)
+
+
+def _rename_aliases(rules: list, module: torch.nn.Module) -> tuple[dict[str, str], dict[str, tuple[str, ...]]]:
+    """The ``rename=`` aliases alone, as (root path aliases, child name aliases):
+    what ``envoys=`` path keys may be spelled with besides the real names."""
+    paths: dict[str, str] = {}
+    names: dict[str, tuple[str, ...]] = {}
+    for parts, alias in rules:
+        if len(parts) == 1:
+            names[alias] = names.get(alias, ()) + parts
+        elif has_path(module, ".".join(parts)):
+            paths[alias] = ".".join(parts)
+    return paths, names
 
 
 def _class_envoys(cls: type) -> Any:
@@ -506,8 +571,14 @@ class EditContext:
         elif captured.as_names:
             names[captured.as_names[0]] = _ApplyingTracer()
             names[captured.as_names[1]] = target
+        # What the edit keeps of its frame: the names its body uses, except
+        # those bound to the wrapper that holds the edit (bound again at
+        # each run, see EditSpec: no cycle keeps a dropped wrapper alive).
         seed.update(names)  # the body may use what `as` binds
-        target._edits.append(EditSpec(captured, seed, globals_))
+        used = captured.loaded | captured.stored
+        self_names = tuple(name for name in used if name in seed and seed[name] is target)
+        kept = {name: value for name, value in seed.items() if name in used and value is not target}
+        target._edits.append(EditSpec(captured, kept, globals_, target, self_names))
         write_back(frame, names)
         return True
 
@@ -587,7 +658,11 @@ class Session:
             try:
                 if takeover is None or not takeover.end(exc_type):
                     return False
-                run_block(takeover.captured, takeover.frame, (self,))
+                try:
+                    run_block(takeover.captured, takeover.frame, (self,))
+                except BaseException as error:
+                    hide_library_frames(error)  # this frame, added on the way out of run_block
+                    raise
                 return True
             finally:
                 exit_session(scope)

@@ -29,6 +29,7 @@ value instead of an out-of-order error.
 from __future__ import annotations
 
 import difflib
+import weakref
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
@@ -206,11 +207,19 @@ class Cache:
         root: "TracedModel | None" = None,
     ) -> None:
         self._envoys = envoys
-        self._root = root
+        # Weak: a cache kept after the model wrapper is dropped must not keep
+        # the model (its weights) alive; it then reads plain module names only.
+        self._root_ref = weakref.ref(root) if root is not None else None
         self.include_output = include_output
         self.include_inputs = include_inputs
         self._keep_graph = keep_graph
         self._calls: dict[str, list[CacheCall]] = {}
+
+    @property
+    def _root(self) -> "TracedModel | None":
+        """The model wrapper the cache resolves aliases and indices with, while it exists."""
+        ref = self._root_ref
+        return ref() if ref is not None else None
 
     # -- recording (used by the trace) --------------------------------------------------
     def _recorder(self, path: str, kind: str) -> Callable[[Any], None]:
@@ -257,10 +266,11 @@ class Cache:
 
     def _child_index(self, path: str, index: int) -> str | None:
         """The path of submodule ``index`` of a container at ``path``, if any."""
-        if self._root is None:
+        root = self._root
+        if root is None:
             child = f"{path}.{index}" if path else str(index)
             return child if any(p == child or p.startswith(child + ".") for p in self._calls) else None
-        return self._root._child_path(path, str(index), index_only=True)
+        return root._child_path(path, str(index), index_only=True)
 
     def _entry(self, path: str) -> CacheEntry:
         return CacheEntry(self, path)

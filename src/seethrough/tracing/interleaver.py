@@ -35,7 +35,7 @@ import greenlet
 import torch
 
 from .._frames import describe_frame, user_frame, where_user_is
-from ..errors import InvokeError, MissedProviderError, OutOfOrderError, ShapeMismatchError
+from ..errors import InvokeError, MissedProviderError, ModuleNotCalledError, OutOfOrderError, ShapeMismatchError
 from .hooks import HookSet
 from .runtime import FINISHED
 from .sentinels import MISSING
@@ -316,7 +316,7 @@ class Interleaver:
         try:
             self._assign(task, envoy, kind, value, accessor)
         except ShapeMismatchError as error:
-            raise ShapeMismatchError(f"{error} ({where_user_is()})") from None
+            raise type(error)(f"{error} ({where_user_is()})") from None
 
     def _assign(self, task: Task, envoy: "ModuleHandle", kind: str, value: Any, accessor: str) -> None:
         self.request(task, envoy, kind)  # waits until the forward is there
@@ -631,7 +631,7 @@ class Interleaver:
         if asked_before_forward and key not in self.fired and kind in ("input", "output"):
             # Hooked before the forward began and never reached: the model did
             # not call the module at all (not a question of order).
-            return MissedProviderError(self._never_called_message(envoy, kind, frame))
+            return ModuleNotCalledError(self._never_called_message(envoy, kind, frame))
         message = self._too_late_message(envoy, kind, frame, ran_before=ran_before, waited_for=task.waited_for)
         if task.hooked_calls and key[0] in task.hooked_calls:
             path = envoy._display_path() if envoy is not None else "the module"

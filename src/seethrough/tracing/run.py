@@ -18,14 +18,15 @@ Local traces, scans, edits, sessions and the remote server all use this class.
 
 from __future__ import annotations
 
+import weakref
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable
 
 import greenlet
 import torch
 
-from .._frames import describe_location, strip_library_frames
-from ..errors import InvokeError, SeethroughError, WeightsModifiedError
+from .._frames import describe_location, only_user_frames, show_library_frames
+from ..errors import InvokeError, OutOfOrderError, SeethroughError, WeightsModifiedError
 from .capture import CapturedBlock
 from .interleaver import Interleaver
 from .tasks import WAITING, Task, _StopTrace
@@ -47,14 +48,35 @@ Backend = Callable[["TraceRun", tuple, dict], Any]
 
 
 class EditSpec:
-    """A persistent intervention recorded by ``model.edit()``."""
+    """A persistent intervention recorded by ``model.edit()``.
 
-    __slots__ = ("captured", "seed", "globals")
+    The wrapper that owns the edit holds it (``model._edits``), so the edit
+    must not hold that wrapper: the names of the edit's own frame that are
+    bound to it (``with model.edit(inplace=True)``'s ``model``, the ``as``
+    name) are kept apart in ``self_names`` and bound, at each run, to the
+    wrapper (held weakly; a copy made by a later ``edit()`` stands in once the
+    owner is gone).  Without that cycle, dropping the wrapper frees it at once.
+    """
 
-    def __init__(self, captured: CapturedBlock, seed: dict, globals_: dict) -> None:
+    __slots__ = ("captured", "seed", "globals", "self_names", "_owner")
+
+    def __init__(
+        self, captured: CapturedBlock, seed: dict, globals_: dict, owner: Any = None, self_names: tuple[str, ...] = ()
+    ) -> None:
         self.captured = captured
         self.seed = seed
         self.globals = globals_
+        self.self_names = self_names
+        self._owner = weakref.ref(owner) if owner is not None else None
+
+    def namespace(self, model: Any) -> "BodyNamespace":
+        """The namespace an application of the edit to ``model``'s run starts with."""
+        ns = BodyNamespace(self.seed, self.globals)
+        if self.self_names:
+            owner = self._owner() if self._owner is not None else None
+            for name in self.self_names:
+                dict.__setitem__(ns, name, owner if owner is not None else model)
+        return ns
 
 
 _NOTHING: Any = MappingProxyType({})  # an empty, read-only default for rarely used maps
@@ -127,7 +149,7 @@ class TraceRun:
         if model._edits:
             self.edit_tasks = []
             for spec in model._edits:
-                edit_ns = BodyNamespace(spec.seed, spec.globals)
+                edit_ns = spec.namespace(model)
                 self.edit_tasks.append(
                     Task(self, 0, "an edit (model.edit)", spec.captured.code, edit_ns, None, spec.captured.stored, True)
                 )
@@ -204,10 +226,26 @@ class TraceRun:
         self.interleaver.main = greenlet.getcurrent()  # the greenlet the forward runs in
         try:
             self._execute()
+            if self._skip_values:
+                self._check_skips_applied()
         except _StopTrace:
             pass
         finally:
             self.interleaver.close()
+
+    def _check_skips_applied(self) -> None:
+        """A ``.skip()`` the forward pass never reached (the module had already
+        run, or does not run for this input) skipped nothing: say so, as
+        nnsight does (an ``OutOfOrderError``), rather than end quietly."""
+        for entries in self._skip_values.values():
+            if entries:
+                what = entries[0][2]
+                module = what[: -len(".skip(...)")] if what.endswith(".skip(...)") else what
+                raise OutOfOrderError(
+                    f"`{what}` in the trace at {self._where()} skipped nothing: `{module}` did not run after "
+                    "that point of the forward pass (it had already run, or the model does not call it for "
+                    "this input). Call `.skip()` before reading any value of that module or of later modules."
+                )
 
     def _execute(self) -> None:
         interleaver = self.interleaver
@@ -418,7 +456,10 @@ class TraceRun:
         """The names to bind in the caller's scope (see :mod:`.saving`;
         ``in_session`` collects the names handed back unsaved in a session)."""
         replaced = self.saves.finish() if len(self.saves) else {}
-        where = LazyText(lambda: f"at {self._where()}")
+        # Placeholders of unsaved names outlive the run: they hold where it
+        # was, never the run (nor, through it, the model and its values).
+        filename, lineno = self.captured.filename, self.captured.with_lineno
+        where = LazyText(lambda: f"at {describe_location(filename, lineno)}")
         flow = self.flow
         if flow is not None and flow.invokes:
             names = set(self.captured.stored)
@@ -497,9 +538,12 @@ class TraceRun:
 
     def clean_traceback(self, error: BaseException) -> None:
         """Start the error's traceback at the user's body, hiding the library
-        frames (and the model's forward frames that lead back into them)."""
+        frames (and the model's forward frames that lead back into them);
+        with ``CONFIG.APP.DEBUG`` on, leave it whole."""
         if isinstance(error.__context__, TAKEN_OVER):
             error.__context__ = None
+        if show_library_frames():
+            return
         tb = error.__traceback__
         codes = {task.code for task in self.interleaver.tasks}
         codes.add(self.captured.code)
@@ -510,10 +554,10 @@ class TraceRun:
                 first_body = node
                 break
             node = node.tb_next
-        if first_body is not None:
-            error.__traceback__ = first_body
-        else:
-            error.__traceback__ = strip_library_frames(tb) or tb
+        # From the body on, without the library's frames; an error of the
+        # library's alone (no frame of the user's left) shows where the
+        # user's `with` statement is, added as it leaves the trace.
+        error.__traceback__ = only_user_frames(first_body if first_body is not None else tb)
 
 
 def _located(error: SeethroughError, where: str) -> SeethroughError:

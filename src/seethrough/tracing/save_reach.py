@@ -167,10 +167,13 @@ def _is_inert(value: Any, depth: int) -> bool:
         # A wrapper, envoy or tracer of seethrough's own class; a wrapper with
         # custom envoy classes (`envoys=`) hands out the user's code.
         try:
-            root = object.__getattribute__(value, "__dict__").get("_root")
-        except AttributeError:  # slotted: not an envoy
+            root = object.__getattribute__(value, "_root")  # an envoy's wrapper (itself for the wrapper)
+        except AttributeError:  # not an envoy
             return True
-        return root is None or object.__getattribute__(root, "__dict__").get("_envoys") is None
+        try:
+            return object.__getattribute__(root, "__dict__").get("_envoys") is None
+        except AttributeError:
+            return True
     return False
 
 

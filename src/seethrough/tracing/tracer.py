@@ -14,7 +14,7 @@ import sys
 import threading
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
-from .._frames import describe_frame, user_frame, where_user_is
+from .._frames import describe_frame, hide_library_frames, user_frame, where_user_is
 from ..errors import InvokeError, SeethroughError, TraceSourceError
 from .barrier import Barrier
 from .cache import Cache
@@ -57,7 +57,8 @@ class SessionScope:
     def leaving(self, namespace: dict) -> dict[str, NotSaved]:
         """Placeholders for the lent values still bound in ``namespace``."""
         lent, self._lent = self._lent, {}
-        where = LazyText(lambda: f"in the session at {self.where}; only saved values leave a session")
+        at = self.where  # the placeholders hold where the session was, not the session
+        where = LazyText(lambda: f"in the session at {at}; only saved values leave a session")
         return {name: NotSaved(name, where) for name, value in lent.items() if name in namespace and namespace[name] is value}
 
 
@@ -87,13 +88,6 @@ def exit_session(session: Any) -> None:
 def _drop(values: dict[str, Any]) -> None:
     """What a scan run before the real one (``scan=True``) does with its names."""
 
-
-def _from_the_body(error: BaseException, here: Any) -> None:
-    """A run made ``error``'s traceback start at the user's body; coming back
-    through ``here`` put that frame in front of it again: take it out."""
-    tb = error.__traceback__
-    if tb is not None and tb.tb_frame is here:
-        error.__traceback__ = tb.tb_next
 
 
 class Tracer:
@@ -185,7 +179,9 @@ class Tracer:
         try:
             run.run_to_end(receive, unsaved)
         except BaseException as error:
-            _from_the_body(error, sys._getframe())
+            # The run made the traceback start at the user's body; coming back
+            # through here put this frame in front of it again: take it out.
+            hide_library_frames(error)
             del frame, error  # the error's traceback keeps this frame: not the user's too
             raise
         finally:
@@ -204,7 +200,7 @@ class Tracer:
         try:
             run.run_to_end(_drop)
         except BaseException as error:
-            _from_the_body(error, sys._getframe())
+            hide_library_frames(error)
             raise
 
     def _run_remotely(self, frame: Any) -> None:
@@ -374,6 +370,7 @@ def run_block(captured: CapturedBlock, frame: Any, rounds: Iterable[Any]) -> Non
     except BaseException as error:
         if isinstance(error.__context__, TAKEN_OVER):
             error.__context__ = None  # the skip of the native run is no part of the user's error
+        hide_library_frames(error)
         raise
     finally:
         if not direct:

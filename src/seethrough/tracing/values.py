@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ShapeMismatchError
+from ..errors import AssignTypeError, ShapeMismatchError
 from .runtime import ours
 
 
@@ -143,7 +143,7 @@ def _conform(target: torch.Tensor, new: Any, what: str) -> torch.Tensor:
     if not isinstance(new, torch.Tensor):
         if isinstance(new, (int, float, bool)):
             return torch.full_like(target, new)
-        raise ShapeMismatchError(
+        raise AssignTypeError(
             f"cannot assign a {type(new).__name__} to {what}, which is a tensor of shape "
             f"{tuple(target.shape)}: assign a tensor (or a number)."
         )
