@@ -415,6 +415,8 @@ def _read(envoy: Envoy, kind: str, accessor: str, skip_calls: int) -> Any:
     task = _task_or_raise(envoy, accessor)
     run = task.run
     interleaver = run.interleaver
+    if kind == "input" and not skip_calls:
+        run.prepare_skip(envoy._module)  # the body may skip the call whose input it reads
     value = interleaver.request(task, envoy, kind, skip_current=skip_calls > 0)
     for _ in range(skip_calls - 1):
         value = interleaver.request(task, envoy, kind, skip_current=True)
