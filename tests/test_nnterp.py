@@ -225,6 +225,18 @@ def test_remote_option_registers_nnterp_without_loading_weights(nnterp, folders)
         assert "nnterp" in registry.registered()
         assert not model.dispatched  # renaming checked by a scan (allow_dispatch=False), on the meta device
         assert model.layers[1]._module is model._model.transformer.h[1]
+        from nnterp.nnsight_utils import get_layer_output
+        from seethrough.remote.client import RemoteRequestError
+
+        with torch.no_grad():
+            with model.trace(PROMPT, remote="local"):  # the wrapper is the model, whatever its class
+                remote = model.transformer.h[1].output.save()
+            with model.trace(PROMPT):
+                local = model.transformer.h[1].output.save()
+        assert torch.equal(remote, local)
+        with pytest.raises(RemoteRequestError, match=r"registered module `nnterp\.nnsight_utils`.*sandbox"):
+            with model.trace(PROMPT, remote="local"):
+                get_layer_output(model, 0).save()  # nnterp's own source: imports typing, decorators, ...
     finally:
         if not was:
             registry.unregister("nnterp")

@@ -108,7 +108,8 @@ def _classify(name: str, value: Any, model: Any, request: Request, names: list[s
     if registry.owner(value) is not None:
         _registered(name, value, request)
         return
-    if registry.owner(type(value)) is not None:
+    if registry.owner(type(value)) is not None and not isinstance(value, Envoy):
+        # (a wrapper of a registered class, e.g. nnterp's StandardizedTransformer, is the model: an envoy)
         raise RemoteInputError(
             f"the body uses `{name}`, an instance of {type(value).__qualname__} from the registered module "
             f"{type(value).__module__}; registered classes travel as source, their instances (state) do not. "
