@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import seethrough
+from fixtures.models import assert_pristine
 from seethrough.errors import NotSavedError, TraceSourceError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -192,6 +193,27 @@ def test_return_inside_body_is_refused_with_fix():
 
     with pytest.raises(TraceSourceError, match="return"):
         bad()
+
+
+def test_return_on_a_branch_never_taken_runs(mlp):
+    # nnterp's tests keep `if layer is None: return None` inside a trace body:
+    # only a `return` the body reaches is an error.
+    model = seethrough.Model(mlp)
+    x = torch.randn(2, 4)
+
+    def collect(stop_early):
+        with torch.no_grad():
+            with model.trace(x):
+                if stop_early:
+                    return None
+                hidden = model.fc1.output.save()
+        return hidden
+
+    assert torch.equal(collect(False), mlp.fc1(x))
+    with pytest.raises(TraceSourceError, match=r"`return` inside the block.*assign the value"):
+        collect(True)
+    assert_pristine(mlp)
+    assert torch.equal(collect(False), mlp.fc1(x))  # the failed trace left nothing behind
 
 
 def _run_python(args, **kwargs):

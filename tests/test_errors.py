@@ -226,6 +226,19 @@ _BUILTIN_SITES: dict[tuple[str, str], tuple[set[str], str]] = {
         for function in ("_check", "_private_file_system", "_expose", "_drop_to")
     },
     ("cli.py", "_positive"): ({"ArgumentTypeError"}, "argparse's way to refuse a command-line value (usage, exit 2)"),
+    **{
+        ("_stand_in.py", function): (
+            {"ModuleNotFoundError"},
+            "an `import nnsight.<x>` the stand-in cannot answer fails as an import does, so libraries probing "
+            "optional modules with `except ImportError` keep working",
+        )
+        for function in ("create_module", "find_spec")
+    },
+    ("nnsight/__init__.py", "__getattr__"): (
+        {"AttributeError"}, "a module's __getattr__: `nnsight.X` missing is the AttributeError `hasattr` expects"),
+    ("remote/modules.py", "__getattr__"): (
+        {"AttributeError"}, "a rebuilt module's __getattr__: `from mod import missing` needs AttributeError to "
+                            "become Python's ImportError"),
 }
 _PROTOCOL = {
     "__getattr__": (AttributeError,), "__getattribute__": (AttributeError,), "__getitem__": (KeyError, IndexError),

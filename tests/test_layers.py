@@ -26,7 +26,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("seethrough.remote", "seethrough.remote.wire", "seethrough.remote.protocol", "seethrough.remote.client",
      "seethrough.remote.backend", "seethrough.remote.collect"),
     ("seethrough.models",),
-    ("seethrough.remote.server", "seethrough.remote.execute", "seethrough.remote.sandbox", "seethrough.remote.local"),
+    ("seethrough.remote.server", "seethrough.remote.execute", "seethrough.remote.sandbox", "seethrough.remote.modules",
+     "seethrough.remote.local"),
     ("seethrough.intervention", "seethrough.interp"),
     ("seethrough.cli", "seethrough.__main__", "seethrough"),
 ]

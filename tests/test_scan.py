@@ -126,6 +126,31 @@ def test_scan_before_weights_load_matches_loaded_scan(gpt2_dir):
     assert tuple(meta_shape) == tuple(fake_shape) == (2, 5, 32)
 
 
+@pytest.mark.parametrize("family", ["bloom", "opt", "llama", "gpt_neox"])
+def test_scan_before_weights_load_on_other_families(tmp_path, family):
+    # Bloom's ALiBi and OPT's learned positions take only a 2-D mask: the meta scan
+    # still gives every module the shapes a real forward gives (raw hooks).
+    from seethrough.models import offline
+
+    folder = offline.save_random_lm(tmp_path / family, family)
+    lazy = LanguageModel(str(folder))
+    ids = {"input_ids": torch.tensor([[0, 1, 1]])}
+    with lazy.scan(ids):
+        layers = lazy.layers
+        first = tuple(layers[0].input.shape)
+        out = layers[1].output
+        out = out[0] if isinstance(out, tuple) else out  # Bloom's blocks return a tuple
+        shapes = (first, tuple(out.shape), tuple(lazy.output.logits.shape))
+    assert not lazy.dispatched
+    hf = AutoModelForCausalLM.from_pretrained(folder).eval()
+    path = {"bloom": "transformer.h", "opt": "model.decoder.layers", "llama": "model.layers",
+            "gpt_neox": "gpt_neox.layers"}[family]
+    _, seen = record_outputs(hf, [f"{path}.1"], **ids)
+    real = seen[f"{path}.1"][0]
+    real = real[0] if isinstance(real, tuple) else real
+    assert shapes == ((1, 3, 32), tuple(real.shape), (1, 3, 50257))
+
+
 def test_scan_values_stay_inside_unless_saved(smol):
     model, _, _ = smol
     with model.scan("Hello"):

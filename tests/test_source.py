@@ -283,6 +283,22 @@ def test_gpt2_edit_inside_the_attention_function_matches_a_hand_patched_forward(
     assert_pristine(gpt2_eager)
 
 
+def test_source_of_a_running_operation_names_it_again(gpt2_eager, monkeypatch):
+    # nnterp's attention-probability setter spells the path again after reading it:
+    # `.source` of an operation whose (instrumented) callee is running needs no wait.
+    model = Model(gpt2_eager)
+    ids = torch.tensor([[5, 17, 42, 7, 9]])
+    with torch.no_grad(), model.trace(ids):
+        probs = model.transformer.h[0].attn.source.attention_interface_0.source.nn_functional_softmax_0.output
+        model.transformer.h[0].attn.source.attention_interface_0.source.nn_functional_softmax_0.output = probs * 0.5
+        logits = model.output.logits.save()
+    _record_eager(monkeypatch, modeling_gpt2, scale=0.5)
+    with torch.no_grad():
+        ref = gpt2_eager(ids).logits
+    assert torch.allclose(logits, ref, atol=1e-5)
+    assert_pristine(gpt2_eager)
+
+
 def test_source_of_an_operation_is_checked(gpt2_eager):
     model = Model(gpt2_eager)
     with pytest.raises(NotInTraceError, match="known only while the model runs"):

@@ -102,6 +102,19 @@ def test_edited_value_is_seen_by_later_reads(mlp):
     assert torch.equal(again, torch.ones(2, 8))
 
 
+def test_skip_after_reading_the_modules_own_input(mlp):
+    # nnterp's skip_layer: `h = layer.input`, then `layer.skip(h)` for that same call.
+    model = seethrough.Model(mlp)
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        with model.trace(x):
+            h = model.fc2.input
+            model.fc2.skip(h)
+            out = model.output.save()
+    assert torch.equal(out, mlp.act(mlp.fc1(x)))  # fc2 passed its input through
+    assert_pristine(mlp)
+
+
 def test_skip_uses_value_and_does_not_run_module(mlp):
     model = seethrough.Model(mlp)
     x = torch.randn(2, 4)

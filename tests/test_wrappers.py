@@ -209,6 +209,86 @@ def test_rename_refuses_aliases_that_cannot_work(tiny_gpt2, rename):
         seethrough.Model(tiny_gpt2, rename=rename)
 
 
+def test_rename_keys_may_go_through_other_renames(tiny_gpt2):
+    # nnterp's renames: a key's parts may be aliases of other keys, in any order.
+    rename = {"model.ln_final": "ln_final", "transformer": "model", "ln_f": "ln_final",
+              "model.layers": "layers", "h": "layers", "a": "b", "b": "a"}  # a cycle is harmless
+    model = seethrough.Model(tiny_gpt2, rename=rename)
+    assert model.ln_final._module is tiny_gpt2.transformer.ln_f
+    assert model.model.ln_final._module is tiny_gpt2.transformer.ln_f
+    assert model.layers[1]._module is tiny_gpt2.transformer.h[1]
+    assert "ln_final" in dir(model)
+    with pytest.raises(AttributeError):
+        model.a
+    ids = torch.tensor([[7, 8, 9]])
+    _, seen = record_outputs(tiny_gpt2, ["transformer.ln_f"], ids)
+    with torch.no_grad():
+        with model.trace(ids):
+            norm = model.ln_final.output.save()
+    assert torch.equal(norm, seen["transformer.ln_f"][0])
+
+
+class _Subclass(LanguageModel):
+    """A wrapper subclass that sets itself up in __init__, as nnterp's StandardizedTransformer."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.vocab_size = self.config.vocab_size  # the module has a `vocab_size` too
+        self.num_layers = len(self.transformer.h)
+
+
+def test_wrapper_subclass_attributes_outside_a_trace(gpt2_dir):
+    model = _Subclass(str(gpt2_dir))
+    assert model.vocab_size == 50257 and model.num_layers == 2
+    model.vocab_size = 7  # a plain attribute, also later
+    assert model.vocab_size == 7
+    with pytest.raises(seethrough.UsageAttributeError, match="submodule"):
+        model.transformer = None  # would hide a submodule
+    with pytest.raises(seethrough.UsageAttributeError, match="submodule"):
+        model.layers = None  # a standard alias of one
+    with torch.no_grad():
+        with pytest.raises(seethrough.UsageAttributeError, match="inside a trace"):
+            with model.trace("Hello"):
+                model.config = None  # inside a trace: an envoy misuse, still refused
+
+
+def test_loaded_tokenizer_gets_eos_as_pad_token_and_left_padding(tmp_path, gpt2_tokenizer):
+    from seethrough.models import offline
+
+    tokenizer = AutoTokenizer.from_pretrained(offline.save_random_lm(tmp_path / "a", "gpt2"))
+    tokenizer.pad_token = None
+    tokenizer.padding_side = "right"
+    folder = offline.save_random_lm(tmp_path / "b", "gpt2", tokenizer=tokenizer)
+    assert AutoTokenizer.from_pretrained(folder).pad_token is None
+    model = LanguageModel(str(folder))
+    assert model.tokenizer.pad_token == model.tokenizer.eos_token == "<|endoftext|>"
+    batch = model.tokenizer(["a", "a b c"], padding=True, return_tensors="pt")
+    assert batch["attention_mask"].tolist() == [[0, 0, 1], [1, 1, 1]]  # left, as nnsight
+    mine = AutoTokenizer.from_pretrained(folder)
+    assert LanguageModel(str(folder), tokenizer=mine).tokenizer.pad_token is None  # yours: untouched
+
+
+def test_tokenizer_kwargs_right_padding_pads_batches_right(tmp_path):
+    from seethrough.models import offline
+
+    folder = offline.save_random_lm(tmp_path / "m", "llama")
+    model = LanguageModel(str(folder), tokenizer_kwargs={"padding_side": "right"})
+    assert model.tokenizer.padding_side == "right"
+    hf = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    prompts = ["Hello", "The quick brown fox"]
+    with torch.no_grad():
+        with model.trace(prompts):
+            ids = model.inputs[1]["input_ids"].save()
+            logits = model.output.logits.save()
+        for row, prompt in enumerate(prompts):
+            alone = hf(**tokenizer(prompt, return_tensors="pt")).logits[0]
+            assert torch.allclose(logits[row, : alone.shape[0]], alone, atol=1e-5)  # real tokens first
+    assert ids[0, -1].item() == tokenizer.eos_token_id
+    with pytest.raises(TypeError, match="tokenizer_kwargs"):
+        LanguageModel(str(folder), tokenizer_kwargs=["padding_side"])
+
+
 # -- padding without a pad token -----------------------------------------------------------
 
 def test_eos_pads_when_there_is_no_pad_token(gpt2_dir):

@@ -14,6 +14,8 @@ See the README for the tour: invokes (batching), generation, gradients,
 caches, edits, sessions, and the nnsight-compatible names.
 """
 
+from typing import TYPE_CHECKING
+
 from ._version import __version__
 from .config import CONFIG
 from .envoy import Envoy
@@ -46,9 +48,13 @@ from .models.language import LanguageModelError, remote_model
 from .remote.backend import register_local_runner
 from .remote.client import register_model_builder
 from .remote.local import run_local
+from .remote.registry import register
 from .tracing.cache import Cache, CacheKeyError
 from .tracing.runtime import save
 from .tracing.tracer import Invoker, Tracer
+
+if TYPE_CHECKING:
+    from ._stand_in import StandIn
 
 # The composition root: lower layers call what higher ones provide through
 # these two hooks (remote="local" runs the server's steps in this process;
@@ -61,6 +67,16 @@ register_model_builder(remote_model)
 NNsight = Model
 TransformersModel = LanguageModel
 
+
+def stand_in_for_nnsight() -> "StandIn":
+    """Make ``import nnsight`` (and ``nnsight.<x>``) give seethrough's modules in
+    this process, so libraries built on nnsight run unchanged; returns a handle
+    whose ``undo()`` (or the end of a ``with`` block) switches it off.  Same as
+    ``import seethrough.stand_in``; see :mod:`seethrough.stand_in`."""
+    from ._stand_in import activate
+
+    return activate()
+
 __all__ = [
     "CONFIG",
     "Cache",
@@ -71,8 +87,10 @@ __all__ = [
     "NNsight",
     "TransformersModel",
     "Tracer",
+    "register",
     "save",
     "AssignTypeError",
+    "stand_in_for_nnsight",
     "BatchError",
     "CacheKeyError",
     "CrossInvokeError",

@@ -341,14 +341,30 @@ class Envoy:
         if name in ("output", "input", "inputs"):
             object.__setattr__(self, name, value)
             return
-        if _is_user_subclass(type(self)) and (
-            name.startswith("_") or _defined_by_subclass(type(self), name) is not None
-            or (name not in self._module._modules and not hasattr(self._module, name))
-        ):
-            # A custom envoy's (or wrapper's) own state, or a property it defines
-            # with a setter; never a name of the module (`weight`, a submodule).
-            object.__setattr__(self, name, value)
-            return
+        if _is_user_subclass(type(self)):
+            if name.startswith("_") or _defined_by_subclass(type(self), name) is not None:
+                object.__setattr__(self, name, value)
+                return
+            if name not in self._module._modules and self._root._resolve_alias(self, name) is not None:
+                raise UsageAttributeError(
+                    f"cannot set `{name}` on `{self._display_path()}` ({where_user_is()}): `{name}` names a "
+                    "submodule there (an alias), and an attribute of that name would hide it. Pick another name.")
+            if name not in self._module._modules and not hasattr(self._module, name):
+                # A custom envoy's (or wrapper's) own state, or a property it defines
+                # with a setter; never a name of the module (`weight`, a submodule).
+                object.__setattr__(self, name, value)
+                return
+            if self._root is self and current_task() is None:
+                # A wrapper subclass setting itself up outside a trace (nnterp's
+                # `self.vocab_size = ...` in __init__): a plain attribute, even where
+                # the module has an attribute of that name, but never hiding a submodule.
+                if name in self._module._modules:
+                    raise UsageAttributeError(
+                        f"cannot set `{name}` on `{type(self).__name__}` ({where_user_is()}): `model.{name}` is "
+                        "a submodule of the wrapped model, and an attribute of that name would hide it. Pick "
+                        "another name for your attribute.")
+                object.__setattr__(self, name, value)
+                return
         raise UsageAttributeError(
             f"cannot set `{name}` on `{self._display_path()}` ({where_user_is()}): envoys only "
             "take `.output`, `.input` and `.inputs` assignments inside a trace. To change the "
@@ -443,6 +459,8 @@ def _read(envoy: Envoy, kind: str, accessor: str, skip_calls: int) -> Any:
     task = _task_or_raise(envoy, accessor)
     run = task.run
     interleaver = run.interleaver
+    if kind == "input" and not skip_calls:
+        run.prepare_skip(envoy._module)  # the body may skip the call whose input it reads
     value = interleaver.request(task, envoy, kind, skip_current=skip_calls > 0)
     for _ in range(skip_calls - 1):
         value = interleaver.request(task, envoy, kind, skip_current=True)

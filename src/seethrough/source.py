@@ -229,7 +229,10 @@ class Operation:
         callee is known only when the model gets there)."""
         task = _task_or_raise_source(self)
         runtime = self._attach(task.run)
-        _read(self, "input", "inputs", 0)  # wait until the model is at this call
+        if not (runtime.running and runtime.descend and runtime.fn is not None):
+            # Wait until the model is at this call; a body already inside it (reading an
+            # operation of the callee, then writing one) names the running callee as it is.
+            _read(self, "input", "inputs", 0)
         fn = runtime.fn
         what = f"`{self._display_path()}.source`"
         func = getattr(fn, "__func__", fn)

@@ -94,12 +94,35 @@ def _scan_inputs(run: TraceRun, kwargs: dict) -> dict:
     # A scan only needs shapes: position ids are computed from the real mask
     # first, then the mask is handed over in its 4-D form, which models take
     # as given.
+    # Some models (Bloom's ALiBi, OPT's learned positions) take only the 2-D
+    # form: for those a mask without padding is left out, and they build
+    # their own from shapes alone (:func:`probe_meta_mask`).
     kwargs = run.model._positions(kwargs)
     mask = kwargs.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         rows, length = mask.shape
+        if not _MASK_FORMS.get(type(run.model._module), True) and not mask.is_meta and bool(mask.all()):
+            return {k: v for k, v in kwargs.items() if k != "attention_mask"}
         kwargs = {**kwargs, "attention_mask": torch.zeros(rows, 1, length, length)}
     return kwargs
+
+
+_MASK_FORMS: dict[type, bool] = {}
+
+
+def probe_meta_mask(module: torch.nn.Module) -> bool:
+    """Does this model class run on the meta device with a 4-D attention mask?
+    Asked once per class, with a three-token meta forward; call it before a
+    scan starts (outside any trace: the probe must meet no hooks)."""
+    kind = type(module)
+    if kind not in _MASK_FORMS:
+        ids = torch.zeros(1, 3, dtype=torch.long, device="meta")
+        try:
+            module(input_ids=ids, attention_mask=torch.zeros(1, 1, 3, 3, device="meta"), use_cache=False)
+            _MASK_FORMS[kind] = True
+        except Exception:  # noqa: BLE001 - any failure means: not this form
+            _MASK_FORMS[kind] = False
+    return _MASK_FORMS[kind]
 
 
 def _explain_scan_failure(error: Exception) -> LanguageModelError:

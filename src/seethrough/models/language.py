@@ -38,7 +38,7 @@ from ..errors import BatchError, InputTypeError, LanguageModelError, NotInTraceE
 from ..remote.client import ModelNotServedError, ServedModel, served_model
 from ..tracing.runtime import current_task
 from ..tracing.tracer import Tracer
-from .backends import GenerateBackend, lm_scan_backend, meta_backend
+from .backends import GenerateBackend, lm_scan_backend, meta_backend, probe_meta_mask
 from .batching import PreparedInput
 from .hub import hub_endpoint, offline_loading
 from .model import CLASS_ENVOYS, Model, _remote_options
@@ -60,6 +60,7 @@ class LanguageModel(Model):
         model: Any = DEFAULT_MODEL,
         *,
         tokenizer: Any = None,
+        tokenizer_kwargs: dict[str, Any] | None = None,
         dispatch: bool = False,
         automodel: Any = None,
         task: str | None = None,
@@ -71,6 +72,10 @@ class LanguageModel(Model):
         **load_kwargs: Any,
     ) -> None:
         automodel = _automodel_choice(automodel, task)
+        if tokenizer_kwargs is not None and not isinstance(tokenizer_kwargs, dict):
+            raise UsageTypeError(f"tokenizer_kwargs= takes a dict of tokenizer settings (e.g. "
+                                 f"{{'padding_side': 'left'}}), not a {type(tokenizer_kwargs).__name__}.")
+        loaded_tokenizer = False  # did this wrapper load the tokenizer (then it configures it, as nnsight does)
         served = model if isinstance(model, ServedModel) else None  # from `from_server`
         source: str | None = None
         if served is not None:
@@ -94,7 +99,8 @@ class LanguageModel(Model):
             # description (`from_server`), its weights only there.
             module = _skeleton(str(served.folder), automodel, load_kwargs)
             if tokenizer is None:
-                tokenizer = _load_tokenizer(str(served.folder), None)
+                tokenizer = _load_tokenizer(str(served.folder), None, tokenizer_kwargs)
+                loaded_tokenizer = tokenizer is not None
             source, remote_name, host = source or served.name, remote_name or served.name, served.host
         loaded = isinstance(model, torch.nn.Module)
         server_only = served is not None
@@ -111,7 +117,22 @@ class LanguageModel(Model):
         object.__setattr__(self, "_load_kwargs", load_kwargs)
         object.__setattr__(self, "_loaded", loaded)
         if tokenizer is None and not server_only:
-            tokenizer = _load_tokenizer(source, model if loaded else None)
+            tokenizer = _load_tokenizer(source, model if loaded else None, tokenizer_kwargs)
+            loaded_tokenizer = tokenizer is not None
+        causal = _is_causal(module)
+        if loaded_tokenizer:
+            _configure_tokenizer(tokenizer, causal, tokenizer_kwargs or {})
+        elif tokenizer_kwargs:
+            if tokenizer is None:
+                raise LanguageModelError(f"tokenizer_kwargs={tokenizer_kwargs!r}: there is no tokenizer for "
+                                         f"{source!r} to apply them to; pass `tokenizer=`.")
+            for key, value in tokenizer_kwargs.items():  # a tokenizer object: its settings, as nnsight 0.8 sets them
+                setattr(tokenizer, key, value)
+        # Batches follow the tokenizer's padding side where this wrapper set it up
+        # (a tokenizer it loaded for a causal LM, or `tokenizer_kwargs` naming the
+        # side); otherwise they are left-padded, whatever the tokenizer says.
+        follow = (loaded_tokenizer and causal) or "padding_side" in (tokenizer_kwargs or {})
+        object.__setattr__(self, "_follows_padding_side", follow)
         object.__setattr__(self, "_tokenizer", tokenizer)
         object.__setattr__(self, "_forward_params", _parameters_of(module))
         if dispatch:
@@ -300,6 +321,14 @@ class LanguageModel(Model):
             )
         return self._tokenizer
 
+    def _padding_side(self) -> str:
+        """``"left"``, or the tokenizer's side where this wrapper follows it (see ``__init__``)."""
+        if self._follows_padding_side:
+            side = getattr(self._tokenizer, "padding_side", "left")
+            if side in ("left", "right"):
+                return side
+        return "left"
+
     def _pad_id(self) -> int:
         """The token left padding uses: the pad token, else (GPT-2 style
         tokenizers have none) the end-of-sequence token, as nnsight does.
@@ -326,13 +355,14 @@ class LanguageModel(Model):
         if length == 0:
             raise LanguageModelError("an input tokenized to zero tokens; pass some text.")
         pad = self._pad_id() if any(len(row["input_ids"]) != length for row in rows) else 0
+        right = self._padding_side() == "right"
         ids, mask, types = [], [], []
         for row in rows:
             missing = length - len(row["input_ids"])
-            ids.append([pad] * missing + row["input_ids"])
-            mask.append([0] * missing + [1] * len(row["input_ids"]))
+            ids.append(_padded(row["input_ids"], [pad] * missing, right))
+            mask.append(_padded([1] * len(row["input_ids"]), [0] * missing, right))
             if "token_type_ids" in row:
-                types.append([0] * missing + list(row["token_type_ids"]))
+                types.append(_padded(list(row["token_type_ids"]), [0] * missing, right))
         out = {"input_ids": torch.tensor(ids, dtype=torch.long), "attention_mask": torch.tensor(mask, dtype=torch.long)}
         if types and len(types) == len(rows) and "token_type_ids" in self._forward_params:
             out["token_type_ids"] = torch.tensor(types, dtype=torch.long)
@@ -342,6 +372,7 @@ class LanguageModel(Model):
         length = max(item.kwargs["input_ids"].shape[1] for item in prepared)
         needs_pad = any(item.kwargs["input_ids"].shape[1] != length for item in prepared)
         pad = self._pad_id() if needs_pad else 0
+        right = self._padding_side() == "right"
         token_keys = ("input_ids", "attention_mask", "token_type_ids")
         columns: dict[str, list[torch.Tensor]] = {}
         for item in prepared:
@@ -352,7 +383,8 @@ class LanguageModel(Model):
                 value = item.kwargs[key]
                 fill = pad if key == "input_ids" else 0
                 if missing:
-                    value = torch.cat([value.new_full((value.shape[0], missing), fill), value], dim=1)
+                    filler = value.new_full((value.shape[0], missing), fill)
+                    value = torch.cat([value, filler] if right else [filler, value], dim=1)
                 columns.setdefault(key, []).append(value)
         if len({len(v) for v in columns.values()} | {len(prepared)}) != 1:
             raise BatchError("invokes must all pass (or all omit) the same kinds of token inputs (e.g. token_type_ids).")
@@ -393,7 +425,10 @@ class LanguageModel(Model):
         return Tracer(self, args, kwargs, self._scan_backend(), has_input=bool(args or kwargs), what="model.scan(...)")
 
     def _scan_backend(self) -> Any:
-        return lm_scan_backend if self._loaded else meta_backend
+        if self._loaded:
+            return lm_scan_backend
+        probe_meta_mask(self._module)  # which mask form the meta scan passes, decided before hooks exist
+        return meta_backend
 
     def generate(
         self,
@@ -644,7 +679,33 @@ def remote_model(name: str, host: str | None = None, api_key: str | None = None)
     return LanguageModel.from_server(name, host, api_key)
 
 
-def _load_tokenizer(source: str, model: Any) -> Any:
+def _padded(row: list, filler: list, right: bool) -> list:
+    return row + filler if right else filler + row
+
+
+def _is_causal(module: torch.nn.Module) -> bool:
+    """A decoder-only generative model (GPT-2, Llama, ...), not an encoder or encoder-decoder."""
+    config = getattr(module, "config", None)
+    can_generate = getattr(module, "can_generate", None)
+    try:
+        generates = bool(can_generate()) if callable(can_generate) else False
+    except Exception:  # noqa: BLE001 - a library's own check; treat a failure as "not causal"
+        generates = False
+    return generates and not getattr(config, "is_encoder_decoder", False)
+
+
+def _configure_tokenizer(tokenizer: Any, causal: bool, tokenizer_kwargs: dict) -> None:
+    """A tokenizer this wrapper loaded, set up as nnsight sets it up: the EOS
+    token pads when there is no pad token, and a causal LM's batches are
+    left-padded (``model.tokenizer(texts, padding=True)`` then works and lines
+    up every row's last token), unless ``tokenizer_kwargs`` says otherwise."""
+    if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if causal and "padding_side" not in tokenizer_kwargs:
+        tokenizer.padding_side = "left"
+
+
+def _load_tokenizer(source: str, model: Any, tokenizer_kwargs: dict | None = None) -> Any:
     from transformers import AutoTokenizer
 
     candidates = [source]
@@ -657,7 +718,8 @@ def _load_tokenizer(source: str, model: Any) -> Any:
             continue
         path = _resolve_source(candidate)
         try:
-            return AutoTokenizer.from_pretrained(path, **({"local_files_only": True} if offline_loading(path) else {}))
+            options = {**(tokenizer_kwargs or {}), **({"local_files_only": True} if offline_loading(path) else {})}
+            return AutoTokenizer.from_pretrained(path, **options)
         except (OSError, ValueError, TypeError):
             continue
     return None

@@ -224,11 +224,9 @@ class Model(Envoy):
 
     # -- aliases ------------------------------------------------------------------
     def _resolve_alias(self, envoy: Envoy, name: str) -> Envoy | None:
-        for parts, alias in self._rename_rules:  # the user's rename= first
-            if alias == name:
-                found = _walk(envoy, parts)
-                if found is not None:
-                    return found
+        found = self._renamed(envoy, name, set())  # the user's rename= first
+        if found is not None:
+            return found
         if envoy is self or envoy._path == "":
             path = self._path_aliases.get(name)
             if path is not None:
@@ -241,9 +239,43 @@ class Model(Envoy):
                     return envoy._child(real)
         return None
 
+    def _renamed(self, envoy: Envoy, name: str, active: set[tuple[int, str]]) -> Envoy | None:
+        """The envoy a ``rename=`` alias ``name`` names under ``envoy``, or None.
+
+        A key's parts are real child names or, as nnsight resolves them, other
+        ``rename=`` aliases (``{"transformer": "model", "ln_f": "ln_final",
+        "model.ln_final": "ln_final"}`` gives ``model.ln_final`` on GPT-2), in
+        any order; ``active`` stops a cycle of aliases naming each other."""
+        key = (id(envoy), name)
+        if key in active:
+            return None
+        active.add(key)
+        try:
+            for parts, alias in self._rename_rules:
+                if alias == name:
+                    found = self._walk_renamed(envoy, parts, active)
+                    if found is not None:
+                        return found
+            return None
+        finally:
+            active.discard(key)
+
+    def _walk_renamed(self, envoy: Envoy, parts: tuple[str, ...], active: set[tuple[int, str]]) -> Envoy | None:
+        """The envoy ``parts`` (child names or ``rename=`` aliases) lead to from ``envoy``, or None."""
+        for part in parts:
+            modules = envoy._module._modules
+            if modules.get(part) is not None:
+                envoy = envoy._child(part)
+                continue
+            found = self._renamed(envoy, part, active)
+            if found is None:
+                return None
+            envoy = found
+        return envoy
+
     def _alias_names(self, envoy: Envoy) -> list[str]:
         names = list(self._path_aliases) if envoy._path == "" else []
-        names += [alias for parts, alias in self._rename_rules if _walk(envoy, parts) is not None]
+        names += [alias for parts, alias in self._rename_rules if self._walk_renamed(envoy, parts, set()) is not None]
         modules = envoy._module._modules
         names += [alias for alias, reals in self._name_aliases.items() if any(r in modules and r != alias for r in reals)]
         return names
@@ -513,16 +545,6 @@ def _suffix_matches(parts: list[str], key: str, names: dict | None) -> bool:
         if names is None or part not in names.get(wanted, ()):
             return False
     return True
-
-
-def _walk(envoy: Envoy, parts: tuple[str, ...]) -> Envoy | None:
-    """The envoy ``parts`` (real module names) lead to from ``envoy``, or None."""
-    for part in parts:
-        modules = envoy._module._modules
-        if modules.get(part) is None:
-            return None
-        envoy = envoy._child(part)
-    return envoy
 
 
 class _ApplyingTracer:

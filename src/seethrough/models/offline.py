@@ -39,6 +39,8 @@ __all__ = [
     "cache_dir",
     "gpt2_tokenizer",
     "save_random_gpt2",
+    "save_random_lm",
+    "TINY_CONFIGS",
     "smollm2_dir",
     "load_smollm2",
     "minilm_dir",
@@ -112,6 +114,49 @@ def save_random_gpt2(path: str | os.PathLike, *, seed: int = 0, **config_overrid
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = GPT2LMHeadModel(config).eval()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+# Tiny random causal LMs of common families (two layers, width 32): config class
+# and settings; vocabulary sizes and special tokens come from the tokenizer.
+TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, max_position_embeddings=256)),
+    "qwen2": ("Qwen2Config", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, max_position_embeddings=256)),
+    "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=2, n_head=4, n_positions=256)),
+    "bloom": ("BloomConfig", dict(hidden_size=32, n_layer=2, n_head=4)),
+    "opt": ("OPTConfig", dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                              word_embed_proj_dim=32, max_position_embeddings=256)),
+    "gpt_neox": ("GPTNeoXConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, max_position_embeddings=256)),
+}
+
+
+def save_random_lm(path: str | os.PathLike, family: str, *, tokenizer: Any = None, seed: int = 0,
+                   **config_overrides: Any) -> Path:
+    """Save a tiny random-weight causal LM of ``family`` (a key of
+    :data:`TINY_CONFIGS`: llama, qwen2, gpt2, bloom, opt, gpt_neox) with
+    ``tokenizer`` (default: the real GPT-2 tokenizer) into ``path``, loadable
+    offline like a hub id (``AutoModelForCausalLM`` / ``AutoTokenizer`` /
+    ``LanguageModel(path)``).  Same seed, same weights."""
+    import transformers
+
+    if family not in TINY_CONFIGS:
+        raise SeethroughError(f"save_random_lm: unknown family {family!r}; use one of {', '.join(TINY_CONFIGS)}.")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = tokenizer if tokenizer is not None else gpt2_tokenizer()
+    config_class, settings = TINY_CONFIGS[family]
+    special = {key: getattr(tokenizer, key, None) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    special = {key: value for key, value in special.items() if value is not None}
+    config = getattr(transformers, config_class)(**{**settings, "vocab_size": len(tokenizer), **special,
+                                                   **config_overrides})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = transformers.AutoModelForCausalLM.from_config(config).eval()
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

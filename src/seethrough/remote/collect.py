@@ -3,8 +3,9 @@
 The body travels as source text.  Every name it reads is looked up in the
 caller's scope and sent as what it is: tensors and plain data as values,
 envoys of the traced model as module paths, allowed modules (``torch``,
-``math``, ...) by name, and the user's helper functions as their source (with
-whatever they read, recursively).  Anything else is refused with a message
+``math``, ...) by name, the user's helper functions as their source (with
+whatever they read, recursively), and registered modules (and the functions
+and classes they define, :mod:`.registry`) as the source of those modules.  Anything else is refused with a message
 saying what can be sent.
 """
 
@@ -21,7 +22,8 @@ from .._version import __version__
 from ..envoy import Envoy
 from ..errors import SeethroughError
 from ..tracing.capture import CapturedBlock
-from .protocol import MODULES, PORTABLE_LEAVES, Request
+from . import registry
+from .protocol import MODULES, PORTABLE_LEAVES, Request, valid_module_name
 
 
 
@@ -103,6 +105,15 @@ def _gather(names: list[str], seed: dict, globals_: dict, model: Any, request: R
 
 
 def _classify(name: str, value: Any, model: Any, request: Request, names: list[str]) -> None:
+    if registry.owner(value) is not None:
+        _registered(name, value, request)
+        return
+    if registry.owner(type(value)) is not None and not isinstance(value, Envoy):
+        # (a wrapper of a registered class, e.g. nnterp's StandardizedTransformer, is the model: an envoy)
+        raise RemoteInputError(
+            f"the body uses `{name}`, an instance of {type(value).__qualname__} from the registered module "
+            f"{type(value).__module__}; registered classes travel as source, their instances (state) do not. "
+            f"Create it inside the body (`{name} = {type(value).__name__}(...)`), or pass its data instead.")
     if isinstance(value, Envoy):
         if value._root._module is not model._module:
             raise RemoteInputError(f"`{name}` is a module of another model; a remote body can use only the traced model.")
@@ -133,6 +144,29 @@ def _classify(name: str, value: Any, model: Any, request: Request, names: list[s
         "Remote bodies can use tensors, numbers, strings, lists/tuples/dicts of those, modules of the "
         "traced model, helper functions, and torch/math/einops."
     )
+
+
+def _registered(name: str, value: Any, request: Request) -> None:
+    """A registered module, or a function or class defined at its top level: the
+    name travels as a reference into the module's source, sent with the request."""
+    if isinstance(value, types.ModuleType):
+        module, attribute = value.__name__, ""
+    else:
+        module, attribute = value.__module__, value.__name__
+        if value.__qualname__ != attribute:
+            raise RemoteInputError(
+                f"the body uses `{name}` ({value.__qualname__} of the registered module {module}), which is not "
+                "defined at the top level of its module, so it cannot be found in the module's source on the "
+                "server. Use a top-level function or class.")
+    if not valid_module_name(module):
+        raise RemoteInputError(f"the registered module {module!r} has a private or invalid name; it cannot "
+                               "travel to a server (rename it without a leading underscore).")
+    try:
+        for other, entry in registry.module_sources([module]).items():
+            request.packages.setdefault(other, entry)
+    except registry.RegistrationError as error:
+        raise RemoteInputError(str(error)) from None
+    request.imports[name] = (module, attribute)
 
 
 def _nested_names(code: types.CodeType) -> list[str]:

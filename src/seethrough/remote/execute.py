@@ -32,6 +32,7 @@ from ..tracing.runtime import SAVE_METHOD, save_method
 from ..tracing.saving import NotSaved
 from ..tracing.tracer import SessionScope, Tracer, enter_session, exit_session
 from . import sandbox
+from .modules import ModuleBuilder
 from .protocol import PORTABLE_LEAVES, Request, error_answer
 from .reach import Guard, guard_tree
 
@@ -71,11 +72,17 @@ def _run(request: Request, served: Any, print_function: Callable[..., Any]) -> d
         extra[name] = model if path == "" else model._envoy_at(path)
     for name, module in request.modules.items():
         extra[name] = sandbox.module_proxy(module)
+    if request.packages:  # registered modules: rebuilt from their source, in the sandbox
+        builder = ModuleBuilder(request.packages, guard, print_function, registered_filename, _add_lines)
+        builder.validate_all()
+        for name, (module_name, attribute) in request.imports.items():
+            rebuilt = builder.get(module_name)
+            extra[name] = getattr(rebuilt, attribute) if attribute else rebuilt
     namespace = sandbox.safe_globals(extra, print_function, guard)
     for name, source in request.functions.items():
         helper_file = remote_filename(f"{request.filename}:{name}")
         tree = sandbox.validate(source, helper_file)
-        linecache.cache[helper_file] = (len(source), None, source.splitlines(keepends=True), helper_file)
+        _add_lines(helper_file, source)
         exec(sandbox.compile_body(tree, helper_file), namespace)
     captured = capture_source_block(padded, filename, what=f"model.{request.kind}(...)")
     if request.kind == "session":
@@ -112,6 +119,16 @@ def _run(request: Request, served: Any, print_function: Callable[..., Any]) -> d
     run.run_to_end(receive)  # as a local trace's: the same lifecycle
     values.pop(request.tracer_name or "", None)
     return values
+
+
+def registered_filename(module: str) -> str:
+    """The file name a registered module's source is compiled under."""
+    return remote_filename(f"<registered module {module}>")
+
+
+def _add_lines(filename: str, source: str) -> None:
+    """Source lines for tracebacks (``capture.forget`` drops them with the request)."""
+    linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
 
 
 def _drop_gradients(served: Any) -> None:

@@ -16,6 +16,8 @@ A request is one wire value (see :mod:`.wire`), a dict:
         "envoys": {name: "path"},             # names bound to modules of the model ("" = the model)
         "modules": {name: "torch"},           # names bound to allowed modules
         "functions": {name: source},          # helper functions the body calls
+        "packages": {"pkg.mod": {"source": str, "package": bool}},  # registered modules (source)
+        "imports": {name: ["pkg.mod", "attr" or ""]},  # names bound to them (or to what they define)
     }
 
 The answer is ``{"values": {name: value}, "not_saved": [name, ...]}`` or
@@ -142,6 +144,8 @@ class Request:
     envoys: dict = field(default_factory=dict)
     modules: dict = field(default_factory=dict)
     functions: dict = field(default_factory=dict)
+    packages: dict = field(default_factory=dict)
+    imports: dict = field(default_factory=dict)
 
     def to_wire(self) -> dict:
         return {
@@ -156,6 +160,8 @@ class Request:
             "envoys": dict(self.envoys),
             "modules": dict(self.modules),
             "functions": dict(self.functions),
+            "packages": {name: dict(entry) for name, entry in self.packages.items()},
+            "imports": {name: list(target) for name, target in self.imports.items()},
         }
 
 
@@ -233,9 +239,45 @@ def parse_request(value: Any, server_protocol: int = PROTOCOL, server_version: s
         if module not in MODULES:
             raise ProtocolError(f"request field `modules.{name}` names {module!r}; remote bodies may use only {', '.join(MODULES)}.")
     functions = _names(value.get("functions", {}), "functions", str)
+    packages = _packages(value.get("packages", {}))
+    imports = _imports(value.get("imports", {}), packages)
     return Request(
         model=model, kind=kind, source=source, filename=filename, first_line=first_line,
         client_version=str(client_version), tracer_name=tracer_name, args=list(args), kwargs=dict(kwargs), keep_graph=keep_graph,
         generate=dict(generate), variables=dict(variables), envoys=dict(envoys), modules=dict(modules),
-        functions=dict(functions),
+        functions=dict(functions), packages=packages, imports=imports,
     )
+
+
+def valid_module_name(name: Any) -> bool:
+    """A dotted module name whose parts are identifiers, none private (``pkg.mod``)."""
+    return isinstance(name, str) and bool(name) and all(
+        part.isidentifier() and not keyword.iskeyword(part) and not part.startswith("_") for part in name.split("."))
+
+
+def _packages(value: Any) -> dict:
+    _require(value, dict, "packages", "a mapping from registered module names to their source")
+    if len(value) > MAX_NAMES:
+        raise ProtocolError(f"request field `packages` has {len(value)} modules; at most {MAX_NAMES} are accepted.")
+    out: dict[str, dict] = {}
+    for name, entry in value.items():
+        if not valid_module_name(name):
+            raise ProtocolError(f"request field `packages` has an invalid module name {name!r}: dotted Python "
+                                "identifiers, no part starting with `_`.")
+        _require(entry, dict, f"packages.{name}", "a dict with source and package")
+        source = _require(entry.get("source"), str, f"packages.{name}.source", "the module's source text")
+        package = _require(entry.get("package", False), bool, f"packages.{name}.package", "true for a package")
+        out[name] = {"source": source, "package": package}
+    return out
+
+
+def _imports(value: Any, packages: dict) -> dict:
+    _names(value, "imports", (list, tuple))
+    out: dict[str, tuple[str, str]] = {}
+    for name, target in value.items():
+        if len(target) != 2 or target[0] not in packages or not isinstance(target[1], str) or (
+                target[1] and (not target[1].isidentifier() or target[1].startswith("_"))):
+            raise ProtocolError(f"request field `imports.{name}` must be [module, attribute]: a module sent in "
+                                "`packages` and a public name it defines (or \"\" for the module itself).")
+        out[name] = (target[0], target[1])
+    return out

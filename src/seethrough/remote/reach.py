@@ -44,6 +44,7 @@ parameters.
 from __future__ import annotations
 
 import ast
+import builtins
 import copy
 import dataclasses
 import types
@@ -393,6 +394,29 @@ class Guard:
         self._storages = {ptr for ptr in map(_storage_of, parameters) if ptr}
         self._views: dict[int, Any] = {}
         self._keep: list[Any] = []  # originals of the views (their ids stay unique)
+        self._classes: set[type] = set()  # built by this request's registered modules
+
+    # -- classes of registered modules (remote.modules)
+    def build_class(self, func: Callable[..., Any], name: str, *bases: Any, **keywords: Any) -> type:
+        """``__build_class__`` of registered modules: no keywords (``metaclass=``), bases
+        that are classes of this request or plain exception classes."""
+        if keywords:
+            raise SandboxViolation(f"{user_line()}class {name}: keywords such as metaclass= are not available")
+        for base in bases:
+            if not (base in self._classes or _plain_exception(base)):
+                shown = getattr(base, "__name__", type(base).__name__)
+                raise SandboxViolation(
+                    f"{user_line()}class {name}({shown}): a class of a registered module may derive only from "
+                    "classes built by the same request or from exception classes (Exception, ValueError, ...)",
+                    construct=f"class {name}")
+        made = builtins.__build_class__(func, name, *bases)
+        self._classes.add(made)
+        return made
+
+    def _built(self, obj: Any) -> bool:
+        """Is ``obj`` a class of this request's registered modules, or an instance of one?"""
+        classes = self._classes
+        return bool(classes) and (obj in classes if isinstance(obj, type) else type(obj) in classes)
 
     def namespace(self) -> dict[str, Callable[..., Any]]:
         return {GET: self.get, SET: self.set_target, SAVE: self.save}
@@ -410,6 +434,8 @@ class Guard:
             if name in _TENSOR_ALLOWED and not (_changes_parameter(name) and self._is_weight(obj)):
                 return getattr(obj, name)
             raise self._tensor_refusal(obj, name)
+        if self._classes and self._built(obj):
+            return getattr(obj, name)  # code the sandbox checked; its names have no underscore
         if isinstance(obj, type):
             raise _refusal(obj, name, "classes have no attributes in remote bodies (they are shared by every "
                                       "request); use instances and the module functions (torch.*)")
@@ -551,10 +577,17 @@ class Guard:
                 raise _refusal(obj, name, "the gradient of a served weight is kept on the server between requests; "
                                           "edit gradients of activations (h.grad inside `with loss.backward():`)")
             return obj
+        if self._classes and not isinstance(obj, type) and self._built(obj):
+            return obj  # `self.name = value` in a method of a registered module's class
         if isinstance(obj, type):
             raise _refusal(obj, name, "classes cannot be changed in remote bodies (they are shared by every request)")
         raise _refusal(obj, name, "only .output, .input and .inputs of envoys and .grad of tensors can be assigned "
                                   "in remote bodies")
+
+
+def _plain_exception(base: Any) -> bool:
+    """A builtin exception class (``Exception``, ``ValueError``, ...; not ``BaseException``'s others)."""
+    return isinstance(base, type) and issubclass(base, Exception) and base.__module__ == "builtins"
 
 
 def _storage_of(tensor: torch.Tensor) -> int:

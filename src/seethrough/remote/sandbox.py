@@ -220,6 +220,11 @@ def validate(source: str, filename: str = DEFAULT_FILENAME) -> ast.Module:
     what to do instead) for syntax errors and for anything outside the
     allowlist.
     """
+    return validate_with(source, filename, lambda: _Checker(source, filename))
+
+
+def validate_with(source: str, filename: str, make_checker: Callable[[], "_Checker"]) -> ast.Module:
+    """:func:`validate` with another checker (registered modules: :mod:`.modules`)."""
     if not isinstance(source, str):
         raise SandboxViolation(f"a remote trace body must be source text (str), not {type(source).__name__}",
                                filename=filename)
@@ -236,7 +241,7 @@ def validate(source: str, filename: str = DEFAULT_FILENAME) -> ast.Module:
     except (ValueError, RecursionError, MemoryError) as error:
         raise SandboxViolation(f"the remote trace body cannot be parsed: {error or type(error).__name__}",
                                filename=filename) from None
-    _Checker(source, filename).check(tree)
+    make_checker().check(tree)
     return tree
 
 

@@ -265,7 +265,7 @@ def _build(
 ) -> CapturedBlock:
     _reject_control_flow(body, filename, what)
     rewritten = _rewrite_saves(body)
-    module = ast.Module(body=rewritten, type_ignores=[])
+    module = ast.Module(body=_rewrite_returns(rewritten, filename, what), type_ignores=[])
     try:
         code = _compile(module, filename)
     except SyntaxError as err:
@@ -334,14 +334,46 @@ def _body_text(body: list[ast.stmt], lines: list[str]) -> str:
     return textwrap.dedent("".join(chunk))
 
 
+RETURN_REACHED = "__seethrough_return__"  # bound to TraceSourceError in every body namespace (.namespace)
+_RETURN_HINT = "`return` inside the block: assign the value to a name and return it after the block"
 _CONTROL_HINT = {
-    ast.Return: "`return` inside the block: assign the value to a name and return it after the block",
     ast.Yield: "`yield` inside the block: collect the values and yield them after the block",
     ast.YieldFrom: "`yield from` inside the block: move it after the block",
     ast.Await: "`await` inside the block: await after the block",
 }
 _NEW_SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)
 _LOOPS = (ast.For, ast.AsyncFor, ast.While)
+
+
+class _Returns(ast.NodeTransformer):
+    """``return`` in a body (not in a function it defines) -> raising
+    :class:`TraceSourceError` when reached: a body runs as a unit and cannot
+    return from the function around the ``with``.  Only a ``return`` the body
+    actually reaches is an error (nnterp's tests keep one on a branch never
+    taken), and it says so with the line and the fix."""
+
+    def __init__(self, filename: str, what: str) -> None:
+        self.filename = filename
+        self.what = what
+
+    def visit_Return(self, node: ast.Return) -> ast.AST:
+        message = f"{self.filename}:{node.lineno}: {_RETURN_HINT}. A `with {self.what}` body runs as a unit."
+        call = ast.Call(func=ast.Name(id=RETURN_REACHED, ctx=ast.Load()), args=[ast.Constant(message)], keywords=[])
+        raised = ast.copy_location(ast.Raise(exc=call, cause=None), node)
+        for part in ast.walk(raised):  # the new nodes take the `return`'s position
+            ast.copy_location(part, node)
+        return raised
+
+    def _scope(self, node: ast.AST) -> ast.AST:
+        return node  # a function, lambda or class of the body: its returns are its own
+
+    visit_FunctionDef = visit_AsyncFunctionDef = visit_Lambda = visit_ClassDef = _scope
+
+
+def _rewrite_returns(body: list[ast.stmt], filename: str, what: str) -> list[ast.stmt]:
+    if not any(isinstance(node, ast.Return) for stmt in body for node in ast.walk(stmt)):
+        return body
+    return [_Returns(filename, what).visit(copy.deepcopy(stmt)) for stmt in body]
 
 
 def _reject_control_flow(body: list[ast.stmt], filename: str, what: str) -> None:

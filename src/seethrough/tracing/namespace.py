@@ -39,7 +39,8 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from .._frames import describe_location, user_frame
-from ..errors import CrossInvokeError
+from ..errors import CrossInvokeError, TraceSourceError
+from .capture import RETURN_REACHED
 from .runtime import SAVE_METHOD, save_method
 
 if TYPE_CHECKING:
@@ -63,6 +64,7 @@ class BodyNamespace(dict):
         super().__init__(seed)
         # What the body's rewritten `X.save()` calls (see .capture).
         dict.__setitem__(self, SAVE_METHOD, save_method)
+        dict.__setitem__(self, RETURN_REACHED, TraceSourceError)  # what a reached `return` raises (.capture)
         self.fallback = fallback
         self.resolver: Any = None
 

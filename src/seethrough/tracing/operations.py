@@ -137,7 +137,7 @@ class Installed:
 class OpRuntime:
     """An operation someone asked for in this trace: reports its calls."""
 
-    __slots__ = ("key", "key_in", "key_out", "interleaver", "fn", "descend", "inner", "built")
+    __slots__ = ("key", "key_in", "key_out", "interleaver", "fn", "descend", "inner", "built", "running")
 
     def __init__(self, key: OpKey, interleaver: "Interleaver") -> None:
         self.key = key
@@ -148,6 +148,7 @@ class OpRuntime:
         self.descend = False  # run an instrumented copy of the callee
         self.inner: dict[Analysis, Installed] = {}
         self.built: dict[Any, tuple[types.FunctionType, Any]] = {}
+        self.running = 0  # calls past their input and not yet returned (the instrumented callee runs)
 
     def call(self, fn: Any, args: tuple, kwargs: dict) -> Any:
         interleaver = self.interleaver
@@ -156,7 +157,12 @@ class OpRuntime:
         self.fn = fn
         args, kwargs = interleaver._reached(self.key_in, "input", (args, kwargs))
         target = self._descended(fn) if self.descend else fn
-        return interleaver._reached(self.key_out, "output", target(*args, **kwargs))
+        self.running += 1
+        try:
+            result = target(*args, **kwargs)
+        finally:
+            self.running -= 1
+        return interleaver._reached(self.key_out, "output", result)
 
     def installed(self, analysis: Analysis) -> Installed:
         found = self.inner.get(analysis)

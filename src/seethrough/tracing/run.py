@@ -396,6 +396,19 @@ class TraceRun:
         self._skip_values.setdefault(id(module), []).append((task.rows, value, f"{envoy._display_path()}.skip(...)"))
         self.skips[id(module)].replacement = self._skipped_call(module)
 
+    def prepare_skip(self, module: torch.nn.Module) -> None:
+        """Before a body waits for ``module``'s input: make the module skippable
+        now, while its call has not started, so that the body may still skip
+        that call after reading its input (``h = layer.input; layer.skip(h)``,
+        as nnterp's ``skip_layer`` does).  Once a call has started, its forward
+        is fixed: ``skip`` then says it is too late."""
+        if not isinstance(module, torch.nn.Module):
+            return  # an operation of `.source`: skipped through its own machinery
+        current = self.interleaver.current
+        if (self.skips and id(module) in self.skips) or (current is not None and current.key[0] == id(module)):
+            return
+        self._make_skippable(module)
+
     def _skipped_call(self, module: torch.nn.Module) -> Callable:
         def call(original: Callable, args: tuple, kwargs: dict) -> Any:
             entries = self._skip_values.pop(id(module), [])

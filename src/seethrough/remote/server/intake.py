@@ -3,7 +3,7 @@
 :func:`check_request` does, in order, everything that can refuse a request
 without running it — decode the wire frame (size caps, zip bombs, malformed
 tensors), check its shape and protocol version, find the model, and validate
-the body and each helper function against the sandbox — and raises
+the body, each helper function and each registered module against the sandbox — and raises
 :class:`IntakeError` with the HTTP status and a message that says what was
 wrong and how to fix it.  Nothing here runs user code.
 """
@@ -14,6 +14,7 @@ from typing import Any
 
 from ..._version import __version__
 from .. import sandbox, wire
+from ..modules import ModuleRules, validate_module
 from ..protocol import PROTOCOL, ProtocolError, Request, VersionMismatchError, parse_request
 
 __all__ = ["IntakeError", "check_request"]
@@ -81,6 +82,8 @@ def _check_source_size(request: Request, limit: int) -> None:
     sizes = {"the trace body": len(request.source.encode("utf-8", "replace"))}
     sizes.update({f"the helper function `{name}`": len(source.encode("utf-8", "replace"))
                   for name, source in request.functions.items()})
+    sizes.update({f"the registered module `{name}`": len(entry["source"].encode("utf-8", "replace"))
+                  for name, entry in request.packages.items()})
     total = sum(sizes.values())
     if total > limit:
         largest = max(sizes, key=sizes.get)
@@ -94,11 +97,16 @@ def _validate_code(request: Request) -> None:
     _validate(padded, request.filename, "the trace body")
     for name, source in request.functions.items():
         _validate(source, f"{request.filename}:{name}", f"the helper function `{name}`")
+    importable = frozenset(request.packages)
+    for name, entry in request.packages.items():
+        rules = ModuleRules(name, entry["package"], importable)
+        _validate(entry["source"], f"<registered module {name}>", f"the registered module `{name}`",
+                  lambda source, filename, rules=rules: validate_module(source, filename, rules))
 
 
-def _validate(source: str, filename: str, what: str) -> None:
+def _validate(source: str, filename: str, what: str, check: Any = None) -> None:
     try:
-        sandbox.validate(source, filename)
+        (check or sandbox.validate)(source, filename)
     except sandbox.SandboxViolation as error:
         raise IntakeError(400, f"{what} was refused by the server's sandbox: {error}") from None
     except (RecursionError, MemoryError, ValueError) as error:
