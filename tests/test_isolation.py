@@ -346,7 +346,7 @@ def test_a_timeout_or_a_crash_costs_only_the_request_process():
 
 MUTATIONS = {
     "tokenizer list": "tokenizer.model_input_names.append('token_type_ids')",
-    "tokenizer padding side": "tokenizer.padding_side = 'left'",
+    "tokenizer padding side": "tokenizer.padding_side = 'right' if tokenizer.padding_side == 'left' else 'left'",
     "tokenizer added token": "tokenizer.add_tokens(['zzqx'])",
     "config private key": "module.config._attn_implementation = 'no-such-attention'",
     "config update": "module.config.update({'n_layer': 1, 'layer_norm_epsilon': 0.5})",
