@@ -146,3 +146,51 @@ def test_each_thread_has_its_own_hub() -> None:
     thread.join()
     stacks.run_on_hub(lambda: None)
     assert hubs[0] is not stacks._hub()
+
+
+def test_stress_in_two_threads_at_once() -> None:
+    """Each thread's traces run on its own hub, started at whatever depth its
+    first trace had: two threads interleaving failing and passing traces get
+    the right values and errors (vs raw hooks) and the process survives."""
+    errors: list[BaseException] = []
+
+    def work(seed: int, start_depth: int) -> None:
+        try:
+            models = stress_traces.build_models()  # each thread its own (the checks see every hook on a model)
+            runs = stress_traces.plan(seed, 40, models)
+            rng = random.Random(seed)
+            stress_traces._at_depth(start_depth, lambda: [
+                (stress_traces.litter(rng), stress_traces.run_one(models, m, s, d, rng)) for m, s, d in runs
+            ])
+        except BaseException as error:  # noqa: BLE001 - reported by the test thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(seed, depth)) for seed, depth in ((5, 0), (6, 30))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+
+
+def test_a_thread_started_deep_in_recursion_gets_a_working_hub() -> None:
+    """The hub starts below its first caller only as far as the recursion
+    limit leaves room: a first trace near that limit still works."""
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3))
+    model = seethrough.Model(net)
+    out: list = []
+
+    def near_the_limit(depth: int) -> None:
+        if depth:
+            return near_the_limit(depth - 1)
+        with model.trace(torch.ones(1, 3)):
+            got = model[0].output.save()
+        out.append(got)
+
+    def work() -> None:
+        near_the_limit(sys.getrecursionlimit() - 180)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    assert torch.equal(out[0], net(torch.ones(1, 3)))

@@ -27,6 +27,12 @@ wherever the first trace happens to be; under its loop lie more C frames than
 any backtrace walks (torch stops at 64), so a walk ends inside the hub before
 it reaches the stack of whoever started it.
 
+What it costs.  A trace takes three switches more than running its forward
+on the caller's own stack: to the hub, to a pooled forward greenlet, and from
+that straight back to the caller.  The hub is started (once per thread) some
+200 C calls below its first caller, so later callers at a similar depth never
+share its stack region and switching to it copies none of the padding.
+
 Callers use :func:`run_on_hub` (run one trace's interleaving in a forward
 greenlet) and :func:`take_worker` / :func:`give_back_worker` (the invoke
 bodies' greenlets, started on the hub when new).
@@ -35,6 +41,7 @@ bodies' greenlets, started on the hub when new).
 from __future__ import annotations
 
 import functools
+import sys
 import threading
 from typing import Any, Callable
 
@@ -49,16 +56,8 @@ _POOL_LIMIT = 64  # idle workers and idle forward greenlets kept per thread
 # greenlet passes more frames than backtrace limits allow (torch's is 64)
 # before it could reach the frames under the hub.
 _PADDING_CALLS = 80
-
-
-class _Job:
-    """Run ``function`` in a forward greenlet; hand the outcome to ``requester``."""
-
-    __slots__ = ("function", "requester")
-
-    def __init__(self, function: Callable[[], Any], requester: greenlet.greenlet) -> None:
-        self.function = function
-        self.requester = requester
+# C-level calls between the caller that starts a thread's hub and the hub.
+_CLEARANCE_CALLS = 200
 
 
 class _Start:
@@ -70,39 +69,30 @@ class _Start:
         self.worker = worker
 
 
-class _Outcome:
-    """What a job's function returned (``value``) or raised (``error``)."""
-
-    __slots__ = ("value", "error")
-
-    def __init__(self, value: Any, error: BaseException | None) -> None:
-        self.value = value
-        self.error = error
-
-
 class _Forward(greenlet.greenlet):
-    """A forward greenlet: runs jobs; between them it holds nothing of them."""
+    """A forward greenlet: runs one job at a time (``function``, for
+    ``requester``); between jobs it holds nothing of them."""
 
-    __slots__ = ("job", "outcome")
-
-
-def _outcome(function: Callable[[], Any]) -> _Outcome:
-    try:
-        return _Outcome(function(), None)
-    except BaseException as error:  # noqa: BLE001 - handed to the job's requester, who raises it
-        return _Outcome(None, error)
+    __slots__ = ("function", "requester", "value", "error")
 
 
 def _forward_loop(*_: Any) -> None:
-    """The life of a forward greenlet: run its job, report to the hub, park."""
+    """The life of a forward greenlet: run its job, go back to the pool, hand
+    the outcome straight to the requester (not through the hub: one switch
+    fewer), and wait there until the hub starts the next job here."""
     # Everything travels on the greenlet, nothing in this frame's variables:
     # a parked forward greenlet must keep no finished trace alive.
     me = greenlet.getcurrent()
-    hub = _hub()
+    idle = _hub().idle_forwards
     while True:
-        me.outcome = _outcome(me.job.function)
-        hub.inbox = me
-        hub.greenlet.switch()
+        try:
+            me.value = me.function()
+        except BaseException as error:  # noqa: BLE001 - handed to the requester, who raises it
+            me.error = error
+        me.function = None
+        if len(idle) < _POOL_LIMIT:
+            idle.append(me)
+        me.requester.switch(me)
 
 
 def _pad(calls: int, then: Callable[[], Any]) -> Any:
@@ -125,7 +115,6 @@ class Hub:
         # Messages travel here, not as switch arguments: the hub's frame keeps
         # nothing alive while it waits.
         self.inbox: Any = None
-        self.outbox: Any = None
 
     def _run(self) -> None:
         _pad(_PADDING_CALLS, self._serve)
@@ -142,51 +131,79 @@ class Hub:
             target = None
 
     def _next(self) -> greenlet.greenlet:
-        """Where the hub switches to next, given the message in its inbox."""
+        """Where the hub switches to next, given the message in its inbox: a
+        worker to start, or a job (a forward greenlet given its function)."""
         message, self.inbox = self.inbox, None
-        kind = type(message)
-        if kind is _Start:
+        if type(message) is _Start:
             return message.worker
-        if kind is _Job:
-            forwards = self.idle_forwards
-            forward = forwards.pop() if forwards else _Forward(_forward_loop, parent=self.greenlet)
-            forward.job = message
-            return forward
-        if kind is _Forward:  # it has run its job
-            job, outcome = message.job, message.outcome
-            message.job = message.outcome = None
-            if len(self.idle_forwards) < _POOL_LIMIT:
-                self.idle_forwards.append(message)
-            self.outbox = outcome
-            return job.requester
+        if message is not None:
+            return message
         # Nothing else is sent here: give control back to the thread's root.
         return self.greenlet.parent
 
-    def send(self, message: Any) -> Any:
-        """Hand ``message`` to the hub (from the current greenlet) and wait for
-        the hub to switch back here; what it left in its outbox."""
+    def send(self, message: Any) -> None:
+        """Hand ``message`` to the hub (from the current greenlet); back here
+        when the greenlet it starts switches here."""
         self.inbox = message
         self.greenlet.switch()
-        answer, self.outbox = self.outbox, None
-        return answer
 
 
 def _hub() -> Hub:
     hub = getattr(_local, "hub", None)
     if hub is None or hub.greenlet.dead:
         hub = _local.hub = Hub()
+        # Started (by a first, empty job) below the caller's stack rather than
+        # at it: callers no deeper than that never share the hub's stack
+        # region, so switching to the hub copies none of it (its padding
+        # alone is tens of kilobytes, ~2 us a round trip when copied).
+        _pad(_clearance(), functools.partial(_first_job, hub))
     return hub
+
+
+def _first_job(hub: Hub) -> None:
+    """Start ``hub`` (here, wherever the stack is) with one empty job."""
+    forward = _Forward(_forward_loop, parent=hub.greenlet)
+    forward.function, forward.requester, forward.value, forward.error = _nothing, greenlet.getcurrent(), None, None
+    hub.inbox = forward
+    hub.greenlet.switch()
+    forward.requester = None
+
+
+def _nothing() -> None:
+    return None
+
+
+def _clearance() -> int:
+    """C-level calls to leave between the first caller and the hub: up to
+    ``_CLEARANCE_CALLS``, within what the recursion limit leaves room for."""
+    depth = 0
+    frame = sys._getframe()
+    while frame is not None:
+        depth += 1
+        frame = frame.f_back
+    room = sys.getrecursionlimit() - depth - 2 * _PADDING_CALLS - 100
+    return max(0, min(_CLEARANCE_CALLS, room))
 
 
 def run_on_hub(function: Callable[[], Any]) -> Any:
     """``function()``, run in a forward greenlet started by this thread's hub
     (see the module docstring); its return value, or its exception raised here."""
-    outcome = _hub().send(_Job(function, greenlet.getcurrent()))
-    if outcome.error is not None:
-        error = outcome.error
-        outcome = None  # no reference cycle through this frame
+    hub = getattr(_local, "hub", None)
+    if hub is None or hub.greenlet.dead:
+        hub = _hub()
+    forwards = hub.idle_forwards
+    forward = forwards.pop() if forwards else _Forward(_forward_loop, parent=hub.greenlet)
+    forward.function = function
+    forward.requester = greenlet.getcurrent()
+    forward.value = forward.error = None
+    hub.inbox = forward
+    hub.greenlet.switch()  # the forward greenlet switches back here when done
+    forward.requester = None
+    error, forward.error = forward.error, None
+    if error is not None:
         raise error
-    return outcome.value
+    value, forward.value = forward.value, None
+    return value
 
 
 def _worker_loop(*_: Any) -> None:
