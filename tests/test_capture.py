@@ -260,7 +260,8 @@ def test_plain_repl_without_source_gets_a_clear_error():
     result = _run_python(["-"], input=SCRIPT)
     assert result.returncode != 0
     assert "could not find the source" in result.stderr
-    assert "from a file, a notebook, IPython" in result.stderr
+    assert "piped on standard input" in result.stderr
+    assert "from a file (`python script.py`), a notebook, IPython" in result.stderr
 
 
 @pytest.mark.slow
@@ -323,3 +324,4 @@ def test_class_body_trace_binds_class_attributes():
     assert _ClassBodyProbe.marker == "kept"
     with torch.no_grad():
         assert torch.allclose(_ClassBodyProbe.hidden, _CLASS_MODEL._model[0](_CLASS_INPUT))
+

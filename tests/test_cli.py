@@ -27,8 +27,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SECTIONS = ("1. Activation statistics", "2. Logit lens", "3. Activation patching", "4. Steering")
 
 
-def run_cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def run_cli(*args: str, cwd: Path, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "seethrough", *args], cwd=cwd, env=env,
         capture_output=True, text=True, timeout=timeout,
@@ -181,3 +181,25 @@ def test_serve_command_hosts_a_model_for_remote_traces(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_serve_without_the_server_extra_names_the_extra(tmp_path):
+    """As on a machine without `seethrough[server]`: uvicorn cannot be imported."""
+    blocked = "import sys; sys.modules['uvicorn'] = None; sys.modules['fastapi'] = None\n"
+    run = "from seethrough.cli import main; sys.exit(main(['serve', '--model', 'gpt2=/nowhere']))"
+    done = subprocess.run([sys.executable, "-c", blocked + run], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert "needs the `server` extra" in done.stderr and "pip install 'seethrough[server]'" in done.stderr
+
+
+@pytest.mark.slow
+def test_demo_quiet_converts_the_bundled_model_without_a_bar(tmp_path):
+    """A first `--quiet` run (an empty cache: the bundled SmolLM2 is converted)
+    shows no progress bar at all, the conversion's included."""
+    env = {"SEETHROUGH_CACHE": str(tmp_path / "cache")}
+    done = run_cli("demo", "--layers", "2", "--quiet", "--max-new-tokens", "2", "--png", str(tmp_path / "p.png"),
+                   cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "cache").is_dir() and any((tmp_path / "cache").iterdir())
+    assert "converting" not in done.stderr and "%|" not in done.stderr, done.stderr

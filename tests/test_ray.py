@@ -279,3 +279,24 @@ def test_an_unreachable_head_stops_the_command_with_a_clear_error(gpt2_dir):
                            "--ray", f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     assert f"cannot reach the Ray head at 127.0.0.1:{port}" in done.stderr and "ray start --head" in done.stderr
+
+
+@pytest.mark.parametrize("recorded", [None, "stale"])
+def test_ray_auto_without_a_running_cluster_stops_with_one_clear_line(gpt2_dir, tmp_path, recorded):
+    """`--ray auto` with no cluster on the machine, or with the record of one
+    that has stopped (Ray alone: a long traceback, or minutes of waiting)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = str(tmp_path)  # where Ray looks for the cluster `ray start` recorded
+    if recorded == "stale":
+        (tmp_path / "ray").mkdir()
+        (tmp_path / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{testing.free_port()}")
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "seethrough.remote.server", "--model", f"gpt2={gpt2_dir}",
+                           "--ray", "auto"], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if "error:" in line]  # beside the no-keys warning
+    assert len(lines) == 1, done.stderr
+    assert ("no Ray cluster runs on this machine" if recorded is None else "does not answer") in lines[0]
+    assert "ray start --head" in lines[0]
+    assert time.monotonic() - started < 60  # not Ray's minutes of retries

@@ -93,10 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``seethrough`` and ``python -m seethrough``; returns the exit code."""
     arguments = list(sys.argv[1:] if argv is None else argv)
     if arguments[:1] == ["serve"]:
-        # The server parses its own options (`seethrough serve --help`).
-        from .remote.server import main as serve_main
-
-        return serve_main(arguments[1:], prog="seethrough serve")
+        return _serve(arguments[1:])
     parser = build_parser()
     args = parser.parse_args(arguments)
     handler = getattr(args, "handler", None)
@@ -113,3 +110,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("seethrough: interrupted", file=sys.stderr)
         return 130
+
+
+# What the `server` extra installs, by import name.
+_SERVER_EXTRA = frozenset({"fastapi", "starlette", "uvicorn", "h11", "msgpack", "httpx", "anyio"})
+
+
+def _serve(arguments: list[str]) -> int:
+    """``seethrough serve``: the server parses its own options (``seethrough serve --help``)."""
+    try:
+        from .remote.server import main as serve_main
+
+        return serve_main(arguments, prog="seethrough serve")
+    except ModuleNotFoundError as error:
+        if (error.name or "").split(".")[0] not in _SERVER_EXTRA:
+            raise
+        print(f"seethrough serve: the server needs the `server` extra ({error.name} is not installed): "
+              "pip install 'seethrough[server]'", file=sys.stderr)
+        return 1

@@ -111,6 +111,10 @@ def load_model(options: DemoOptions) -> Any:
     if options.layers is not None:
         kwargs["num_hidden_layers"] = options.layers
     args = () if options.model is None else (options.model,)
+    if options.model is None and options.quiet:
+        from ..models.offline import smollm2_dir
+
+        smollm2_dir(progress=False)  # a first run converts the bundled model: without its bar
     with tqdm(total=2, desc="loading model", unit="step", disable=options.quiet, file=sys.stderr) as progress:
         with _quiet_transformers():
             model = LanguageModel(*args, **kwargs)

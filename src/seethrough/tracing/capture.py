@@ -183,7 +183,8 @@ def _capture(frame: FrameType, what: str) -> CapturedBlock:
         raise TraceSourceError(
             f"seethrough could not find the source of the `with {what}` block in {filename!r} "
             f"(line {frame.f_lineno}). A trace body is read from its source, which the plain "
-            "Python prompt does not keep. Run the code from a file, a notebook, IPython or "
+            "Python prompt, and a script piped on standard input (`python - < script.py`), do not "
+            "keep. Run the code from a file (`python script.py`), a notebook, IPython or "
             "`python -c`, or put it in a function defined in a file."
         )
     try:

@@ -133,7 +133,7 @@ class RayBackend:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        address = settings.ray or "auto"
+        address = _resolve(settings.ray or "auto")
         _check_reachable(address)
         ray.init(address=address, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False,
                  logging_level=logging.WARNING, configure_logging=False)
@@ -326,6 +326,38 @@ class RayWorker:
         if kind == _MALFORMED:
             raise framing.FramingError(str(fields.get("how")))
         return framing.Message(kind, dict(fields), bytes(payload))
+
+
+def _resolve(address: str) -> str:
+    """The head's HOST:PORT for ``--ray auto`` (``RAY_ADDRESS``, else the
+    cluster last started on this machine), or ``address`` unchanged.  Ray on
+    its own would print a long traceback when there is none, and wait for
+    minutes on a cluster file left behind by one that has stopped."""
+    if address != "auto":
+        return address
+    found = os.environ.get("RAY_ADDRESS") or ""
+    where = "RAY_ADDRESS"
+    if not found:
+        from ray._common.utils import get_ray_address_file  # Ray's own rule for where `ray start` records it
+
+        record = get_ray_address_file(None)
+        where = record
+        try:
+            with open(record, encoding="utf-8") as file:
+                found = file.read().strip()
+        except OSError:
+            found = ""
+    if not found or found == "auto":
+        raise WorkerStartError("--ray auto: no Ray cluster runs on this machine (RAY_ADDRESS is unset and `ray start` "
+                               "has recorded none); start one with `ray start --head`, pass --ray HOST:PORT of a "
+                               "head elsewhere, or --ray local for a cluster inside this server")
+    try:
+        _check_reachable(found, timeout=3.0)
+    except WorkerStartError:
+        raise WorkerStartError(f"--ray auto: the Ray cluster recorded at {found} (in {where}) does not answer: it has "
+                               "stopped; start one with `ray start --head`, or pass --ray HOST:PORT of a running "
+                               "head") from None
+    return found
 
 
 def _check_reachable(address: str, timeout: float = 10.0) -> None:
