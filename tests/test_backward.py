@@ -96,12 +96,24 @@ def test_wrong_order_is_an_out_of_order_error(mlp):
 
 def test_plain_backward_call_still_works(mlp):
     model = seethrough.Model(mlp)
-    with model.trace(torch.randn(2, 4)):
+    x = torch.randn(2, 4)
+    with model.trace(x):
         hidden = model.fc1.output.save()
         hidden.retain_grad()
         model.output.sum().backward()
         grad = hidden.grad.save()
-    assert grad.shape == (2, 8)
+    weight_grad = mlp.fc1.weight.grad.clone()
+    mlp.zero_grad()
+    # Reference: autograd on a plain forward, fc1's output kept by a raw hook.
+    seen = {}
+    handle = mlp.fc1.register_forward_hook(lambda m, a, o: seen.setdefault("h", o))
+    try:
+        out = mlp(x)
+        seen["h"].retain_grad()
+        out.sum().backward()
+    finally:
+        handle.remove()
+    assert torch.allclose(grad, seen["h"].grad) and torch.allclose(weight_grad, mlp.fc1.weight.grad)
     mlp.zero_grad()
 
 

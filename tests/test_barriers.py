@@ -16,6 +16,7 @@ from torch import nn
 import seethrough
 from seethrough import CrossInvokeError, InvokeError, LanguageModel
 from test_server import ALICE, server  # noqa: F401 - the shared server fixtures
+from fixtures.threads import single_thread
 
 
 class Stack(nn.Module):
@@ -609,12 +610,8 @@ def test_barriers_and_stale_reads_remotely(server, smollm2_small_dir):
     model = LanguageModel(str(smollm2_small_dir))
     object.__setattr__(model, "_remote_name", "smollm2")  # the name the server serves it under
     options = {"remote": True, "host": server.url, "api_key": ALICE}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the server's workers: bitwise-equal values
-    try:
+    with single_thread():  # as the server's workers: bitwise-equal values
         local, remote = _patching_body(model, {}), _patching_body(model, options)
-    finally:
-        torch.set_num_threads(threads)
     assert len(local) == len(remote) == 2
     for a, b in zip(local, remote):
         assert torch.equal(a, b)

@@ -17,7 +17,8 @@ from seethrough import LanguageModel
 from seethrough.errors import NotInTraceError, SeethroughError
 from seethrough.models.language import LanguageModelError
 
-from fixtures.models import MLP
+from fixtures.models import MLP, hf_generate
+from fixtures.threads import single_thread
 
 PROMPT = "The capital of France is"
 
@@ -28,18 +29,6 @@ def smol(smollm2_small):
     return LanguageModel(hf, tokenizer=tokenizer), hf, tokenizer
 
 
-def _hf_generate(hf, tokenizer, prompts, hook=None, **kwargs):
-    """Plain HF generate (greedy), left-padded, optionally with a forward hook on layer 1."""
-    handle = hf.model.layers[1].register_forward_hook(hook) if hook is not None else None
-    try:
-        tokenizer.padding_side = "left"
-        encoded = tokenizer(prompts, return_tensors="pt", padding=True)
-        with torch.no_grad():
-            return hf.generate(**encoded, pad_token_id=tokenizer.pad_token_id, do_sample=False, **kwargs)
-    finally:
-        tokenizer.padding_side = "right"
-        if handle is not None:
-            handle.remove()
 
 
 # -- model.generator.output ----------------------------------------------------------------------
@@ -50,7 +39,7 @@ def test_generator_output_is_the_generated_ids(smol):
     with torch.no_grad():
         with model.generate(PROMPT, max_new_tokens=6) as tracer:
             out = model.generator.output.save()
-    expected = _hf_generate(hf, tokenizer, [PROMPT], max_new_tokens=6)
+    expected = hf_generate(hf, tokenizer, [PROMPT], max_new_tokens=6)
     assert torch.equal(out, expected)
     assert torch.equal(out, tracer.result)
 
@@ -63,7 +52,7 @@ def test_generator_output_after_a_bounded_step_loop(smol):
             for step in tracer.iter[1:3]:
                 tokens.append(model.lm_head.output[0, -1].argmax(dim=-1))
             output = model.generator.output.save()
-    expected = _hf_generate(hf, tokenizer, [PROMPT], max_new_tokens=5)
+    expected = hf_generate(hf, tokenizer, [PROMPT], max_new_tokens=5)
     assert torch.equal(output, expected)
     new = expected[0, -5:]
     assert [int(t) for t in tokens] == new[1:3].tolist()
@@ -78,7 +67,7 @@ def test_generator_output_per_invoke_is_that_invokes_rows(smol):
             for prompt in prompts:
                 with tracer.invoke(prompt):
                     rows.append(model.generator.output.save())
-    batched = _hf_generate(hf, tokenizer, prompts, max_new_tokens=4)
+    batched = hf_generate(hf, tokenizer, prompts, max_new_tokens=4)
     for index, (prompt, row) in enumerate(zip(prompts, rows)):
         assert row.shape[0] == 1
         assert torch.equal(row[0], batched[index]), prompt
@@ -132,8 +121,8 @@ def test_with_all_and_with_iter_steer_every_step_like_a_hook(smol):
             for step in tracer.iter[:]:
                 model.model.layers[1].output[:] += steer
         by_loop = tracer.result
-    expected = _hf_generate(hf, tokenizer, [PROMPT], hook=lambda m, a, o: o + steer, max_new_tokens=6)
-    plain = _hf_generate(hf, tokenizer, [PROMPT], max_new_tokens=6)
+    expected = hf_generate(hf, tokenizer, [PROMPT], hook=lambda m, a, o: o + steer, max_new_tokens=6)
+    plain = hf_generate(hf, tokenizer, [PROMPT], max_new_tokens=6)
     assert after is True  # code after the block ran once generation ended
     assert torch.equal(by_all, expected) and torch.equal(by_iter, expected) and torch.equal(by_loop, expected)
     assert not torch.equal(expected, plain)
@@ -154,7 +143,7 @@ def test_with_iter_slice_binds_the_step_and_acts_only_there(smol):
         calls.append(1)
         return output + steer if len(calls) >= 3 else output
 
-    expected = _hf_generate(hf, tokenizer, [PROMPT], hook=from_third_call, max_new_tokens=5)
+    expected = hf_generate(hf, tokenizer, [PROMPT], hook=from_third_call, max_new_tokens=5)
     assert seen == [2, 3, 4]
     assert torch.equal(tracer.result, expected)
 
@@ -166,7 +155,7 @@ def test_with_all_collects_per_step_logits_like_hf_scores(smol):
             logits = list().save()
             with tracer.all():
                 logits.append(model.lm_head.output[:, -1])
-    reference = _hf_generate(hf, tokenizer, [PROMPT], max_new_tokens=4, return_dict_in_generate=True, output_logits=True)
+    reference = hf_generate(hf, tokenizer, [PROMPT], max_new_tokens=4, return_dict_in_generate=True, output_logits=True)
     assert len(logits) == 4
     for got, want in zip(logits, reference.logits):
         assert torch.allclose(got, want, atol=1e-4)
@@ -244,7 +233,7 @@ def test_tutorial_multi_token_generation_on_smollm2(smollm2_full):
                 hidden.append(model.model.layers[-1].output[0, -1])
                 logits.append(model.lm_head.output[0, -1])
             out = model.generator.output.save()
-    reference = _hf_generate(hf, tokenizer, [prompt], max_new_tokens=steps, return_dict_in_generate=True, output_logits=True)
+    reference = hf_generate(hf, tokenizer, [prompt], max_new_tokens=steps, return_dict_in_generate=True, output_logits=True)
     assert torch.equal(out, reference.sequences)
     assert len(logits) == len(hidden) == steps
     for got, want in zip(logits, reference.logits):
@@ -273,15 +262,11 @@ def _idioms_body(model, options):
 
 @pytest.mark.timeout(300)
 def test_idioms_remotely_equal_local(server, smollm2_small_dir):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the server's workers run with one thread: bitwise-equal values
-    try:
+    with single_thread():  # the server's workers run with one thread: bitwise-equal values
         model = LanguageModel(str(smollm2_small_dir))
         object.__setattr__(model, "_remote_name", "smollm2")
         local = _idioms_body(model, {})
         remote = _idioms_body(model, {"remote": True, "host": server.url, "api_key": ALICE})
-    finally:
-        torch.set_num_threads(threads)
     assert torch.equal(remote[0], local[0]) and local[0].shape[1] > 3
     assert len(local[1]) == len(remote[1]) == 3
     for a, b in zip(local[1], remote[1]):

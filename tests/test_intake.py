@@ -23,6 +23,7 @@ from seethrough.remote import wire
 from seethrough.remote.server import testing
 from seethrough.remote.server.jobs import JobStore, QuotaExceeded
 from test_server import ALICE, BOB, call, follow, make_request, packed, post, run
+from fixtures.threads import single_thread
 
 pytestmark = [pytest.mark.timeout(300)]
 
@@ -54,13 +55,9 @@ def plain_logits(gpt2_dir) -> torch.Tensor:
 
     model = AutoModelForCausalLM.from_pretrained(gpt2_dir).eval()
     tokens = AutoTokenizer.from_pretrained(gpt2_dir)("The quick brown fox", return_tensors="pt")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():  # as the server's workers: bitwise-equal values
         with torch.no_grad():
             return model(**tokens).logits
-    finally:
-        torch.set_num_threads(threads)
 
 
 def rss(pid: int) -> int:

@@ -44,6 +44,7 @@ import torch
 
 from seethrough.remote.server import framing, isolation, testing
 from seethrough.remote.server.forking import RequestForker
+from fixtures.threads import single_thread
 
 pytestmark = [pytest.mark.timeout(300),
               pytest.mark.skipif(not sys.platform.startswith("linux"), reason="worker isolation needs Linux")]
@@ -471,14 +472,10 @@ def test_forked_requests_equal_a_plain_forward_and_generate(isolated_server, gpt
 
     fresh = AutoModelForCausalLM.from_pretrained(gpt2_dir).eval()
     tokens = AutoTokenizer.from_pretrained(gpt2_dir)(PROMPT, return_tensors="pt")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():  # as the server's workers: bitwise-equal values
         with torch.no_grad():
             logits = fresh(**tokens).logits
             generated = fresh.generate(**tokens, max_new_tokens=5, do_sample=False, pad_token_id=0)
-    finally:
-        torch.set_num_threads(threads)
     remote = _remote(gpt2_dir)
     options = {"remote": True, "host": isolated_server.url, "api_key": "alice"}
     for _ in range(3):  # each in a fresh request process, each the same

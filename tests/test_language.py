@@ -11,6 +11,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 import seethrough
 from seethrough import LanguageModel
 from seethrough.models.language import LanguageModelError
+from fixtures.models import hf_generate
 
 
 @pytest.fixture(scope="module")
@@ -184,27 +185,14 @@ def test_batched_gpt2_rows_equal_single_runs(gpt2_dir):
 PROMPT = "The capital of France is"
 
 
-def _hf_generate(hf, tokenizer, prompts, hook_layer=None, add=None, **kwargs):
-    handle = None
-    if hook_layer is not None:
-        handle = hf.model.layers[hook_layer].register_forward_hook(lambda m, a, o: o + add)
-    try:
-        tokenizer.padding_side = "left"
-        encoded = tokenizer(prompts, return_tensors="pt", padding=True)
-        with torch.no_grad():
-            return hf.generate(**encoded, pad_token_id=tokenizer.pad_token_id, **kwargs)
-    finally:
-        tokenizer.padding_side = "right"
-        if handle is not None:
-            handle.remove()
 
 
-def test_generate_equals_hf_generate(smol):
+def test_generate_equalshf_generate(smol):
     model, hf, tokenizer = smol
     with torch.no_grad():
         with model.generate(PROMPT, max_new_tokens=6, do_sample=False) as tracer:
             pass
-    assert torch.equal(tracer.result, _hf_generate(hf, tokenizer, [PROMPT], max_new_tokens=6, do_sample=False))
+    assert torch.equal(tracer.result, hf_generate(hf, tokenizer, [PROMPT], max_new_tokens=6, do_sample=False))
 
 
 def test_steering_every_step_equals_hf_with_hook(smol):
@@ -217,8 +205,8 @@ def test_steering_every_step_equals_hf_with_hook(smol):
                 model.model.layers[1].output[:] += steer
             finished = True
             tokens = tracer.result.save()
-    expected = _hf_generate(hf, tokenizer, [PROMPT], hook_layer=1, add=steer, max_new_tokens=8, do_sample=False)
-    plain = _hf_generate(hf, tokenizer, [PROMPT], max_new_tokens=8, do_sample=False)
+    expected = hf_generate(hf, tokenizer, [PROMPT], hook=lambda m, a, o: o + steer, max_new_tokens=8, do_sample=False)
+    plain = hf_generate(hf, tokenizer, [PROMPT], max_new_tokens=8, do_sample=False)
     assert finished is True  # code after an unbounded iter[:] loop ran
     assert torch.equal(tokens, expected)
     assert not torch.equal(tokens, plain)
@@ -231,7 +219,7 @@ def test_per_step_logits_equal_hf_scores(smol):
             logits = []
             for step in tracer.iter[:]:
                 logits.append(model.output.logits[:, -1].save())
-    ref = _hf_generate(hf, tokenizer, [PROMPT], max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    ref = hf_generate(hf, tokenizer, [PROMPT], max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True)
     assert len(logits) == 4
     for got, want in zip(logits, ref.logits):
         assert torch.allclose(got, want, atol=1e-4)
@@ -267,7 +255,7 @@ def test_edit_only_some_steps(smol):
 
     handle = hf.model.layers[2].register_forward_hook(from_third_call)
     try:
-        expected = _hf_generate(hf, tokenizer, [PROMPT], max_new_tokens=5, do_sample=False)
+        expected = hf_generate(hf, tokenizer, [PROMPT], max_new_tokens=5, do_sample=False)
     finally:
         handle.remove()
     assert torch.equal(tracer.result, expected)
@@ -283,7 +271,7 @@ def test_batched_generation_different_lengths(smol):
                 with tracer.invoke(prompt):
                     rows.append(tracer.result.save())
     for prompt, row in zip(prompts, rows):
-        alone = _hf_generate(hf, tokenizer, [prompt], max_new_tokens=5, do_sample=False)
+        alone = hf_generate(hf, tokenizer, [prompt], max_new_tokens=5, do_sample=False)
         assert row[0, -alone.shape[1]:].tolist() == alone[0].tolist(), prompt
 
 
@@ -294,7 +282,7 @@ def test_sampling_kwargs_pass_through(smol):
         with model.generate(PROMPT, max_new_tokens=6, do_sample=True, top_k=20, temperature=0.9) as tracer:
             pass
     torch.manual_seed(123)
-    expected = _hf_generate(hf, tokenizer, [PROMPT], max_new_tokens=6, do_sample=True, top_k=20, temperature=0.9)
+    expected = hf_generate(hf, tokenizer, [PROMPT], max_new_tokens=6, do_sample=True, top_k=20, temperature=0.9)
     assert torch.equal(tracer.result, expected)
 
 

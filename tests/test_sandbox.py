@@ -15,6 +15,7 @@ Then unit tests of the rules and realistic bodies that must work.
 
 from __future__ import annotations
 
+import ast
 import gc
 import importlib.util
 import linecache
@@ -45,6 +46,7 @@ from seethrough.tracing import capture
 from sandbox_corpus import (ATTACKS, CLEAN_GENERATE_OPTIONS, CLEAN_GENERATE_SOURCE, CLEAN_SOURCE, MUTATIONS, NEW,
                             OPTION_ATTACKS, SECRET_ENV, STATE_FIELDS, Attack, Mutation)
 from fixtures.models import MLP
+from fixtures.threads import single_thread
 
 PROMPT = "The quick brown fox"
 
@@ -94,9 +96,7 @@ def assert_clean_values_match_plain_hf(values: dict, gpt2_dir) -> Any:
     thread, as the server's workers); returns the reference tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():  # as the server's workers: bitwise-equal values
         model = AutoModelForCausalLM.from_pretrained(gpt2_dir).eval()
         tokenizer = AutoTokenizer.from_pretrained(gpt2_dir)
         seen = {}
@@ -105,8 +105,6 @@ def assert_clean_values_match_plain_hf(values: dict, gpt2_dir) -> Any:
         hook.remove()
         seen["final"].retain_grad()
         logits.sum().backward()
-    finally:
-        torch.set_num_threads(threads)
     # The request may run on more torch threads than the reference (CI machines have many
     # cores), which reorders float sums: compare relative to each tensor's scale.
     assert_close_to_scale(values["logits"], logits.detach())
@@ -148,15 +146,12 @@ def fill(source: str, values: dict) -> str:
     return source
 
 
-def test_corpus_is_large_and_covers_every_class():
-    assert len(ATTACKS) + len(OPTION_ATTACKS) >= 120
-    assert len(NEW) >= 60
-    names = [attack.name for attack in ATTACKS] + [attack.name for attack in OPTION_ATTACKS]
-    assert len(set(names)) == len(names)
-    groups = {attack.group for attack in ATTACKS}
-    for group in ("network and the client", "secrets and paths", "code execution", "files",
-                  "state of later requests", "library internals", "raw memory", "classes"):
-        assert group in groups, group
+# The corpus's own shape, checked once at import (data, not a test of the library).
+_NAMES = [attack.name for attack in ATTACKS] + [attack.name for attack in OPTION_ATTACKS]
+assert len(_NAMES) >= 120 and len(NEW) >= 60 and len(set(_NAMES)) == len(_NAMES), "the attack corpus shrank"
+assert {attack.group for attack in ATTACKS} >= {
+    "network and the client", "secrets and paths", "code execution", "files", "state of later requests",
+    "library internals", "raw memory", "classes"}, "an attack class lost all its attacks"
 
 
 @pytest.mark.parametrize("attack", ATTACKS, ids=lambda attack: attack.name)
@@ -199,8 +194,7 @@ def fresh_generation(gpt2_dir) -> dict:
     return answer
 
 
-def test_mutations_are_enough():
-    assert len(MUTATIONS) >= 30 and len({m.name for m in MUTATIONS}) == len(MUTATIONS)
+assert len(MUTATIONS) >= 30 and len({m.name for m in MUTATIONS}) == len(MUTATIONS), "the mutation corpus shrank"
 
 
 @pytest.mark.parametrize("mutation", MUTATIONS, ids=lambda mutation: mutation.name)
@@ -519,11 +513,36 @@ tracer.stop()
 
 
 def test_realistic_trace_bodies_pass_validation():
-    validate(REALISTIC_BODY)
+    """The body passes whole (its AST is the plain parse), and the same body
+    with any one line turned into a forbidden construct is refused at that
+    line: the checker reads every line, it does not wave bodies through."""
+    assert ast.dump(validate(REALISTIC_BODY)) == ast.dump(ast.parse(REALISTIC_BODY))
+    lines = REALISTIC_BODY.splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip() or line.rstrip().endswith(":"):
+            continue
+        indent = line[: len(line) - len(line.lstrip())]
+        broken = "\n".join(lines[: number - 1] + [indent + "leak = model.__class__"] + lines[number:])
+        with pytest.raises(SandboxViolation, match=f"line {number}: `model.__class__`"):
+            validate(broken)
 
 
-def test_assignable_attributes_pass_validation():
-    validate("model.fc1.output = h\nmodel.fc1.input = h\nmodel.fc1.inputs = (h,)\nh.grad = h\nh.output[:, 0] += 1")
+ASSIGNABLE = ("model.fc1.output = h", "model.fc1.input = h", "model.fc1.inputs = (h,)", "h.grad = h",
+              "h.output[:, 0] += 1")
+# The same shapes of statement, on attributes that would reach past the envoys.
+NOT_ASSIGNABLE = ("model.fc1.weight = h", "model.fc1.forward = h", "h.data = h", "h.requires_grad = True",
+                  "model.fc1.output.foo = h")
+
+
+@pytest.mark.parametrize("statement", ASSIGNABLE)
+def test_assignable_attributes_pass_validation(statement):
+    assert ast.dump(validate(statement)) == ast.dump(ast.parse(statement))
+
+
+@pytest.mark.parametrize("statement", NOT_ASSIGNABLE)
+def test_other_attribute_assignments_are_refused(statement):
+    with pytest.raises(SandboxViolation, match=f"`{statement.split(' =')[0]}` is not allowed"):
+        validate(statement)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("einops") is None, reason="einops is not installed")

@@ -23,7 +23,8 @@ from seethrough.remote import sandbox
 from seethrough.tracing.capture import capture_source_block
 from seethrough.tracing.runtime import SAVE_METHOD
 
-from fixtures.models import MLP, record_outputs
+from fixtures.models import MLP, hf_generate, record_outputs
+from fixtures.threads import single_thread
 
 PROMPT = "The capital of France is"
 
@@ -41,9 +42,6 @@ def smol(smollm2_small):
     return LanguageModel(hf, tokenizer=tokenizer), hf, tokenizer
 
 
-def _hf_generate(hf, tokenizer, prompt, **kwargs):
-    with torch.no_grad():
-        return hf.generate(**tokenizer(prompt, return_tensors="pt"), pad_token_id=tokenizer.pad_token_id, do_sample=False, **kwargs)
 
 
 # -- every kind of value -------------------------------------------------------------------------
@@ -93,7 +91,7 @@ def test_list_saved_empty_comes_back_filled_after_generation(smol):
             hs = list().save()
             for step in tracer.iter[:]:
                 hs.append(model.lm_head.output[0, -1].argmax().item())
-    expected = _hf_generate(hf, tokenizer, PROMPT, max_new_tokens=5)
+    expected = hf_generate(hf, tokenizer, PROMPT, max_new_tokens=5)
     assert hs == expected[0, -5:].tolist()
 
 
@@ -253,15 +251,11 @@ def _remote_generate_body(model, options):
 
 @pytest.mark.timeout(300)
 def test_save_any_value_remotely_equals_local(server, smollm2_small_dir):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the server's workers run with one thread: bitwise-equal values
-    try:
+    with single_thread():  # the server's workers run with one thread: bitwise-equal values
         model = LanguageModel(str(smollm2_small_dir))
         object.__setattr__(model, "_remote_name", "smollm2")
         local = _remote_generate_body(model, {})
         remote = _remote_generate_body(model, {"remote": True, "host": server.url, "api_key": ALICE})
-    finally:
-        torch.set_num_threads(threads)
     assert remote[0] == local[0] and len(local[0]) == 3
     assert remote[1] == local[1] == {"width": 576}
     assert len(local[2]) == 3
@@ -280,15 +274,11 @@ def _session_body(model, options):
 
 @pytest.mark.timeout(300)
 def test_save_at_session_level_remotely_equals_local(server, smollm2_small_dir):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():  # as the server's workers: bitwise-equal values
         model = LanguageModel(str(smollm2_small_dir))
         object.__setattr__(model, "_remote_name", "smollm2")
         local = _session_body(model, {})
         remote = _session_body(model, {"remote": True, "host": server.url, "api_key": ALICE})
-    finally:
-        torch.set_num_threads(threads)
     assert len(local) == 2 and remote == local
     hf, tokenizer = model._model, model.tokenizer
     with torch.no_grad():

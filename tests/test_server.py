@@ -35,6 +35,7 @@ from seethrough.remote.server import testing
 from seethrough.remote.server.jobs import JobStore
 from seethrough.remote.server.scheduler import FairQueue, QueueFull
 from seethrough.remote.server.settings import SettingsError, parse_args, parse_size
+from fixtures.threads import single_thread
 
 pytestmark = [pytest.mark.timeout(300)]
 
@@ -67,13 +68,10 @@ def reference(gpt2_dir) -> dict[str, torch.Tensor]:
     tokens = AutoTokenizer.from_pretrained(gpt2_dir)(PROMPT, return_tensors="pt")
     seen: dict[str, torch.Tensor] = {}
     handle = model.transformer.h[0].register_forward_hook(lambda m, a, o: seen.setdefault("h0", o))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the server's workers run with --threads 1
     try:
-        with torch.no_grad():
+        with single_thread(), torch.no_grad():  # the server's workers run with --threads 1
             seen["logits"] = model(**tokens).logits
     finally:
-        torch.set_num_threads(threads)
         handle.remove()
     return seen
 
@@ -376,8 +374,7 @@ MALFORMED = [
 ]
 
 
-def test_malformed_corpus_is_large_enough():
-    assert len(MALFORMED) >= 25 and len({bad.name for bad in MALFORMED}) == len(MALFORMED)
+assert len(MALFORMED) >= 25 and len({bad.name for bad in MALFORMED}) == len(MALFORMED), "the corpus shrank"
 
 
 @pytest.mark.parametrize("bad", MALFORMED, ids=lambda bad: bad.name)
@@ -489,8 +486,7 @@ def canary(tmp_path):
     assert not path.exists(), "an escape wrote the canary file"
 
 
-def test_escape_corpus_is_large_enough():
-    assert len(ESCAPES) >= 30 and len({escape.name for escape in ESCAPES}) == len(ESCAPES)
+assert len(ESCAPES) >= 30 and len({escape.name for escape in ESCAPES}) == len(ESCAPES), "the corpus shrank"
 
 
 @pytest.mark.slow
@@ -736,13 +732,9 @@ def test_load_8_clients_25_requests_each_all_correct(server, gpt2_dir):
     object.__setattr__(remote, "_remote_name", "gpt2")
     prompts = [[f"client {c} request {r}: " + "word " * (r % 7) for r in range(25)] for c in range(8)]
     expected: dict[str, torch.Tensor] = {}
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():  # as the server's workers: bitwise-equal values
         for prompt in (p for row in prompts for p in row):
             with local.trace(prompt):
                 out = local.transformer.h[1].output.save()
             expected[prompt] = out
-    finally:
-        torch.set_num_threads(threads_before)
     load_is_all_correct(remote, server.url, (BOB, ALICE), expected, prompts, timeout=240)

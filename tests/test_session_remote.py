@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from fixtures.threads import one_thread  # noqa: F401 - autouse: as the server's workers, bitwise-equal values
 from seethrough import NotSavedError
 from test_remote import assert_same, on, served  # noqa: F401 - shared helpers
 from test_server import server  # noqa: F401 - the shared server fixtures
@@ -27,7 +28,6 @@ def session_without_save(model, options):
 
 
 def test_unsaved_session_values_flow_locally_and_remotely(server, gpt2_dir):
-    torch.set_num_threads(1)
     model = served(gpt2_dir, "gpt2")
     local_donor, local = session_without_save(model, {})
     remote_donor, remote = session_without_save(model, on(server))

@@ -20,6 +20,7 @@ from seethrough import LanguageModel, Model
 from seethrough.errors import ModulePathError, NotInTraceError, OutOfOrderError, SourceError
 from fixtures.models import assert_pristine, hook_state
 from test_server import ALICE, server  # noqa: F401 - the shared server fixtures
+from fixtures.threads import single_thread
 
 
 class Toy(nn.Module):
@@ -563,14 +564,10 @@ def remote_body(model, options):
 
 @pytest.mark.timeout(300)
 def test_remote_source_gives_identical_values(server, smollm2_small_dir):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the server's workers: bitwise-equal values
-    try:
+    with single_thread():  # as the server's workers: bitwise-equal values
         model = LanguageModel(str(smollm2_small_dir))
         object.__setattr__(model, "_remote_name", "smollm2")
         local = remote_body(model, {})
         remote = remote_body(model, {"remote": True, "host": server.url, "api_key": ALICE})
-    finally:
-        torch.set_num_threads(threads)
     for a, b in zip(local, remote):
         assert torch.equal(a, b)
