@@ -131,7 +131,7 @@ def test_on_an_out_of_order_read_shows_where_the_library_raised_it(mlp, debug):
     debug(True)
     error = _out_of_order(mlp)
     library = _library(error)
-    assert any(name.startswith("envoy.py:output") for name in library)
+    assert any(name.startswith("envoy.py:_read") for name in library)  # the `.output` accessor
     assert library[-1].startswith("interleaver.py")  # raised in the body's request for the value
     assert "early = model.fc1.output.save()" in _user_lines(error)
 

@@ -42,6 +42,28 @@ _getcurrent = greenlet.getcurrent
 RESERVED = frozenset({"output", "input", "inputs", "skip", "next", "path", "source"})
 
 
+class ValueAccessor:
+    """``.output`` / ``.input`` / ``.inputs``: one definition for a module's
+    envoy, a later call of it (:class:`NextCall`) and a ``.source``
+    operation.  Reading asks the owner's ``_read_value(kind, accessor)``,
+    assigning its ``_write_value(kind, accessor, value)``; ``kind`` is which
+    value of the call ("output" or "input"), ``accessor`` the name used."""
+
+    def __init__(self, kind: str, accessor: str, doc: str) -> None:
+        self.kind = kind
+        self.accessor = accessor
+        self.__doc__ = doc
+
+    def __get__(self, owner: Any, cls: type | None = None) -> Any:
+        if owner is None:
+            return self
+        return owner._read_value(self.kind, self.accessor)
+
+    def __set__(self, owner: Any, value: Any) -> None:
+        if self.accessor == "inputs":
+            _check_inputs_pair(owner._display_path(), value)
+        owner._write_value(self.kind, self.accessor, value)
+
 @runtime_checkable
 class EnvoyRoot(Protocol):
     """What an envoy asks of the root of its tree, the model wrapper
@@ -288,39 +310,15 @@ class Envoy:
         return self._module(*args, **kwargs)
 
     # -- values inside a trace ---------------------------------------------------
-    @property
-    def output(self) -> Any:
-        """The module's output in the running trace."""
-        # `_read(self, "output", "output", 0)`, inlined: the hot path of a trace body.
-        current = _getcurrent()
-        if type(current) is not TaskGreenlet:
-            return _read(self, "output", "output", 0)  # raises NotInTraceError
-        run = current.task.run
-        value = run.interleaver.request(current.task, self, "output")
-        return value if type(value) is torch.Tensor else run.present(value)
+    output = ValueAccessor("output", "output", "The module's output in the running trace.")
+    input = ValueAccessor("input", "input", "The module's first argument in the running trace.")
+    inputs = ValueAccessor("input", "inputs", "``(args, kwargs)`` the module is called with in the running trace.")
 
-    @output.setter
-    def output(self, value: Any) -> None:
-        _write(self, "output", "output", value)
+    def _read_value(self, kind: str, accessor: str) -> Any:
+        return _read(self, kind, accessor, 0)
 
-    @property
-    def input(self) -> Any:
-        """The module's first argument in the running trace."""
-        return _read(self, "input", "input", 0)
-
-    @input.setter
-    def input(self, value: Any) -> None:
-        _write(self, "input", "input", value)
-
-    @property
-    def inputs(self) -> Any:
-        """``(args, kwargs)`` the module is called with in the running trace."""
-        return _read(self, "input", "inputs", 0)
-
-    @inputs.setter
-    def inputs(self, value: Any) -> None:
-        _check_inputs_pair(self._display_path(), value)
-        _write(self, "input", "inputs", value)
+    def _write_value(self, kind: str, accessor: str, value: Any) -> None:
+        _write(self, kind, accessor, value)
 
     def skip(self, value: Any) -> None:
         """Do not run this module on its next call; use ``value`` as its output."""
@@ -421,27 +419,20 @@ class NextCall:
     def next(self, calls: int = 1) -> "NextCall":
         return NextCall(self.envoy, self.calls + calls)
 
-    @property
-    def output(self) -> Any:
-        return _read(self.envoy, "output", "output", self.calls)
+    output = ValueAccessor("output", "output", "The module's output in that later call.")
+    input = ValueAccessor("input", "input", "The module's first argument in that later call.")
+    inputs = ValueAccessor("input", "inputs", "``(args, kwargs)`` of that later call.")
 
-    @output.setter
-    def output(self, value: Any) -> None:
-        _read(self.envoy, "output", "output", self.calls)
-        _write(self.envoy, "output", "output", value)
+    def _display_path(self) -> str:
+        return self.envoy._display_path()
 
-    @property
-    def input(self) -> Any:
-        return _read(self.envoy, "input", "input", self.calls)
+    def _read_value(self, kind: str, accessor: str) -> Any:
+        return _read(self.envoy, kind, accessor, self.calls)
 
-    @input.setter
-    def input(self, value: Any) -> None:
-        _read(self.envoy, "input", "input", self.calls)
-        _write(self.envoy, "input", "input", value)
-
-    @property
-    def inputs(self) -> Any:
-        return _read(self.envoy, "input", "inputs", self.calls)
+    def _write_value(self, kind: str, accessor: str, value: Any) -> None:
+        # Wait for that call first; the write then edits it.
+        _read(self.envoy, kind, accessor, self.calls)
+        _write(self.envoy, kind, accessor, value)
 
 
 def _task_or_raise(envoy: Envoy, accessor: str) -> Any:
@@ -455,8 +446,14 @@ def _task_or_raise(envoy: Envoy, accessor: str) -> Any:
     return task
 
 
-def _read(envoy: Envoy, kind: str, accessor: str, skip_calls: int) -> Any:
-    task = _task_or_raise(envoy, accessor)
+def _read(envoy: Any, kind: str, accessor: str, skip_calls: int) -> Any:
+    """The value ``accessor`` reads from ``envoy``'s module (or operation) in
+    the running trace, ``skip_calls`` calls after the current one: the hot
+    path of every trace body."""
+    current = _getcurrent()
+    task = current.task if type(current) is TaskGreenlet else None
+    if task is None:
+        task = _task_or_raise(envoy, accessor)  # raises NotInTraceError
     run = task.run
     interleaver = run.interleaver
     if kind == "input" and not skip_calls:
@@ -472,7 +469,7 @@ def _read(envoy: Envoy, kind: str, accessor: str, skip_calls: int) -> Any:
             value = next(iter(kwargs.values()))
         else:
             value = None
-    return run.present(value)
+    return value if type(value) is torch.Tensor else run.present(value)
 
 
 def _check_inputs_pair(path: str, value: Any) -> None:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 
 from ._frames import where_user_is
-from .envoy import NextCall, _check_inputs_pair, _read, _task_or_raise, _write
+from .envoy import NextCall, ValueAccessor, _read, _task_or_raise, _write
 from .errors import ModulePathError, NotInTraceError, SourceError, UsageAttributeError
 from .tracing.operations import OpKey, OpRuntime, RunSources, body_of, forward_function, module_key
 from .tracing.rewrite import Analysis
@@ -184,39 +184,17 @@ class Operation:
         task = _task_or_raise(self, accessor)
         self._attach(task.run)
 
-    @property
-    def output(self) -> Any:
-        """The operation's return value in the running trace."""
-        self._ready("output")
-        return _read(self, "output", "output", 0)
+    output = ValueAccessor("output", "output", "The operation's return value in the running trace.")
+    input = ValueAccessor("input", "input", "The operation's first argument in the running trace.")
+    inputs = ValueAccessor("input", "inputs", "``(args, kwargs)`` the operation is called with in the running trace.")
 
-    @output.setter
-    def output(self, value: Any) -> None:
-        self._ready("output")
-        _write(self, "output", "output", value)
+    def _read_value(self, kind: str, accessor: str) -> Any:
+        self._ready(accessor)
+        return _read(self, kind, accessor, 0)
 
-    @property
-    def input(self) -> Any:
-        """The operation's first argument in the running trace."""
-        self._ready("input")
-        return _read(self, "input", "input", 0)
-
-    @input.setter
-    def input(self, value: Any) -> None:
-        self._ready("input")
-        _write(self, "input", "input", value)
-
-    @property
-    def inputs(self) -> Any:
-        """``(args, kwargs)`` the operation is called with in the running trace."""
-        self._ready("inputs")
-        return _read(self, "input", "inputs", 0)
-
-    @inputs.setter
-    def inputs(self, value: Any) -> None:
-        _check_inputs_pair(self._display_path(), value)
-        self._ready("inputs")
-        _write(self, "input", "inputs", value)
+    def _write_value(self, kind: str, accessor: str, value: Any) -> None:
+        self._ready(accessor)
+        _write(self, kind, accessor, value)
 
     def next(self, calls: int = 1) -> NextCall:
         """The operation's call after the current one (a loop, a later step)."""

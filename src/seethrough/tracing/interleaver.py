@@ -258,13 +258,7 @@ class Interleaver:
         # For messages, should the value never come; the frame is the user's
         # (found from here on error).
         task.asked = (envoy, kind, sys._getframe(1), key in self.fired, not (self.forward_running or self.forward_done))
-        task.pending = key
-        task.state = WAITING
-        queue = self.waiting.get(key)
-        if queue is None:
-            self.waiting[key] = [task]
-        else:
-            self._queue(queue, task)
+        self._wait(task, key)
         return self.main.switch()
 
     def _cached(self, task: Task, envoy: "ModuleHandle", kind: str) -> Any:
@@ -397,13 +391,7 @@ class Interleaver:
         plan, chain = found
         for each, each_key in plan:
             if each_key not in hooks:
-                # `_install(each, "output", each_key)`, inlined (once per
-                # accessed output and trace).
-                hooks[each_key] = True
-                if not (self.root_output_by_return and each is self.root):
-                    self.hook_set.add_output(each, self.output_hook or self._output_hook())
-                if self.on_module_hooked is not None:
-                    self.on_module_hooked(each)
+                self._install(each, "output", each_key)
             elif chain:
                 break  # hooked with all its ancestors, which come after it here
 
@@ -438,21 +426,10 @@ class Interleaver:
         return hook
 
     def _make_output_hook(self) -> Callable:
-        getcurrent = greenlet.getcurrent
-        fired = self.fired
-        waiting = self.waiting
-
         def output_hook(mod: torch.nn.Module, args: Any, output: Any) -> Any:
-            # Only our own forward pass (and calls made with `hook=True`) count
-            # (see `_in_our_forward`).
-            if not (self.forward_running or self.hooked_calls_running) or getcurrent() is not self.main:
+            if not self._in_our_forward():
                 return None
-            # `_reached`, with its common exit inlined: nobody wants the value.
-            key = (id(mod), "output")
-            fired[key] = True
-            if key not in waiting and not self.blocked and key not in self.after:
-                return None
-            result = self._deliver(key, "output", output)
+            result = self._reached((id(mod), "output"), "output", output)
             return result if result is not output else None
 
         return output_hook
@@ -507,13 +484,8 @@ class Interleaver:
             waiting = self.waiting
             queue = waiting.get(key)
             if queue is not None and len(queue) == 1 and not self.blocked:
-                # The common case: exactly one task waits for this value
-                # (`_resume`, inlined).
-                task = queue[0]
-                task.pending = None
-                del waiting[key]
-                event.served.add(task.index)
-                self._switch(task, event.value if task.rows is None and event.kind != "step" else self._view(event, task))
+                # The common case: exactly one task waits for this value.
+                self._resume(queue[0], event)
                 if key in waiting or self.blocked:
                     self.drain(event)
             else:

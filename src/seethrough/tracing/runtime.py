@@ -71,12 +71,7 @@ def save(value: T, *, keep_graph: bool | None = None) -> T:
     the trace ends; ``keep_graph=True`` keeps the graph even in a trace run
     with ``keep_graph=False``; by default the trace's setting applies.
     """
-    current = greenlet.getcurrent()
-    if type(current) is TaskGreenlet:  # `current_run()`, inlined (hot in trace bodies)
-        run = current.task.run
-    else:
-        runs = getattr(_local, "runs", None)
-        run = runs[-1] if runs else None
+    run = current_run()
     if run is None:
         return value
     return run.saves.add(value, keep_graph=keep_graph)

@@ -35,7 +35,6 @@ from .runtime import ours
 from .values import SavableTuple
 
 _MAX_WALK = 10_000  # elements inspected per container before giving up on precision
-_NO_SAVES: dict[int, Any] = {}
 
 
 class SaveRegistry:
@@ -294,13 +293,8 @@ def _scan(value: Any, saves: SaveRegistry | None, budget: list[int]) -> str:
     else:
         return "plain"
     seen: set[str] = set()
-    saved = saves._saved if saves is not None else _NO_SAVES
     for item in items:
-        if type(item) is torch.Tensor:  # `_scan(item, ...)`, inlined for the common element
-            budget[0] -= 1
-            seen.add("saved" if id(item) in saved else "unsaved")
-        else:
-            seen.add(_scan(item, saves, budget))
+        seen.add(_scan(item, saves, budget))
         if "mixed" in seen or ("unsaved" in seen and "saved" in seen):
             return "mixed"
     if "unsaved" in seen:

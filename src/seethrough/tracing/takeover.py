@@ -88,8 +88,7 @@ class Takeover:
         if self._armed:
             self.disarm()
         if exc_type is TAKEN_OVER:
-            if sys.exception() is not None:  # `unhandle()`, inlined
-                _set_exc_info(None, None, None)
+            unhandle()
             return True
         return False
 
