@@ -11,7 +11,9 @@ inside, each condition is warmed up, then counted over N calls with
 that imports and model building are not counted.  Printed per condition:
 instructions per call, and the fixed cost of a trace (trace minus the raw
 forward of the same model and input), with the 12-block / 2-block ratio of
-the empty trace's fixed cost and the slope of each extra saved block output.
+the empty trace's fixed cost and the slope of each extra saved block output,
+gross and beyond the same output saved by a raw forward hook (section 3's
+reference: hooks registered, the forward run, the hooks removed).
 
 The counts include the garbage collections the calls trigger, so the
 12-block rows (30 calls each) move by a few percent between runs; the
@@ -45,6 +47,8 @@ def _conditions():
     mlp, wrapped_mlp = models["mlp"]
     x_mlp, x_gpt2 = models["xm"], models["xt"]
     gpt2 = {2: models["g2"], 12: models["g12"]}
+    blocks12 = list(gpt2[12][0].transformer.h)
+    H = T.H  # the raw-hooks reference of trace_overhead.py's section 3
     return [
         ("mlp raw", lambda: mlp(x_mlp), 400),
         ("mlp empty", lambda: T.st_empty(wrapped_mlp, x_mlp), 400),
@@ -55,6 +59,8 @@ def _conditions():
         ("gpt2-12 empty", lambda: T.st_empty(gpt2[12][1], x_gpt2), 30),
         ("gpt2-12 save 1", lambda: T.st_save_first_blocks(gpt2[12][1], x_gpt2, 1), 30),
         ("gpt2-12 save 12", lambda: T.st_save_first_blocks(gpt2[12][1], x_gpt2, 12), 30),
+        ("gpt2-12 hooks 1", lambda: H.hooks_saving(gpt2[12][0], blocks12[:1], x_gpt2), 30),
+        ("gpt2-12 hooks 12", lambda: H.hooks_saving(gpt2[12][0], blocks12, x_gpt2), 30),
     ]
 
 
@@ -104,6 +110,10 @@ def _report(folder: str) -> None:
     if "gpt2-12 save 12" in per_call and "gpt2-12 save 1" in per_call:
         slope = (per_call["gpt2-12 save 12"] - per_call["gpt2-12 save 1"]) / 11
         print(f"each extra saved block output (gross, PyTorch's own hook path included): {slope / 1e3:,.1f}k")
+        if "gpt2-12 hooks 12" in per_call and "gpt2-12 hooks 1" in per_call:
+            raw_slope = (per_call["gpt2-12 hooks 12"] - per_call["gpt2-12 hooks 1"]) / 11
+            print(f"each extra output saved by a raw forward hook: {raw_slope / 1e3:,.1f}k; "
+                  f"seethrough beyond the raw hook: {(slope - raw_slope) / 1e3:,.1f}k")
 
 
 def main() -> None:

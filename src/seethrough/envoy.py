@@ -42,6 +42,57 @@ _getcurrent = greenlet.getcurrent
 RESERVED = frozenset({"output", "input", "inputs", "skip", "next", "path", "source"})
 
 
+def _task_or_raise(envoy: Any, accessor: str) -> Any:
+    task = current_task()
+    if task is None:
+        raise NotInTraceError(
+            f"`{envoy._display_path()}.{accessor}` was used outside a trace "
+            f"({where_user_is()}). Module values exist only while the model runs: use it "
+            "inside `with model.trace(input):` (and `.save()` what you need afterwards)."
+        )
+    return task
+
+
+def _read(envoy: Any, kind: str, accessor: str, skip_calls: int = 0) -> Any:
+    """The value ``accessor`` reads from ``envoy``'s module (or operation) in
+    the running trace, ``skip_calls`` calls after the current one: the hot
+    path of every trace body."""
+    current = _getcurrent()
+    task = current.task if type(current) is TaskGreenlet else None
+    if task is None:
+        task = _task_or_raise(envoy, accessor)  # raises NotInTraceError
+    run = task.run
+    interleaver = run.interleaver
+    if kind == "input" and not skip_calls:
+        run.prepare_skip(envoy._module)  # the body may skip the call whose input it reads
+    value = interleaver.request(task, envoy, kind, skip_current=skip_calls > 0)
+    for _ in range(skip_calls - 1):
+        value = interleaver.request(task, envoy, kind, skip_current=True)
+    if accessor == "input":
+        args, kwargs = value
+        if args:
+            value = args[0]
+        elif kwargs:
+            value = next(iter(kwargs.values()))
+        else:
+            value = None
+    return value if type(value) is torch.Tensor else run.present(value)
+
+
+def _check_inputs_pair(path: str, value: Any) -> None:
+    """``.inputs`` takes ``(args, kwargs)``, for a module or an operation alike."""
+    if not (isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], dict)):
+        raise UsageTypeError(
+            f"`{path}.inputs` must be assigned `(args, kwargs)`: a tuple of "
+            "the positional arguments and a dict of keyword arguments."
+        )
+
+
+def _write(envoy: Any, kind: str, accessor: str, value: Any) -> None:
+    task = _task_or_raise(envoy, accessor)
+    task.run.interleaver.assign(task, envoy, kind, value, accessor)
+
+
 class ValueAccessor:
     """``.output`` / ``.input`` / ``.inputs``: one definition for a module's
     envoy, a later call of it (:class:`NextCall`) and a ``.source``
@@ -49,20 +100,29 @@ class ValueAccessor:
     assigning its ``_write_value(kind, accessor, value)``; ``kind`` is which
     value of the call ("output" or "input"), ``accessor`` the name used."""
 
-    def __init__(self, kind: str, accessor: str, doc: str) -> None:
+    def __init__(self, kind: str, accessor: str, doc: str, read: Any = None, write: Any = None) -> None:
         self.kind = kind
         self.accessor = accessor
         self.__doc__ = doc
+        # A module's envoy reads and writes straight through `_read`/`_write`
+        # (the hot path of every body); others go through their own methods.
+        self.read = read
+        self.write = write
 
     def __get__(self, owner: Any, cls: type | None = None) -> Any:
         if owner is None:
             return self
+        if self.read is not None:
+            return self.read(owner, self.kind, self.accessor)
         return owner._read_value(self.kind, self.accessor)
 
     def __set__(self, owner: Any, value: Any) -> None:
         if self.accessor == "inputs":
             _check_inputs_pair(owner._display_path(), value)
-        owner._write_value(self.kind, self.accessor, value)
+        if self.write is not None:
+            self.write(owner, self.kind, self.accessor, value)
+        else:
+            owner._write_value(self.kind, self.accessor, value)
 
 @runtime_checkable
 class EnvoyRoot(Protocol):
@@ -310,15 +370,10 @@ class Envoy:
         return self._module(*args, **kwargs)
 
     # -- values inside a trace ---------------------------------------------------
-    output = ValueAccessor("output", "output", "The module's output in the running trace.")
-    input = ValueAccessor("input", "input", "The module's first argument in the running trace.")
-    inputs = ValueAccessor("input", "inputs", "``(args, kwargs)`` the module is called with in the running trace.")
-
-    def _read_value(self, kind: str, accessor: str) -> Any:
-        return _read(self, kind, accessor, 0)
-
-    def _write_value(self, kind: str, accessor: str, value: Any) -> None:
-        _write(self, kind, accessor, value)
+    output = ValueAccessor("output", "output", "The module's output in the running trace.", _read, _write)
+    input = ValueAccessor("input", "input", "The module's first argument in the running trace.", _read, _write)
+    inputs = ValueAccessor("input", "inputs", "``(args, kwargs)`` the module is called with in the running trace.",
+                           _read, _write)
 
     def skip(self, value: Any) -> None:
         """Do not run this module on its next call; use ``value`` as its output."""
@@ -433,54 +488,3 @@ class NextCall:
         # Wait for that call first; the write then edits it.
         _read(self.envoy, kind, accessor, self.calls)
         _write(self.envoy, kind, accessor, value)
-
-
-def _task_or_raise(envoy: Envoy, accessor: str) -> Any:
-    task = current_task()
-    if task is None:
-        raise NotInTraceError(
-            f"`{envoy._display_path()}.{accessor}` was used outside a trace "
-            f"({where_user_is()}). Module values exist only while the model runs: use it "
-            "inside `with model.trace(input):` (and `.save()` what you need afterwards)."
-        )
-    return task
-
-
-def _read(envoy: Any, kind: str, accessor: str, skip_calls: int) -> Any:
-    """The value ``accessor`` reads from ``envoy``'s module (or operation) in
-    the running trace, ``skip_calls`` calls after the current one: the hot
-    path of every trace body."""
-    current = _getcurrent()
-    task = current.task if type(current) is TaskGreenlet else None
-    if task is None:
-        task = _task_or_raise(envoy, accessor)  # raises NotInTraceError
-    run = task.run
-    interleaver = run.interleaver
-    if kind == "input" and not skip_calls:
-        run.prepare_skip(envoy._module)  # the body may skip the call whose input it reads
-    value = interleaver.request(task, envoy, kind, skip_current=skip_calls > 0)
-    for _ in range(skip_calls - 1):
-        value = interleaver.request(task, envoy, kind, skip_current=True)
-    if accessor == "input":
-        args, kwargs = value
-        if args:
-            value = args[0]
-        elif kwargs:
-            value = next(iter(kwargs.values()))
-        else:
-            value = None
-    return value if type(value) is torch.Tensor else run.present(value)
-
-
-def _check_inputs_pair(path: str, value: Any) -> None:
-    """``.inputs`` takes ``(args, kwargs)``, for a module or an operation alike."""
-    if not (isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], dict)):
-        raise UsageTypeError(
-            f"`{path}.inputs` must be assigned `(args, kwargs)`: a tuple of "
-            "the positional arguments and a dict of keyword arguments."
-        )
-
-
-def _write(envoy: Envoy, kind: str, accessor: str, value: Any) -> None:
-    task = _task_or_raise(envoy, accessor)
-    task.run.interleaver.assign(task, envoy, kind, value, accessor)

@@ -449,18 +449,14 @@ class Interleaver:
 
         return input_hook
 
-    def _wanted(self, key: tuple) -> bool:
-        """Does any task wait for ``key`` (or might, once unblocked), or does a
-        cache record it?  Hooks that only keep ancestors observable usually
-        find nobody and return at once."""
-        return key in self.waiting or bool(self.blocked) or key in self.after
-
     def _reached(self, key: tuple, kind: str, value: Any) -> Any:
         """The forward pass reached ``key`` with ``value``: serve the tasks that
         want it, let caches record it; return it as the tasks left it."""
         self.fired[key] = True
-        if not self._wanted(key):
-            return value  # nobody asked: the hook only keeps an ancestor observable
+        if key not in self.waiting and not self.blocked and key not in self.after:
+            # Nobody waits for it (or might, once unblocked), and no cache records
+            # it: the hook only keeps an ancestor observable (the common case).
+            return value
         return self._deliver(key, kind, value)
 
     def _deliver(self, key: tuple, kind: str, value: Any) -> Any:

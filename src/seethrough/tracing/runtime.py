@@ -51,9 +51,11 @@ def running_traces() -> list["TraceRun"]:
 
 
 def current_run() -> "TraceRun | None":
-    task = current_task()
-    if task is not None:
-        return task.run
+    """The trace running here: the body's own inside a trace body (also in a
+    helper it calls), else the innermost trace this thread runs, else None."""
+    current = greenlet.getcurrent()
+    if type(current) is TaskGreenlet:
+        return current.task.run
     runs = getattr(_local, "runs", None)
     return runs[-1] if runs else None
 

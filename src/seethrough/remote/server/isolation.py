@@ -43,11 +43,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...errors import SeethroughError
-from .settings import SettingsError
+from .settings import ISOLATION_LEVELS, SettingsError
 
 __all__ = ["LEVELS", "IsolationError", "IsolationReport", "PRIVATE_TMP", "isolate", "worker_uid"]
 
-LEVELS = ("required", "best-effort", "off")
+LEVELS = ISOLATION_LEVELS  # the choices of --isolation
 PRIVATE_TMP = "/tmp"  # covered by a private tmpfs in the worker's mount namespace
 UID_BASE = 1_900_000_000  # worker uid = UID_BASE + its pid (pids stay below 2**22)
 TMP_SIZE = "64m"

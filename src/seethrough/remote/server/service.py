@@ -34,7 +34,7 @@ from .jobs import Job, JobStore, server_error
 from .naming import model_names
 from .process import WorkerDied, WorkerProcess, WorkerStartError, start_context
 from .scheduler import FairQueue
-from .settings import ModelSpec, Settings
+from .settings import ModelSpec, Settings, worker_values
 from .worker import WorkerOptions
 
 __all__ = ["ModelService", "ServerRuntime", "WorkerSlot", "server_error"]
@@ -223,15 +223,7 @@ class ModelService:
         self._spare_loading = False
 
     def options(self) -> WorkerOptions:
-        settings = self.settings
-        return WorkerOptions(
-            name=self.spec.name, source=self.spec.source, memory_limit=settings.memory_limit,
-            read_only_weights=settings.read_only_weights, max_request_bytes=settings.max_request_bytes,
-            max_unpacked_bytes=settings.max_unpacked_bytes, max_result_bytes=settings.max_result_bytes,
-            max_log_lines=settings.max_log_lines, max_log_bytes=settings.max_log_bytes, threads=settings.threads,
-            log_level=settings.log_level, timeout=settings.timeout, isolation=settings.isolation,
-            request_process=settings.request_process,
-        )
+        return WorkerOptions(name=self.spec.name, source=self.spec.source, **worker_values(self.settings))
 
     # -- workers ------------------------------------------------------------------------
     def spawn(self) -> Any:

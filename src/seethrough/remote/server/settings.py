@@ -1,7 +1,11 @@
 """The server's settings and its command line (``seethrough serve ...``).
 
-:func:`parse_args` turns the command line into a frozen :class:`Settings`;
-everything else in the server reads only that object.  Sizes accept plain
+:data:`OPTIONS` is the one table of server options: each entry names a
+:class:`Settings` field, its default, its flag and help, how the command line
+reads it, and whether worker processes get it too; :class:`Settings`,
+:func:`build_parser`, :func:`parse_args` and the workers' options are all made
+from it.  :func:`parse_args` turns the command line into a frozen
+:class:`Settings`; everything else in the server reads only that object.  Sizes accept plain
 bytes or a suffix (``512M``, ``2G``, ``1.5GiB``); API keys come from a file
 with one key per line (``#`` starts a comment).
 """
@@ -12,8 +16,10 @@ import argparse
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, make_dataclass
+from dataclasses import field as dc_field
 from pathlib import Path
+from typing import Any
 
 from ...errors import SeethroughError
 
@@ -21,7 +27,7 @@ from ...errors import SeethroughError
 # (fast replacement after a crash); other platforms lack it.
 _DEFAULT_START = "forkserver" if sys.platform.startswith("linux") else "spawn"
 
-__all__ = ["ModelSpec", "Settings", "SettingsError", "build_parser", "load_api_keys", "parse_args", "parse_size"]
+__all__ = ["ISOLATION_LEVELS", "OPTIONS", "REQUEST_PROCESSES", "ModelSpec", "Option", "Settings", "SettingsError", "build_parser", "load_api_keys", "parse_args", "parse_size", "worker_values"]
 
 DEFAULT_PORT = 8470
 # Served when no --model is given: the model LanguageModel() loads, available offline.
@@ -44,43 +50,141 @@ class ModelSpec:
     source: str
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Everything the server needs to know (see ``seethrough serve --help``)."""
+# What a worker may be asked to use to isolate itself (see .isolation) and how
+# it runs each request (see .worker): the choices of --isolation and --request-process.
+ISOLATION_LEVELS = ("required", "best-effort", "off")
+REQUEST_PROCESSES = ("auto", "fork", "reuse")
 
-    models: tuple[ModelSpec, ...]
-    host: str = "127.0.0.1"
-    port: int = DEFAULT_PORT
-    api_keys: frozenset[str] | None = None  # None: an open server
-    timeout: float = 300.0  # wall-clock seconds per request
-    memory_limit: int | None = 4 * 1024**3  # extra address space per request (bytes)
-    max_request_bytes: int = 256 * 1024**2
-    max_unpacked_bytes: int = 1024**3
-    max_result_bytes: int = 1024**3
-    workers_per_model: int = 1
-    spare_workers: int = 0
-    read_only_weights: bool = True
-    job_ttl: float = 3600.0
-    max_queued: int = 1000  # per model
-    max_queued_per_key: int = 100  # per model and key
-    max_log_lines: int = 10_000  # per request
-    max_log_bytes: int = 1024**2  # per request
-    startup_timeout: float = 600.0
-    threads: int | None = None  # torch threads in each worker (None: torch's default)
-    start_method: str = _DEFAULT_START  # how worker processes start: forkserver or spawn
-    log_level: str = "info"
-    max_source_bytes: int = 1024**2  # a request's code (body and helpers)
-    check_workers: int = 2  # processes that check submitted requests
-    check_timeout: float = 10.0  # wall-clock seconds to check one request
-    check_memory: int | None = 1024**3  # address space one check may add to its checker process
-    spool_dir: str | None = None  # None: a fresh temporary folder, removed at shutdown
-    max_stored_bytes_per_key: int = 2 * 1024**3  # bodies, results and printed lines kept per key
-    max_jobs_per_key: int = 200  # queued, running and kept requests per key
-    isolation: str = "best-effort"  # required | best-effort | off (see .isolation)
-    request_process: str = "auto"  # fork | reuse | auto (fork unless the model uses CUDA)
-    ray: str | None = None  # --ray: "auto", "local" or a head's host:port; None: workers are local processes
-    cpus_per_worker: float | None = None  # Ray resource requests per worker (--ray only)
-    gpus_per_worker: float | None = None
+
+@dataclass(frozen=True)
+class Option:
+    """One server option, written once: the :class:`Settings` field, its
+    default, its flag (``--`` + the field with dashes, unless ``flag`` says
+    otherwise; ``""`` for none) and how the command line reads it.
+
+    ``kind`` is how the flag's text is read: ``int``, ``float``, ``size``
+    (bytes with a suffix), ``size_or_off`` (a size, or ``off`` for none),
+    ``choice`` (one of ``choices``), ``text``, ``keys`` (a file of API keys),
+    ``negated`` (a switch that turns the field off).  ``positive``: the value
+    must be above 0 when given.  ``worker``: the worker processes get it too
+    (a field of :class:`.worker.WorkerOptions`)."""
+
+    field: str
+    default: Any
+    help: str
+    kind: str = "int"
+    metavar: str | None = None
+    choices: tuple = ()
+    positive: bool = False
+    worker: bool = False
+    group: str | None = None
+    flag: str | None = None
+    shown: str | None = None  # the default as written on the command line ("256M"), when it differs
+
+    @property
+    def option_string(self) -> str:
+        if self.flag is not None:
+            return self.flag
+        return "--" + self.field.replace("_", "-")
+
+    def help_text(self) -> str:
+        if self.kind == "negated" or self.shown == "" or self.default is None and self.shown is None:
+            return self.help
+        shown = self.shown if self.shown is not None else f"{self.default:g}" if isinstance(self.default, float) else self.default
+        return f"{self.help} (default {shown})"
+
+
+_TYPES = {"int": int, "float": float, "size": int, "size_or_off": "int | None", "choice": str, "text": str,
+          "keys": "frozenset[str] | None", "negated": bool}
+
+OPTIONS: tuple[Option, ...] = (
+    Option("host", "127.0.0.1", "address to listen on", kind="text"),
+    Option("port", DEFAULT_PORT, "port"),
+    Option("api_keys", None, "file of API keys, one per line ('#' starts a comment); without it the server is open "
+           "to anyone who reaches it", kind="keys", metavar="FILE"),
+    Option("timeout", 300.0, "wall-clock limit per request; the worker is killed and replaced past it",
+           kind="float", metavar="SECONDS", positive=True, worker=True),
+    Option("memory_limit", 4 * 1024**3, "memory a request may allocate on top of the loaded model, e.g. 2G; 'off' "
+           "for none (not applied to workers that use CUDA)", kind="size_or_off", metavar="BYTES", shown="4G",
+           worker=True),
+    Option("max_request_bytes", 256 * 1024**2, "largest request body accepted", kind="size", metavar="BYTES",
+           shown="256M", worker=True),
+    Option("max_unpacked_bytes", 1024**3, "largest decompressed request accepted", kind="size", metavar="BYTES",
+           shown="1G", worker=True),
+    Option("max_result_bytes", 1024**3, "largest result a request may send back", kind="size", metavar="BYTES",
+           shown="1G", worker=True),
+    Option("workers_per_model", 1, "worker processes per model, each with its own copy of the weights",
+           metavar="N", positive=True),
+    Option("spare_workers", 0, "keep one loaded spare worker per model, so a crashed or timed-out worker is "
+           "replaced at once (costs one more copy of the weights)", choices=(0, 1)),
+    Option("read_only_weights", True, "do not map CPU weights read-only (then every weight is checksummed after "
+           "each request)", kind="negated", flag="--no-read-only-weights", worker=True),
+    Option("job_ttl", 3600.0, "how long finished requests and their results are kept", kind="float",
+           metavar="SECONDS", positive=True),
+    Option("max_queued", 1000, "queued requests per model before new ones are refused with 429", metavar="N",
+           positive=True),
+    Option("max_queued_per_key", 100, "queued requests per model and API key", metavar="N", positive=True),
+    Option("max_log_lines", 10_000, "printed lines streamed back per request", metavar="N", positive=True,
+           worker=True),
+    Option("max_log_bytes", 1024**2, "printed bytes streamed back per request", kind="size", metavar="BYTES",
+           shown="1M", worker=True),
+    Option("start_method", _DEFAULT_START, "how workers start: 'forkserver' (default on Linux: forked from a clean "
+           "helper that imported torch and transformers once, so a replaced worker is ready in about the time its "
+           "weights take to load) or 'spawn' (each a new interpreter; default elsewhere)", kind="choice",
+           choices=("spawn", "forkserver"), shown=""),
+    Option("threads", None, "torch threads per worker (default: torch's own)", metavar="N", positive=True,
+           worker=True),
+    Option("startup_timeout", 600.0, "how long a worker may take to load its model", kind="float",
+           metavar="SECONDS", positive=True),
+    Option("max_source_bytes", 1024**2, "largest code (trace body and helper functions together) a request may "
+           "send", kind="size", metavar="BYTES", shown="1M"),
+    Option("check_workers", 2, "processes that check submitted requests off the API's event loop", metavar="N",
+           positive=True),
+    Option("check_timeout", 10.0, "wall-clock limit to check one request; past it the request is refused",
+           kind="float", metavar="SECONDS", positive=True),
+    Option("check_memory", 1024**3, "address space one check may add to its checker process", kind="size_or_off",
+           flag=""),
+    Option("spool_dir", None, "folder for request bodies and results waiting to be read (default: a private "
+           "temporary folder, removed at shutdown)", kind="text", metavar="DIR"),
+    Option("max_stored_bytes_per_key", 2 * 1024**3, "request bodies, results and printed lines one API key may keep "
+           "on the server; past it new requests get 429", kind="size", metavar="BYTES", shown="2G"),
+    Option("max_jobs_per_key", 200, "requests (queued, running, or finished and not yet expired or deleted) one API "
+           "key may have; past it new requests get 429", metavar="N", positive=True),
+    Option("isolation", "best-effort", "wall each worker off from the host: own network namespace (no network), "
+           "read-only file system but a private /tmp, minimal environment, its own unprivileged uid, process and "
+           "open-file limits. 'required': refuse to start when the OS refuses a step; 'best-effort': start anyway "
+           "and say at start-up what is not isolated; 'off'", kind="choice", choices=ISOLATION_LEVELS, worker=True),
+    Option("request_process", "auto", "'fork': run each request in a process forked from the loaded model "
+           "(copy-on-write, nothing a request changes outlives it); 'reuse': run requests in the worker and replace "
+           "it when a request changed anything; 'auto': fork unless the model is on a CUDA device", kind="choice",
+           choices=REQUEST_PROCESSES, worker=True),
+    Option("log_level", "info", "how much the server logs", kind="choice",
+           choices=("debug", "info", "warning", "error"), worker=True),
+    Option("ray", None, "place each model's workers as Ray actors on a cluster: 'auto' (the cluster this machine "
+           "belongs to), HOST:PORT of a head node, or 'local' (a private Ray instance on this machine)",
+           kind="text", metavar="ADDRESS", group="ray"),
+    Option("cpus_per_worker", None, "CPUs Ray reserves for each worker (default 1; --ray only)", kind="float",
+           metavar="N", group="ray"),
+    Option("gpus_per_worker", None, "GPUs Ray reserves for each worker; above 1 the model is spread over them with "
+           "device_map='auto' (default 0; --ray only)", kind="float", metavar="G", group="ray"),
+)
+OPTION_BY_FIELD = {option.field: option for option in OPTIONS}
+
+Settings = make_dataclass(
+    "Settings",
+    [("models", "tuple[ModelSpec, ...]")]
+    + [(o.field, _TYPES[o.kind] if o.default is not None or o.kind in ("keys", "size_or_off")
+        else f"{_TYPES[o.kind].__name__} | None", dc_field(default=o.default)) for o in OPTIONS],
+    frozen=True,
+)
+Settings.__module__ = __name__  # where pickle (sending it to a worker) finds it
+Settings.__doc__ = ("Everything the server needs to know (see ``seethrough serve --help``), one field per "
+                    "entry of :data:`OPTIONS` and the served ``models``.")
+
+
+def worker_values(settings: Any) -> dict[str, Any]:
+    """The settings the worker processes get too (``Option.worker``), by field."""
+    return {o.field: getattr(settings, o.field) for o in OPTIONS if o.worker}
 
 
 def parse_size(text: str | int) -> int:
@@ -138,82 +242,39 @@ def build_parser(prog: str = "seethrough serve") -> argparse.ArgumentParser:
     parser.add_argument("--model", action="append", metavar="NAME=PATH_OR_REPO",
                         help="a model to serve, addressed by NAME (repeat for several); without any, the bundled "
                              f"offline model is served as {DEFAULT_SERVED}")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
-    parser.add_argument("--api-keys", metavar="FILE",
-                        help="file of API keys, one per line; without it the server is open to anyone who reaches it")
-    parser.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
-                        help="wall-clock limit per request; the worker is killed and replaced past it (default 300)")
-    parser.add_argument("--memory-limit", default="4G", metavar="BYTES",
-                        help="memory a request may allocate on top of the loaded model, e.g. 2G; 'off' for none "
-                             "(default 4G; not applied to workers that use CUDA)")
-    parser.add_argument("--max-request-bytes", default="256M", metavar="BYTES",
-                        help="largest request body accepted (default 256M)")
-    parser.add_argument("--max-unpacked-bytes", default="1G", metavar="BYTES",
-                        help="largest decompressed request accepted (default 1G)")
-    parser.add_argument("--max-result-bytes", default="1G", metavar="BYTES",
-                        help="largest result a request may send back (default 1G)")
-    parser.add_argument("--workers-per-model", type=int, default=1, metavar="N",
-                        help="worker processes per model, each with its own copy of the weights (default 1)")
-    parser.add_argument("--spare-workers", type=int, default=0, choices=(0, 1),
-                        help="keep one loaded spare worker per model, so a crashed or timed-out worker is "
-                             "replaced at once (costs one more copy of the weights; default 0)")
-    parser.add_argument("--no-read-only-weights", action="store_true",
-                        help="do not map CPU weights read-only (then every weight is checksummed after each request)")
-    parser.add_argument("--job-ttl", type=float, default=3600.0, metavar="SECONDS",
-                        help="how long finished requests and their results are kept (default 3600)")
-    parser.add_argument("--max-queued", type=int, default=1000, metavar="N",
-                        help="queued requests per model before new ones are refused with 429 (default 1000)")
-    parser.add_argument("--max-queued-per-key", type=int, default=100, metavar="N",
-                        help="queued requests per model and API key (default 100)")
-    parser.add_argument("--max-log-lines", type=int, default=10_000, metavar="N",
-                        help="printed lines streamed back per request (default 10000)")
-    parser.add_argument("--max-log-bytes", default="1M", metavar="BYTES",
-                        help="printed bytes streamed back per request (default 1M)")
-    parser.add_argument("--start-method", default=_DEFAULT_START, choices=("spawn", "forkserver"),
-                        help="how workers start: 'forkserver' (default on Linux: forked from a clean helper that "
-                             "imported torch and transformers once, so a replaced worker is ready in about the time "
-                             "its weights take to load) or 'spawn' (each a new interpreter; default elsewhere)")
-    parser.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads per worker")
-    parser.add_argument("--startup-timeout", type=float, default=600.0, metavar="SECONDS",
-                        help="how long a worker may take to load its model (default 600)")
-    parser.add_argument("--max-source-bytes", default="1M", metavar="BYTES",
-                        help="largest code (trace body and helper functions together) a request may send (default 1M)")
-    parser.add_argument("--check-workers", type=int, default=2, metavar="N",
-                        help="processes that check submitted requests off the API's event loop (default 2)")
-    parser.add_argument("--check-timeout", type=float, default=10.0, metavar="SECONDS",
-                        help="wall-clock limit to check one request; past it the request is refused (default 10)")
-    parser.add_argument("--spool-dir", default=None, metavar="DIR",
-                        help="folder for request bodies and results waiting to be read (default: a private temporary "
-                             "folder, removed at shutdown)")
-    parser.add_argument("--max-stored-bytes-per-key", default="2G", metavar="BYTES",
-                        help="request bodies, results and printed lines one API key may keep on the server; past it "
-                             "new requests get 429 (default 2G)")
-    parser.add_argument("--max-jobs-per-key", type=int, default=200, metavar="N",
-                        help="requests (queued, running, or finished and not yet expired or deleted) one API key may "
-                             "have; past it new requests get 429 (default 200)")
-    parser.add_argument("--isolation", default="best-effort", choices=("required", "best-effort", "off"),
-                        help="wall each worker off from the host: own network namespace (no network), read-only "
-                             "file system but a private /tmp, minimal environment, its own unprivileged uid, process "
-                             "and open-file limits. 'required': refuse to start when the OS refuses a step; "
-                             "'best-effort' (default): start anyway and say at start-up what is not isolated; 'off'")
-    parser.add_argument("--request-process", default="auto", choices=("auto", "fork", "reuse"),
-                        help="'fork': run each request in a process forked from the loaded model (copy-on-write, "
-                             "nothing a request changes outlives it); 'reuse': run requests in the worker and "
-                             "replace it when a request changed anything; 'auto' (default): fork unless the model "
-                             "is on a CUDA device")
-    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
-                        help="how much the server logs (default info)")
-    scale = parser.add_argument_group("scale-out on Ray (pip install \"seethrough[ray]\")")
-    scale.add_argument("--ray", default=None, metavar="ADDRESS",
-                       help="place each model's workers as Ray actors on a cluster: 'auto' (the cluster this machine "
-                            "belongs to), HOST:PORT of a head node, or 'local' (a private Ray instance on this machine)")
-    scale.add_argument("--cpus-per-worker", type=float, default=None, metavar="N",
-                       help="CPUs Ray reserves for each worker (default 1; --ray only)")
-    scale.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
-                       help="GPUs Ray reserves for each worker; above 1 the model is spread over them with "
-                            "device_map='auto' (default 0; --ray only)")
+    groups = {"ray": parser.add_argument_group("scale-out on Ray (pip install \"seethrough[ray]\")")}
+    for option in OPTIONS:
+        if option.option_string == "":
+            continue  # a setting with no flag
+        where = groups.get(option.group, parser)
+        if option.kind == "negated":
+            where.add_argument(option.option_string, dest=option.field, action="store_false", help=option.help_text())
+            continue
+        extra: dict[str, Any] = {}
+        if option.choices:
+            extra["choices"] = option.choices
+        if option.kind in ("int", "float"):
+            extra["type"] = int if option.kind == "int" else float
+        where.add_argument(option.option_string, dest=option.field, default=None, metavar=option.metavar,
+                           help=option.help_text(), **extra)
     return parser
+
+
+def _read(option: Option, given: Any) -> Any:
+    """``option``'s value from what the command line gave (None: not given)."""
+    if given is None:
+        return option.default
+    if option.kind == "size":
+        return parse_size(given)
+    if option.kind == "size_or_off":
+        return _size_or_off(given)
+    if option.kind == "keys":
+        return load_api_keys(given)
+    if option.kind == "text":
+        return given.strip() if option.field == "ray" else given
+    if option.positive and given <= 0:
+        raise SettingsError(f"{option.option_string} must be positive, got {given}")
+    return given
 
 
 def _ray_options(options: argparse.Namespace) -> None:
@@ -243,50 +304,8 @@ def parse_args(argv: list[str] | None = None, prog: str = "seethrough serve") ->
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise SettingsError(f"--model: the name(s) {', '.join(duplicates)} are given twice; give each model its own name")
-    positive = {"--timeout": options.timeout, "--workers-per-model": options.workers_per_model,
-                "--job-ttl": options.job_ttl, "--max-queued": options.max_queued,
-                "--max-queued-per-key": options.max_queued_per_key, "--max-log-lines": options.max_log_lines,
-                "--startup-timeout": options.startup_timeout, "--check-workers": options.check_workers,
-                "--check-timeout": options.check_timeout, "--max-jobs-per-key": options.max_jobs_per_key}
-    for flag, value in positive.items():
-        if value <= 0:
-            raise SettingsError(f"{flag} must be positive, got {value}")
-    if options.threads is not None and options.threads <= 0:
-        raise SettingsError(f"--threads must be positive, got {options.threads}")
-    if not 0 < options.port < 65536:
+    if options.port is not None and not 0 < options.port < 65536:
         raise SettingsError(f"--port must be between 1 and 65535, got {options.port}")
     _ray_options(options)
-    return Settings(
-        models=models,
-        host=options.host,
-        port=options.port,
-        api_keys=load_api_keys(options.api_keys) if options.api_keys else None,
-        timeout=options.timeout,
-        memory_limit=_size_or_off(options.memory_limit),
-        max_request_bytes=parse_size(options.max_request_bytes),
-        max_unpacked_bytes=parse_size(options.max_unpacked_bytes),
-        max_result_bytes=parse_size(options.max_result_bytes),
-        workers_per_model=options.workers_per_model,
-        spare_workers=options.spare_workers,
-        read_only_weights=not options.no_read_only_weights,
-        job_ttl=options.job_ttl,
-        max_queued=options.max_queued,
-        max_queued_per_key=options.max_queued_per_key,
-        max_log_lines=options.max_log_lines,
-        max_log_bytes=parse_size(options.max_log_bytes),
-        startup_timeout=options.startup_timeout,
-        threads=options.threads,
-        start_method=options.start_method,
-        log_level=options.log_level,
-        max_source_bytes=parse_size(options.max_source_bytes),
-        check_workers=options.check_workers,
-        check_timeout=options.check_timeout,
-        spool_dir=options.spool_dir,
-        max_stored_bytes_per_key=parse_size(options.max_stored_bytes_per_key),
-        max_jobs_per_key=options.max_jobs_per_key,
-        isolation=options.isolation,
-        request_process=options.request_process,
-        ray=options.ray.strip() if options.ray is not None else None,
-        cpus_per_worker=options.cpus_per_worker,
-        gpus_per_worker=options.gpus_per_worker,
-    )
+    values = {o.field: _read(o, getattr(options, o.field, None)) for o in OPTIONS}
+    return Settings(models=models, **values)

@@ -42,7 +42,8 @@ import signal
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, make_dataclass
+from dataclasses import field as dc_field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -51,7 +52,7 @@ from ..protocol import error_answer
 from . import framing, isolation
 from .fingerprint import StateFingerprint
 from .forking import RequestForker, address_space, limit_address_space
-from .settings import SettingsError
+from .settings import OPTIONS, REQUEST_PROCESSES, Settings, SettingsError
 
 __all__ = ["LogStream", "WorkerOptions", "describe_model", "load_kwargs", "run_worker"]
 
@@ -62,27 +63,16 @@ _MAX_PENDING_CHARS = 65_536  # text printed without a newline is sent once this 
 _MAX_ERROR_FIELD = 16_000
 
 
-@dataclass(frozen=True)
-class WorkerOptions:
-    """What a worker needs to know (sent from the API process at spawn)."""
-
-    name: str
-    source: str
-    memory_limit: int | None
-    read_only_weights: bool
-    max_request_bytes: int
-    max_unpacked_bytes: int
-    max_result_bytes: int
-    max_log_lines: int
-    max_log_bytes: int
-    threads: int | None = None
-    log_level: str = "info"
-    timeout: float = 300.0  # wall-clock seconds per request (enforced here in the fork model)
-    isolation: str = "best-effort"  # see .isolation.LEVELS
-    request_process: str = "auto"  # "fork", "reuse", or "auto": fork unless the model uses CUDA
-    device_map: str | None = None  # e.g. "auto" for a Ray worker given several GPUs
-
-REQUEST_PROCESSES = ("auto", "fork", "reuse")
+# What a worker needs to know, sent from the API process at spawn: which model,
+# and the settings marked ``worker`` in the options table (one home: .settings).
+WorkerOptions = make_dataclass(
+    "WorkerOptions",
+    [("name", str), ("source", str)]
+    + [(o.field, Settings.__annotations__[o.field], dc_field(default=o.default)) for o in OPTIONS if o.worker]
+    + [("device_map", "str | None", dc_field(default=None))],  # e.g. "auto" for a Ray worker given several GPUs
+    frozen=True,
+)
+WorkerOptions.__module__ = __name__  # where pickle (sending it to a worker) finds it
 
 
 class LogStream:
