@@ -6,12 +6,12 @@ accessors of a module::
 
     with model.trace(prompt):
         attn = model.transformer.h[0].attn.source
-        weights = attn.attention_interface_0.output[1].save()   # read
+        weights = attn.attention_interface_1.output[1].save()   # read
         attn.self_c_proj_0.output[:] = 0                        # edit the running forward
-        args, kwargs = attn.attention_interface_0.inputs
+        args, kwargs = attn.attention_interface_1.inputs
 
 ``.source`` on an operation descends into the function that call runs
-(``attn.attention_interface_0.source.torch_matmul_0``); which function that
+(``attn.attention_interface_1.source.torch_matmul_0``); which function that
 is is known only while the model runs, so this works inside a trace.
 Naming rules: :mod:`seethrough.tracing.rewrite`; the machinery:
 :mod:`seethrough.tracing.operations`.
@@ -227,6 +227,12 @@ class Operation:
     def source(self) -> FunctionSource:
         """The operations of the function this call runs (inside a trace: the
         callee is known only when the model gets there)."""
+        if self._analysis.by_name[self._module.name].assignment:
+            raise SourceError(
+                f"`{self._display_path()}.source` ({where_user_is()}): `{self._module.name}` is an "
+                "assignment, not a call, so there is no function to look into. Its `.output` is the "
+                "value assigned; the call that computed it is the operation listed just before it."
+            )
         task = _task_or_raise_source(self)
         runtime = self._attach(task.run)
         if not (runtime.running and runtime.descend and runtime.fn is not None):

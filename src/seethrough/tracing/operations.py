@@ -1,7 +1,7 @@
 """Operations inside a forward, live in a trace (the machinery behind ``.source``).
 
 When a body first asks for an operation of a module (``attn.source.
-attention_interface_0.output``), :class:`RunSources` puts an instrumented
+attention_interface_1.output``), :class:`RunSources` puts an instrumented
 copy of the module's forward (see :mod:`.rewrite`) on the module instance,
 for this trace only; the run restores the module when it ends, also after
 an error.  Modules nobody asks about are never touched.
