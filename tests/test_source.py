@@ -381,8 +381,28 @@ def test_source_of_an_operation_is_checked(gpt2_eager):
     with pytest.raises(SourceError, match="runs a submodule"):
         with model.trace(torch.tensor([[1, 2]])):
             model.transformer.h[0].attn.source.self_c_proj_0.source
-    with pytest.raises(SourceError, match="`attention_interface_0` is an assignment, not a call"):
-        model.transformer.h[0].attn.source.attention_interface_0.source
+    with pytest.raises(SourceError, match="`attn_output_0` is an assignment, not a call, and the value it binds is a Tensor"):
+        with model.trace(torch.tensor([[1, 2]])):
+            model.transformer.h[0].attn.source.attn_output_0.source
+    assert_pristine(gpt2_eager)
+
+
+def test_source_of_an_assignment_binding_a_function_is_that_function(gpt2_eager, monkeypatch):
+    # nnterp 1.3 (written for nnsight < 0.8) spells the attention call
+    # `attention_interface_0`, now the assignment of the function the call runs:
+    # its `.source` is that function's, as used by the call.
+    model = Model(gpt2_eager)
+    ids = torch.tensor([[5, 17, 42, 7, 9]])
+    with torch.no_grad(), model.trace(ids):
+        fn = model.transformer.h[0].attn.source.attention_interface_0.output.save()
+        probs = model.transformer.h[0].attn.source.attention_interface_0.source.nn_functional_softmax_0.output
+        model.transformer.h[0].attn.source.attention_interface_0.source.nn_functional_softmax_0.output = probs * 0.5
+        logits = model.output.logits.save()
+    assert fn is modeling_gpt2.eager_attention_forward  # `.output` is the function bound, not the copy
+    _record_eager(monkeypatch, modeling_gpt2, scale=0.5)
+    with torch.no_grad():
+        ref = gpt2_eager(ids).logits
+    assert torch.allclose(logits, ref, atol=1e-5)
     assert_pristine(gpt2_eager)
 
 
