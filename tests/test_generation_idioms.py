@@ -128,6 +128,30 @@ def test_with_all_and_with_iter_steer_every_step_like_a_hook(smol):
     assert not torch.equal(expected, plain)
 
 
+def test_in_place_steering_with_a_grad_vector_in_two_invokes_like_a_hook(smol):
+    # No torch.no_grad() around the trace, a steering vector that requires grad: the
+    # edits run in generate's no_grad mode, as nnsight's do (not "a view was created
+    # in no_grad mode and is being modified inplace with grad mode enabled").
+    model, hf, tokenizer = smol
+    torch.manual_seed(0)
+    v = (torch.randn(576) * 8).requires_grad_()
+    prompts = [PROMPT, "Hello, my name is"]
+    with model.generate(max_new_tokens=3) as tracer:
+        for prompt in prompts:
+            with tracer.invoke(prompt):
+                for step in tracer.iter[:3]:
+                    model.model.layers[2].output[:, -1] += v
+    assert torch.is_grad_enabled()
+
+    def hook(module, args, output):
+        output[:, -1] += v
+
+    expected = hf_generate(hf, tokenizer, prompts, hook=hook, hook_layer=2, max_new_tokens=3)
+    plain = hf_generate(hf, tokenizer, prompts, max_new_tokens=3)
+    assert torch.equal(tracer.result, expected)
+    assert not torch.equal(expected, plain)  # the steering changed the tokens
+
+
 def test_with_iter_slice_binds_the_step_and_acts_only_there(smol):
     model, hf, tokenizer = smol
     steer = torch.full((576,), 3.0)

@@ -123,9 +123,14 @@ class Interleaver:
         self._switch(task, MISSING)
 
     def _switch(self, task: Task, value: Any, throw: BaseException | None = None) -> None:
+        # The body runs in its own grad mode, but never with grad on where the forward
+        # has it off (generate runs under no_grad): an in-place edit of a value the
+        # forward made there would otherwise be refused by autograd, as nnsight's bodies,
+        # which run in the forward's mode, are not.  A mode the body sets itself is kept.
         main_grad = torch.is_grad_enabled()
-        if task.grad_enabled != main_grad:
-            torch.set_grad_enabled(task.grad_enabled)
+        mode = task.grad_enabled and main_grad
+        if mode != main_grad:
+            torch.set_grad_enabled(mode)
         task.state = RUNNING
         worker = task.greenlet
         try:
@@ -147,8 +152,10 @@ class Interleaver:
             self._ended(task)
             raise
         finally:
-            task.grad_enabled = torch.is_grad_enabled()
-            if task.grad_enabled != main_grad:
+            now = torch.is_grad_enabled()
+            if now != mode:
+                task.grad_enabled = now  # the body changed its mode
+            if now != main_grad:
                 torch.set_grad_enabled(main_grad)
         if result is FINISHED:
             self._ended(task)
