@@ -29,6 +29,7 @@ more than the hook itself.
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import TYPE_CHECKING, Any, Callable
 
 import greenlet
@@ -40,7 +41,7 @@ from .hooks import HookSet
 from .runtime import FINISHED
 from .sentinels import MISSING
 from .stacks import give_back_worker, take_worker
-from .tasks import (BLOCKED, DONE, RUNNING, WAITING, Event, Task, _by_index, _EndOfSteps, _HookedCall, _StopForward,
+from .tasks import (BLOCKED, DONE, RUNNING, WAITING, Event, Task, _by_index, _EndOfSteps, _HookedCall, _LoopCutShort, _StopForward,
                     _StopTrace, _UNBATCHED)
 from .values import narrow, rejoin, splice
 
@@ -77,6 +78,7 @@ class Interleaver:
     batch_size = 0
     step = -1  # index of the current call of the root module (generation step)
     root_output_by_return = False  # see `run_forward`
+    count_calls = False  # count each hooked event's calls (see `iterate_calls`)
     hooked_calls_running = 0  # modules a body runs with `hook=True`, now running (see `call_hooked`)
     output_hook: Callable | None = None  # made on first use (see `_output_hook`)
     on_module_hooked: Callable[[torch.nn.Module], None] | None = None
@@ -147,6 +149,9 @@ class Interleaver:
             self.stopped = True
             if self.forward_running:
                 raise _StopForward() from None
+            return
+        except _LoopCutShort:
+            self._ended(task)  # its `tracer.iter` loop asked past the calls made: it ends there
             return
         except BaseException:
             self._ended(task)
@@ -273,6 +278,38 @@ class Interleaver:
         else:
             self._queue(queue, task)
         return self.main.switch()
+
+    def iterate_calls(self) -> None:
+        """In a single forward, ``tracer.iter[i]`` means each module's call
+        number ``i`` (a module called several times per forward, as an RNN
+        cell): count every hooked event's calls, and serve requests made in
+        such a loop by call number.  Traces without step loops never pay."""
+        if not self.count_calls:
+            self.count_calls = True
+            self.output_hook = None  # hooks made from now on count
+            self.request = self._request_call  # type: ignore[method-assign]
+
+    def _request_call(self, task: Task, envoy: "ModuleHandle", kind: str, skip_current: bool = False) -> Any:
+        """``request`` in a trace that counts calls: inside a step loop, the
+        value of the module's call number ``task.iteration``."""
+        wanted = task.iteration
+        if wanted is None or skip_current:
+            return Interleaver.request(self, task, envoy, kind, skip_current)
+        key = (id(envoy._module), kind)
+        made = self.fired.get(key, 0)  # calls begun so far (the current one included)
+        event = self.current
+        if made - 1 == wanted and event is not None and event.key == key:
+            return Interleaver.request(self, task, envoy, kind)
+        if made > wanted:
+            raise OutOfOrderError(
+                f"`{envoy._display_path()}.{kind}` of call {wanted} was asked for in a `tracer.iter` loop "
+                f"({where_user_is()}), but the module had already made {made} call(s) by then. Within one "
+                "invoke, read values in the order the model makes them."
+            )
+        value = Interleaver.request(self, task, envoy, kind, skip_current=True)
+        while self.fired.get(key, 0) - 1 < wanted:
+            value = Interleaver.request(self, task, envoy, kind, skip_current=True)
+        return value
 
     def _cached(self, task: Task, envoy: "ModuleHandle", kind: str) -> Any:
         """The value a ``tracer.cache`` recorded for ``envoy`` (``task``'s rows), or MISSING."""
@@ -448,6 +485,8 @@ class Interleaver:
         getcurrent = greenlet.getcurrent
         fired = self.fired
         waiting = self.waiting
+        if self.count_calls:
+            return self._make_counting_output_hook()
 
         def output_hook(mod: torch.nn.Module, args: Any, output: Any) -> Any:
             # Only our own forward pass (and calls made with `hook=True`) count
@@ -460,6 +499,17 @@ class Interleaver:
             if key not in waiting and not self.blocked and key not in self.after:
                 return None
             result = self._deliver(key, "output", output)
+            return result if result is not output else None
+
+        return output_hook
+
+    def _make_counting_output_hook(self) -> Callable:
+        """The output hook when calls are counted (see `iterate_calls`)."""
+
+        def output_hook(mod: torch.nn.Module, args: Any, output: Any) -> Any:
+            if not self._in_our_forward():
+                return None
+            result = self._reached((id(mod), "output"), "output", output)
             return result if result is not output else None
 
         return output_hook
@@ -488,7 +538,8 @@ class Interleaver:
     def _reached(self, key: tuple, kind: str, value: Any) -> Any:
         """The forward pass reached ``key`` with ``value``: serve the tasks that
         want it, let caches record it; return it as the tasks left it."""
-        self.fired[key] = True
+        fired = self.fired
+        fired[key] = fired.get(key, 0) + 1  # how many calls have begun (see `iterate_calls`)
         if not self._wanted(key):
             return value  # nobody asked: the hook only keeps an ancestor observable
         return self._deliver(key, kind, value)
@@ -626,11 +677,32 @@ class Interleaver:
             self._unwait(waiting)
             if key[0] == "step":
                 self._switch(waiting, None, throw=_EndOfSteps())
+            elif waiting.iteration is not None and self.count_calls:
+                self._switch(waiting, None, throw=self._cut_short(waiting))
             else:
                 self._switch(waiting, None, throw=self._not_provided(waiting, key))
         blocked, self.blocked = self.blocked, []
         for task in blocked:
             self._switch(task, None, throw=self.deadlock_error(task))
+
+    def _cut_short(self, task: Task) -> _LoopCutShort:
+        """A task in a single forward's step loop asked for a call that was not
+        made: like nnsight, the loop ends there, keeping what was saved, and the
+        code after the loop does not run; a warning says so."""
+        envoy, kind, frame, _, _ = task.asked
+        path = envoy._display_path() if envoy is not None else "the model"
+        user = user_frame(frame)
+        where = describe_frame(user)
+        warnings.warn_explicit(
+            f"`{path}.{kind}` of call {task.iteration} was asked for in a `tracer.iter` loop"
+            f"{f' (at {where})' if where else ''}, but the forward made fewer calls: the loop ended there "
+            f"({task.label}). Values saved in the loop are kept; the code after the loop did not run. Bound the "
+            "loop to the number of calls (`tracer.iter[:n]`), or put what follows it in another invoke.",
+            UserWarning,
+            user.f_code.co_filename if user is not None else "<trace>",
+            user.f_lineno if user is not None else 0,
+        )
+        return _LoopCutShort()
 
     def _not_provided(self, task: Task, key: tuple) -> MissedProviderError:
         """The error for ``task``, still waiting for ``key`` when the forward ended."""

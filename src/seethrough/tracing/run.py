@@ -165,6 +165,8 @@ class TraceRun:
         if captured.uses_skip:
             self.interleaver.on_module_hooked = self._make_skippable
         if captured.uses_steps:
+            if self.interleaver.root_output_by_return:
+                self.interleaver.iterate_calls()  # one forward: steps are each module's calls
             self.interleaver.hook(self.root_module, "input")
 
     def _note_calls(self, captured: CapturedBlock, namespaces: tuple) -> None:

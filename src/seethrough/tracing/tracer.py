@@ -398,6 +398,18 @@ def _step_loop(task: Any, selector: Any) -> Iterator[int]:
     # Counted on the task while it is inside a step loop: a value that exists
     # only after generation (`model.generator.output`) refuses to be read there.
     task.step_loops = getattr(task, "step_loops", 0) + 1
+    if interleaver.count_calls:
+        # One forward (not generation): step i is each module's call number i, as in
+        # nnsight; the body runs at once for every step, its reads wait for that call.
+        outer = task.iteration
+        try:
+            for index in wanted:
+                task.iteration = index
+                yield index
+        finally:
+            task.iteration = outer
+            task.step_loops -= 1
+        return
     try:
         for index in wanted:
             if interleaver.step > index:
