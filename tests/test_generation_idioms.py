@@ -9,6 +9,8 @@ HuggingFace ``generate`` / forward, with raw forward hooks where a body edits:
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -98,6 +100,32 @@ def test_generator_output_inside_a_step_loop_is_a_clear_error(smol):
                 break
             ids = model.generator.output.save()
     assert ids.shape[1] > 3
+
+
+def test_generator_output_before_the_step_loop_names_the_real_cause(smol):
+    model, _, _ = smol
+
+    def by_generator_output():
+        with torch.no_grad(), model.generate(PROMPT, max_new_tokens=3) as tracer:
+            out = model.generator.output.save()
+            for step in tracer.iter[:]:
+                model.model.layers[1].output[:, -1] += 1
+
+    def by_result():
+        with torch.no_grad(), model.generate(PROMPT, max_new_tokens=3) as tracer:
+            out = tracer.result.save()
+            for step in tracer.iter[:]:
+                model.model.layers[1].output[:, -1] += 1
+
+    for what, body in (("model.generator.output", by_generator_output), ("tracer.result", by_result)):
+        with pytest.raises(seethrough.errors.OutOfOrderError) as caught:
+            body()
+        message = str(caught.value)
+        assert "`model.model.layers[1].output` was asked for" in message
+        assert re.search(rf"this body read `{re.escape(what)}` earlier \(at \S*test_generation_idioms\.py:\d+", message)
+        assert "waits until the whole run (all of generation) has ended" in message
+        assert f"Read `{what}` after the loop over steps" in message
+        assert f"    out = {what}.save()" in message
 
 
 # -- with tracer.all() / with tracer.iter[...] ---------------------------------------------------

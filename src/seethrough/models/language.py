@@ -497,7 +497,7 @@ class Generator:
                 f"({where_user_is()}): it exists only once generation has ended, and waiting for "
                 "it there would skip the remaining steps. Read it after the loop."
             )
-        return run.tracer.result
+        return run.tracer._read_result("model.generator.output")
 
     def __repr__(self) -> str:
         return "<generator: `.output` is the generated ids inside model.generate(...)>"

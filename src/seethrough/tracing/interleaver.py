@@ -264,7 +264,10 @@ class Interleaver:
                 if cached is not MISSING:
                     return cached
             if self.forward_done:
-                raise OutOfOrderError(self._too_late_message(envoy, kind, sys._getframe(1), finished=True))
+                message = self._too_late_message(envoy, kind, sys._getframe(1), finished=True)
+                if task.result_waited is not None:
+                    message = self._after_result_message(envoy, kind, task.result_waited)
+                raise OutOfOrderError(message)
         if key not in self.hooks:
             self.hook(module, kind, envoy)
         # For messages, should the value never come; the frame is the user's
@@ -618,10 +621,12 @@ class Interleaver:
         views[task.index] = (value, view)
         return view
 
-    def request_result(self, task: Task) -> Any:
-        """The backend's return value (``tracer.result``), once it has returned."""
+    def request_result(self, task: Task, what: str = "tracer.result") -> Any:
+        """The backend's return value (``tracer.result``), once it has returned;
+        ``what`` names the accessor for a later order error."""
         if self.forward_done:
             return self.result
+        task.result_waited = (what, where_user_is())
         task.asked = (None, "result", sys._getframe(1), False, False)
         self._wait(task, ("result",))
         return self.main.switch()
@@ -730,6 +735,20 @@ class Interleaver:
             "no value was provided. Check that the model uses this module for this input (`print(model)` shows "
             "the tree; a module attached to the model but not used by its forward runs only when a body calls "
             "it with `hook=True`)."
+        )
+
+    def _after_result_message(self, envoy: "ModuleHandle", kind: str, waited: tuple[str, str]) -> str:
+        """A value asked for after this body waited for the end of the run."""
+        what, where = waited
+        path = envoy._display_path() if envoy is not None else "the model"
+        return (
+            f"`{path}.{kind}` was asked for ({where_user_is()}), but the model had already finished: this "
+            f"body read `{what}` earlier ({where}), which waits until the whole run (all of generation) "
+            f"has ended, so every value of the forward passes was gone by this line. Read `{what}` after "
+            "the loop over steps and after the module values, e.g.\n"
+            "    for step in tracer.iter[:]:\n"
+            f"        ...  # {path}.{kind} here\n"
+            f"    out = {what}.save()"
         )
 
     def _too_late_message(

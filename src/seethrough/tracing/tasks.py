@@ -55,6 +55,7 @@ class Task:
     blocked_at: Any = None  # the barrier it waits at (for messages), if any
     waited_for: str | None = None  # what it last waited for, as a sentence for messages
     hooked_calls: set[int] | None = None  # ids of modules it ran itself with `hook=True`
+    result_waited: tuple[str, str] | None = None  # (accessor, where) of a wait for the run's result
     iteration: int | None = None  # in a single forward's `tracer.iter` loop: the call number it reads
 
     # nnsight code catches these as `Mediator.OutOfOrderError` / `Mediator.

@@ -271,10 +271,14 @@ class Tracer:
     def result(self) -> Any:
         """The return value of the traced call (the generated ids for
         ``model.generate``); inside the body it waits until the call returns."""
+        return self._read_result("tracer.result")
+
+    def _read_result(self, what: str) -> Any:
+        """``tracer.result`` (or ``model.generator.output``, named ``what`` in errors)."""
         task = current_task()
         if task is not None and task.run is not None and task.run.tracer is self:
             run = task.run
-            value = narrow(run.interleaver.request_result(task), task.rows, run.interleaver.batch_size)
+            value = narrow(run.interleaver.request_result(task, what), task.rows, run.interleaver.batch_size)
             return run.present(value)
         if not self._keep_result:
             raise SeethroughError(
