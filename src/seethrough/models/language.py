@@ -41,6 +41,7 @@ from ..tracing.tracer import Tracer
 from .backends import GenerateBackend, lm_scan_backend, meta_backend, probe_meta_mask
 from .batching import PreparedInput
 from .hub import hub_endpoint, offline_loading
+from .streaming import Streamer
 from .model import CLASS_ENVOYS, Model, _remote_options
 
 # Repo ids that resolve to the offline copy shipped in a PyPI package.
@@ -498,6 +499,12 @@ class Generator:
                 "it there would skip the remaining steps. Read it after the loop."
             )
         return run.tracer._read_result("model.generator.output")
+
+    @property
+    def streamer(self) -> Streamer:
+        """``model.generator.streamer.output``: what ``generate`` streamed at
+        this step (the prompt ids at step 0, then each step's token)."""
+        return Streamer(self._model)
 
     def __repr__(self) -> str:
         return "<generator: `.output` is the generated ids inside model.generate(...)>"

@@ -103,6 +103,7 @@ class TraceRun:
     _save_patched = False
     _executing = False
     sources: Any = None  # RunSources: forwards instrumented for `.source` (tracing/operations.py)
+    streamed: Any = None  # what `generate` streamed (models/streaming.py), in a generation
     edit_tasks: Any = ()  # Tasks of the model's persistent edits (model.edit())
     explicit_invokes: Any = ()  # Tasks of the `tracer.invoke` blocks, in order
 
