@@ -531,6 +531,48 @@ def test_llama_attention_names_and_the_attention_call_match_a_raw_hook(smollm2_s
     assert torch.equal(final, attn_out)
 
 
+def test_edits_of_an_operation_equal_raw_hook_edits_on_smollm2(smollm2_small):
+    # Assigning, editing in place and replacing the input of a `.source` operation
+    # (nnsight 0.8.1 does all three) against the same edit by a raw hook.
+    hf, tokenizer = smollm2_small
+    model = LanguageModel(hf, tokenizer=tokenizer)
+    prompt = "The Eiffel Tower is in the city of"
+    ids = tokenizer(prompt, return_tensors="pt")
+    o_proj = hf.model.layers[0].self_attn.o_proj
+
+    def by_hook(pre=None, post=None):
+        handles = [o_proj.register_forward_pre_hook(pre)] if pre else [o_proj.register_forward_hook(post)]
+        try:
+            with torch.no_grad():
+                return hf(**ids).logits
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    with torch.no_grad(), model.trace(prompt):
+        op = model.model.layers[0].self_attn.source.self_o_proj_0
+        op.output = op.output * 0.5
+        assigned = model.lm_head.output.save()
+    with torch.no_grad(), model.trace(prompt):
+        model.model.layers[0].self_attn.source.self_o_proj_0.output[:, -1] = 0
+        in_place = model.lm_head.output.save()
+    with torch.no_grad(), model.trace(prompt):
+        op = model.model.layers[0].self_attn.source.self_o_proj_0
+        op.input = op.input * 2
+        replaced = model.lm_head.output.save()
+
+    def zero_last(module, args, output):
+        output[:, -1] = 0
+
+    assert torch.allclose(assigned, by_hook(post=lambda m, a, o: o * 0.5), atol=1e-5)
+    assert torch.allclose(in_place, by_hook(post=zero_last), atol=1e-5)
+    assert torch.allclose(replaced, by_hook(pre=lambda m, a: (a[0] * 2,)), atol=1e-5)
+    with torch.no_grad():
+        plain = hf(**ids).logits
+    assert not torch.allclose(in_place, plain, atol=1e-4)
+    assert_pristine(hf)
+
+
 def test_llama_sdpa_descends_into_the_function_actually_called(smollm2_small, monkeypatch):
     hf, tokenizer = smollm2_small
     assert hf.config._attn_implementation == "sdpa"

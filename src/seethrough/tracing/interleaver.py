@@ -317,6 +317,13 @@ class Interleaver:
     def _cached(self, task: Task, envoy: "ModuleHandle", kind: str) -> Any:
         """The value a ``tracer.cache`` recorded for ``envoy`` (``task``'s rows), or MISSING."""
         for cache in self.caches:
+            if cache._rows is not None:
+                if cache._rows != task.rows:
+                    continue  # another invoke's rows
+                found = cache._lookup(envoy._path, kind)
+                if found is not MISSING:
+                    return found
+                continue
             found = cache._lookup(envoy._path, kind)
             if found is not MISSING:
                 if kind == "output":
@@ -419,7 +426,12 @@ class Interleaver:
             for kind, wanted in (("output", cache.include_output), ("input", cache.include_inputs)):
                 if wanted:
                     self.hook(module, kind)
-                    self.after.setdefault((id(module), kind), []).append(cache._recorder(envoy._path, kind))
+                    recorder = cache._recorder(envoy._path, kind, self._event_batch_size)
+                    self.after.setdefault((id(module), kind), []).append(recorder)
+
+    def _event_batch_size(self) -> int:
+        """The batch size of the values now reached (a body's own `hook=True` call: unbatched)."""
+        return self.batch_size if not self.hooked_calls_running else _UNBATCHED
 
     def hook(self, module: torch.nn.Module, kind: str, envoy: "ModuleHandle | None" = None) -> None:
         """Hook ``kind`` of ``module`` (once per trace).

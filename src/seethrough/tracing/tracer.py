@@ -246,7 +246,7 @@ class Tracer:
         task = self._task("cache(...)")
         run = task.run
         envoys = self._model._resolve_modules(modules)
-        cache = Cache(envoys, include_output, include_inputs, not detach, root=self._model)
+        cache = Cache(envoys, include_output, include_inputs, not detach, root=self._model, rows=task.rows)
         run.add_cache(cache)
         return cache
 
