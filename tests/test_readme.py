@@ -18,7 +18,7 @@ MARK = "<!-- runs as written: tests/test_readme.py -->"
 def marked_blocks(text: str) -> list[tuple[int, str]]:
     """``(line, code)`` of every ```python block right after the mark."""
     blocks = []
-    pattern = re.compile(re.escape(MARK) + r"\s*\n```python\n(.*?)\n```", re.S)
+    pattern = re.compile(r"^" + re.escape(MARK) + r"[ \t]*\n```python\n(.*?)\n```", re.S | re.M)
     for found in pattern.finditer(text):
         blocks.append((text.count("\n", 0, found.start(1)) + 1, found.group(1)))
     return blocks
@@ -30,11 +30,12 @@ BLOCKS = marked_blocks(README.read_text(encoding="utf-8"))
 def test_the_mark_is_found_and_every_mark_has_a_block():
     text = README.read_text(encoding="utf-8")
     assert BLOCKS, f"no block marked {MARK!r} in README.md"
-    assert text.count(MARK) == len(BLOCKS), "a mark is not followed by a ```python block"
+    marks = re.findall(r"^" + re.escape(MARK) + r"[ \t]*$", text, re.M)  # a mark is a line of its own
+    assert len(marks) == len(BLOCKS), "a mark is not followed by a ```python block"
 
 
 def test_marked_blocks_are_extracted_whole():
-    text = f"a\n{MARK}\n```python\nx = 1\ny = 2\n```\n\n```python\nz = 3\n```\n"
+    text = f"a\n{MARK}\n```python\nx = 1\ny = 2\n```\n\n```python\nz = 3\n```\nsee `{MARK}`\n```python\nw = 4\n```\n"
     assert marked_blocks(text) == [(4, "x = 1\ny = 2")]
 
 
