@@ -7,6 +7,8 @@ exactly as it was — also after a trace that raised.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -273,6 +275,13 @@ def test_iter_past_the_calls_made(rnn_loop):
             after.append("ran")
     assert len(got) == 3 and all(torch.equal(a, b) for a, b in zip(got, outputs))
     assert after == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an open loop ends at the last call quietly
+        with torch.no_grad(), model.trace(x) as tracer:
+            every = list().save()
+            for step in tracer.all():
+                every.append(model.cell.output)
+    assert len(every) == 3 and all(torch.equal(a, b) for a, b in zip(every, outputs))
     assert_pristine(rnn_loop)
 
 

@@ -705,7 +705,10 @@ class Interleaver:
     def _cut_short(self, task: Task) -> _LoopCutShort:
         """A task in a single forward's step loop asked for a call that was not
         made: like nnsight, the loop ends there, keeping what was saved, and the
-        code after the loop does not run; a warning says so."""
+        code after the loop does not run; a warning says so when the loop had
+        an end (`iter[:5]`) that the forward did not reach."""
+        if task.iteration_open:
+            return _LoopCutShort()  # an open loop (`iter[:]`, `all()`) ends at the last call, by design
         envoy, kind, frame, _, _ = task.asked
         path = envoy._display_path() if envoy is not None else "the model"
         user = user_frame(frame)

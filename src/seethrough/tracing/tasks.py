@@ -57,6 +57,7 @@ class Task:
     hooked_calls: set[int] | None = None  # ids of modules it ran itself with `hook=True`
     result_waited: tuple[str, str] | None = None  # (accessor, where) of a wait for the run's result
     iteration: int | None = None  # in a single forward's `tracer.iter` loop: the call number it reads
+    iteration_open = False  # ... and that loop has no end (`iter[:]`, `all()`): it ends quietly
 
     # nnsight code catches these as `Mediator.OutOfOrderError` / `Mediator.
     # MissedProviderError`; `seethrough.intervention.interleaver.Mediator` is this class.

@@ -405,13 +405,14 @@ def _step_loop(task: Any, selector: Any) -> Iterator[int]:
     if interleaver.count_calls:
         # One forward (not generation): step i is each module's call number i, as in
         # nnsight; the body runs at once for every step, its reads wait for that call.
-        outer = task.iteration
+        outer, outer_open = task.iteration, task.iteration_open
+        task.iteration_open = isinstance(selector, slice) and selector.stop is None
         try:
             for index in wanted:
                 task.iteration = index
                 yield index
         finally:
-            task.iteration = outer
+            task.iteration, task.iteration_open = outer, outer_open
             task.step_loops -= 1
         return
     try:
