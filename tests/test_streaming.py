@@ -104,3 +104,31 @@ def test_generator_streamer_misuse_is_explained(smol):
     with torch.no_grad(), model.generate(PROMPT, max_new_tokens=2, num_beams=2, do_sample=False) as tracer:
         pass  # beam search runs: no streamer is added
     assert torch.equal(tracer.result, hf_generate(hf, tokenizer, [PROMPT], max_new_tokens=2, num_beams=2))
+
+
+# -- remote: the same body on a server ---------------------------------------------------------
+
+from test_server import ALICE, server  # noqa: E402,F401 - the shared server fixtures
+from fixtures.threads import single_thread  # noqa: E402
+
+
+def _streamer_body(model, options):
+    with model.generate(PROMPT, max_new_tokens=3, do_sample=False, **options) as tracer:
+        streamed = list().save()
+        for step in tracer.iter[:]:
+            model.model.layers[1].output[:, -1] += 1.0
+            streamed.append(model.generator.streamer.output)
+    return tracer.result, streamed
+
+
+@pytest.mark.timeout(300)
+def test_generator_streamer_remotely_equals_local(server, smollm2_small_dir):
+    with single_thread():  # the server's workers run with one thread: bitwise-equal values
+        model = LanguageModel(str(smollm2_small_dir))
+        object.__setattr__(model, "_remote_name", "smollm2")
+        local = _streamer_body(model, {})
+        remote = _streamer_body(model, {"remote": True, "host": server.url, "api_key": ALICE})
+    assert torch.equal(remote[0], local[0])
+    assert len(local[1]) == len(remote[1]) == 3
+    for a, b in zip(local[1], remote[1]):
+        assert torch.equal(a, b)

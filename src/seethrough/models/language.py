@@ -473,7 +473,7 @@ class Generator:
     before generation has ended, it waits until then, like ``tracer.result``."""
 
     __slots__ = ("_model",)
-    _remote_attributes = frozenset({"output"})  # what a remote body may read (seethrough.remote.reach)
+    _remote_attributes = frozenset({"output", "streamer"})  # what a remote body may read (seethrough.remote.reach)
 
     def __init__(self, model: LanguageModel) -> None:
         self._model = model

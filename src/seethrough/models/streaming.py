@@ -59,6 +59,7 @@ class Streamer:
     chose), this invoke's rows."""
 
     __slots__ = ("_model",)
+    _remote_attributes = frozenset({"output"})  # what a remote body may read (seethrough.remote.reach)
 
     def __init__(self, model: Any) -> None:
         self._model = model
