@@ -149,3 +149,45 @@ def test_module_called_twice_has_two_calls(shared_twice):
     assert torch.equal(entry[0].input, x) and torch.equal(entry[1].input, torch.tanh(seen["block"][0]))
     with pytest.raises(IndexError, match="2 time"):
         entry[2]
+
+
+def test_a_cache_with_a_single_invoke_matches_hooks(smol):
+    model, hf, tokenizer = smol
+    text = "The capital of France is"
+    _, seen = record_outputs(hf, ["model.layers.1", "lm_head"], **_encoded(tokenizer, text))
+    with torch.no_grad(), model.trace() as tracer:
+        cache = tracer.cache(modules=[model.model.layers[1], model.lm_head])
+        with tracer.invoke(text):
+            model.model.layers[1].output.save()
+    assert torch.equal(cache.model.layers[1].output, seen["model.layers.1"][0])
+    assert torch.equal(cache.lm_head.output, seen["lm_head"][0])
+
+
+def test_a_cache_made_in_an_invoke_keeps_that_invokes_rows(smol):
+    # nnsight 0.8.1: `tracer.cache()` inside an invoke records its rows of the batch.
+    model, hf, tokenizer = smol
+    texts = ["The capital of France is", "Hi there"]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        encoded = tokenizer(texts, return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = side
+    _, seen = record_outputs(hf, ["model.layers.0"], **encoded)
+    with torch.no_grad(), model.trace() as tracer:
+        with tracer.invoke(texts[0]):
+            first = tracer.cache(modules=[model.model.layers[0]], include_inputs=True)
+        with tracer.invoke(texts[1]):
+            second = tracer.cache(modules=[model.model.layers[0]])
+            late = model.model.layers[0].output.save()  # after its cache: read from the forward
+        with tracer.invoke():
+            whole = tracer.cache(modules=[model.model.layers[0]])
+    batch = seen["model.layers.0"][0]
+    assert batch.shape[0] == 2
+    assert torch.equal(first.model.layers[0].output, batch[0:1])
+    assert first.model.layers[0].input.shape[0] == 1
+    # The padded row: seethrough passes position ids for padding, the plain call does
+    # not, so that row is compared with the whole-batch cache and the invoke's own read.
+    assert torch.equal(whole.model.layers[0].output[0:1], batch[0:1])
+    assert torch.equal(second.model.layers[0].output, whole.model.layers[0].output[1:2])
+    assert torch.equal(late, second.model.layers[0].output)

@@ -9,6 +9,8 @@ HuggingFace ``generate`` / forward, with raw forward hooks where a body edits:
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -100,6 +102,32 @@ def test_generator_output_inside_a_step_loop_is_a_clear_error(smol):
     assert ids.shape[1] > 3
 
 
+def test_generator_output_before_the_step_loop_names_the_real_cause(smol):
+    model, _, _ = smol
+
+    def by_generator_output():
+        with torch.no_grad(), model.generate(PROMPT, max_new_tokens=3) as tracer:
+            out = model.generator.output.save()
+            for step in tracer.iter[:]:
+                model.model.layers[1].output[:, -1] += 1
+
+    def by_result():
+        with torch.no_grad(), model.generate(PROMPT, max_new_tokens=3) as tracer:
+            out = tracer.result.save()
+            for step in tracer.iter[:]:
+                model.model.layers[1].output[:, -1] += 1
+
+    for what, body in (("model.generator.output", by_generator_output), ("tracer.result", by_result)):
+        with pytest.raises(seethrough.errors.OutOfOrderError) as caught:
+            body()
+        message = str(caught.value)
+        assert "`model.model.layers[1].output` was asked for" in message
+        assert re.search(rf"this body read `{re.escape(what)}` earlier \(at \S*test_generation_idioms\.py:\d+", message)
+        assert "waits until the whole run (all of generation) has ended" in message
+        assert f"Read `{what}` after the loop over steps" in message
+        assert f"    out = {what}.save()" in message
+
+
 # -- with tracer.all() / with tracer.iter[...] ---------------------------------------------------
 
 
@@ -126,6 +154,30 @@ def test_with_all_and_with_iter_steer_every_step_like_a_hook(smol):
     assert after is True  # code after the block ran once generation ended
     assert torch.equal(by_all, expected) and torch.equal(by_iter, expected) and torch.equal(by_loop, expected)
     assert not torch.equal(expected, plain)
+
+
+def test_in_place_steering_with_a_grad_vector_in_two_invokes_like_a_hook(smol):
+    # No torch.no_grad() around the trace, a steering vector that requires grad: the
+    # edits run in generate's no_grad mode, as nnsight's do (not "a view was created
+    # in no_grad mode and is being modified inplace with grad mode enabled").
+    model, hf, tokenizer = smol
+    torch.manual_seed(0)
+    v = (torch.randn(576) * 8).requires_grad_()
+    prompts = [PROMPT, "Hello, my name is"]
+    with model.generate(max_new_tokens=3) as tracer:
+        for prompt in prompts:
+            with tracer.invoke(prompt):
+                for step in tracer.iter[:3]:
+                    model.model.layers[2].output[:, -1] += v
+    assert torch.is_grad_enabled()
+
+    def hook(module, args, output):
+        output[:, -1] += v
+
+    expected = hf_generate(hf, tokenizer, prompts, hook=hook, hook_layer=2, max_new_tokens=3)
+    plain = hf_generate(hf, tokenizer, prompts, max_new_tokens=3)
+    assert torch.equal(tracer.result, expected)
+    assert not torch.equal(expected, plain)  # the steering changed the tokens
 
 
 def test_with_iter_slice_binds_the_step_and_acts_only_there(smol):

@@ -141,6 +141,56 @@ def test_an_assigned_output_changes_the_forward_as_a_raw_hook_edit_does(net):
     _no_hooks_left(net)
 
 
+def test_a_body_edits_in_place_in_the_forwards_no_grad_mode(net):
+    # generate() runs its forwards under no_grad while the body was written with grad
+    # on: an in-place edit with a leaf that requires grad works as in a raw hook there.
+    x = torch.randn(2, 4)
+    v = (torch.randn(8) * 3).requires_grad_()
+
+    def edit(output: torch.Tensor) -> None:
+        output[-1] += v  # a view of the output, edited in place
+
+    with torch.no_grad():
+        _, raw_out = _raw_hook_run(net, net[0], x, edit=lambda output: edit(output))
+    modes = {}
+
+    def body(task: Task) -> None:
+        modes["before"] = torch.is_grad_enabled()
+        edit(interleaver.request(task, Handle(net[0], "0"), "output"))
+        modes["at the edit"] = torch.is_grad_enabled()
+        with torch.enable_grad():  # a mode the body sets itself holds until it waits
+            modes["own"] = torch.is_grad_enabled()
+
+    interleaver = _interleaver(net)
+    assert torch.is_grad_enabled()
+    _task(interleaver, body)
+    with torch.no_grad():
+        out = _run(interleaver, net, x)
+    assert modes == {"before": False, "at the edit": False, "own": True}
+    assert torch.is_grad_enabled()
+    assert torch.equal(out, raw_out) and not out.requires_grad
+    _no_hooks_left(net)
+
+
+def test_a_bodys_own_no_grad_holds_across_waits_in_a_grad_forward(net):
+    x = torch.randn(2, 4)
+    modes = []
+
+    def body(task: Task) -> None:
+        with torch.no_grad():
+            interleaver.request(task, Handle(net[0], "0"), "output")
+            modes.append(torch.is_grad_enabled())
+            interleaver.request(task, Handle(net[2], "2"), "output")
+            modes.append(torch.is_grad_enabled())
+        modes.append(torch.is_grad_enabled())
+
+    interleaver = _interleaver(net)
+    _task(interleaver, body)
+    out = _run(interleaver, net, x)
+    assert modes == [False, False, True]
+    assert out.requires_grad  # the forward kept its own mode
+
+
 def test_each_task_sees_and_edits_only_its_rows(net):
     x = torch.randn(3, 4)
     raw_first, _ = _raw_hook_run(net, net[0], x)

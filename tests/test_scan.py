@@ -9,6 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import seethrough
+
 from seethrough import LanguageModel, NotSavedError
 from fixtures.models import assert_pristine, hook_state, record_outputs
 
@@ -159,3 +161,38 @@ def test_scan_values_stay_inside_unless_saved(smol):
     assert size == 576
     with pytest.raises(NotSavedError):
         hidden.shape
+
+
+def test_scan_true_with_an_edit_in_the_body_equals_a_raw_hook_edit(smol):
+    # nnsight 0.8.1 runs the body on the scan, then for real: the edit applies once, for real.
+    model, hf, tokenizer = smol
+    prompt = "The capital of France is"
+    with torch.no_grad(), model.trace(prompt, scan=True):
+        model.model.layers[0].output[:, -1] = 0
+        hidden = model.model.layers[1].output.save()
+    seen = []
+    handles = [
+        hf.model.layers[0].register_forward_hook(lambda m, a, o: o.__setitem__((slice(None), -1), 0)),
+        hf.model.layers[1].register_forward_hook(lambda m, a, o: seen.append(o.clone())),
+    ]
+    try:
+        with torch.no_grad():
+            hf(**tokenizer(prompt, return_tensors="pt"))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert type(hidden) is torch.Tensor and torch.equal(hidden, seen[0])
+
+
+def test_scan_reads_and_edits_source_operations_with_the_real_shapes(smol):
+    model, hf, tokenizer = smol
+    prompt = "The capital of France is"
+    with model.scan(prompt):
+        attn = model.model.layers[0].self_attn.source
+        shape = seethrough.save(attn.attention_interface_1.output[0].shape)
+        attn.self_o_proj_0.output[:] = 0  # an edit on an operation passes the scan
+        after = seethrough.save(model.model.layers[1].output.shape)
+    with torch.no_grad(), model.trace(prompt):
+        real = model.model.layers[0].self_attn.source.attention_interface_1.output[0].save()
+    assert shape == real.shape == (1, 5, 9, 64)
+    assert after == (1, 5, 576)

@@ -79,42 +79,116 @@ def gpt2_eager():
 # -- names and printing ------------------------------------------------------------
 
 def test_names_follow_nnsight_rules_on_a_plain_module(toy):
+    # The list nnsight 0.8.1 gives for Toy.forward (recorded with it side by side).
     names = [op.name for op in Model(toy).source]
     assert names == [
         "self_fc1_0",
+        "h_0",  # the assignment `h = ...`, after the call that computes it
         "torch_nn_functional_relu_0",  # inner call first
         "split_0",  # chain not starting at a name: attribute names only
         "torch_tanh_0",  # inside the list argument, before torch.cat
         "torch_cat_0",
+        "y_0",
         "self_fc2_0",
         "softmax_0",
+        "z_0",
         "range_0",
         "torch_tanh_1",  # a second site of the same name
+        "z_1",
         "self_helper_0",
     ]
+
+
+class Assigns(nn.Module):
+    """Every kind of assignment nnsight 0.8.1 does and does not name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.layers = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        a, b = h, x
+        c = d = h + 1
+        e: torch.Tensor = self.layers[0](h)
+        e += 1
+        f: int
+        self.cache = e * 2
+        g = [e, e]
+        g[0] = torch.relu(e)
+        g[0].data = e
+        p, q = h.chunk(2, dim=-1)
+        r, (s, t) = h, (x, e)
+        u = self.layers[1](e).relu()
+        w = x[0].abs().sum()
+        k = [torch.tanh(v) for v in g]
+        (y := torch.sigmoid(h))
+        for i in range(2):
+            z = u + i
+        return z + y + a + b + c + d + p.sum() + q.sum() + r + s + t + w + k[0]
+
+
+ASSIGNS_NNSIGHT = [  # nnsight 0.8.1's names for Assigns.forward
+    "self_fc_0", "h_0", "a_0", "b_0", "self_layers_0", "e_0", "self_cache_0", "g_0", "torch_relu_0",
+    "g_1", "g_data_0", "h_chunk_0", "r_0", "s_0", "t_0", "self_layers_1", "relu_0", "u_0", "x_abs_0",
+    "sum_0", "w_0", "torch_tanh_0", "k_0", "torch_sigmoid_0", "range_0", "z_0", "p_sum_0", "q_sum_0",
+]
+
+
+def test_assignments_are_operations_named_as_nnsight_names_them():
+    torch.manual_seed(0)
+    net = Assigns().eval()
+    model = Model(net)
+    assert [op.name for op in model.source] == ASSIGNS_NNSIGHT
+    x = torch.randn(2, 4)
+    with torch.no_grad(), model.trace(x):
+        src = model.source
+        h_args, h_kwargs = src.h_0.inputs  # an assignment's input is the value bound
+        h_in = h_args[0].save()
+        h = src.h_0.output.save()
+        e = src.e_0.output.save()
+        src.u_0.output = src.u_0.output * 0  # replaces the value `u` is bound to
+        out = model.output.save()
+    with torch.no_grad():
+        ref_h = net.fc(x)
+        ref_e = net.layers[0](ref_h)
+        hh, ee = ref_h, ref_e + 1  # the same forward with `u` zeroed, written out
+        k0 = torch.tanh(ee)  # g[0] holds e's data
+        p, q = hh.chunk(2, dim=-1)
+        z = torch.zeros_like(hh) + 1
+        ref = z + torch.sigmoid(hh) + hh + x + (hh + 1) * 2 + p.sum() + q.sum() + hh + x + ee + x[0].abs().sum() + k0
+    assert h_kwargs == {}
+    assert torch.equal(h_in, ref_h) and torch.equal(h, ref_h)
+    assert torch.equal(e, ref_e + 1)  # the value bound to `e`, which `e += 1` then changes in place
+    assert torch.allclose(out, ref)
+    assert_pristine(net)
 
 
 def test_gpt2_attention_names_and_listing(gpt2_eager):
     model = Model(gpt2_eager)
     source = model.transformer.h[0].attn.source
     names = [op.name for op in source]
-    for name in ("self_c_attn_1", "split_1", "attention_interface_0", "self_c_proj_0", "self_resid_dropout_0"):
+    for name in ("self_c_attn_1", "split_1", "attention_interface_1", "self_c_proj_0", "self_resid_dropout_0"):
         assert name in names
     assert names.index("self_c_attn_1") + 1 == names.index("split_1")
     text = str(source)
-    line = next(row for row in text.splitlines() if row.startswith("attention_interface_0"))
+    line = next(row for row in text.splitlines() if row.startswith("attention_interface_1"))
     assert "attention_interface(" in line
     assert "self.c_proj(attn_output)" in next(r for r in text.splitlines() if r.startswith("self_c_proj_0"))
-    assert "-->" in str(source.attention_interface_0)
-    assert [op.name for op in model.transformer.h[0].mlp.source] == ["self_c_fc_0", "self_act_0", "self_c_proj_0", "self_dropout_0"]
+    assert "-->" in str(source.attention_interface_1)
+    assert [op.name for op in model.transformer.h[0].mlp.source] == [
+        "self_c_fc_0", "hidden_states_0", "self_act_0", "hidden_states_1",
+        "self_c_proj_0", "hidden_states_2", "self_dropout_0", "hidden_states_3",
+    ]
 
 
 def test_unknown_operation_suggests_close_names(gpt2_eager):
     model = Model(gpt2_eager)
-    with pytest.raises(ModulePathError, match="did you mean `attention_interface_0`|Did you mean `attention_interface_0`"):
-        model.transformer.h[0].attn.source.attention_interface_1
+    with pytest.raises(ModulePathError, match="Did you mean `attention_interface_1`"):
+        model.transformer.h[0].attn.source.attention_interfac_1
     with pytest.raises(NotInTraceError, match="outside a trace"):
-        model.transformer.h[0].attn.source.attention_interface_0.output
+        model.transformer.h[0].attn.source.attention_interface_1.output
 
 
 # -- reading and editing on a plain module ----------------------------------------------
@@ -251,8 +325,8 @@ def test_gpt2_attention_interface_matches_the_hand_wrapped_function(gpt2_eager, 
     ids = torch.tensor([[5, 17, 42, 7], [3, 3, 99, 1000]])
     with torch.no_grad(), model.trace(ids):
         attn = model.transformer.h[0].attn.source
-        query = attn.attention_interface_0.inputs[0][1].save()
-        out, weights = attn.attention_interface_0.output
+        query = attn.attention_interface_1.inputs[0][1].save()
+        out, weights = attn.attention_interface_1.output
         out, weights = out.save(), weights.save()
         logits = model.output.logits.save()
     seen = _record_eager(monkeypatch, modeling_gpt2)
@@ -267,7 +341,7 @@ def test_gpt2_edit_inside_the_attention_function_matches_a_hand_patched_forward(
     model = Model(gpt2_eager)
     ids = torch.tensor([[5, 17, 42, 7, 9]])
     with torch.no_grad(), model.trace(ids):
-        inner = model.transformer.h[0].attn.source.attention_interface_0.source
+        inner = model.transformer.h[0].attn.source.attention_interface_1.source
         probs = inner.nn_functional_softmax_0.output
         raw = probs.clone().save()
         probs[:] = probs * 0.5  # halve the attention weights in place
@@ -290,8 +364,8 @@ def test_source_of_a_running_operation_names_it_again(gpt2_eager, monkeypatch):
     model = Model(gpt2_eager)
     ids = torch.tensor([[5, 17, 42, 7, 9]])
     with torch.no_grad(), model.trace(ids):
-        probs = model.transformer.h[0].attn.source.attention_interface_0.source.nn_functional_softmax_0.output
-        model.transformer.h[0].attn.source.attention_interface_0.source.nn_functional_softmax_0.output = probs * 0.5
+        probs = model.transformer.h[0].attn.source.attention_interface_1.source.nn_functional_softmax_0.output
+        model.transformer.h[0].attn.source.attention_interface_1.source.nn_functional_softmax_0.output = probs * 0.5
         logits = model.output.logits.save()
     _record_eager(monkeypatch, modeling_gpt2, scale=0.5)
     with torch.no_grad():
@@ -303,10 +377,32 @@ def test_source_of_a_running_operation_names_it_again(gpt2_eager, monkeypatch):
 def test_source_of_an_operation_is_checked(gpt2_eager):
     model = Model(gpt2_eager)
     with pytest.raises(NotInTraceError, match="known only while the model runs"):
-        model.transformer.h[0].attn.source.attention_interface_0.source
+        model.transformer.h[0].attn.source.attention_interface_1.source
     with pytest.raises(SourceError, match="runs a submodule"):
         with model.trace(torch.tensor([[1, 2]])):
             model.transformer.h[0].attn.source.self_c_proj_0.source
+    with pytest.raises(SourceError, match="`attn_output_0` is an assignment, not a call, and the value it binds is a Tensor"):
+        with model.trace(torch.tensor([[1, 2]])):
+            model.transformer.h[0].attn.source.attn_output_0.source
+    assert_pristine(gpt2_eager)
+
+
+def test_source_of_an_assignment_binding_a_function_is_that_function(gpt2_eager, monkeypatch):
+    # nnterp 1.3 (written for nnsight < 0.8) spells the attention call
+    # `attention_interface_0`, now the assignment of the function the call runs:
+    # its `.source` is that function's, as used by the call.
+    model = Model(gpt2_eager)
+    ids = torch.tensor([[5, 17, 42, 7, 9]])
+    with torch.no_grad(), model.trace(ids):
+        fn = model.transformer.h[0].attn.source.attention_interface_0.output.save()
+        probs = model.transformer.h[0].attn.source.attention_interface_0.source.nn_functional_softmax_0.output
+        model.transformer.h[0].attn.source.attention_interface_0.source.nn_functional_softmax_0.output = probs * 0.5
+        logits = model.output.logits.save()
+    assert fn is modeling_gpt2.eager_attention_forward  # `.output` is the function bound, not the copy
+    _record_eager(monkeypatch, modeling_gpt2, scale=0.5)
+    with torch.no_grad():
+        ref = gpt2_eager(ids).logits
+    assert torch.allclose(logits, ref, atol=1e-5)
     assert_pristine(gpt2_eager)
 
 
@@ -316,7 +412,7 @@ def test_generation_steps_apply_to_operations(gpt2_tokenizer, monkeypatch):
     with torch.no_grad(), model.generate("Hello there", max_new_tokens=3, do_sample=False) as tracer:
         outs = []
         for step in tracer.iter[:]:
-            outs.append(model.transformer.h[0].attn.source.attention_interface_0.output[0].save())
+            outs.append(model.transformer.h[0].attn.source.attention_interface_1.output[0].save())
         ids = tracer.result.save()
     seen = _record_eager(monkeypatch, modeling_gpt2)
     with torch.no_grad():
@@ -349,11 +445,11 @@ def test_tutorial_source_on_attention_smollm2(smol_eager, monkeypatch):
     before = hook_state(hf)
     model = LanguageModel(hf, tokenizer=tokenizer)
     text = str(model.model.layers[1].self_attn.source)
-    assert "attention_interface_0" in text and "self_o_proj_0" in text
+    assert "attention_interface_1" in text and "self_o_proj_0" in text
     prompt = "The Eiffel Tower is in the city of"
     with torch.no_grad(), model.trace(prompt):
         attn = model.model.layers[1].self_attn.source
-        pattern = attn.attention_interface_0.output[1].save()
+        pattern = attn.attention_interface_1.output[1].save()
         logits = model.lm_head.output.save()
     assert_pristine(hf, before)
     with monkeypatch.context() as patch:
@@ -368,7 +464,7 @@ def test_tutorial_source_on_attention_smollm2(smol_eager, monkeypatch):
 
     head = 4
     with torch.no_grad(), model.trace(prompt):
-        out = model.model.layers[1].self_attn.source.attention_interface_0.output[0]  # [batch, seq, heads, dim]
+        out = model.model.layers[1].self_attn.source.attention_interface_1.output[0]  # [batch, seq, heads, dim]
         out[:, :, head] = 0
         ablated = model.lm_head.output.save()
     original = modeling_llama.eager_attention_forward
@@ -388,13 +484,102 @@ def test_tutorial_source_on_attention_smollm2(smol_eager, monkeypatch):
     assert_pristine(hf, before)
 
 
+LLAMA_ATTENTION_NNSIGHT = [  # nnsight 0.8.1's names for LlamaAttention.forward (this transformers)
+    "input_shape_0", "hidden_shape_0", "self_q_proj_0", "view_0", "transpose_0", "query_states_0",
+    "self_k_proj_0", "view_1", "transpose_1", "key_states_0", "self_v_proj_0", "view_2", "transpose_2",
+    "value_states_0", "apply_rotary_pos_emb_0", "cache_update_0", "ALL_ATTENTION_FUNCTIONS_get_interface_0",
+    "attention_interface_0", "attention_interface_1", "attn_output_reshape_0", "contiguous_0",
+    "attn_output_0", "self_o_proj_0", "attn_output_1",
+]
+
+
+def test_llama_attention_names_and_the_attention_call_match_a_raw_hook(smollm2_small):
+    """nnsight's tutorial reads `.source.attention_interface_1.output`: the
+    attention call (`attention_interface_0` is the assignment of the function)."""
+    hf, tokenizer = smollm2_small
+    model = LanguageModel(hf, tokenizer=tokenizer)
+    source = model.model.layers[0].self_attn.source
+    assert [op.name for op in source] == LLAMA_ATTENTION_NNSIGHT
+    prompt = "The Eiffel Tower is in the city of"
+    with torch.no_grad(), model.trace(prompt):
+        attn = model.model.layers[0].self_attn.source
+        shape = attn.input_shape_0.output.save()
+        fn = attn.attention_interface_0.output.save()
+        out, weights = attn.attention_interface_1.output
+        out = out.save()
+        weights = seethrough.save(weights)
+        final = attn.attn_output_1.output.save()
+    seen = []
+    handles = [
+        hf.model.layers[0].self_attn.o_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0])),
+        hf.model.layers[0].self_attn.register_forward_hook(lambda m, args, output: seen.append(output[0])),
+    ]
+    try:
+        with torch.no_grad():
+            ids = tokenizer(prompt, return_tensors="pt")
+            hf(**ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    o_proj_in, attn_out = seen
+    seq = ids["input_ids"].shape[1]
+    assert shape == (1, seq)
+    assert fn is modeling_llama.ALL_ATTENTION_FUNCTIONS.get_interface("sdpa", None)
+    assert weights is None  # sdpa gives no weights
+    assert out.shape == (1, seq, 9, 64)
+    assert torch.equal(out.reshape(1, seq, -1), o_proj_in)
+    assert torch.equal(final, attn_out)
+
+
+def test_edits_of_an_operation_equal_raw_hook_edits_on_smollm2(smollm2_small):
+    # Assigning, editing in place and replacing the input of a `.source` operation
+    # (nnsight 0.8.1 does all three) against the same edit by a raw hook.
+    hf, tokenizer = smollm2_small
+    model = LanguageModel(hf, tokenizer=tokenizer)
+    prompt = "The Eiffel Tower is in the city of"
+    ids = tokenizer(prompt, return_tensors="pt")
+    o_proj = hf.model.layers[0].self_attn.o_proj
+
+    def by_hook(pre=None, post=None):
+        handles = [o_proj.register_forward_pre_hook(pre)] if pre else [o_proj.register_forward_hook(post)]
+        try:
+            with torch.no_grad():
+                return hf(**ids).logits
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    with torch.no_grad(), model.trace(prompt):
+        op = model.model.layers[0].self_attn.source.self_o_proj_0
+        op.output = op.output * 0.5
+        assigned = model.lm_head.output.save()
+    with torch.no_grad(), model.trace(prompt):
+        model.model.layers[0].self_attn.source.self_o_proj_0.output[:, -1] = 0
+        in_place = model.lm_head.output.save()
+    with torch.no_grad(), model.trace(prompt):
+        op = model.model.layers[0].self_attn.source.self_o_proj_0
+        op.input = op.input * 2
+        replaced = model.lm_head.output.save()
+
+    def zero_last(module, args, output):
+        output[:, -1] = 0
+
+    assert torch.allclose(assigned, by_hook(post=lambda m, a, o: o * 0.5), atol=1e-5)
+    assert torch.allclose(in_place, by_hook(post=zero_last), atol=1e-5)
+    assert torch.allclose(replaced, by_hook(pre=lambda m, a: (a[0] * 2,)), atol=1e-5)
+    with torch.no_grad():
+        plain = hf(**ids).logits
+    assert not torch.allclose(in_place, plain, atol=1e-4)
+    assert_pristine(hf)
+
+
 def test_llama_sdpa_descends_into_the_function_actually_called(smollm2_small, monkeypatch):
     hf, tokenizer = smollm2_small
     assert hf.config._attn_implementation == "sdpa"
     before = hook_state(hf)
     model = LanguageModel(hf, tokenizer=tokenizer)
     with torch.no_grad(), model.trace("Hello world"):
-        inner = model.model.layers[0].self_attn.source.attention_interface_0.source
+        inner = model.model.layers[0].self_attn.source.attention_interface_1.source
         sdpa = inner.torch_nn_functional_scaled_dot_product_attention_0
         q = sdpa.input.save()
         out = sdpa.output.save()
@@ -422,10 +607,10 @@ def test_bert_self_attention_matches_the_hand_wrapped_function(minilm_dir, monke
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir)
     model = LanguageModel(hf, tokenizer=tokenizer)
     source = model.encoder.layer[0].attention.self.source
-    assert "attention_interface_0" in [op.name for op in source]
+    assert "attention_interface_1" in [op.name for op in source]
     with torch.no_grad(), model.trace("a small test"):
-        out = model.encoder.layer[0].attention.self.source.attention_interface_0.output[0].save()
-        model.encoder.layer[2].attention.self.source.attention_interface_0.output[0][:] = 0
+        out = model.encoder.layer[0].attention.self.source.attention_interface_1.output[0].save()
+        model.encoder.layer[2].attention.self.source.attention_interface_1.output[0][:] = 0
         hidden = model.output.last_hidden_state.save()
     original = modeling_bert.eager_attention_forward
     seen = []
@@ -556,7 +741,7 @@ def test_a_module_with_accelerate_hooks_keeps_them(toy):
 def remote_body(model, options):
     with torch.no_grad(), model.trace("The Eiffel Tower is in", **options):
         attn = model.model.layers[0].self_attn.source
-        out = attn.attention_interface_0.output[0].save()
+        out = attn.attention_interface_1.output[0].save()
         attn.self_o_proj_0.output[:, -1] = 0
         logits = model.lm_head.output.save()
     return out, logits

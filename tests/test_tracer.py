@@ -7,6 +7,8 @@ exactly as it was — also after a trace that raised.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -175,6 +177,124 @@ def test_repeated_access_is_same_call_until_forward_moves(rnn_loop):
     assert torch.equal(a, seen["cell"][0])
     assert torch.equal(c, seen["cell"][1])
     assert torch.equal(d, seen["cell"][3])
+
+
+# -- tracer.iter in one forward: step i is each module's call number i (as nnsight) ------
+
+
+def _cell_calls(rnn_loop, x, edit_call=None):
+    """Raw hooks: the cell's inputs and outputs per call, zeroing call `edit_call`'s output."""
+    inputs, outputs, calls = [], [], [0]
+
+    def pre(module, args):
+        inputs.append(args[0].clone())
+
+    def post(module, args, output):
+        calls[0] += 1
+        if calls[0] - 1 == edit_call:
+            output = torch.zeros_like(output)
+        outputs.append(output.clone())
+        return output
+
+    handles = [rnn_loop.cell.register_forward_pre_hook(pre), rnn_loop.cell.register_forward_hook(post)]
+    try:
+        with torch.no_grad():
+            out = rnn_loop(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return inputs, outputs, out
+
+
+def test_iter_in_one_forward_selects_each_call_of_a_repeated_module(rnn_loop):
+    model = seethrough.Model(rnn_loop)
+    x = torch.randn(2, 3, 3)
+    inputs, outputs, ref_out = _cell_calls(rnn_loop, x)
+    assert len(outputs) == 3
+    with torch.no_grad(), model.trace(x) as tracer:
+        every = list().save()
+        for step in tracer.iter[:3]:
+            every.append(model.cell.output)
+        out = model.out.output.save()  # after the loop: the usual reads again
+    with torch.no_grad(), model.trace(x) as tracer:
+        second = list().save()
+        for step in tracer.iter[1]:
+            second.append(model.cell.output)
+    with torch.no_grad(), model.trace(x) as tracer:
+        picked = list().save()
+        for step in tracer.iter[[0, 2]]:
+            picked.append((step, model.cell.output))
+        ins = list().save()
+    with torch.no_grad(), model.trace(x) as tracer:
+        ins = list().save()
+        for step in tracer.iter[1:3]:
+            ins.append(model.cell.input)
+    assert len(every) == 3 and all(torch.equal(a, b) for a, b in zip(every, outputs))
+    assert torch.equal(out, ref_out)
+    assert len(second) == 1 and torch.equal(second[0], outputs[1])
+    assert [s for s, _ in picked] == [0, 2] and torch.equal(picked[0][1], outputs[0]) and torch.equal(picked[1][1], outputs[2])
+    assert len(ins) == 2 and torch.equal(ins[0], inputs[1]) and torch.equal(ins[1], inputs[2])
+    assert_pristine(rnn_loop)
+
+
+def test_iter_in_one_forward_edits_reach_the_chosen_call(rnn_loop):
+    model = seethrough.Model(rnn_loop)
+    x = torch.randn(2, 3, 3)
+    _, outputs, ref_out = _cell_calls(rnn_loop, x, edit_call=1)
+    _, plain, plain_out = _cell_calls(rnn_loop, x)
+    with torch.no_grad(), model.trace(x) as tracer:
+        seen = list().save()
+        for step in tracer.iter[1:3]:
+            if step == 1:
+                model.cell.output[:] = 0
+            seen.append(model.cell.output.clone())
+        out = model.output.save()
+    assert torch.equal(out, ref_out) and not torch.allclose(out, plain_out)
+    assert torch.equal(seen[0], torch.zeros_like(outputs[1])) and torch.equal(seen[1], outputs[2])
+    assert_pristine(rnn_loop)
+
+
+def test_iter_past_the_calls_made(rnn_loop):
+    # nnsight 0.8.1: a body that touches no module runs at every step asked for; one
+    # that asks for a call the forward did not make ends the loop there, with a
+    # warning, keeping what it saved, and the code after the loop does not run.
+    model = seethrough.Model(rnn_loop)
+    x = torch.randn(2, 3, 3)
+    _, outputs, _ = _cell_calls(rnn_loop, x)
+    with torch.no_grad(), model.trace(x) as tracer:
+        steps = list().save()
+        for step in tracer.iter[:5]:
+            steps.append(step)
+    assert steps == [0, 1, 2, 3, 4]
+    after = []
+    with pytest.warns(UserWarning, match=r"`model.cell.output` of call 3 was asked for in a `tracer.iter` loop .*the loop ended there"):
+        with torch.no_grad(), model.trace(x) as tracer:
+            got = list().save()
+            for step in tracer.iter[:5]:
+                got.append(model.cell.output)
+            after.append("ran")
+    assert len(got) == 3 and all(torch.equal(a, b) for a, b in zip(got, outputs))
+    assert after == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an open loop ends at the last call quietly
+        with torch.no_grad(), model.trace(x) as tracer:
+            every = list().save()
+            for step in tracer.all():
+                every.append(model.cell.output)
+    assert len(every) == 3 and all(torch.equal(a, b) for a, b in zip(every, outputs))
+    assert_pristine(rnn_loop)
+
+
+def test_iter_in_one_forward_refuses_a_call_that_has_passed(rnn_loop):
+    model = seethrough.Model(rnn_loop)
+    x = torch.randn(2, 3, 3)
+    with pytest.raises(seethrough.errors.OutOfOrderError, match=r"`model.cell.output` of call 0 .*had already made 2 call"):
+        with torch.no_grad(), model.trace(x) as tracer:
+            first = model.cell.output
+            late = model.cell.next().output  # the second call
+            for step in tracer.iter[0]:
+                model.cell.output
+    assert_pristine(rnn_loop)
 
 
 def test_module_used_twice_edits_only_one_call(shared_twice):

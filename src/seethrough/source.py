@@ -6,12 +6,12 @@ accessors of a module::
 
     with model.trace(prompt):
         attn = model.transformer.h[0].attn.source
-        weights = attn.attention_interface_0.output[1].save()   # read
+        weights = attn.attention_interface_1.output[1].save()   # read
         attn.self_c_proj_0.output[:] = 0                        # edit the running forward
-        args, kwargs = attn.attention_interface_0.inputs
+        args, kwargs = attn.attention_interface_1.inputs
 
 ``.source`` on an operation descends into the function that call runs
-(``attn.attention_interface_0.source.torch_matmul_0``); which function that
+(``attn.attention_interface_1.source.torch_matmul_0``); which function that
 is is known only while the model runs, so this works inside a trace.
 Naming rules: :mod:`seethrough.tracing.rewrite`; the machinery:
 :mod:`seethrough.tracing.operations`.
@@ -20,6 +20,7 @@ Naming rules: :mod:`seethrough.tracing.rewrite`; the machinery:
 from __future__ import annotations
 
 import difflib
+import types
 from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
@@ -207,9 +208,10 @@ class Operation:
         callee is known only when the model gets there)."""
         task = _task_or_raise_source(self)
         runtime = self._attach(task.run)
-        if not (runtime.running and runtime.descend and runtime.fn is not None):
+        if not (runtime.running and (runtime.descend or self._module.assignment) and runtime.fn is not None):
             # Wait until the model is at this call; a body already inside it (reading an
-            # operation of the callee, then writing one) names the running callee as it is.
+            # operation of the callee, then writing one) names the running callee as it is,
+            # and one at an assignment (having read its value) the function it binds.
             _read(self, "input", "inputs", 0)
         fn = runtime.fn
         what = f"`{self._display_path()}.source`"
@@ -218,6 +220,13 @@ class Operation:
             raise SourceError(
                 f"{what} ({where_user_is()}): this call runs a submodule ({type(fn).__name__}); use "
                 "that module's envoy and its own `.source` instead."
+            )
+        if self._module.assignment and not isinstance(func, types.FunctionType):
+            raise SourceError(
+                f"{what} ({where_user_is()}): `{self._module.name}` is an assignment, not a call, and "
+                f"the value it binds is a {type(fn).__name__}, not a Python function, so there is no "
+                "function to look into. Its `.output` is the value assigned; the call that computed "
+                "it is listed before it in `print(<module>.source)`."
             )
         if not callable(fn) or not hasattr(func, "__code__"):
             raise SourceError(

@@ -25,6 +25,7 @@ from torch.utils._pytree import tree_map
 
 from ..errors import LanguageModelError, SeethroughError
 from ..tracing.run import TraceRun
+from .streaming import add_recorder
 
 BackendFunction = Callable[[TraceRun, tuple, dict], Any]
 
@@ -140,8 +141,9 @@ class GenerateBackend:
 
     def __call__(self, run: TraceRun, args: tuple, kwargs: dict) -> Any:
         run.interleaver.hook(run.root_module, "input")  # steps are counted at the root's calls
+        generate_kwargs = add_recorder(run, run.model._module, self.generate_kwargs)  # model.generator.streamer
         try:
-            return run.model._module.generate(*args, **kwargs, **self.generate_kwargs)
+            return run.model._module.generate(*args, **kwargs, **generate_kwargs)
         except (TypeError, ValueError) as error:
             if isinstance(error, SeethroughError):
                 raise  # one of ours (from a body or a hook), not HuggingFace refusing a setting

@@ -41,6 +41,7 @@ from ..tracing.tracer import Tracer
 from .backends import GenerateBackend, lm_scan_backend, meta_backend, probe_meta_mask
 from .batching import PreparedInput
 from .hub import hub_endpoint, offline_loading
+from .streaming import Streamer
 from .model import CLASS_ENVOYS, Model, _remote_options
 
 # Repo ids that resolve to the offline copy shipped in a PyPI package.
@@ -472,7 +473,7 @@ class Generator:
     before generation has ended, it waits until then, like ``tracer.result``."""
 
     __slots__ = ("_model",)
-    _remote_attributes = frozenset({"output"})  # what a remote body may read (seethrough.remote.reach)
+    _remote_attributes = frozenset({"output", "streamer"})  # what a remote body may read (seethrough.remote.reach)
 
     def __init__(self, model: LanguageModel) -> None:
         self._model = model
@@ -497,7 +498,13 @@ class Generator:
                 f"({where_user_is()}): it exists only once generation has ended, and waiting for "
                 "it there would skip the remaining steps. Read it after the loop."
             )
-        return run.tracer.result
+        return run.tracer._read_result("model.generator.output")
+
+    @property
+    def streamer(self) -> Streamer:
+        """``model.generator.streamer.output``: what ``generate`` streamed at
+        this step (the prompt ids at step 0, then each step's token)."""
+        return Streamer(self._model)
 
     def __repr__(self) -> str:
         return "<generator: `.output` is the generated ids inside model.generate(...)>"

@@ -19,7 +19,7 @@ the line, the type and the attribute):
   ``session``, ``scan`` (their options checked: no ``remote``/``host``/
   ``api_key``, generation options from the allowlist), ``device``,
   ``tokenizer`` and ``config``/``generation_config``;
-* **operations** of ``.source`` (``attn.source.attention_interface_0``):
+* **operations** of ``.source`` (``attn.source.attention_interface_1``):
   ``output``, ``input``, ``inputs``, ``next``, ``source``, ``name``;
 * **the trace API**: ``invoke``, ``iter``, ``all``, ``next``, ``barrier``,
   ``stop``, ``cache``, ``result``, ``log``, ``generator``;

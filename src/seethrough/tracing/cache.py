@@ -36,6 +36,7 @@ import torch
 
 from ..errors import SeethroughError, UsageIndexError, UsageTypeError
 from .sentinels import MISSING
+from .values import narrow
 
 if TYPE_CHECKING:
     from .contract import TracedModel
@@ -205,8 +206,10 @@ class Cache:
         include_inputs: bool,
         keep_graph: bool,
         root: "TracedModel | None" = None,
+        rows: slice | None = None,
     ) -> None:
         self._envoys = envoys
+        self._rows = rows  # made in an invoke with input: that invoke's rows only (as nnsight)
         # Weak: a cache kept after the model wrapper is dropped must not keep
         # the model (its weights) alive; it then reads plain module names only.
         self._root_ref = weakref.ref(root) if root is not None else None
@@ -222,12 +225,15 @@ class Cache:
         return ref() if ref is not None else None
 
     # -- recording (used by the trace) --------------------------------------------------
-    def _recorder(self, path: str, kind: str) -> Callable[[Any], None]:
+    def _recorder(self, path: str, kind: str, batch_size: Callable[[], int]) -> Callable[[Any], None]:
         entries = self._calls
         keep = self._keep_graph
         slot = "_output" if kind == "output" else "_inputs"
+        rows = self._rows
 
         def record(value: Any) -> None:
+            if rows is not None:
+                value = _rows_of(value, kind, rows, batch_size())
             calls = entries.get(path)
             if calls is None:  # a module that never runs gets no entry
                 calls = entries[path] = []
@@ -350,3 +356,11 @@ class Cache:
 
     def __repr__(self) -> str:
         return f"<Cache of {len(self._calls)} modules>"
+
+
+def _rows_of(value: Any, kind: str, rows: slice, batch_size: int) -> Any:
+    """An invoke's rows of a recorded output, or of each argument of recorded inputs."""
+    if kind == "output":
+        return narrow(value, rows, batch_size)
+    args, kwargs = value
+    return (tuple(narrow(a, rows, batch_size) for a in args), {k: narrow(v, rows, batch_size) for k, v in kwargs.items()})

@@ -29,6 +29,7 @@ more than the hook itself.
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import TYPE_CHECKING, Any, Callable
 
 import greenlet
@@ -40,7 +41,7 @@ from .hooks import HookSet
 from .runtime import FINISHED
 from .sentinels import MISSING
 from .stacks import give_back_worker, take_worker
-from .tasks import (BLOCKED, DONE, RUNNING, WAITING, Event, Task, _by_index, _EndOfSteps, _HookedCall, _StopForward,
+from .tasks import (BLOCKED, DONE, RUNNING, WAITING, Event, Task, _by_index, _EndOfSteps, _HookedCall, _LoopCutShort, _StopForward,
                     _StopTrace, _UNBATCHED)
 from .values import narrow, rejoin, splice
 
@@ -77,6 +78,7 @@ class Interleaver:
     batch_size = 0
     step = -1  # index of the current call of the root module (generation step)
     root_output_by_return = False  # see `run_forward`
+    count_calls = False  # count each hooked event's calls (see `iterate_calls`)
     hooked_calls_running = 0  # modules a body runs with `hook=True`, now running (see `call_hooked`)
     output_hook: Callable | None = None  # made on first use (see `_output_hook`)
     on_module_hooked: Callable[[torch.nn.Module], None] | None = None
@@ -108,7 +110,7 @@ class Interleaver:
         self.blocked: list[Task] = []
         self.hooks: dict[tuple, bool] = {}
         self.hook_set = HookSet()
-        self.fired: dict[tuple, bool] = {}  # events that have happened in this forward
+        self.fired: dict[tuple, int] = {}  # events that have happened in this forward: calls begun
         # Callbacks run after the tasks at an event (tracer.cache records there).
         self.after: dict[tuple, list[Callable[[Any], None]]] = {}
 
@@ -123,9 +125,14 @@ class Interleaver:
         self._switch(task, MISSING)
 
     def _switch(self, task: Task, value: Any, throw: BaseException | None = None) -> None:
+        # The body runs in its own grad mode, but never with grad on where the forward
+        # has it off (generate runs under no_grad): an in-place edit of a value the
+        # forward made there would otherwise be refused by autograd, as nnsight's bodies,
+        # which run in the forward's mode, are not.  A mode the body sets itself is kept.
         main_grad = torch.is_grad_enabled()
-        if task.grad_enabled != main_grad:
-            torch.set_grad_enabled(task.grad_enabled)
+        mode = task.grad_enabled and main_grad
+        if mode != main_grad:
+            torch.set_grad_enabled(mode)
         task.state = RUNNING
         worker = task.greenlet
         try:
@@ -143,12 +150,17 @@ class Interleaver:
             if self.forward_running:
                 raise _StopForward() from None
             return
+        except _LoopCutShort:
+            self._ended(task)  # its `tracer.iter` loop asked past the calls made: it ends there
+            return
         except BaseException:
             self._ended(task)
             raise
         finally:
-            task.grad_enabled = torch.is_grad_enabled()
-            if task.grad_enabled != main_grad:
+            now = torch.is_grad_enabled()
+            if now != mode:
+                task.grad_enabled = now  # the body changed its mode
+            if now != main_grad:
                 torch.set_grad_enabled(main_grad)
         if result is FINISHED:
             self._ended(task)
@@ -252,7 +264,10 @@ class Interleaver:
                 if cached is not MISSING:
                     return cached
             if self.forward_done:
-                raise OutOfOrderError(self._too_late_message(envoy, kind, sys._getframe(1), finished=True))
+                message = self._too_late_message(envoy, kind, sys._getframe(1), finished=True)
+                if task.result_waited is not None:
+                    message = self._after_result_message(envoy, kind, task.result_waited)
+                raise OutOfOrderError(message)
         if key not in self.hooks:
             self.hook(module, kind, envoy)
         # For messages, should the value never come; the frame is the user's
@@ -261,9 +276,47 @@ class Interleaver:
         self._wait(task, key)
         return self.main.switch()
 
+    def iterate_calls(self) -> None:
+        """In a single forward, ``tracer.iter[i]`` means each module's call
+        number ``i`` (a module called several times per forward, as an RNN
+        cell): count every hooked event's calls, and serve requests made in
+        such a loop by call number.  Traces without step loops never pay."""
+        if not self.count_calls:
+            self.count_calls = True
+            self.request = self._request_call  # type: ignore[method-assign]
+
+    def _request_call(self, task: Task, envoy: "ModuleHandle", kind: str, skip_current: bool = False) -> Any:
+        """``request`` in a trace that counts calls: inside a step loop, the
+        value of the module's call number ``task.iteration``."""
+        wanted = task.iteration
+        if wanted is None or skip_current:
+            return Interleaver.request(self, task, envoy, kind, skip_current)
+        key = (id(envoy._module), kind)
+        made = self.fired.get(key, 0)  # calls begun so far (the current one included)
+        event = self.current
+        if made - 1 == wanted and event is not None and event.key == key:
+            return Interleaver.request(self, task, envoy, kind)
+        if made > wanted:
+            raise OutOfOrderError(
+                f"`{envoy._display_path()}.{kind}` of call {wanted} was asked for in a `tracer.iter` loop "
+                f"({where_user_is()}), but the module had already made {made} call(s) by then. Within one "
+                "invoke, read values in the order the model makes them."
+            )
+        value = Interleaver.request(self, task, envoy, kind, skip_current=True)
+        while self.fired.get(key, 0) - 1 < wanted:
+            value = Interleaver.request(self, task, envoy, kind, skip_current=True)
+        return value
+
     def _cached(self, task: Task, envoy: "ModuleHandle", kind: str) -> Any:
         """The value a ``tracer.cache`` recorded for ``envoy`` (``task``'s rows), or MISSING."""
         for cache in self.caches:
+            if cache._rows is not None:
+                if cache._rows != task.rows:
+                    continue  # another invoke's rows
+                found = cache._lookup(envoy._path, kind)
+                if found is not MISSING:
+                    return found
+                continue
             found = cache._lookup(envoy._path, kind)
             if found is not MISSING:
                 if kind == "output":
@@ -366,7 +419,12 @@ class Interleaver:
             for kind, wanted in (("output", cache.include_output), ("input", cache.include_inputs)):
                 if wanted:
                     self.hook(module, kind)
-                    self.after.setdefault((id(module), kind), []).append(cache._recorder(envoy._path, kind))
+                    recorder = cache._recorder(envoy._path, kind, self._event_batch_size)
+                    self.after.setdefault((id(module), kind), []).append(recorder)
+
+    def _event_batch_size(self) -> int:
+        """The batch size of the values now reached (a body's own `hook=True` call: unbatched)."""
+        return self.batch_size if not self.hooked_calls_running else _UNBATCHED
 
     def hook(self, module: torch.nn.Module, kind: str, envoy: "ModuleHandle | None" = None) -> None:
         """Hook ``kind`` of ``module`` (once per trace).
@@ -452,7 +510,8 @@ class Interleaver:
     def _reached(self, key: tuple, kind: str, value: Any) -> Any:
         """The forward pass reached ``key`` with ``value``: serve the tasks that
         want it, let caches record it; return it as the tasks left it."""
-        self.fired[key] = True
+        fired = self.fired
+        fired[key] = fired.get(key, 0) + 1  # how many calls have begun (see `iterate_calls`)
         if key not in self.waiting and not self.blocked and key not in self.after:
             # Nobody waits for it (or might, once unblocked), and no cache records
             # it: the hook only keeps an ancestor observable (the common case).
@@ -528,10 +587,12 @@ class Interleaver:
         views[task.index] = (value, view)
         return view
 
-    def request_result(self, task: Task) -> Any:
-        """The backend's return value (``tracer.result``), once it has returned."""
+    def request_result(self, task: Task, what: str = "tracer.result") -> Any:
+        """The backend's return value (``tracer.result``), once it has returned;
+        ``what`` names the accessor for a later order error."""
         if self.forward_done:
             return self.result
+        task.result_waited = (what, where_user_is())
         task.asked = (None, "result", sys._getframe(1), False, False)
         self._wait(task, ("result",))
         return self.main.switch()
@@ -587,11 +648,35 @@ class Interleaver:
             self._unwait(waiting)
             if key[0] == "step":
                 self._switch(waiting, None, throw=_EndOfSteps())
+            elif waiting.iteration is not None and self.count_calls:
+                self._switch(waiting, None, throw=self._cut_short(waiting))
             else:
                 self._switch(waiting, None, throw=self._not_provided(waiting, key))
         blocked, self.blocked = self.blocked, []
         for task in blocked:
             self._switch(task, None, throw=self.deadlock_error(task))
+
+    def _cut_short(self, task: Task) -> _LoopCutShort:
+        """A task in a single forward's step loop asked for a call that was not
+        made: like nnsight, the loop ends there, keeping what was saved, and the
+        code after the loop does not run; a warning says so when the loop had
+        an end (`iter[:5]`) that the forward did not reach."""
+        if task.iteration_open:
+            return _LoopCutShort()  # an open loop (`iter[:]`, `all()`) ends at the last call, by design
+        envoy, kind, frame, _, _ = task.asked
+        path = envoy._display_path() if envoy is not None else "the model"
+        user = user_frame(frame)
+        where = describe_frame(user)
+        warnings.warn_explicit(
+            f"`{path}.{kind}` of call {task.iteration} was asked for in a `tracer.iter` loop"
+            f"{f' (at {where})' if where else ''}, but the forward made fewer calls: the loop ended there "
+            f"({task.label}). Values saved in the loop are kept; the code after the loop did not run. Bound the "
+            "loop to the number of calls (`tracer.iter[:n]`), or put what follows it in another invoke.",
+            UserWarning,
+            user.f_code.co_filename if user is not None else "<trace>",
+            user.f_lineno if user is not None else 0,
+        )
+        return _LoopCutShort()
 
     def _not_provided(self, task: Task, key: tuple) -> MissedProviderError:
         """The error for ``task``, still waiting for ``key`` when the forward ended."""
@@ -619,6 +704,20 @@ class Interleaver:
             "no value was provided. Check that the model uses this module for this input (`print(model)` shows "
             "the tree; a module attached to the model but not used by its forward runs only when a body calls "
             "it with `hook=True`)."
+        )
+
+    def _after_result_message(self, envoy: "ModuleHandle", kind: str, waited: tuple[str, str]) -> str:
+        """A value asked for after this body waited for the end of the run."""
+        what, where = waited
+        path = envoy._display_path() if envoy is not None else "the model"
+        return (
+            f"`{path}.{kind}` was asked for ({where_user_is()}), but the model had already finished: this "
+            f"body read `{what}` earlier ({where}), which waits until the whole run (all of generation) "
+            f"has ended, so every value of the forward passes was gone by this line. Read `{what}` after "
+            "the loop over steps and after the module values, e.g.\n"
+            "    for step in tracer.iter[:]:\n"
+            f"        ...  # {path}.{kind} here\n"
+            f"    out = {what}.save()"
         )
 
     def _too_late_message(

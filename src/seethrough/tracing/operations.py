@@ -1,7 +1,7 @@
 """Operations inside a forward, live in a trace (the machinery behind ``.source``).
 
 When a body first asks for an operation of a module (``attn.source.
-attention_interface_0.output``), :class:`RunSources` puts an instrumented
+attention_interface_1.output``), :class:`RunSources` puts an instrumented
 copy of the module's forward (see :mod:`.rewrite`) on the module instance,
 for this trace only; the run restores the module when it ends, also after
 an error.  Modules nobody asks about are never touched.
@@ -47,18 +47,20 @@ class OpKey:
     """The identity of one call site (of a module's forward, or of a function
     reached through another operation): the interleaver's key for its events."""
 
-    __slots__ = ("name", "index", "children", "__weakref__")
+    __slots__ = ("name", "index", "assignment", "children", "__weakref__")
 
-    def __init__(self, name: str, index: int) -> None:
+    def __init__(self, name: str, index: int, assignment: bool = False) -> None:
         self.name = name
         self.index = index
+        self.assignment = assignment  # `t = v`: its callee is `bind`, the function it binds is `v`
         self.children: dict[Analysis, dict[str, OpKey]] = {}
 
     def child(self, analysis: Analysis, name: str) -> "OpKey":
         table = self.children.setdefault(analysis, {})
         key = table.get(name)
         if key is None:
-            key = table[name] = OpKey(name, analysis.by_name[name].index)
+            site = analysis.by_name[name]
+            key = table[name] = OpKey(name, site.index, site.assignment)
         return key
 
 
@@ -71,8 +73,9 @@ def module_key(module: torch.nn.Module, analysis: Analysis, name: str) -> OpKey:
     if table is None:
         table = _MODULE_KEYS[module] = {}
     key = table.get(name)
-    if key is None or key.index != analysis.by_name[name].index:
-        key = table[name] = OpKey(name, analysis.by_name[name].index)
+    site = analysis.by_name[name]
+    if key is None or key.index != site.index:
+        key = table[name] = OpKey(name, site.index, site.assignment)
     return key
 
 
@@ -154,6 +157,8 @@ class OpRuntime:
         interleaver = self.interleaver
         if not interleaver._in_our_forward():
             return fn(*args, **kwargs)
+        if self.key.assignment:
+            return self._bind(args[0])
         self.fn = fn
         args, kwargs = interleaver._reached(self.key_in, "input", (args, kwargs))
         target = self._descended(fn) if self.descend else fn
@@ -163,6 +168,34 @@ class OpRuntime:
         finally:
             self.running -= 1
         return interleaver._reached(self.key_out, "output", result)
+
+    def _bind(self, value: Any) -> Any:
+        """An assignment: report the value bound.  After ``.source`` on it, a
+        function bound is replaced by its instrumented copy, so the call that
+        runs it later shows its operations."""
+        interleaver = self.interleaver
+        self.fn = value
+        self.running += 1  # `.source` asked while the body is at this binding needs no wait
+        try:
+            (value,), _ = interleaver._reached(self.key_in, "input", ((value,), {}))
+            self.fn = value
+            value = interleaver._reached(self.key_out, "output", value)
+        finally:
+            self.running -= 1
+        if not self.descend:
+            return value
+        copy = self._descended(value)
+        if copy is value:
+            return value
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.running += 1  # as for a call: `.source` again while it runs needs no wait
+            try:
+                return copy(*args, **kwargs)
+            finally:
+                self.running -= 1
+
+        return counted
 
     def installed(self, analysis: Analysis) -> Installed:
         found = self.inner.get(analysis)

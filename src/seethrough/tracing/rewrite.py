@@ -4,19 +4,28 @@
 call inside its body, and a version of the function whose calls can be
 watched.  This module gives both, and nothing else (no tracing state):
 
-* :func:`analyse` parses the function from its file and names its calls the
-  way nnsight does, so ported code finds the same operations: calls are
-  visited in source order, inner calls before the call that contains them;
-  each is named by its callee's attribute chain joined with ``_``
-  (``self.c_proj(x)`` -> ``self_c_proj``; a chain that does not start at a
-  plain name keeps only its attribute names: ``f(x).split(...)`` ->
-  ``split``), plus ``_N`` counting the earlier sites of that name from 0.
+* :func:`analyse` parses the function from its file and names its
+  operations the way nnsight 0.8 does, so ported code finds the same ones.
+  An operation is a call or an assignment, numbered in the order they run:
+  a call after its callee and arguments (inner calls first), an assignment
+  after its value and its target's subscripts.  A call is named by its
+  callee's attribute chain joined with ``_``, subscripts skipped
+  (``self.c_proj(x)`` -> ``self_c_proj``, ``self.layers[0](x)`` ->
+  ``self_layers``; a chain that does not start at a plain name keeps only
+  its attribute names: ``f(x).split(...)`` -> ``split``, and one with none
+  is ``call``).  An assignment to one target is named by the target the
+  same way (``h = ...`` -> ``h``, ``self.cache = ...`` -> ``self_cache``,
+  ``g[0] = ...`` -> ``g``); ``a, b = x, y`` names each element's binding,
+  while ``a, b = f()``, ``a = b = v``, ``x += v`` and bare annotations are
+  not operations.  Calls and assignments share one counter per name:
+  ``_N`` counts the earlier operations of that name from 0.
 * :meth:`Analysis.build` makes a new function object from the rewritten code
-  in which ``callee(a, *b, k=c)`` reads ``__st_op__(N, callee, a, *b, k=c)``:
-  the callee and the arguments are evaluated exactly as before, in the same
-  order, and ``__st_op__`` decides when the call happens whether to just make
-  it or to report it (so an operation asked for while its arguments were
-  being computed is still seen).  The copy keeps the original's globals, defaults and closure
+  in which ``callee(a, *b, k=c)`` reads ``__st_op__(N, callee, a, *b, k=c)``
+  and ``t = v`` reads ``t = __st_op__(N, __st_bind__, v)`` (``__st_bind__``
+  returns its argument): the callee and the arguments are evaluated exactly
+  as before, in the same order, and ``__st_op__`` decides when the call
+  happens whether to just make it or to report it (so an operation asked for
+  while its arguments were being computed is still seen).  The copy keeps the original's globals, defaults and closure
   cells (so ``super()`` and closed-over names work) and its file and line
   numbers (so tracebacks point at the real source).
 
@@ -39,19 +48,26 @@ from typing import Any, Callable
 from ..errors import SourceError
 
 OP = "__st_op__"  # the name the rewritten code calls; a closure cell, never a global
+BIND = "__st_bind__"  # the callee of an assignment's operation: returns the value bound
+
+
+def bind(value: Any) -> Any:
+    """What an assignment's operation calls: the value being bound, unchanged."""
+    return value
 _SHELL = "__seethrough_shell__"
 
 
 class Site:
-    """One call site: its name and where it is."""
+    """One operation: its name, where it is, and whether it is an assignment."""
 
-    __slots__ = ("name", "index", "lineno", "end_lineno")
+    __slots__ = ("name", "index", "lineno", "end_lineno", "assignment")
 
-    def __init__(self, name: str, index: int, lineno: int, end_lineno: int) -> None:
+    def __init__(self, name: str, index: int, lineno: int, end_lineno: int, assignment: bool = False) -> None:
         self.name = name
         self.index = index
         self.lineno = lineno
         self.end_lineno = end_lineno
+        self.assignment = assignment
 
 
 class Analysis:
@@ -74,6 +90,7 @@ class Analysis:
         """A copy of ``fn`` running the rewritten body, its calls going through ``dispatch``."""
         cells = dict(zip(fn.__code__.co_freevars, fn.__closure__ or ()))
         cells[OP] = types.CellType(dispatch)
+        cells[BIND] = types.CellType(bind)
         try:
             closure = tuple(cells[name] for name in self.code.co_freevars)
         except KeyError as missing:  # pragma: no cover - the body names what the original named
@@ -94,7 +111,8 @@ class Analysis:
         ]
 
     def listing(self, title: str) -> str:
-        """The source with each call site's name in front of its line."""
+        """The source with each operation's name in front of its line (the first
+        of a line's operations; the others follow it, in the order they run)."""
         raw = self.lines()
         indent = _common_indent([text for _, text in raw])
         names: dict[int, list[str]] = {}
@@ -110,10 +128,10 @@ class Analysis:
                 rows.append(f"{'':{width}}     {mark:>4}  {text}")
                 continue
             here = names.get(lineno, [])
-            for extra in here[:-1]:
-                rows.append(f"{extra:{width}} ->  {'':>4}  ⋮")
-            label = f"{here[-1]:{width}} -> " if here else f"{'':{width}}    "
+            label = f"{here[0]:{width}} -> " if here else f"{'':{width}}    "
             rows.append(f"{label} {counter:>4}  {text}")
+            for extra in here[1:]:  # the later operations of this line, in the order they run
+                rows.append(f"{extra:{width}} ->  {'':>4}  ⋮")
             counter += 1
         return "\n".join(rows)
 
@@ -147,17 +165,21 @@ class _Rewriter(ast.NodeTransformer):
 
     visit_AsyncFunctionDef = visit_FunctionDef  # type: ignore[assignment]
 
-    def visit_Call(self, node: ast.Call) -> ast.AST:
-        self.generic_visit(node)
-        if isinstance(node.func, ast.Name) and node.func.id == "super" and not node.args:
-            return node  # zero-argument super() reads its caller's frame: leave it alone
-        base = callee_name(node.func)
+    def _name(self, base: str, node: ast.AST, assignment: bool = False) -> Site:
         number = self.counts.get(base, 0)
         self.counts[base] = number + 1
         name = f"{base}_{number}"
-        site = Site(name, len(self.analysis.sites), node.lineno, node.end_lineno or node.lineno)
+        site = Site(name, len(self.analysis.sites), node.lineno, node.end_lineno or node.lineno, assignment)
         self.analysis.sites.append(site)
         self.analysis.by_name[name] = site
+        return site
+
+    def visit_Call(self, node: ast.Call) -> ast.AST:
+        if isinstance(node.func, ast.Name) and node.func.id == "super" and not (node.args or node.keywords):
+            return node  # zero-argument super() reads its caller's frame: leave it alone
+        self.generic_visit(node)
+        base = dotted_name(node.func)[0] or "call"
+        site = self._name(base, node)
         if base in _FRAME_SENSITIVE and isinstance(node.func, ast.Name):
             return node  # they read the frame that calls them: named, but never routed
         routed = ast.Call(
@@ -169,24 +191,58 @@ class _Rewriter(ast.NodeTransformer):
         ast.fix_missing_locations(routed)
         return routed
 
+    def visit_Assign(self, node: ast.Assign) -> ast.AST:
+        # The value runs before the targets' own expressions (`x[f(i)] = g()` runs g, then f).
+        node.value = self.visit(node.value)
+        node.targets = [self.visit(target) for target in node.targets]
+        if len(node.targets) == 1:  # `a = b = v` is not an operation
+            node.value = self._bound(node.targets[0], node.value, node)
+        return node
+
+    def visit_AnnAssign(self, node: ast.AnnAssign) -> ast.AST:
+        if node.value is not None:  # a bare annotation binds nothing
+            node.value = self._bound(node.target, self.visit(node.value), node)
+        return node
+
+    def _bound(self, target: ast.expr, value: ast.expr, node: ast.AST) -> ast.expr:
+        """``value`` routed through ``__st_bind__`` as the operation named after ``target``."""
+        if isinstance(target, (ast.Tuple, ast.List)):
+            if isinstance(value, (ast.Tuple, ast.List)) and len(target.elts) == len(value.elts):
+                if not any(isinstance(e, ast.Starred) for e in (*target.elts, *value.elts)):
+                    value.elts = [self._bound(t, v, node) for t, v in zip(target.elts, value.elts)]
+            return value  # `a, b = f()` unpacks one value: not an operation
+        base, rooted = dotted_name(target)
+        if not rooted:
+            return value  # `f()[0] = v`: no name to give it
+        site = self._name(base, node, assignment=True)
+        routed = ast.Call(func=ast.Name(id=OP, ctx=ast.Load()), args=[ast.Constant(site.index), ast.Name(id=BIND, ctx=ast.Load()), value], keywords=[])
+        ast.copy_location(routed, value)
+        ast.fix_missing_locations(routed)
+        return routed
+
 
 # Builtins that look at their caller's frame: a call through `__st_op__` would
 # show them the wrong one.
 _FRAME_SENSITIVE = frozenset({"locals", "vars", "globals", "dir", "eval", "exec"})
 
 
-def callee_name(func: ast.expr) -> str:
-    """``a.b.c`` -> ``a_b_c``; ``f(x).split`` -> ``split``."""
+def dotted_name(expr: ast.expr) -> tuple[str, bool]:
+    """The attribute chain of ``expr`` joined with ``_``, subscripts skipped,
+    and whether it starts at a plain name: ``a.b[0].c`` -> ``("a_b_c", True)``;
+    ``f(x).split`` -> ``("split", False)``; ``f(x)`` -> ``("", False)``."""
     parts: list[str] = []
-    node = func
-    while isinstance(node, ast.Attribute):
-        parts.append(node.attr)
-        node = node.value
-    if isinstance(node, ast.Name):
-        parts.append(node.id)
-    if not parts:
-        return "call"  # a callee that is itself a call, subscript or lambda, with no attribute
-    return "_".join(reversed(parts))
+    node = expr
+    while True:
+        if isinstance(node, ast.Attribute):
+            parts.append(node.attr)
+            node = node.value
+        elif isinstance(node, ast.Subscript):
+            node = node.value
+        elif isinstance(node, ast.Name):
+            parts.append(node.id)
+            return "_".join(reversed(parts)), True
+        else:
+            return "_".join(reversed(parts)), False
 
 
 def _bare_def(node: ast.FunctionDef | ast.AsyncFunctionDef) -> ast.FunctionDef | ast.AsyncFunctionDef:
@@ -205,7 +261,7 @@ def _compile_shell(node: ast.AST, freevars: tuple[str, ...], filename: str) -> t
     """Compile ``node`` inside a shell function whose parameters are the
     original's free variables and ``__st_op__``, so they are closure cells of
     the result; return the result's code object."""
-    params = [ast.arg(arg=name) for name in (OP, *freevars)]
+    params = [ast.arg(arg=name) for name in (OP, BIND, *freevars)]
     shell = ast.FunctionDef(
         name=_SHELL,
         args=ast.arguments(posonlyargs=[], args=params, vararg=None, kwonlyargs=[], kw_defaults=[], kwarg=None, defaults=[]),

@@ -103,6 +103,7 @@ class TraceRun:
     _save_patched = False
     _executing = False
     sources: Any = None  # RunSources: forwards instrumented for `.source` (tracing/operations.py)
+    streamed: Any = None  # what `generate` streamed (models/streaming.py), in a generation
     edit_tasks: Any = ()  # Tasks of the model's persistent edits (model.edit())
     explicit_invokes: Any = ()  # Tasks of the `tracer.invoke` blocks, in order
 
@@ -165,6 +166,8 @@ class TraceRun:
         if captured.uses_skip:
             self.interleaver.on_module_hooked = self._make_skippable
         if captured.uses_steps:
+            if self.interleaver.root_output_by_return:
+                self.interleaver.iterate_calls()  # one forward: steps are each module's calls
             self.interleaver.hook(self.root_module, "input")
 
     def _note_calls(self, captured: CapturedBlock, namespaces: tuple) -> None:

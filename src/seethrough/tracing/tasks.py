@@ -35,6 +35,11 @@ class _EndOfSteps(BaseException):
     """Thrown into a task waiting for a generation step that never comes."""
 
 
+class _LoopCutShort(BaseException):
+    """Thrown into a task whose ``tracer.iter`` loop, in a single forward, asked
+    for a call of a module that the forward did not make: the task ends there."""
+
+
 class Task:
     """One body (an invoke, the trace body, or a persistent edit) in a trace."""
 
@@ -50,6 +55,9 @@ class Task:
     blocked_at: Any = None  # the barrier it waits at (for messages), if any
     waited_for: str | None = None  # what it last waited for, as a sentence for messages
     hooked_calls: set[int] | None = None  # ids of modules it ran itself with `hook=True`
+    result_waited: tuple[str, str] | None = None  # (accessor, where) of a wait for the run's result
+    iteration: int | None = None  # in a single forward's `tracer.iter` loop: the call number it reads
+    iteration_open = False  # ... and that loop has no end (`iter[:]`, `all()`): it ends quietly
 
     # nnsight code catches these as `Mediator.OutOfOrderError` / `Mediator.
     # MissedProviderError`; `seethrough.intervention.interleaver.Mediator` is this class.

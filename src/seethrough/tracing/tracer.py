@@ -246,7 +246,7 @@ class Tracer:
         task = self._task("cache(...)")
         run = task.run
         envoys = self._model._resolve_modules(modules)
-        cache = Cache(envoys, include_output, include_inputs, not detach, root=self._model)
+        cache = Cache(envoys, include_output, include_inputs, not detach, root=self._model, rows=task.rows)
         run.add_cache(cache)
         return cache
 
@@ -271,10 +271,14 @@ class Tracer:
     def result(self) -> Any:
         """The return value of the traced call (the generated ids for
         ``model.generate``); inside the body it waits until the call returns."""
+        return self._read_result("tracer.result")
+
+    def _read_result(self, what: str) -> Any:
+        """``tracer.result`` (or ``model.generator.output``, named ``what`` in errors)."""
         task = current_task()
         if task is not None and task.run is not None and task.run.tracer is self:
             run = task.run
-            value = narrow(run.interleaver.request_result(task), task.rows, run.interleaver.batch_size)
+            value = narrow(run.interleaver.request_result(task, what), task.rows, run.interleaver.batch_size)
             return run.present(value)
         if not self._keep_result:
             raise SeethroughError(
@@ -398,6 +402,19 @@ def _step_loop(task: Any, selector: Any) -> Iterator[int]:
     # Counted on the task while it is inside a step loop: a value that exists
     # only after generation (`model.generator.output`) refuses to be read there.
     task.step_loops = getattr(task, "step_loops", 0) + 1
+    if interleaver.count_calls:
+        # One forward (not generation): step i is each module's call number i, as in
+        # nnsight; the body runs at once for every step, its reads wait for that call.
+        outer, outer_open = task.iteration, task.iteration_open
+        task.iteration_open = isinstance(selector, slice) and selector.stop is None
+        try:
+            for index in wanted:
+                task.iteration = index
+                yield index
+        finally:
+            task.iteration, task.iteration_open = outer, outer_open
+            task.step_loops -= 1
+        return
     try:
         for index in wanted:
             if interleaver.step > index:
