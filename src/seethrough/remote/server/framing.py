@@ -14,7 +14,9 @@ strangers' code): :func:`decode` checks sizes and types and raises
 
 Message types
 -------------
-API -> worker: ``run`` (payload: the request's wire bytes), ``stop``.
+API -> worker: ``run`` (payload: the request's wire bytes), ``stop``,
+``cancel`` (kill the running request's process; a forking worker answers
+``cancelled`` and serves the next request).
 Worker -> API: ``ready`` (payload: JSON description of the model), ``failed``
 (``message``: why the model could not load), ``log`` (``text``: one printed
 line), ``answer`` (payload: the wire-packed answer; ``replace``: true when the

@@ -338,11 +338,12 @@ def run_worker(conn: Any, options: WorkerOptions) -> None:
             return  # the API process is gone
         if message.type == "stop":
             return
-        if message.type != "run":
+        if message.type != "run":  # e.g. a cancel that came after its request had ended
             continue
         started = time.perf_counter()
         if forker is not None:
-            _run_forked(conn, forker, message.payload)
+            if _run_forked(conn, forker, message.payload) == "stopped":
+                return
             replace = False
         else:
             answer, error, problems = _handle(conn, message.payload, model, guard, options, fingerprint)
@@ -385,13 +386,27 @@ def _choose_request_process(wanted: str, uses_cuda: bool) -> bool:
     return wanted == "fork" or (wanted == "auto" and not uses_cuda)
 
 
-def _run_forked(conn: Any, forker: RequestForker, payload: bytes) -> None:
-    """One request in a forked request process; its messages are relayed whole to the API process."""
-    outcome = forker.run(payload, conn.send_bytes)
-    if outcome.kind == "timeout":
+def _control(data: bytes) -> str | None:
+    """What a message from the API process means while a request runs: ``cancel`` and
+    ``stop`` end the request (its process is killed); anything else is ignored."""
+    try:
+        kind = framing.decode(data).type
+    except framing.FramingError:
+        return None
+    return {"cancel": "cancelled", "stop": "stopped"}.get(kind)
+
+
+def _run_forked(conn: Any, forker: RequestForker, payload: bytes) -> str:
+    """One request in a forked request process; its messages are relayed whole to the API process.
+    Returns how it ended (``stopped``: the API process asked this worker to exit)."""
+    outcome = forker.run(payload, conn.send_bytes, conn, _control)
+    if outcome.kind == "cancelled":
+        conn.send_bytes(framing.encode("cancelled"))
+    elif outcome.kind == "timeout":
         conn.send_bytes(framing.encode("timeout"))
     elif outcome.kind == "crashed":
         conn.send_bytes(framing.encode("crashed", how=outcome.how))
+    return outcome.kind
 
 
 def _uses_cuda(model: Any) -> bool:
