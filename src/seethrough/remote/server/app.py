@@ -75,9 +75,11 @@ def address_owner(host: str | None) -> str:
         address = ipaddress.ip_address(host or "")
     except ValueError:
         return f"address:{host or '?'}"
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is None:
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return f"address:{address.ipv4_mapped}"
         return f"address:{ipaddress.ip_network(f'{address}/64', strict=False)}"
-    return f"address:{address.ipv4_mapped or address}"
+    return f"address:{address}"
 
 
 def create_app(runtime: ServerRuntime) -> FastAPI:
