@@ -249,6 +249,12 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
         return {"status": "ok" if ok else "degraded", "version": __version__, "protocol": PROTOCOL,
                 "models": models_state, "requests": store.counts()}
 
+    @app.exception_handler(HTTPException)
+    async def refused(request: Request, error: HTTPException) -> JSONResponse:
+        """Every refusal, with no server path in it (a name the caller sent may be echoed)."""
+        detail = runtime.disclosure.scrub(error.detail) if isinstance(error.detail, str) else error.detail
+        return JSONResponse({"detail": detail}, status_code=error.status_code, headers=getattr(error, "headers", None))
+
     @app.exception_handler(Exception)
     async def internal_error(request: Request, error: Exception) -> JSONResponse:
         logger.exception("internal error on %s %s", request.method, request.url.path)

@@ -433,10 +433,25 @@ def _load(options: WorkerOptions) -> tuple[Any, Any, dict]:
     model = LanguageModel(options.source, dispatch=True, **load_kwargs(options))
     read_only = ReadOnlyWeights.apply(model._model) if options.read_only_weights else None
     _warm_up(model)
+    _hide_source(model, options.name)
     guard = ModelGuard(model._model, model.tokenizer, read_only)
     info = describe_model(options.name, model)
     info["read_only_weights"] = read_only is not None
     return model, guard, info
+
+
+def _hide_source(model: Any, name: str) -> None:
+    """Make the loaded model call itself by its served name, not by the folder it came from
+    (a body reading ``model.config.name_or_path`` learns nothing of the server's disk)."""
+    module = model._model
+    for holder in (getattr(module, "config", None), getattr(module, "generation_config", None)):
+        if holder is not None and isinstance(getattr(holder, "_name_or_path", None), str):
+            holder._name_or_path = name
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is not None and isinstance(getattr(tokenizer, "name_or_path", None), str):
+        tokenizer.name_or_path = name
+        if isinstance(getattr(tokenizer, "init_kwargs", None), dict) and "name_or_path" in tokenizer.init_kwargs:
+            tokenizer.init_kwargs["name_or_path"] = name
 
 
 def _handle(conn: Any, payload: bytes, model: Any, guard: Any, options: WorkerOptions, fingerprint: Any = None,
