@@ -23,6 +23,7 @@ import builtins
 import hashlib
 import http.client
 import json
+import re
 import sys
 import threading
 import time
@@ -39,6 +40,7 @@ from . import wire
 CONTENT_TYPE = "application/x-seethrough"
 MAX_REQUEST_BYTES = 256 * 1024 * 1024
 MAX_RESULT_BYTES = 1024 * 1024 * 1024
+_DIGITS = re.compile(r"\d+")
 
 
 class RemoteError(SeethroughError):
@@ -193,8 +195,11 @@ class _Progress:
 
     The state (queued, running, downloading) is shown once the request passes a
     second, also when nothing new arrives from the server: on a terminal the
-    line is redrawn each second with the time so far; elsewhere each state is
-    written once, as one line."""
+    line is redrawn each second with the time so far; elsewhere (a log file) a
+    line is written when the state changes, and for a new position or
+    generation step at most every ``_QUIET_S`` seconds."""
+
+    _QUIET_S = 10.0
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled and CONFIG.APP.PROGRESS
@@ -202,6 +207,7 @@ class _Progress:
         self.shown = False
         self.text = ""
         self.last = ""
+        self._written = 0.0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
@@ -224,9 +230,10 @@ class _Progress:
         if not self.enabled or not self.text or elapsed < 1.0 or self._stop.is_set():
             return
         tty = sys.stderr.isatty()
-        if not tty and self.text == self.last:
+        if not tty and (self.text == self.last or (_DIGITS.sub("", self.text) == _DIGITS.sub("", self.last)
+                                                   and time.monotonic() - self._written < self._QUIET_S)):
             return
-        self.last = self.text
+        self.last, self._written = self.text, time.monotonic()
         line = f"seethrough remote: {self.text} ({elapsed:.0f} s)"
         sys.stderr.write("\r" + line.ljust(70) if tty else line + "\n")
         sys.stderr.flush()
@@ -273,6 +280,8 @@ class RemoteJob:
                     state = data.get("status", "")
                     if state == "queued":
                         progress.update(f"queued (position {data.get('position', '?')})")
+                    elif state == "running" and isinstance(data.get("step"), int):
+                        progress.update(f"running, step {data['step']}")
                     else:
                         progress.update(state)
                 elif event == "error":

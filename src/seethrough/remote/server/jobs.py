@@ -272,6 +272,12 @@ class JobStore:
             job.status, job.position, job.started = "running", None, time.time()
             self._publish(job, "status", {"status": "running"})
 
+    def step(self, job: Job, step: int) -> None:
+        """A running generation's step count (a ``status`` event the client shows)."""
+        with self._lock:
+            if job.status == "running" and self._jobs.get(job.id) is job:
+                self._publish(job, "status", {"status": "running", "step": step})
+
     def log(self, job: Job, text: str) -> None:
         """Keep one printed line (in the spool); past the key's byte quota, set ``job.stop``."""
         with self._lock:

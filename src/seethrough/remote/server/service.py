@@ -153,6 +153,11 @@ class WorkerSlot:
                 continue
             if message.type == "cancelled":  # a cancel meant for a request that had ended already
                 continue
+            if message.type == "progress":
+                step = message.fields.get("step")
+                if isinstance(step, int) and not isinstance(step, bool):
+                    service.store.step(job, step)
+                continue
             if message.type == "answer":
                 self._answered(job, message)
                 return

@@ -52,6 +52,7 @@ from . import framing, isolation
 from .fingerprint import StateFingerprint
 from .forking import RequestForker, address_space, limit_address_space
 from .settings import SettingsError
+from .steps import StepReporter
 
 __all__ = ["LogStream", "WorkerOptions", "describe_model", "load_kwargs", "run_worker"]
 
@@ -473,7 +474,8 @@ def _handle(conn: Any, payload: bytes, model: Any, guard: Any, options: WorkerOp
     except (wire.WireError, ProtocolError) as error:  # the API process checked it; only a bug lands here
         answer: dict = {"error": error_answer(type(error).__name__, str(error))}
     else:
-        with contextlib.redirect_stdout(stream):
+        steps = StepReporter(conn, model._model) if request.kind == "generate" else contextlib.nullcontext()
+        with contextlib.redirect_stdout(stream), steps:
             answer = execute(request, model, print_function=stream.print)
         stream.finish()
         del request
