@@ -14,6 +14,9 @@ names, and replaces them:
   tokenizer files, whose vocabularies hold those words as tokens);
 * a model's ``_name_or_path`` / ``name_or_path`` by its public name.
 
+The file name a request was sent from (the client's own path) stays as it
+is in that request's errors.
+
 The API process applies it to model descriptions and tokenizer files once,
 at start-up, and to every error and printed line as it arrives.
 """
@@ -96,8 +99,13 @@ class Disclosure:
         extra += [os.path.dirname(path) for path in (*sources, *folders)]  # the folder the models are kept in
         return cls(_server_paths(extra), _user_names() | _host_names())
 
-    def scrub(self, text: str, names: bool = True) -> str:
-        """``text`` with server paths (and, with ``names``, the user and host names) replaced."""
+    def scrub(self, text: str, names: bool = True, keep: tuple[str, ...] = ()) -> str:
+        """``text`` with server paths (and, with ``names``, the user and host names) replaced;
+        the strings in ``keep`` stay (the caller's own file name, which it sent)."""
+        keep = tuple(item for item in keep if item)
+        if keep:
+            parts = re.split("(" + "|".join(re.escape(item) for item in keep) + ")", text)
+            return "".join(part if part in keep else self.scrub(part, names) for part in parts)
         if self._paths is not None:
             text = self._paths.sub(PLACEHOLDER, text)
         if names and self._names is not None:

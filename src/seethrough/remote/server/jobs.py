@@ -150,7 +150,7 @@ class JobStore:
         self.max_stored_bytes_per_key = max_stored_bytes_per_key
         self.max_jobs_per_key = max_jobs_per_key
         self.max_jobs = max_jobs
-        self.scrub: Any = None  # str -> str: takes server paths out of error messages (set by the runtime)
+        self.scrub: Any = None  # (str, keep=...) -> str: server paths out of errors and logs (set by the runtime)
         self._own_spool = spool_dir is None
         self.spool = Path(tempfile.mkdtemp(prefix="seethrough-spool-") if spool_dir is None else spool_dir)
         self.spool.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -284,7 +284,7 @@ class JobStore:
             if job.finished is not None or job.log_truncated or job.stop is not None or self._jobs.get(job.id) is not job:
                 return
             if self.scrub is not None:
-                text = self.scrub(text)
+                text = self.scrub(text, keep=(job.filename,))
             size = len(text.encode("utf-8", "replace")) + 1
             if job.log_lines >= self.max_log_lines or job.log_bytes + size > self.max_log_bytes:
                 job.log_truncated = True
@@ -313,7 +313,7 @@ class JobStore:
             stored = self._stored.get(job.owner, 0) - job.payload_size
             job.payload_size = 0
             if error is not None and self.scrub is not None:
-                error, result = self._scrubbed(error, result)
+                error, result = self._scrubbed(error, result, job.filename)
             if stored + len(result) > self.max_stored_bytes_per_key and error is None:
                 error = server_error("ResultTooLargeError", (
                     f"the result is {len(result):,} bytes, and this API key already stores {stored:,} bytes on the "
@@ -330,13 +330,14 @@ class JobStore:
             job.finished = time.time()
             self._publish(job, "error" if error is not None else "completed", error if error is not None else {})
 
-    def _scrubbed(self, error: dict, result: bytes) -> tuple[dict, bytes]:
-        """The error and the packed error answer, without server paths in their text."""
+    def _scrubbed(self, error: dict, result: bytes, filename: str) -> tuple[dict, bytes]:
+        """The error and the packed error answer, without server paths in their text
+        (the request's own file name stays)."""
         scrub = self.scrub
 
         def clean(value: Any) -> Any:
             if isinstance(value, str):
-                return scrub(value)
+                return scrub(value, keep=(filename,))
             if isinstance(value, dict):
                 return {key: clean(item) for key, item in value.items()}
             if isinstance(value, (list, tuple)):
