@@ -44,6 +44,14 @@ def children(pid: int) -> set[int]:
     return found
 
 
+def gone(pid: int) -> bool:
+    """The process has exited (reaped, or a zombie)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
 def cpu_ticks(pid: int) -> int:
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -196,3 +204,21 @@ def test_no_caller_can_evict_anothers_results_before_their_ttl(tmp_path):
     with pytest.raises(Exception, match="already holds 5 requests"):
         store.create("eve", "gpt2", "f.py", b"x")
     assert store.expire() == 0 and store.get(theirs.id).result == b"alice's result"
+
+
+@pytest.mark.slow
+def test_cancelling_in_a_worker_that_runs_requests_in_place_replaces_it(gpt2_dir, reference):
+    from seethrough.remote.server import testing
+
+    args = ["--threads", "1", "--timeout", "60", "--request-process", "reuse", "--start-method", "forkserver"]
+    with testing.ServerProcess({"gpt2": str(gpt2_dir)}, api_keys=[ALICE], args=args) as in_place:
+        before = gpt2_workers(in_place)[0]
+        running = post(in_place, packed(make_request(ENDLESS))).json()["id"]
+        waiting = post(in_place, packed(make_request())).json()["id"]
+        started(in_place, running)
+        assert call(in_place, "DELETE", f"/v1/requests/{running}").json()["cancelled"] is True
+        outcome = follow(in_place, waiting)  # served by a fresh worker
+        assert torch.equal(outcome.values["h0"], reference["h0"])
+        after = gpt2_workers(in_place)[0]
+        assert after["pid"] != before["pid"] and after["restarts"] == before["restarts"] + 1
+        wait_for(lambda: gone(before["pid"]), 10.0, "the old worker is gone")
