@@ -115,6 +115,7 @@ def test_the_scrubber_replaces_paths_and_names_and_nothing_else():
     assert scrub.scrub(text) == ('File "<server>", line 3: no file <server> on <server> for <server>; '
                                  "/srv/models/gpt2x stays, so do alicex and /opt/pyramid")
     assert scrub.scrub("alice", names=False) == "alice"
+    assert scrub.scrub("alice.errors.Error from box7.") == "alice.errors.Error from <server>."
     assert scrub.scrub("/opt/py/me.py: alice in /opt/py/x", keep=("/opt/py/me.py",)) == "/opt/py/me.py: <server> in <server>"
     assert scrub.json({"_name_or_path": "/srv/models/gpt2", "a": ["/opt/py"]}, "gpt2") == {
         "_name_or_path": "gpt2", "a": ["<server>"]}
@@ -126,8 +127,11 @@ def test_a_wire_result_of_an_error_is_scrubbed_too(tmp_path):
     store = JobStore(60, 10, 1000, spool_dir=str(tmp_path))
     store.scrub = Disclosure({"/srv/models"}, {"box7"}).scrub
     job = store.create("k", "gpt2", "/srv/models/mine.py", b"x")
-    error = {"type": "OSError", "message": "cannot open /srv/models/gpt2/x on box7", "filename": "/srv/models/mine.py"}
+    error = {"type": "OSError", "message": "cannot open /srv/models/gpt2/x on box7", "filename": "/srv/models/mine.py",
+             "code": "box7 = 1", "module": "box7.errors", "traceback": 'File "/srv/models/mine.py", line 1\n  box7 = 1\n'}
     store.finish(job, wire.pack({"error": error}, max_bytes=1 << 20), error)
     assert job.error["message"] == "cannot open <server> on <server>"
     assert job.error["filename"] == "/srv/models/mine.py"  # the caller's own file, as it sent it
+    assert job.error["code"] == "box7 = 1" and job.error["module"] == "box7.errors"  # the caller's code, a module
+    assert job.error["traceback"] == error["traceback"]
     assert wire.unpack(job.result, max_bytes=1 << 20)["error"]["message"] == "cannot open <server> on <server>"

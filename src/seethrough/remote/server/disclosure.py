@@ -10,15 +10,18 @@ working folders, the spool, the Hugging Face cache) and its user and host
 names, and replaces them:
 
 * a path (or any path under it) by ``<server>``;
-* the user and host names, as whole words, by ``<server>`` (not inside
-  tokenizer files, whose vocabularies hold those words as tokens);
+* the user and host names, as whole words (not part of a dotted name such
+  as a module's), by ``<server>`` — in model descriptions, refusals and error
+  messages; not in printed lines, tracebacks or a request's own code, which
+  are the caller's words, nor in tokenizer files, whose vocabularies hold
+  those words as tokens;
 * a model's ``_name_or_path`` / ``name_or_path`` by its public name.
 
 The file name a request was sent from (the client's own path) stays as it
 is in that request's errors.
 
-The API process applies it to model descriptions and tokenizer files once,
-at start-up, and to every error and printed line as it arrives.
+The API process applies it to model descriptions and tokenizer files once
+(at their first read), and to every error and printed line as it arrives.
 """
 
 from __future__ import annotations
@@ -88,7 +91,7 @@ class Disclosure:
         self.names = sorted(names, key=len, reverse=True)
         self._paths = (re.compile(r"(?<![\w.\-])(?:" + "|".join(re.escape(path) for path in self.paths) + ")"
                                   + r"(?:[/\\][^\s'\"),:;\]}>]*)?" + _PATH_END) if self.paths else None)
-        self._names = (re.compile(r"(?<![\w\-])(?:" + "|".join(re.escape(name) for name in self.names) + r")(?![\w\-])")
+        self._names = (re.compile(r"(?<![\w.\-])(?:" + "|".join(re.escape(name) for name in self.names) + r")(?![\w\-]|\.\w)")
                        if self.names else None)
 
     @classmethod

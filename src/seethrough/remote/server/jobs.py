@@ -284,7 +284,7 @@ class JobStore:
             if job.finished is not None or job.log_truncated or job.stop is not None or self._jobs.get(job.id) is not job:
                 return
             if self.scrub is not None:
-                text = self.scrub(text, keep=(job.filename,))
+                text = self.scrub(text, names=False, keep=(job.filename,))  # the body's own words stay
             size = len(text.encode("utf-8", "replace")) + 1
             if job.log_lines >= self.max_log_lines or job.log_bytes + size > self.max_log_bytes:
                 job.log_truncated = True
@@ -335,13 +335,18 @@ class JobStore:
         (the request's own file name stays)."""
         scrub = self.scrub
 
-        def clean(value: Any) -> Any:
+        def clean(value: Any, key: str = "message") -> Any:
+            # A message loses paths and the user and host names; a traceback (lines of
+            # the caller's own code among them) loses paths only; names, types and the
+            # caller's code and file name stay as they are.
             if isinstance(value, str):
-                return scrub(value, keep=(filename,))
+                if key in ("message", "traceback"):
+                    return scrub(value, names=key == "message", keep=(filename,))
+                return value
             if isinstance(value, dict):
-                return {key: clean(item) for key, item in value.items()}
+                return {name: clean(item, name) for name, item in value.items()}
             if isinstance(value, (list, tuple)):
-                return [clean(item) for item in value]
+                return [clean(item, key) for item in value]
             return value
 
         try:
