@@ -154,7 +154,7 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
         try:
             checked = await checkers.check(body, module_paths(), runtime.names.aliases)
         except IntakeError as error:  # about the caller's own request (its file name, its code): not scrubbed
-            raise _Refusal(error.status, error.detail) from None
+            return JSONResponse({"detail": error.detail}, status_code=error.status)
         service = runtime.services.get(checked.model)
         if service is None:  # a checker answered with a name it was not given: trust nothing
             raise HTTPException(400, "the request names no model this server serves")
@@ -252,9 +252,7 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
     @app.exception_handler(HTTPException)
     async def refused(request: Request, error: HTTPException) -> JSONResponse:
         """Every refusal, with no server path in it (a name the caller sent may be echoed)."""
-        detail = error.detail
-        if isinstance(detail, str) and not isinstance(error, _Refusal):
-            detail = runtime.disclosure.scrub(detail)
+        detail = runtime.disclosure.scrub(error.detail) if isinstance(error.detail, str) else error.detail
         return JSONResponse({"detail": detail}, status_code=error.status_code, headers=getattr(error, "headers", None))
 
     @app.exception_handler(Exception)
@@ -264,10 +262,6 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
                                        "details. Please report it."}, status_code=500)
 
     return app
-
-
-class _Refusal(HTTPException):
-    """A refusal of a submitted request by its checks: it quotes the caller's own request."""
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
