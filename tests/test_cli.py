@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import signal
 import struct
 import subprocess
 import sys
@@ -178,8 +179,14 @@ def test_serve_command_hosts_a_model_for_remote_traces(tmp_path):
         with local.trace("Hello world"):
             expected = local.transformer.h[1].output.save()
         assert torch.equal(got, expected)
+        # Ctrl+C stops it with one line after uvicorn's "running on" line.
+        server.send_signal(signal.SIGINT)
+        output, _ = server.communicate(timeout=60)
+        after = output.split("(Press CTRL+C to quit)", 1)[1].strip().splitlines()
+        assert after == ["seethrough serve: stopped"], output[-2000:]
+        assert server.returncode == 0
     finally:
-        server.terminate()
+        server.kill()
         server.wait(timeout=30)
 
 

@@ -186,7 +186,7 @@ def test_results_only_for_the_submitting_key(server):
     assert follow(server, job_id, ALICE).error is None
     for suffix in ("", "/events", "/result"):
         foreign = call(server, "GET", f"/v1/requests/{job_id}{suffix}", key=BOB)
-        assert foreign.status == 403 and "another API key" in foreign.detail, suffix
+        assert foreign.status == 404 and "no request with id" in foreign.detail, suffix
 
 
 @pytest.mark.slow

@@ -254,7 +254,7 @@ def test_non_blocking_returns_a_job_that_another_process_can_fetch(server, gpt2)
                              capture_output=True, text=True, timeout=120)
     assert fetched.returncode == 0, fetched.stderr
     assert fetched.stdout.strip() == repr(expected.double().sum().item())
-    with pytest.raises(RemoteAuthError, match="another API key"):
+    with pytest.raises(RemoteRequestError, match="no request with id"):  # another key's: as if it did not exist
         job(tracer.job.id, host=server.url, api_key=BOB).result()
 
 

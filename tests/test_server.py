@@ -21,6 +21,7 @@ import sys
 import time
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -34,7 +35,7 @@ from seethrough.remote.protocol import Request
 from seethrough.remote.server import testing
 from seethrough.remote.server.jobs import JobStore
 from seethrough.remote.server.scheduler import FairQueue, QueueFull
-from seethrough.remote.server.settings import SettingsError, parse_args, parse_size
+from seethrough.remote.server.settings import SettingsError, load_api_keys, parse_args, parse_size
 from fixtures.threads import single_thread
 
 pytestmark = [pytest.mark.timeout(300)]
@@ -212,8 +213,8 @@ def test_another_key_cannot_read_your_request(server):
     follow(server, job_id, ALICE)
     for suffix in ("", "/events", "/result"):
         foreign = call(server, "GET", f"/v1/requests/{job_id}{suffix}", key=BOB)
-        assert foreign.status == 403, suffix
-        assert "another API key" in foreign.detail
+        assert foreign.status == 404, suffix  # as an id that does not exist: nothing says it does
+        assert "no request with id" in foreign.detail
         assert call(server, "GET", f"/v1/requests/{job_id}{suffix}", key=ALICE).status == 200
 
 
@@ -738,3 +739,14 @@ def test_load_8_clients_25_requests_each_all_correct(server, gpt2_dir):
                 out = local.transformer.h[1].output.save()
             expected[prompt] = out
     load_is_all_correct(remote, server.url, (BOB, ALICE), expected, prompts, timeout=240)
+
+
+def test_the_readme_keys_file_example_loads(tmp_path):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    example = readme.split("# keys.txt: one key per person\n", 1)[1].split("```", 1)[0]
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# keys.txt: one key per person\n" + example, encoding="utf-8")
+    assert load_api_keys(keys) == {"alice-7d1f0c2b9e", "bob-4a9e33f071"}
+    keys.write_text("alice bob\n", encoding="utf-8")
+    with pytest.raises(SettingsError, match="line 1: an API key must be one printable word"):
+        load_api_keys(keys)

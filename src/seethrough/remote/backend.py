@@ -116,6 +116,10 @@ def _run_remote(
             return values
         try:
             answer = job.wait()
+        except KeyboardInterrupt:  # Ctrl+C: the request must not run on without anyone waiting
+            with contextlib.suppress(RemoteError):
+                job.cancel()
+            raise
         finally:
             # Nobody else holds this job's id: free the server's copy of its result at once.
             with contextlib.suppress(RemoteError):

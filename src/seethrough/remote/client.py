@@ -4,7 +4,10 @@ Only the standard library is used (``http.client``), so a client needs no
 server dependencies.  The status of a request streams as server-sent events:
 ``status`` (queued with position, running), ``log`` (a line the body
 printed, shown as it arrives), ``completed`` and ``error``.  Anything slower
-than a second gets a one-line progress display on stderr.
+than a second gets a one-line progress display on stderr (queued with its
+position, running with the seconds so far, downloading).  ``job.cancel()``
+cancels a request on the server (a running one's process is killed), and so
+does Ctrl+C while a blocking remote trace or generate waits for its answer.
 
 ``RemoteJob`` is the handle of a submitted request; ``job(id)`` finds one
 again later, also from another process (results stay readable only with the
@@ -20,7 +23,9 @@ import builtins
 import hashlib
 import http.client
 import json
+import re
 import sys
+import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -35,6 +40,7 @@ from . import wire
 CONTENT_TYPE = "application/x-seethrough"
 MAX_REQUEST_BYTES = 256 * 1024 * 1024
 MAX_RESULT_BYTES = 1024 * 1024 * 1024
+_DIGITS = re.compile(r"\d+")
 
 
 class RemoteError(SeethroughError):
@@ -185,31 +191,66 @@ def _http_error(status: int, data: bytes, host: str) -> RemoteError:
 
 
 class _Progress:
-    """A one-line status display on stderr, only for requests slower than a second."""
+    """A one-line status display on stderr, only for requests slower than a second.
+
+    The state (queued, running, downloading) is shown once the request passes a
+    second, also when nothing new arrives from the server: on a terminal the
+    line is redrawn each second with the time so far; elsewhere (a log file) a
+    line is written when the state changes, and for a new position or
+    generation step at most every ``_QUIET_S`` seconds."""
+
+    _QUIET_S = 10.0
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled and CONFIG.APP.PROGRESS
         self.started = time.monotonic()
         self.shown = False
+        self.text = ""
         self.last = ""
+        self._written = 0.0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
+        if self.enabled:
+            self._ticker = threading.Thread(target=self._tick, name="seethrough-progress", daemon=True)
+            self._ticker.start()
 
     def update(self, text: str) -> None:
-        if not self.enabled or time.monotonic() - self.started < 1.0 or text == self.last:
-            return
-        self.last = text
+        with self._lock:
+            self.text = text
+            self._draw()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(0.5):
+            with self._lock:
+                self._draw()
+
+    def _draw(self) -> None:
         elapsed = time.monotonic() - self.started
-        line = f"seethrough remote: {text} ({elapsed:.0f} s)"
-        if sys.stderr.isatty():
-            sys.stderr.write("\r" + line.ljust(70))
-        else:
-            sys.stderr.write(line + "\n")
+        if not self.enabled or not self.text or elapsed < 1.0 or self._stop.is_set():
+            return
+        tty = sys.stderr.isatty()
+        if not tty and (self.text == self.last or (_DIGITS.sub("", self.text) == _DIGITS.sub("", self.last)
+                                                   and time.monotonic() - self._written < self._QUIET_S)):
+            return
+        self.last, self._written = self.text, time.monotonic()
+        line = f"seethrough remote: {self.text} ({elapsed:.0f} s)"
+        sys.stderr.write("\r" + line.ljust(70) if tty else line + "\n")
         sys.stderr.flush()
         self.shown = True
 
+    def clear(self) -> None:
+        """Take the line off the terminal (a printed line follows); it comes back at the next tick."""
+        with self._lock:
+            if self.shown and sys.stderr.isatty():
+                sys.stderr.write("\r" + " " * 80 + "\r")
+                sys.stderr.flush()
+
     def close(self) -> None:
-        if self.shown and sys.stderr.isatty():
-            sys.stderr.write("\r" + " " * 80 + "\r")
-            sys.stderr.flush()
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join(timeout=2)
+        self.clear()
 
 
 class RemoteJob:
@@ -232,13 +273,15 @@ class RemoteJob:
         try:
             for event, data in self.client.events(self.id):
                 if event == "log":
-                    progress.close()
+                    progress.clear()
                     if CONFIG.APP.REMOTE_LOGGING:
                         print(data.get("text", ""), flush=True)
                 elif event == "status":
                     state = data.get("status", "")
                     if state == "queued":
                         progress.update(f"queued (position {data.get('position', '?')})")
+                    elif state == "running" and isinstance(data.get("step"), int):
+                        progress.update(f"running, step {data['step']}")
                     else:
                         progress.update(state)
                 elif event == "error":
@@ -254,8 +297,15 @@ class RemoteJob:
         return answer
 
     def delete(self) -> None:
-        """Forget the finished request on the server (frees this key's storage quota there)."""
+        """Forget the request on the server (frees this key's storage quota there); a
+        queued or running one is cancelled (see :meth:`cancel`)."""
         self.client.delete(self.id)
+
+    def cancel(self) -> bool:
+        """Cancel the request on the server: a queued one leaves the queue, a running one's
+        process is killed and its worker serves the next request.  Its result is
+        forgotten either way; True if it was still queued or running."""
+        return bool(self.client.delete(self.id).get("cancelled"))
 
     def result(self) -> dict:
         """The saved values of the finished request, by name (waits if needed)."""

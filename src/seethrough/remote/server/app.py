@@ -9,8 +9,9 @@ Endpoints (all JSON unless noted; errors are ``{"detail": message}``):
 * ``GET /v1/requests/{id}/events`` — server-sent events, replayed from the
   start: ``status``, ``log``, then one ``completed`` or ``error``.
 * ``GET /v1/requests/{id}/result`` — the wire-packed answer (409 until done).
-* ``DELETE /v1/requests/{id}`` — forget a finished request and its result
-  (frees the key's quota; 409 while it is queued or running).
+* ``DELETE /v1/requests/{id}`` — cancel or forget a request: a queued one
+  leaves the queue, a running one has its request process killed, a finished
+  one's result is removed; the key's quota is freed at once.
 * ``GET /v1/usage`` — what the caller's key stores (jobs, bytes) and its limits.
 * ``GET /v1/models`` — each model's name, public aliases, architectures,
   config, module paths and ``repr``; ``GET /v1/models/{name}`` — one of them,
@@ -26,7 +27,11 @@ per-key quotas.
 
 Every endpoint but health and the docs needs the ``X-API-Key`` header when
 the server has keys (401 without it, 403 for an unknown key); a request's
-status, events and result are readable only with the key that submitted it.
+status, events and result are readable only with the key that submitted it
+(with another key, its id answers 404 exactly as an id that does not exist).
+On a server without keys the quotas belong to the caller's address (an IPv6
+address's /64 network), never to a header the caller chooses.  No answer
+names a path on the server (:mod:`.disclosure`).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import ipaddress
 import json
 import logging
 import multiprocessing
@@ -61,6 +67,19 @@ _EXPIRY_INTERVAL = 30.0
 
 def _digest(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def address_owner(host: str | None) -> str:
+    """The quota owner of a caller on a server without keys: its address (an IPv6 one's /64)."""
+    try:
+        address = ipaddress.ip_address(host or "")
+    except ValueError:
+        return f"address:{host or '?'}"
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return f"address:{address.ipv4_mapped}"
+        return f"address:{ipaddress.ip_network(f'{address}/64', strict=False)}"
+    return f"address:{address}"
 
 
 def create_app(runtime: ServerRuntime) -> FastAPI:
@@ -101,10 +120,10 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
         lifespan=lifespan,
     )
 
-    def owner(x_api_key: str | None = Header(default=None, alias="X-API-Key")) -> str | None:
-        """The digest of the caller's key (None on an open server)."""
+    def owner(request: Request, x_api_key: str | None = Header(default=None, alias="X-API-Key")) -> str:
+        """The digest of the caller's key; on an open server, its address (never a header's value)."""
         if allowed is None:
-            return _digest(x_api_key) if x_api_key else None
+            return address_owner(request.client.host if request.client else None)
         if not x_api_key:
             raise HTTPException(401, "this server needs an API key: send it in the X-API-Key header (the seethrough "
                                      "client sends SEETHROUGH_API_KEY / seethrough.CONFIG.API.APIKEY / api_key=).")
@@ -116,11 +135,10 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
 
     def find(job_id: str, caller: str | None) -> Job:
         job = store.get(job_id)
-        if job is None:
-            raise HTTPException(404, f"no request with id {job_id!r} on this server: the id is wrong, or the request "
-                                     f"finished more than {settings.job_ttl:g} s ago and was forgotten.")
-        if allowed is not None and job.owner != caller:
-            raise HTTPException(403, "this request was submitted with another API key; only that key can read it.")
+        if job is None or (allowed is not None and job.owner != caller):  # another key's: as if there were none
+            raise HTTPException(404, f"no request with id {job_id!r} on this server: the id is wrong, the request was "
+                                     f"deleted or cancelled, or it finished more than {settings.job_ttl:g} s ago and "
+                                     "was forgotten.")
         return job
 
     @app.post("/v1/requests", status_code=202, summary="Submit a request (a wire-encoded trace body)",
@@ -135,8 +153,8 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
         body = await _read_body(request, settings.max_request_bytes)
         try:
             checked = await checkers.check(body, module_paths(), runtime.names.aliases)
-        except IntakeError as error:
-            raise HTTPException(error.status, error.detail) from None
+        except IntakeError as error:  # about the caller's own request (its file name, its code): not scrubbed
+            return JSONResponse({"detail": error.detail}, status_code=error.status)
         service = runtime.services.get(checked.model)
         if service is None:  # a checker answered with a name it was not given: trust nothing
             raise HTTPException(400, "the request names no model this server serves")
@@ -144,9 +162,8 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
             job = store.create(caller, checked.model, checked.filename, body)
         except QuotaExceeded as error:
             raise HTTPException(429, str(error)) from None
-        fairness = caller or f"address:{request.client.host if request.client else '?'}"
         try:
-            position = service.submit(job, fairness)
+            position = service.submit(job, caller)
         except QueueFull as error:
             store.discard(job)
             raise HTTPException(429, f"{error}; wait for your earlier requests to finish, then submit again.") from None
@@ -171,23 +188,38 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
                                      f"/v1/requests/{job_id}/events and fetch the result once it completes.")
         return FileResponse(job.result_path, media_type=CONTENT_TYPE)
 
-    @app.delete("/v1/requests/{job_id}", summary="Forget a finished request and its result")
+    @app.delete("/v1/requests/{job_id}", summary="Cancel a queued or running request, or forget a finished one")
     async def delete(job_id: str, caller: str | None = Depends(owner)) -> dict:
         job = find(job_id, caller)
-        if job.finished is None:
-            raise HTTPException(409, f"request {job_id} is {job.status}; only finished requests can be deleted "
-                                     "(wait for it to complete)")
-        store.discard(job)
-        return {"id": job_id, "deleted": True}
+        was = runtime.cancel(job)
+        if was is None:  # forgotten between the lookup and now
+            find(job_id, caller)
+        return {"id": job_id, "deleted": True, "cancelled": was in ("queued", "running")}
 
     @app.get("/v1/usage", summary="What the caller's API key stores on the server, and its limits")
     async def usage(caller: str | None = Depends(owner)) -> dict:
         return store.usage(caller)
 
+    described: dict[str, dict] = {}  # each model's description and tokenizer files, scrubbed once
+
+    def public_name(name: str) -> str:
+        others = [alias for alias in runtime.names.public.get(name, []) if alias != name]
+        return others[0] if others else name
+
     def describe(name: str) -> dict:
-        info = runtime.services[name].info or {"name": name}
-        return {**{key: value for key, value in info.items() if key != "tokenizer"},
-                "aliases": runtime.names.public.get(name, [name])}
+        if name not in described:
+            info = runtime.services[name].info or {"name": name}
+            described[name] = {**runtime.disclosure.model({key: value for key, value in info.items()
+                                                            if key != "tokenizer"}, public_name(name)),
+                               "aliases": runtime.names.public.get(name, [name])}
+        return described[name]
+
+    def tokenizer_files(name: str) -> dict:
+        key = f"{name}\ntokenizer"
+        if key not in described:
+            files = (runtime.services[name].info or {}).get("tokenizer") or {"files": {}, "binary_files": {}}
+            described[key] = runtime.disclosure.tokenizer(files, public_name(name))
+        return described[key]
 
     def served(name: str) -> str:
         """The served name ``name`` stands for (its own, a repo id or a folder); 404 if none."""
@@ -204,8 +236,7 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
 
     @app.get("/v1/models/{name:path}/tokenizer", summary="A served model's tokenizer files")
     async def tokenizer(name: str, caller: str | None = Depends(owner)) -> dict:
-        service = runtime.services[served(name)]
-        return (service.info or {}).get("tokenizer") or {"files": {}, "binary_files": {}}
+        return tokenizer_files(served(name))
 
     @app.get("/v1/models/{name:path}", summary="One served model, by its served name, repo id or folder")
     async def model(name: str, caller: str | None = Depends(owner)) -> dict:
@@ -217,6 +248,12 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
         ok = all(state["state"] != "failed" for state in models_state.values())
         return {"status": "ok" if ok else "degraded", "version": __version__, "protocol": PROTOCOL,
                 "models": models_state, "requests": store.counts()}
+
+    @app.exception_handler(HTTPException)
+    async def refused(request: Request, error: HTTPException) -> JSONResponse:
+        """Every refusal, with no server path in it (a name the caller sent may be echoed)."""
+        detail = runtime.disclosure.scrub(error.detail) if isinstance(error.detail, str) else error.detail
+        return JSONResponse({"detail": detail}, status_code=error.status_code, headers=getattr(error, "headers", None))
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, error: Exception) -> JSONResponse:

@@ -3,7 +3,8 @@
 :func:`main` is the whole command: it loads every model in its worker
 processes first (so a model that cannot load stops the command with a clear
 message before the port opens), then serves the API until interrupted, then
-stops the workers.
+stops the workers.  Ctrl+C prints one line (uvicorn's own shutdown lines are
+left out of the log).
 """
 
 from __future__ import annotations
@@ -16,6 +17,16 @@ from .settings import DEFAULT_SERVED, Settings, SettingsError, _model_spec, pars
 __all__ = ["main", "serve"]
 
 logger = logging.getLogger("seethrough.server")
+
+_SHUTDOWN_LINES = ("Shutting down", "Waiting for application shutdown", "Application shutdown complete",
+                   "Finished server process", "Waiting for connections to close", "Waiting for background tasks")
+
+
+class _QuietShutdown(logging.Filter):
+    """Drops uvicorn's shutdown lines: a stopped server says ``stopped`` once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith(_SHUTDOWN_LINES))
 
 
 def serve(settings: Settings, prog: str = "seethrough serve") -> int:
@@ -48,6 +59,7 @@ def serve(settings: Settings, prog: str = "seethrough serve") -> int:
     try:
         config = uvicorn.Config(create_app(runtime), host=settings.host, port=settings.port,
                                 log_level=settings.log_level, timeout_graceful_shutdown=3, access_log=False)
+        logging.getLogger("uvicorn.error").addFilter(_QuietShutdown())  # after Config: it sets up uvicorn's logging
         server = uvicorn.Server(config)
         try:
             server.run()

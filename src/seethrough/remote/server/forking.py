@@ -15,7 +15,9 @@ process can say what happened:
 
 * an answer                       -> ``answered``;
 * the process ended without one   -> ``crashed`` (how: exit status or signal);
-* past the wall-clock limit       -> ``timeout`` (SIGKILL first).
+* past the wall-clock limit       -> ``timeout`` (SIGKILL first);
+* the API process cancelled it    -> ``cancelled`` (SIGKILL first; the
+  model process watches the API's pipe beside the request's).
 
 After each request nothing of it remains: the request process runs in its
 own process group and is reaped; the model process is a *child subreaper*,
@@ -47,9 +49,9 @@ import signal
 import struct
 import time
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 __all__ = ["Outcome", "RequestForker", "address_space", "limit_address_space"]
 
@@ -65,7 +67,7 @@ _SWEEP_ROUNDS = 50
 class Outcome:
     """How a request process ended."""
 
-    kind: str  # "answered", "crashed" or "timeout"
+    kind: str  # "answered", "crashed", "timeout", or what ``control`` answered (e.g. "cancelled")
     how: str = ""  # for "crashed": the exit status or signal, in words
     pid: int = 0
     reaped: bool = False  # the request process has been waited for already
@@ -155,8 +157,13 @@ class RequestForker:
         self._finished: int | None = None  # the last request process, killed but not yet reaped
         self._prefork()
 
-    def run(self, payload: bytes, relay: Callable[[bytes], None]) -> Outcome:
+    def run(self, payload: bytes, relay: Callable[[bytes], None], control: Any = None,
+            on_control: Callable[[bytes], str | None] | None = None) -> Outcome:
         """Run the handler on ``payload`` in a request process; hand each message it sends to ``relay``.
+
+        ``control`` (a connection) is watched meanwhile: each message on it goes to
+        ``on_control``, and a kind it returns (e.g. ``"cancelled"``) kills the request
+        process and ends the request with that outcome.
 
         The request process is killed as soon as it has answered; reaping it and
         whatever it left happens in :meth:`finish`, which the next ``run`` calls
@@ -177,7 +184,7 @@ class RequestForker:
                 self._discard(pid, sender, reader)
                 pid, sender, reader = self._fork()
                 sender.send_bytes(payload)
-            outcome = self._watch(pid, reader, relay)
+            outcome = self._watch(pid, reader, relay, control, on_control)
         finally:
             sender.close()
             reader.close()
@@ -255,15 +262,24 @@ class RequestForker:
             pass
 
     # -- the model process --------------------------------------------------------------------
-    def _watch(self, pid: int, reader: Connection, relay: Callable[[bytes], None]) -> Outcome:
+    def _watch(self, pid: int, reader: Connection, relay: Callable[[bytes], None], control: Any = None,
+               on_control: Callable[[bytes], str | None] | None = None) -> Outcome:
         deadline = time.monotonic() + self.timeout
+        watched = [reader] if control is None else [reader, control]
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self._kill(pid)
                 return Outcome("timeout", pid=pid)
             try:
-                if not reader.poll(min(remaining, 1.0)):
+                ready = wait(watched, min(remaining, 1.0))
+                if control is not None and control in ready and reader not in ready:
+                    kind = on_control(control.recv_bytes()) if on_control is not None else None
+                    if kind is not None:
+                        self._kill(pid)
+                        return Outcome(kind, pid=pid)
+                    continue
+                if reader not in ready:
                     continue
                 data = reader.recv_bytes(self.max_message)
             except EOFError:

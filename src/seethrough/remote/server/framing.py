@@ -14,11 +14,15 @@ strangers' code): :func:`decode` checks sizes and types and raises
 
 Message types
 -------------
-API -> worker: ``run`` (payload: the request's wire bytes), ``stop``.
+API -> worker: ``run`` (payload: the request's wire bytes), ``stop``,
+``cancel`` (kill the running request's process; a forking worker answers
+``cancelled`` and serves the next request).
 Worker -> API: ``ready`` (payload: JSON description of the model), ``failed``
 (``message``: why the model could not load), ``log`` (``text``: one printed
 line), ``answer`` (payload: the wire-packed answer; ``replace``: true when the
-worker found the served model changed and must be replaced, ``reason``).
+worker found the served model changed and must be replaced, ``reason``),
+``progress`` (``step``: forward passes so far of a running generation),
+``cancelled`` (the running request's process was killed, as asked).
 """
 
 from __future__ import annotations

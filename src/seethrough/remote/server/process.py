@@ -203,6 +203,15 @@ class WorkerProcess:
         except (OSError, ValueError) as error:
             raise WorkerDied(f"{self.death()} ({error})") from None
 
+    def send_cancel(self) -> None:
+        """Ask a forking worker to kill the running request's process (it answers ``cancelled``)."""
+        if self.conn is None or not self.alive:
+            raise WorkerDied(self.death())
+        try:
+            self.conn.send_bytes(framing.encode("cancel"))
+        except (OSError, ValueError) as error:
+            raise WorkerDied(f"{self.death()} ({error})") from None
+
     def receive(self, timeout: float) -> framing.Message | None:
         """The next message, or None if none came within ``timeout`` seconds.
 

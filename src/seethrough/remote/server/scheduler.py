@@ -108,3 +108,16 @@ class FairQueue:
             if other is item:
                 return index
         return self._size
+
+    def remove(self, item: Any) -> bool:
+        """Take ``item`` out of the queue (a cancelled request); False if it is not waiting."""
+        with self._ready:
+            for key, line in self._lines.items():
+                if any(other is item for other in line):
+                    line.remove(item)
+                    self._size -= 1
+                    if not line:
+                        del self._lines[key]
+                        self._turns.remove(key)
+                    return True
+            return False

@@ -13,6 +13,12 @@ thread feeding one worker process, one request at a time:
   weights, a kill) fails that request only and is replaced; so is a worker
   that reports the served model changed.
 
+* it stops a request whose ``job.stop`` is set (cancelled with DELETE, or
+  printing past its key's quota) within a fraction of a second: a forking
+  worker is told to kill the request process (``cancel``) and serves the
+  next request at once; a worker that runs requests itself (``reuse``, a
+  Ray actor) is killed and replaced.
+
 With ``--spare-workers 1`` a loaded spare process waits beside the slots and
 replaces a lost worker at once (a new spare then loads in the background).
 :class:`ServerRuntime` holds the services and the :class:`~.jobs.JobStore`.
@@ -30,6 +36,7 @@ from typing import Any
 from ...models.language import OFFLINE_MODELS, _resolve_source
 from .. import wire
 from . import framing
+from .disclosure import Disclosure
 from .jobs import Job, JobStore, server_error
 from .naming import model_names
 from .process import WorkerDied, WorkerProcess, WorkerStartError, start_context
@@ -44,6 +51,8 @@ logger = logging.getLogger("seethrough.server")
 _POSITION_UPDATES = 100  # queued jobs told their new position after each dequeue
 _START_ATTEMPTS = 3
 _FORK_BACKSTOP_S = 30.0  # extra time before the API kills a forking worker that missed its own deadline
+_POLL_S = 0.2  # how often a dispatcher looks whether its request was cancelled
+_CANCEL_GRACE_S = 5.0  # how long a forking worker has to confirm a cancel before it is replaced
 
 
 class WorkerSlot:
@@ -76,6 +85,8 @@ class WorkerSlot:
                 if job is not None:
                     service.fail(job, server_error("RemoteError", "the server is shutting down; submit the request again"))
                 return
+            if job is not None and job.stop is not None:  # cancelled while it waited
+                continue
             if job is None:
                 if self.worker is not None and not self.worker.alive and self.state == "idle":
                     logger.warning("%s: worker %s died while idle (%s); replacing it",
@@ -121,8 +132,11 @@ class WorkerSlot:
             if remaining <= 0:
                 self._timed_out(job)
                 return
+            if job.stop is not None:
+                self._stop(job, forking)
+                return
             try:
-                message = self.worker.receive(min(remaining, 0.5))
+                message = self.worker.receive(min(remaining, _POLL_S))
             except WorkerDied as death:
                 self._crashed(job, str(death))
                 return
@@ -136,6 +150,13 @@ class WorkerSlot:
                 text = message.fields.get("text")
                 if isinstance(text, str):
                     service.store.log(job, text)
+                continue
+            if message.type == "cancelled":  # a cancel meant for a request that had ended already
+                continue
+            if message.type == "progress":
+                step = message.fields.get("step")
+                if isinstance(step, int) and not isinstance(step, bool):
+                    service.store.step(job, step)
                 continue
             if message.type == "answer":
                 self._answered(job, message)
@@ -159,6 +180,25 @@ class WorkerSlot:
         if message.fields.get("replace"):
             logger.warning("%s: request %s changed the served model (%s); replacing the worker",
                            self.service.spec.name, job.id, message.fields.get("reason"))
+            self._replace()
+
+    def _stop(self, job: Job, forking: bool) -> None:
+        """Stop ``job``'s request now (``job.stop`` says why): a forking worker kills its
+        request process and lives on; any other worker is killed and replaced."""
+        send_cancel = getattr(self.worker, "send_cancel", None)
+        stopped = False
+        if forking and send_cancel is not None:
+            try:
+                send_cancel()
+                deadline = time.monotonic() + _CANCEL_GRACE_S
+                while not stopped and time.monotonic() < deadline:
+                    message = self.worker.receive(min(deadline - time.monotonic(), _POLL_S))
+                    stopped = message is not None and message.type in ("cancelled", "answer", "timeout", "crashed")
+            except (WorkerDied, framing.FramingError):
+                stopped = False
+        logger.info("%s: request %s stopped (%s)", self.service.spec.name, job.id, job.stop.get("type"))
+        self.service.fail(job, job.stop)
+        if not stopped:
             self._replace()
 
     def _timed_out(self, job: Job, worker_survives: bool = False) -> None:
@@ -314,6 +354,11 @@ class ModelService:
         self.store.queued(job, position)
         return position
 
+    def cancel(self, job: Job) -> None:
+        """Take a cancelled ``job`` out of the queue (a running one is stopped by its dispatcher)."""
+        if self.queue.remove(job):
+            self.update_positions()
+
     def update_positions(self) -> None:
         for position, job in enumerate(self.queue.positions(_POSITION_UPDATES), 1):
             self.store.queued(job, position)
@@ -351,7 +396,20 @@ class ServerRuntime:
         self.backend = _ray_backend(settings)
         self.services = {spec.name: ModelService(spec, settings, self.store, context, self.backend)
                          for spec in settings.models}
-        self.names = model_names(settings.models, {spec.name: _local_folder(spec.source) for spec in settings.models})
+        folders = {spec.name: _local_folder(spec.source) for spec in settings.models}
+        self.names = model_names(settings.models, folders)
+        self.disclosure = Disclosure.of_server(settings, [folder for folder in folders.values() if folder],
+                                               self.store.spool)
+        self.store.scrub = self.disclosure.scrub
+
+    def cancel(self, job: Job) -> str | None:
+        """Cancel or forget ``job`` (DELETE): the state it had, None if it was gone already."""
+        was = self.store.cancel(job, "the request was cancelled (DELETE /v1/requests/{id}, job.cancel() or Ctrl+C)")
+        if was in ("queued", "running"):
+            service = self.services.get(job.model)
+            if service is not None:
+                service.cancel(job)
+        return was
 
     def start(self) -> None:
         """Load every model (in parallel); raise :class:`WorkerStartError` if one fails."""

@@ -53,6 +53,7 @@ from . import framing, isolation
 from .fingerprint import StateFingerprint
 from .forking import RequestForker, address_space, limit_address_space
 from .settings import OPTIONS, REQUEST_PROCESSES, Settings, SettingsError
+from .steps import StepReporter
 
 __all__ = ["LogStream", "WorkerOptions", "describe_model", "load_kwargs", "run_worker"]
 
@@ -328,11 +329,12 @@ def run_worker(conn: Any, options: WorkerOptions) -> None:
             return  # the API process is gone
         if message.type == "stop":
             return
-        if message.type != "run":
+        if message.type != "run":  # e.g. a cancel that came after its request had ended
             continue
         started = time.perf_counter()
         if forker is not None:
-            _run_forked(conn, forker, message.payload)
+            if _run_forked(conn, forker, message.payload) == "stopped":
+                return
             replace = False
         else:
             answer, error, problems = _handle(conn, message.payload, model, guard, options, fingerprint)
@@ -375,13 +377,27 @@ def _choose_request_process(wanted: str, uses_cuda: bool) -> bool:
     return wanted == "fork" or (wanted == "auto" and not uses_cuda)
 
 
-def _run_forked(conn: Any, forker: RequestForker, payload: bytes) -> None:
-    """One request in a forked request process; its messages are relayed whole to the API process."""
-    outcome = forker.run(payload, conn.send_bytes)
-    if outcome.kind == "timeout":
+def _control(data: bytes) -> str | None:
+    """What a message from the API process means while a request runs: ``cancel`` and
+    ``stop`` end the request (its process is killed); anything else is ignored."""
+    try:
+        kind = framing.decode(data).type
+    except framing.FramingError:
+        return None
+    return {"cancel": "cancelled", "stop": "stopped"}.get(kind)
+
+
+def _run_forked(conn: Any, forker: RequestForker, payload: bytes) -> str:
+    """One request in a forked request process; its messages are relayed whole to the API process.
+    Returns how it ended (``stopped``: the API process asked this worker to exit)."""
+    outcome = forker.run(payload, conn.send_bytes, conn, _control)
+    if outcome.kind == "cancelled":
+        conn.send_bytes(framing.encode("cancelled"))
+    elif outcome.kind == "timeout":
         conn.send_bytes(framing.encode("timeout"))
     elif outcome.kind == "crashed":
         conn.send_bytes(framing.encode("crashed", how=outcome.how))
+    return outcome.kind
 
 
 def _uses_cuda(model: Any) -> bool:
@@ -408,10 +424,25 @@ def _load(options: WorkerOptions) -> tuple[Any, Any, dict]:
     model = LanguageModel(options.source, dispatch=True, **load_kwargs(options))
     read_only = ReadOnlyWeights.apply(model._model) if options.read_only_weights else None
     _warm_up(model)
+    _hide_source(model, options.name)
     guard = ModelGuard(model._model, model.tokenizer, read_only)
     info = describe_model(options.name, model)
     info["read_only_weights"] = read_only is not None
     return model, guard, info
+
+
+def _hide_source(model: Any, name: str) -> None:
+    """Make the loaded model call itself by its served name, not by the folder it came from
+    (a body reading ``model.config.name_or_path`` learns nothing of the server's disk)."""
+    module = model._model
+    for holder in (getattr(module, "config", None), getattr(module, "generation_config", None)):
+        if holder is not None and isinstance(getattr(holder, "_name_or_path", None), str):
+            holder._name_or_path = name
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is not None and isinstance(getattr(tokenizer, "name_or_path", None), str):
+        tokenizer.name_or_path = name
+        if isinstance(getattr(tokenizer, "init_kwargs", None), dict) and "name_or_path" in tokenizer.init_kwargs:
+            tokenizer.init_kwargs["name_or_path"] = name
 
 
 def _handle(conn: Any, payload: bytes, model: Any, guard: Any, options: WorkerOptions, fingerprint: Any = None,
@@ -433,7 +464,8 @@ def _handle(conn: Any, payload: bytes, model: Any, guard: Any, options: WorkerOp
     except (wire.WireError, ProtocolError) as error:  # the API process checked it; only a bug lands here
         answer: dict = {"error": error_answer(type(error).__name__, str(error))}
     else:
-        with contextlib.redirect_stdout(stream):
+        steps = StepReporter(conn, model._model) if request.kind == "generate" else contextlib.nullcontext()
+        with contextlib.redirect_stdout(stream), steps:
             answer = execute(request, model, print_function=stream.print)
         stream.finish()
         del request
