@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from ..errors import UsageValueError
+
 # On a CPU, micro-batches past this many tokens are no faster; on a GPU the
 # memory budget decides alone.
 CPU_TOKEN_CAP = 8192
@@ -136,4 +138,4 @@ def parse_memory(value: Any) -> int | None:
                     return int(float(text[: -len(unit)]) * scale)
                 except ValueError:
                     break
-    raise ValueError(f"max_memory={value!r} is not a size: pass bytes (an int) or a string like '4GB' or '512MiB'.")
+    raise UsageValueError(f"max_memory={value!r} is not a size: pass bytes (an int) or a string like '4GB' or '512MiB'.")

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from ..errors import SeethroughError
+from ..errors import SeethroughError, UsageIndexError
 
 FORMAT = "seethrough-harvest/1"
 MANIFEST = "harvest.json"
@@ -232,7 +232,7 @@ class Rows:
             if index < 0:
                 index += len(self)
             if not 0 <= index < len(self):
-                raise IndexError(f"row {index} out of range for {self.name!r} with {len(self)} rows")
+                raise UsageIndexError(f"row {index} out of range for {self.name!r} with {len(self)} rows")
             shard = int(np.searchsorted(self._starts, index, side="right") - 1)
             return self.shards[shard][index - int(self._starts[shard])].clone()
         if isinstance(index, slice):
@@ -241,7 +241,7 @@ class Rows:
         if index.dim() == 0:
             return self[int(index)]
         if len(index) and (int(index.min()) < -len(self) or int(index.max()) >= len(self)):
-            raise IndexError(f"row index out of range for {self.name!r} with {len(self)} rows")
+            raise UsageIndexError(f"row index out of range for {self.name!r} with {len(self)} rows")
         index = torch.where(index < 0, index + len(self), index)
         which = torch.as_tensor(np.searchsorted(self._starts, index.numpy(), side="right") - 1)
         out = torch.empty((len(index), *self.shape[1:]), dtype=self.dtype)
