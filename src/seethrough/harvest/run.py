@@ -161,14 +161,20 @@ class Harvest:
             "grad": self.grad,
         }
 
+    def _prepare(self, captured: Any, seed: dict, globals_: dict) -> None:
+        """Before the first micro-batch: the weights are loaded here."""
+        self.model._ensure_loaded()
+
+    def _model_signature(self) -> str:
+        return model_signature(self.model._module)
+
     def _side(self) -> str:
         return self.padding_side or self.model._padding_side()
 
     def _run(self, captured: Any, seed: dict, globals_: dict) -> None:
         model = self.model
-        model._ensure_loaded()
-        module = model._module
-        writer = StoreWriter(self.to, self._fingerprint(captured, seed, globals_, model_signature(module)), self.overwrite)
+        self._prepare(captured, seed, globals_)
+        writer = StoreWriter(self.to, self._fingerprint(captured, seed, globals_, self._model_signature()), self.overwrite)
         self.writer = writer
         done = list(writer.done_shards)  # complete before this run
         state = KeepState(self.dtype)
@@ -246,12 +252,17 @@ class Harvest:
         lengths = [len(r) for r in rows]
         fixed = self.batch_size if isinstance(self.batch_size, int) else None
         queue = deque(batching.plan(lengths, fixed, budget, self.bucket))
+        pending: deque = deque()  # (pick, batch, handle) started, not finished
         window_rows = WindowRows(len(rows))
-        while queue:
-            pick = queue.popleft()
-            batch = batching.pad(rows, pick, pad_id, right)
+        context = (captured, seed, globals_, state, first)
+        while queue or pending:
+            while queue and len(pending) < self.in_flight:
+                pick = queue.popleft()
+                batch = batching.pad(rows, pick, pad_id, right)
+                pending.append((pick, batch, self._start(context, batch)))
+            pick, batch, started = pending.popleft()
             try:
-                kept = self._micro_batch(captured, seed, globals_, state, batch, first)
+                kept = self._finish(context, batch, started)
             except BaseException as error:
                 if batching.is_out_of_memory(error) and len(pick) > 1:
                     half = len(pick) // 2
@@ -263,23 +274,9 @@ class Harvest:
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()
                     continue
+                self._abandon(pending)
                 raise
-            if state.keys is None:
-                state.keys = keys_of(kept)
-                self.writer.check_keys(state.keys)
-            elif set(kept) != set(state.keys):
-                raise UsageValueError(
-                    f"this micro-batch kept {sorted(kept)}, but earlier ones kept {sorted(state.keys)}: every micro-batch "
-                    "must keep the same names (the body runs once per micro-batch)."
-                )
-            else:
-                for name, (per, value) in kept.items():
-                    info = state.keys[name]
-                    if list(value.shape[1:]) != info["shape"] or dtype_name(value.dtype) != info["dtype"]:
-                        raise UsageValueError(
-                            f"run.keep({name!r}, ...) gave {dtype_name(value.dtype)} rows of shape {tuple(value.shape[1:])} "
-                            f"in this micro-batch but {info['dtype']} rows of shape {tuple(info['shape'])} before; kept rows must match."
-                        )
+            self._check_kept(state, kept)
             window_rows.add(batch, kept)
             progress.update(prompts=len(pick), tokens=batch.tokens)
         tensors = window_rows.tensors(state.keys)
@@ -289,6 +286,42 @@ class Harvest:
         tensors["_position"] = torch.cat([torch.arange(n, dtype=torch.int32) for n in lengths])
         tensors["_token"] = torch.tensor([t for r in rows for t in r], dtype=torch.int32)
         return tensors, int(counts.sum())
+
+    def _check_kept(self, state: KeepState, kept: dict) -> None:
+        if not kept:
+            raise UsageValueError(
+                "the harvest body kept nothing: call `run.keep(name, value)` (e.g. "
+                "`run.keep('resid5', model.model.layers[5].output)`) for what the store should hold."
+            )
+        if state.keys is None:
+            state.keys = keys_of(kept)
+            self.writer.check_keys(state.keys)
+            return
+        if set(kept) != set(state.keys):
+            raise UsageValueError(
+                f"this micro-batch kept {sorted(kept)}, but earlier micro-batches (or the store's earlier shards) kept "
+                f"{sorted(state.keys)}: every micro-batch must keep the same names (the body runs once per micro-batch)."
+            )
+        for name, (per, value) in kept.items():
+            info = state.keys[name]
+            if list(value.shape[1:]) != info["shape"] or dtype_name(value.dtype) != info["dtype"]:
+                raise UsageValueError(
+                    f"run.keep({name!r}, ...) gave {dtype_name(value.dtype)} rows of shape {tuple(value.shape[1:])} "
+                    f"in this micro-batch but {info['dtype']} rows of shape {tuple(info['shape'])} before; kept rows must match."
+                )
+
+    # How one micro-batch runs: here, at once (a remote harvest submits in
+    # `_start` and waits in `_finish`, several in flight).
+    in_flight = 1
+
+    def _start(self, context: tuple, batch: Any) -> Any:
+        return None
+
+    def _finish(self, context: tuple, batch: Any, started: Any) -> dict:
+        return self._micro_batch(*context[:4], batch, context[4])
+
+    def _abandon(self, pending: Any) -> None:
+        """Micro-batches started but not finished when the run fails."""
 
     def _micro_batch(self, captured: Any, seed: dict, globals_: dict, state: KeepState, batch: Any, first: int) -> dict:
         from ..models.backends import forward_backend
@@ -302,18 +335,6 @@ class Harvest:
         with grad:
             run.run_to_end(_ignore)
         kept = handle.kept
-        if state.keys is not None and set(kept) != set(state.keys):
-            missing = sorted(set(state.keys) - set(kept))
-            if missing:
-                raise UsageValueError(
-                    f"this micro-batch did not keep {missing}, which earlier micro-batches (or the store's earlier shards) "
-                    "kept: every micro-batch must keep the same names."
-                )
-        if not kept:
-            raise UsageValueError(
-                "the harvest body kept nothing: call `run.keep(name, value)` (e.g. "
-                "`run.keep('resid5', model.model.layers[5].output)`) for what the store should hold."
-            )
         return kept
 
     @property
