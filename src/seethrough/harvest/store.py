@@ -29,7 +29,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from ..errors import SeethroughError, UsageIndexError
 
@@ -145,16 +145,20 @@ class StoreWriter:
         name = shard_name(number)
         path = self.folder / name
         tmp = path.with_name(name + ".tmp")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": FORMAT})
-        with open(tmp, "rb") as handle:
-            digest = hashlib.sha256(handle.read()).hexdigest()
+        data = save({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": FORMAT})
+        digest = hashlib.sha256(data).hexdigest()
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
             os.fsync(handle.fileno())
+        size = len(data)
+        del data
         os.replace(tmp, path)
         self.manifest["shards"].append(
             {"file": name, "prompts": list(prompts), "tokens": tokens, "inputs_sha": inputs_sha, "sha256": digest}
         )
         self._save()
-        return path.stat().st_size
+        return size
 
     def finish(self) -> None:
         self.manifest["complete"] = True
