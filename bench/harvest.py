@@ -133,6 +133,16 @@ def section_throughput(args, targets, tmp: Path) -> float:
     return worst
 
 
+def peak_rss() -> int:
+    """Peak RSS of this process (VmHWM: unlike ru_maxrss it is not inherited
+    from the parent across fork + exec)."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def rss_child(n: int) -> None:
     """Run in a subprocess: harvest ``n`` streamed prompts, print peak RSS (bytes)."""
     from seethrough import LanguageModel
@@ -151,7 +161,7 @@ def rss_child(n: int) -> None:
     try:
         with model.harvest(prompts(), to=folder, batch_size=64, window=256, progress=False) as run:
             run.keep("b1", model.transformer.h[1].output)
-        print(json.dumps({"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "tokens": run.summary["tokens"]}))
+        print(json.dumps({"peak": peak_rss(), "tokens": run.summary["tokens"]}))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -187,13 +197,23 @@ def section_remote(args, targets, tmp: Path) -> float:
         n = 16 if args.quick else 48
         prompts = texts(n, args.seed + 1)
         tokens = sum(len(r) for r in tok(prompts, truncation=True, max_length=64)["input_ids"])
-        envoys = [model.model.layers[2]]
+
+        def once(folder, **options):
+            shutil.rmtree(folder, ignore_errors=True)
+            with model.harvest(prompts, to=folder, batch_size=8, max_length=64, window=len(prompts), progress=False, **options) as run:
+                run.keep("resid2", model.model.layers[2].output)
 
         def local():
-            harvest_once(model, prompts, envoys, 64, 8, tmp / "local", bucket=True)
+            once(tmp / "local")
 
         def remote():
-            harvest_once(model, prompts, envoys, 64, 8, tmp / "remote", bucket=True, remote=True, host=server.url, in_flight=4)
+            once(tmp / "remote", remote=True, host=server.url, in_flight=4)
+
+        remote()
+        local()
+        from seethrough import load
+
+        assert torch.equal(load(tmp / "local")["resid2"].tensor(), load(tmp / "remote")["resid2"].tensor()), "remote != local"
 
         saved = h._clock_name
         h.set_clock("wall", 2)

@@ -283,3 +283,18 @@ def test_gradients_when_asked(lm, smollm2_small, tmp_path):
         n = ids.shape[1]
         torch.testing.assert_close(store["g"][offset : offset + n], seen[0].grad[0], rtol=1e-4, atol=1e-5)
         offset += n
+
+
+def test_stop_ends_each_micro_batch_early(lm, smollm2_small, tmp_path):
+    hf, tok = smollm2_small
+    calls = []
+    handle = hf.model.layers[3].register_forward_hook(lambda m, a, o: calls.append(1))
+    try:
+        with lm.harvest(TEXTS, to=tmp_path / "s", batch_size=6, progress=False) as run:
+            run.keep("resid1", lm.model.layers[1].output)
+            run.stop()
+    finally:
+        handle.remove()
+    assert calls == []  # layer 3 never ran
+    ref, _, ids = alone(hf, tok, TEXTS[0], 1)
+    torch.testing.assert_close(seethrough.load(tmp_path / "s")["resid1"][: len(ids)], ref, rtol=1e-4, atol=1e-4)

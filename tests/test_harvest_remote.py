@@ -71,7 +71,15 @@ def test_remote_errors_are_clear(smollm2, server, tmp_path):
     with pytest.raises(seethrough.SeethroughError, match="nonexistent"):
         with smollm2.harvest(TEXTS, to=tmp_path / "b", batch_size=4, progress=False, **on(server)) as run:
             run.keep("x", smollm2.model.nonexistent.output)
-    with pytest.raises(UsageValueError, match="only in `run.keep"):
+    with pytest.raises(UsageValueError, match=r"only in `run.keep\(...\)` statements and `run.stop\(\)`"):
         with smollm2.harvest(TEXTS, to=tmp_path / "c", batch_size=4, progress=False, **on(server)) as run:
             run.keep("x", smollm2.model.layers[0].output)
             print(run.prompt_ids)
+
+
+def test_remote_body_may_stop_early(smollm2, server, tmp_path):
+    for where, options in (("local", {}), ("remote", on(server))):
+        with smollm2.harvest(TEXTS, to=tmp_path / where, batch_size=4, progress=False, **options) as run:
+            run.keep("resid0", smollm2.model.layers[0].output)
+            run.stop()
+    assert torch.equal(seethrough.load(tmp_path / "local")["resid0"].tensor(), seethrough.load(tmp_path / "remote")["resid0"].tensor())

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import InvokeError, ShapeMismatchError, UsageTypeError, UsageValueError
+from ..tracing.tasks import _StopTrace
 from .batching import MicroBatch
 
 PER = ("token", "prompt")
@@ -107,6 +108,11 @@ class BatchHandle:
         if mask is None:
             mask = self._masks[device] = self._batch.attention_mask.to(device=device, dtype=torch.bool)
         return mask
+
+    def stop(self) -> None:
+        """End this micro-batch's forward here (what is kept so far stays): a
+        body that keeps only early layers need not run the rest of the model."""
+        raise _StopTrace()
 
     def invoke(self, *args: Any, **kwargs: Any) -> Any:
         raise InvokeError(

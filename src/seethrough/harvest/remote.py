@@ -37,13 +37,11 @@ def rewrite_keeps(captured: CapturedBlock) -> tuple[str, list[tuple[str, str, st
         raise UsageValueError(f"{where} has no `as` name: write `with model.harvest(...) as run:` and keep values with `run.keep(...)`.")
     tree = ast.parse(source)
     keeps: list[tuple[ast.Call, str, str | None]] = []
-    keep_calls = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
             call = node.value
             func = call.func
             if isinstance(func, ast.Attribute) and func.attr == "keep" and isinstance(func.value, ast.Name) and func.value.id == as_name:
-                keep_calls.add(id(call))
                 if len(call.args) != 2 or not (isinstance(call.args[0], ast.Constant) and isinstance(call.args[0].value, str)):
                     raise UsageValueError(
                         f"{where}, line {captured.body_first_line + call.lineno - 1}: in a remote harvest, "
@@ -55,13 +53,18 @@ def rewrite_keeps(captured: CapturedBlock) -> tuple[str, list[tuple[str, str, st
                         raise UsageValueError(f"{where}: in a remote harvest, `{as_name}.keep` takes only `per='token'` or `per='prompt'` as a keyword.")
                     per = keyword.value.value
                 keeps.append((call, call.args[0].value, per))
+    allowed = {id(call.func.value) for call, _, _ in keeps}
+    for node in ast.walk(tree):  # `run.stop()` is the server tracer's own stop: it stays
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "stop" \
+                and isinstance(node.func.value, ast.Name) and node.func.value.id == as_name and not node.args:
+            allowed.add(id(node.func.value))
     for node in ast.walk(tree):
         if isinstance(node, ast.Name) and node.id == as_name:
-            parent_ok = any(id(call) in keep_calls and call.func.value is node for call, _, _ in keeps)
+            parent_ok = id(node) in allowed
             if not parent_ok:
                 raise UsageValueError(
                     f"{where}, line {captured.body_first_line + node.lineno - 1}: a remote harvest body uses "
-                    f"`{as_name}` only in `{as_name}.keep(...)` statements (the micro-batch itself stays on your machine)."
+                    f"`{as_name}` only in `{as_name}.keep(...)` statements and `{as_name}.stop()` (the micro-batch itself stays on your machine)."
                 )
     if not keeps:
         raise UsageValueError(f"{where} keeps nothing: call `{as_name}.keep(name, value)` for what the store should hold.")
