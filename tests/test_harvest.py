@@ -298,3 +298,28 @@ def test_stop_ends_each_micro_batch_early(lm, smollm2_small, tmp_path):
     assert calls == []  # layer 3 never ran
     ref, _, ids = alone(hf, tok, TEXTS[0], 1)
     torch.testing.assert_close(seethrough.load(tmp_path / "s")["resid1"][: len(ids)], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_batch_size_says_what_it_chose_and_shows_progress(lm, tmp_path, capsys):
+    with lm.harvest(TEXTS, to=tmp_path / "s", batch_size="auto", max_memory="20MB", max_length=16) as run:
+        run.keep("resid0", lm.model.layers[0].output)
+    err = capsys.readouterr().err
+    assert "batch_size='auto': micro-batches of up to" in err and "memory budget 0.02 GB" in err
+    assert f"{len(TEXTS)}/{len(TEXTS)} prompts" in err and "tok/s" in err and "written" in err
+    budget = run.summary["token_budget"]
+    assert 16 <= budget < 16 * len(TEXTS)  # 20 MB fits only a few prompts of SmolLM2's 49k-wide logits
+    assert seethrough.load(tmp_path / "s").n_prompts == len(TEXTS)
+
+
+def test_whole_datasets_and_bad_prompts_are_refused(lm, tmp_path):
+    class FakeDataset(list):  # what a `datasets.Dataset` looks like to harvest: it has columns
+        column_names = ["text", "label"]
+
+    with pytest.raises(InputTypeError, match=r"ds\['text'\]"):
+        lm.harvest(FakeDataset(TEXTS), to=tmp_path / "a")
+    with pytest.raises(InputTypeError, match="mix strings and token ids"):
+        with lm.harvest(["a", [1, 2]], to=tmp_path / "b", progress=False) as run:
+            run.keep("resid0", lm.model.layers[0].output)
+    with pytest.raises(InputTypeError, match="prompt 1 has no tokens"):
+        with lm.harvest([[1, 2], []], to=tmp_path / "c", progress=False) as run:
+            run.keep("resid0", lm.model.layers[0].output)

@@ -14,12 +14,12 @@ are the same.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import sys
 import time
 import weakref
+from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -234,9 +234,7 @@ class Harvest:
                 "run the same call again to resume"
             )
             raise
-        if not writer.done_shards and state.keys is None:
-            state.keys = {}
-        if state.keys is None:
+        if state.keys is None:  # no prompts at all
             state.keys = {}
         writer.check_keys(state.keys)
         writer.finish()
@@ -266,8 +264,6 @@ class Harvest:
 
     def _window(self, captured: Any, seed: dict, globals_: dict, state: KeepState, rows: list[list[int]],
                 first: int, pad_id: int, right: bool, progress: Progress) -> tuple[dict[str, torch.Tensor], int]:
-        from collections import deque
-
         budget = self._token_budget(rows, self.writer, progress)
         lengths = [len(r) for r in rows]
         fixed = self.batch_size if isinstance(self.batch_size, int) else None
