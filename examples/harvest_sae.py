@@ -75,8 +75,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=3000)
     parser.add_argument("--out", default="sae-run")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--epochs", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -108,7 +108,7 @@ def main() -> None:
     # 2. Train a sparse autoencoder: reconstruction + L1 on the features.
     sae = SparseAutoencoder(rows.shape[1], args.hidden)
     optimizer = torch.optim.Adam(sae.parameters(), lr=1e-3)
-    l1 = 3e-3
+    l1 = 2e-2
     start = time.perf_counter()
     for epoch in range(args.epochs):
         total, steps = 0.0, 0

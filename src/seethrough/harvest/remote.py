@@ -101,10 +101,14 @@ class RemoteHarvest(Harvest):
             raise UsageValueError("model.harvest(..., remote='local') is not supported; use remote=True with a server, or a local harvest.")
         if self.grad:
             raise UsageValueError("a remote harvest computes no gradients (grad=True); run it locally.")
+        if self.max_memory is not None:
+            raise UsageValueError(
+                "max_memory= sizes micro-batches to this machine's memory; a remote harvest runs on the server: "
+                "pass an int batch_size, or leave batch_size='auto' (up to 2,048 tokens per request)."
+            )
         self.in_flight = in_flight
         self.host = host
         self.api_key = api_key
-        self.max_memory_note = self.max_memory
 
     def _prepare(self, captured: CapturedBlock, seed: dict, globals_: dict) -> None:
         from ..models.model import _remote_options
@@ -128,7 +132,7 @@ class RemoteHarvest(Harvest):
         if self.batch_size != "auto":
             return None
         if "token_budget" not in writer.settings:
-            tokens = REMOTE_TOKEN_BUDGET if self.max_memory is None else max(1, self.max_memory // (4 * 4096))
+            tokens = REMOTE_TOKEN_BUDGET
             writer.set_settings(token_budget=tokens)
             progress.note(f"batch_size='auto' (remote): micro-batches of up to {tokens:,} tokens, {self.in_flight} in flight")
         return int(writer.settings["token_budget"])
