@@ -164,6 +164,12 @@ def test_interrupted_run_resumes_to_the_same_store_bit_for_bit(lm, tmp_path):
         run.keep("resid3", lm.model.layers[3].output)
         run.keep("last", lm.model.norm.output[:, -1])
     assert run.summary["shards_resumed"] == 2 and run.summary["shards_written"] == 3
+    assert run.summary["tokens"] == seethrough.load(tmp_path / "clean").n_tokens > run.summary["tokens_computed"]
+    assert folder_hash(tmp_path / "resumed") == folder_hash(tmp_path / "clean")
+    with lm.harvest(texts, to=tmp_path / "resumed", **options) as run:  # complete: nothing to compute
+        run.keep("resid3", lm.model.layers[3].output)
+        run.keep("last", lm.model.norm.output[:, -1])
+    assert run.summary["shards_written"] == 0 and run.summary["tokens_computed"] == 0
     assert folder_hash(tmp_path / "resumed") == folder_hash(tmp_path / "clean")
 
 

@@ -238,10 +238,13 @@ class Harvest:
             state.keys = {}
         writer.check_keys(state.keys)
         writer.finish()
+        if resumed and not written:
+            progress.note(f"all {resumed} shards in {str(self.to)!r} were complete already; nothing computed")
         progress.close()
         self.summary = {
             **self.summary,
-            "prompts": progress.prompts, "tokens": progress.tokens, "seconds": time.perf_counter() - start,
+            "prompts": progress.prompts, "tokens": writer.manifest["tokens"], "tokens_computed": progress.tokens,
+            "seconds": time.perf_counter() - start,
             "shards_written": written, "shards_resumed": resumed, **writer.settings,
         }
 
