@@ -7,6 +7,7 @@ hand-written loop over the same micro-batches.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from pathlib import Path
 
@@ -141,6 +142,11 @@ def test_bucketing_keeps_input_order(lm, tmp_path):
     torch.testing.assert_close(a["resid0"].tensor(), b["resid0"].tensor(), rtol=1e-4, atol=1e-4)
 
 
+@contextlib.contextmanager
+def _nothing():
+    yield
+
+
 def _interrupting(items, after):
     for number, item in enumerate(items):
         if number == after:
@@ -183,6 +189,11 @@ def test_a_folder_holding_another_run_is_refused(lm, tmp_path):
     with pytest.raises(seethrough.HarvestStoreError, match="other prompts"):
         with lm.harvest(TEXTS[::-1], to=tmp_path / "s", batch_size=4, progress=False) as run:
             run.keep("resid0", lm.model.layers[0].output)
+    for prompts in (TEXTS, TEXTS[:4]):  # the second call's input is a prefix of the first's
+        with pytest.raises(seethrough.HarvestStoreError, match="longer input") if prompts is not TEXTS else _nothing():
+            with lm.harvest(prompts, to=tmp_path / "w", batch_size=4, window=4, progress=False) as run:
+                run.keep("resid0", lm.model.layers[0].output)
+    assert seethrough.load(tmp_path / "w").n_prompts == len(TEXTS)
     assert folder_hash(tmp_path / "s") == before  # nothing mixed in
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")

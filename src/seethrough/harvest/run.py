@@ -234,6 +234,12 @@ class Harvest:
                 "run the same call again to resume"
             )
             raise
+        seen = resumed + written
+        if seen < len(done):
+            raise HarvestStoreError(
+                f"`to={str(self.to)!r}` holds {len(done)} shards, more than these prompts make ({seen}): it was made from "
+                "a longer input. Use another folder, or `overwrite=True`."
+            )
         if state.keys is None:  # no prompts at all
             state.keys = {}
         writer.check_keys(state.keys)
