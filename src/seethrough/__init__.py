@@ -43,6 +43,7 @@ from .errors import (
     UsageValueError,
     WeightsModifiedError,
 )
+from .harvest import HarvestStore, HarvestStoreError, load
 from .models import LanguageModel, Model
 from .models.language import LanguageModelError, remote_model
 from .remote.backend import register_local_runner
@@ -81,12 +82,15 @@ __all__ = [
     "CONFIG",
     "Cache",
     "Envoy",
+    "HarvestStore",
+    "HarvestStoreError",
     "Invoker",
     "LanguageModel",
     "Model",
     "NNsight",
     "TransformersModel",
     "Tracer",
+    "load",
     "register",
     "save",
     "AssignTypeError",

@@ -455,6 +455,51 @@ class LanguageModel(Model):
             what="model.generate(...)", keep_result=True, remote=options,
         )
 
+    def harvest(
+        self,
+        prompts: Any,
+        *,
+        to: Any,
+        batch_size: int | str = "auto",
+        max_length: int | None = None,
+        dtype: Any = None,
+        bucket: bool = True,
+        window: int = 256,
+        max_memory: int | str | None = None,
+        padding_side: str | None = None,
+        grad: bool = False,
+        progress: bool = True,
+        overwrite: bool = False,
+        remote: bool = False,
+        in_flight: int = 4,
+        host: str | None = None,
+        api_key: str | None = None,
+    ) -> Any:
+        """``with model.harvest(prompts, to="acts/") as run:`` — run the body
+        once per micro-batch of ``prompts`` (strings, token-id lists, or a
+        ``datasets`` column) and write what ``run.keep(name, value)`` keeps to
+        safetensors shards in ``to`` (read back with ``seethrough.load``).
+        Per-token values lose their padding; ``dtype`` casts what is kept;
+        ``batch_size="auto"`` fits micro-batches to ``max_memory`` (default:
+        half the free memory) and splits one that runs out of memory;
+        ``bucket`` groups prompts of like length; ``window`` prompts make
+        one shard.  Running the same call again resumes after the last
+        complete shard; a folder holding another run's store is refused
+        (``overwrite=True`` deletes it).  ``remote=True`` sends each
+        micro-batch to a seethrough server as an ordinary trace request,
+        ``in_flight`` at a time.  See the README's "Harvesting" section."""
+        from ..harvest import Harvest
+
+        options = dict(
+            to=to, batch_size=batch_size, max_length=max_length, dtype=dtype, bucket=bucket, window=window,
+            max_memory=max_memory, padding_side=padding_side, grad=grad, progress=progress, overwrite=overwrite,
+        )
+        if remote:
+            from ..harvest.remote import RemoteHarvest
+
+            return RemoteHarvest(self, prompts, remote=remote, in_flight=in_flight, host=host, api_key=api_key, **options)
+        return Harvest(self, prompts, **options)
+
     @property
     def generator(self) -> "Generator":
         """``model.generator.output`` inside ``model.generate(...)``: the
