@@ -23,6 +23,7 @@ def serve(settings: Settings, prog: str = "seethrough serve") -> int:
     import uvicorn
 
     from .app import create_app
+    from .connections import ConnectionGuard, guarded_protocol, plan_connections
     from .process import WorkerStartError
     from .service import ServerRuntime
 
@@ -46,8 +47,14 @@ def serve(settings: Settings, prog: str = "seethrough serve") -> int:
     line, complete = runtime.isolation_line()
     (logger.info if complete and settings.isolation != "off" else logger.warning)("%s", line)
     try:
+        limits = plan_connections(settings.max_connections, settings.max_connections_per_address,
+                                  settings.header_timeout)
+        logger.info("front door: at most %d connections (%d per address), request heads within %g s",
+                    limits.max_connections, limits.max_per_address, limits.header_timeout)
         config = uvicorn.Config(create_app(runtime), host=settings.host, port=settings.port,
-                                log_level=settings.log_level, timeout_graceful_shutdown=3, access_log=False)
+                                log_level=settings.log_level, timeout_graceful_shutdown=3, access_log=False,
+                                http=guarded_protocol(ConnectionGuard(limits)), backlog=limits.backlog,
+                                timeout_keep_alive=settings.keep_alive)
         server = uvicorn.Server(config)
         try:
             server.run()

@@ -81,6 +81,16 @@ class Settings:
     ray: str | None = None  # --ray: "auto", "local" or a head's host:port; None: workers are local processes
     cpus_per_worker: float | None = None  # Ray resource requests per worker (--ray only)
     gpus_per_worker: float | None = None
+    # The front door (see .connections, .uploads and .checkers)
+    max_connections: int | None = None  # None: what fits under the open-file limit, up to 8192
+    max_connections_per_address: int = 64
+    header_timeout: float = 10.0  # seconds to deliver a complete request head
+    keep_alive: float = 5.0  # seconds an idle keep-alive connection stays open
+    body_timeout: float = 15.0  # seconds an upload may go without sending a byte
+    upload_timeout: float = 300.0  # seconds for a whole request body
+    max_uploads_per_key: int = 4  # request bodies one key may be sending at once
+    max_checks_per_key: int | None = None  # checker processes one key may use at once (None: half, at least 1)
+    max_waiting_checks_per_key: int = 4  # bodies one key may have waiting for a checker
 
 
 def parse_size(text: str | int) -> int:
@@ -204,6 +214,28 @@ def build_parser(prog: str = "seethrough serve") -> argparse.ArgumentParser:
                              "is on a CUDA device")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                         help="how much the server logs (default info)")
+    door = parser.add_argument_group("the front door (connections, uploads, checks)")
+    door.add_argument("--max-connections", type=int, default=None, metavar="N",
+                      help="open connections the API keeps; past it the oldest idle one is closed, or a new one gets "
+                           "503 (default: what fits under the process's open-file limit, at most 8192)")
+    door.add_argument("--max-connections-per-address", type=int, default=64, metavar="N",
+                      help="open connections from one client address; past it new ones get 503 (default 64)")
+    door.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                      help="time a connection has to send a complete request head before it is closed (default 10)")
+    door.add_argument("--keep-alive", type=float, default=5.0, metavar="SECONDS",
+                      help="how long an idle keep-alive connection stays open (default 5)")
+    door.add_argument("--body-timeout", type=float, default=15.0, metavar="SECONDS",
+                      help="an upload that sends no byte for this long is cut off with 408 (default 15)")
+    door.add_argument("--upload-timeout", type=float, default=300.0, metavar="SECONDS",
+                      help="time to send a whole request body; past it the upload is cut off with 408 (default 300)")
+    door.add_argument("--max-uploads-per-key", type=int, default=4, metavar="N",
+                      help="request bodies one API key (or address, on an open server) may send at once; past it "
+                           "429 (default 4)")
+    door.add_argument("--max-checks-per-key", type=int, default=None, metavar="N",
+                      help="checker processes one API key may use at once (default: half of --check-workers, at "
+                           "least 1)")
+    door.add_argument("--max-waiting-checks-per-key", type=int, default=4, metavar="N",
+                      help="bodies one API key may have waiting for a checker; past it 429 (default 4)")
     scale = parser.add_argument_group("scale-out on Ray (pip install \"seethrough[ray]\")")
     scale.add_argument("--ray", default=None, metavar="ADDRESS",
                        help="place each model's workers as Ray actors on a cluster: 'auto' (the cluster this machine "
@@ -247,7 +279,16 @@ def parse_args(argv: list[str] | None = None, prog: str = "seethrough serve") ->
                 "--job-ttl": options.job_ttl, "--max-queued": options.max_queued,
                 "--max-queued-per-key": options.max_queued_per_key, "--max-log-lines": options.max_log_lines,
                 "--startup-timeout": options.startup_timeout, "--check-workers": options.check_workers,
-                "--check-timeout": options.check_timeout, "--max-jobs-per-key": options.max_jobs_per_key}
+                "--check-timeout": options.check_timeout, "--max-jobs-per-key": options.max_jobs_per_key,
+                "--max-connections-per-address": options.max_connections_per_address,
+                "--header-timeout": options.header_timeout, "--keep-alive": options.keep_alive,
+                "--body-timeout": options.body_timeout, "--upload-timeout": options.upload_timeout,
+                "--max-uploads-per-key": options.max_uploads_per_key,
+                "--max-waiting-checks-per-key": options.max_waiting_checks_per_key}
+    for flag, value in (("--max-connections", options.max_connections), ("--max-checks-per-key",
+                                                                          options.max_checks_per_key)):
+        if value is not None and value <= 0:
+            raise SettingsError(f"{flag} must be positive, got {value}")
     for flag, value in positive.items():
         if value <= 0:
             raise SettingsError(f"{flag} must be positive, got {value}")
@@ -289,4 +330,13 @@ def parse_args(argv: list[str] | None = None, prog: str = "seethrough serve") ->
         ray=options.ray.strip() if options.ray is not None else None,
         cpus_per_worker=options.cpus_per_worker,
         gpus_per_worker=options.gpus_per_worker,
+        max_connections=options.max_connections,
+        max_connections_per_address=options.max_connections_per_address,
+        header_timeout=options.header_timeout,
+        keep_alive=options.keep_alive,
+        body_timeout=options.body_timeout,
+        upload_timeout=options.upload_timeout,
+        max_uploads_per_key=options.max_uploads_per_key,
+        max_checks_per_key=options.max_checks_per_key,
+        max_waiting_checks_per_key=options.max_waiting_checks_per_key,
     )

@@ -1,0 +1,212 @@
+"""Connection limits in front of the API: head deadline, per-address and total caps.
+
+uvicorn (with h11) parses HTTP; this module only decides which connections
+it keeps.  :func:`guarded_protocol` returns a subclass of uvicorn's
+``H11Protocol`` that shares one :class:`ConnectionGuard`:
+
+* **head deadline** (``--header-timeout``): a connection that is not serving
+  a request — just opened, or done with its last response — must deliver a
+  complete request head within the deadline, or it is closed.  A client that
+  opens sockets and never writes, or writes a head one byte at a time, holds
+  nothing for long.  Idle keep-alive connections that send no byte at all are
+  closed sooner, after ``--keep-alive`` seconds (uvicorn's own timer).
+* **per-address cap** (``--max-connections-per-address``): past it, a new
+  connection from that address gets an immediate ``503`` with
+  ``Retry-After`` and is closed.
+* **total cap** (``--max-connections``, by default set from the process's
+  open-file limit with room left for the spool, the worker pipes and one
+  burst of accepts): when it is reached, the oldest connection that is only
+  waiting (no request in progress) is closed to make room, so health, status
+  and result requests from anyone still get in; when every connection is
+  serving a request, the new one gets an immediate ``503``.  A refusal is
+  written and the socket closed at once: nothing waits, and the process never
+  runs out of file descriptors (which would stop it accepting anyone).
+
+Request heads are capped by h11 (16 KiB per head: a bigger one gets ``400``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import resource
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+__all__ = ["ConnectionGuard", "ConnectionLimits", "guarded_protocol", "plan_connections"]
+
+logger = logging.getLogger("seethrough.server")
+
+_RESERVED_FILES = 128  # spool files, worker and checker pipes, logs, imports
+_MAX_BACKLOG = 2048
+_DEFAULT_MAX_CONNECTIONS = 8192
+_RETRY_AFTER_S = 2
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """The front door's connection limits (from the server's settings)."""
+
+    max_connections: int
+    max_per_address: int
+    header_timeout: float
+    backlog: int
+
+
+def plan_connections(requested: int | None, per_address: int, header_timeout: float) -> ConnectionLimits:
+    """Raise the open-file limit as far as allowed and fit the connection cap under it.
+
+    ``requested`` is ``--max-connections`` (None: as many as the file limit
+    allows, up to 8192).  Room is left for one burst of accepts (the listen
+    backlog: asyncio accepts that many sockets before any is refused) and for
+    the server's own files; a request above what fits is lowered, with a
+    warning."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+    target = min(target, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    files = soft if soft != resource.RLIM_INFINITY else 1 << 20
+    backlog = max(64, min(_MAX_BACKLOG, files // 4))
+    fits = max(16, files - backlog - _RESERVED_FILES)
+    cap = min(fits, _DEFAULT_MAX_CONNECTIONS) if requested is None else requested
+    if cap > fits:
+        logger.warning("--max-connections %d does not fit under the open-file limit of %d; using %d", cap, files, fits)
+        cap = fits
+    return ConnectionLimits(max_connections=cap, max_per_address=min(per_address, cap),
+                            header_timeout=header_timeout, backlog=backlog)
+
+
+def _refusal(detail: str) -> bytes:
+    body = json.dumps({"detail": detail}).encode("utf-8")
+    return (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+            b"retry-after: %d\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s"
+            % (_RETRY_AFTER_S, len(body), body))
+
+
+class ConnectionGuard:
+    """Counts of open connections (total and per address) and the ones only waiting."""
+
+    def __init__(self, limits: ConnectionLimits) -> None:
+        self.limits = limits
+        self.total = 0
+        self.by_address: dict[str, int] = {}
+        self.waiting: OrderedDict[Any, None] = OrderedDict()  # oldest first
+        self.refused = 0
+        self.evicted = 0
+        self.timed_out = 0
+
+    def admit(self, connection: Any, address: str) -> str | None:
+        """Count ``connection`` in, or say why it is refused."""
+        if self.by_address.get(address, 0) >= self.limits.max_per_address:
+            self.refused += 1
+            return (f"too many connections from your address (the limit is {self.limits.max_per_address}); "
+                    "close idle connections or reuse one (keep-alive), then retry")
+        if self.total >= self.limits.max_connections:
+            victim = next(iter(self.waiting), None)
+            if victim is None:
+                self.refused += 1
+                return (f"the server has as many connections as it accepts ({self.limits.max_connections}), all "
+                        "busy; retry in a few seconds")
+            self.evicted += 1
+            victim.drop()
+        self.total += 1
+        self.by_address[address] = self.by_address.get(address, 0) + 1
+        return None
+
+    def release(self, connection: Any, address: str) -> None:
+        self.waiting.pop(connection, None)
+        self.total -= 1
+        left = self.by_address.get(address, 1) - 1
+        if left > 0:
+            self.by_address[address] = left
+        else:
+            self.by_address.pop(address, None)
+
+    def describe(self) -> dict[str, int]:
+        return {"open": self.total, "max": self.limits.max_connections, "refused": self.refused,
+                "closed_waiting": self.evicted, "head_timeouts": self.timed_out}
+
+
+def guarded_protocol(guard: ConnectionGuard) -> type:
+    """uvicorn's h11 protocol with ``guard``'s limits (pass it as ``uvicorn.Config(http=...)``)."""
+
+    class GuardedH11Protocol(H11Protocol):
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._address = self.client[0] if self.client else "?"
+            self._head_timer: asyncio.TimerHandle | None = None
+            refusal = guard.admit(self, self._address)
+            self._admitted = refusal is None
+            if refusal is not None:
+                transport.write(_refusal(refusal))
+                transport.close()
+                return
+            self._waiting()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if getattr(self, "_admitted", False):
+                self._admitted = False
+                guard.release(self, self._address)
+                self._cancel_head_timer()
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            if not getattr(self, "_admitted", False):
+                return  # refused: the answer is written, the socket is closing
+            super().data_received(data)
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self._serving():
+                guard.waiting.pop(self, None)
+                self._cancel_head_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if self._admitted and not self.transport.is_closing() and not self._serving():
+                self._waiting()
+
+        # -- the head deadline ------------------------------------------------------
+        def _serving(self) -> bool:
+            return self.cycle is not None and not self.cycle.response_complete
+
+        def _waiting(self) -> None:
+            guard.waiting.pop(self, None)
+            guard.waiting[self] = None
+            self._cancel_head_timer()
+            self._head_timer = self.loop.call_later(guard.limits.header_timeout, self._head_deadline)
+
+        def _cancel_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_deadline(self) -> None:
+            self._head_timer = None
+            if self._serving() or self.transport.is_closing():
+                return
+            guard.timed_out += 1
+            self.drop()
+
+        def drop(self) -> None:
+            """Close a connection that is only waiting (no request in progress)."""
+            guard.waiting.pop(self, None)
+            if not self.transport.is_closing():
+                if self.conn.our_state is not h11.ERROR:
+                    try:
+                        self.conn.send(h11.ConnectionClosed())
+                    except h11.LocalProtocolError:
+                        pass
+                self.transport.close()
+
+    return GuardedH11Protocol
