@@ -22,6 +22,8 @@ import socket
 import sys
 import threading
 import time
+import zlib
+from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
@@ -37,9 +39,11 @@ pytestmark = [pytest.mark.timeout(300),
 HONEST, FLOODER = "honest-key-0001", "flooder-key-0002"
 HEALTH_DEADLINE_S = 1.0
 HEAD_TIMEOUT_S = 2.0
+BODY_TIMEOUT_S = 3.0
 ARGS = ["--threads", "1", "--timeout", "20", "--memory-limit", "1G", "--job-ttl", "600", "--spare-workers", "0",
-        "--header-timeout", str(HEAD_TIMEOUT_S), "--keep-alive", "2", "--body-timeout", "3",
-        "--max-connections-per-address", "32", "--max-request-bytes", "256M"]
+        "--header-timeout", str(HEAD_TIMEOUT_S), "--keep-alive", "2", "--body-timeout", str(BODY_TIMEOUT_S),
+        "--max-connections-per-address", "32", "--max-request-bytes", "256M", "--max-stored-bytes-per-key", "512M",
+        "--check-workers", "2", "--check-timeout", "5"]
 
 
 class LimitedServer(testing.ServerProcess):
@@ -50,9 +54,24 @@ class LimitedServer(testing.ServerProcess):
 
 
 @pytest.fixture(scope="module")
-def server(gpt2_dir) -> Iterator[testing.ServerProcess]:
-    with LimitedServer({"gpt2": str(gpt2_dir)}, api_keys=[HONEST, FLOODER], args=ARGS) as running:
+def spool(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("front-door-spool")
+
+
+@pytest.fixture(scope="module")
+def server(gpt2_dir, spool) -> Iterator[testing.ServerProcess]:
+    with LimitedServer({"gpt2": str(gpt2_dir)}, api_keys=[HONEST, FLOODER], args=ARGS + ["--spool-dir", str(spool)]
+                       ) as running:
         yield running
+
+
+def rss_mb(server: testing.ServerProcess) -> float:
+    """The API process's resident memory (MiB)."""
+    with open(f"/proc/{server.process.pid}/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
 
 
 # -- clients -----------------------------------------------------------------------------------
@@ -133,9 +152,10 @@ class HealthWatch:
 
 def request_body(source: str = "out = model.transformer.h[0].output.save()\n", **fields: Any) -> bytes:
     fields.setdefault("envoys", {"model": ""})
+    fields.setdefault("args", ["The quick brown fox"])
     request = Request(model="gpt2", kind="trace", source=source, filename="body.py", first_line=1,
-                      client_version="0.1.0", args=["The quick brown fox"], **fields)
-    return wire.pack(request.to_wire(), max_bytes=1 << 28)
+                      client_version="0.1.0", **fields)
+    return wire.pack(request.to_wire(), max_bytes=1 << 28, level=1)
 
 
 def submit(server: testing.ServerProcess, body: bytes, key: str = HONEST, timeout: float = 30.0) -> tuple[int, dict]:
@@ -237,3 +257,135 @@ def test_an_idle_keep_alive_connection_is_closed(server):
         assert read_response(sock)[0] == 200
         sock.settimeout(10)
         assert sock.recv(100) == b""  # closed by the server after --keep-alive 2
+
+
+# -- 2. uploads ----------------------------------------------------------------------------------
+
+
+def post_head(sock: socket.socket, key: str, length: int | None, extra: bytes = b"") -> None:
+    sized = b"Content-Length: %d\r\n" % length if length is not None else b"Transfer-Encoding: chunked\r\n"
+    sock.sendall(b"POST /v1/requests HTTP/1.1\r\nHost: x\r\nX-API-Key: " + key.encode() +
+                 b"\r\nContent-Type: " + CONTENT_TYPE.encode() + b"\r\n" + sized + extra + b"\r\n")
+
+
+@pytest.mark.slow
+def test_slow_large_uploads_stay_on_disk_and_are_cut_off(server, spool):
+    clean_request_works(server)
+    start = rss_mb(server)
+    size, chunk = 100 * 1024 * 1024, b"\0" * (1 << 20)
+    peak = [start]
+    outcomes: list[Any] = [None] * 8
+
+    def upload(index: int) -> None:
+        try:
+            sock = connect(server, "127.0.0.5", timeout=60)
+            post_head(sock, FLOODER, size)
+            for _ in range(size // len(chunk) - 1):
+                sock.sendall(chunk)
+            sock.sendall(chunk[:-1])  # hold the last byte
+            outcomes[index] = read_response(sock)[0]
+            sock.close()
+        except OSError as error:
+            outcomes[index] = error
+
+    with HealthWatch(server) as watch:
+        threads = [threading.Thread(target=upload, args=(index,)) for index in range(8)]
+        for thread in threads:
+            thread.start()
+        while any(thread.is_alive() for thread in threads):
+            peak.append(rss_mb(server))
+            time.sleep(0.1)
+    watch.check()
+    # 4 are sending at once (--max-uploads-per-key), the rest are told 429 before their body is read;
+    # the 4 that hold the last byte are cut off with 408 after --body-timeout.
+    assert sorted(outcomes, key=str) == [408] * 4 + [429] * 4, outcomes
+    assert max(peak) - start <= 150, f"API RSS went from {start:.0f} to {max(peak):.0f} MiB"
+    time.sleep(0.5)
+    assert rss_mb(server) - start <= 50, f"API RSS {rss_mb(server):.0f} MiB after, {start:.0f} before"
+    assert not list(spool.glob("upload-*")), "a partial upload was left in the spool"
+    clean_request_works(server)
+
+
+def test_a_body_over_the_remaining_quota_is_refused_before_it_is_read(server, spool):
+    """Two uploads in flight announce 2 x 250M of the key's 512M; a third is refused at its head."""
+    held = [connect(server, "127.0.0.6", timeout=30) for _ in range(2)]
+    try:
+        for sock in held:
+            post_head(sock, FLOODER, 250 * 1024 * 1024)
+            sock.sendall(b"\0" * 65536)
+        time.sleep(0.5)
+        with contextlib.closing(connect(server, "127.0.0.6", timeout=30)) as third:
+            post_head(third, FLOODER, 250 * 1024 * 1024)
+            status, headers, body = read_response(third)  # answered before a byte of its body is sent
+        assert status == 429 and "retry-after" in headers, (status, body)
+        assert "uploads in flight" in json.loads(body)["detail"]
+        chunked = connect(server, "127.0.0.6", timeout=30)
+        with contextlib.closing(chunked):  # a chunked body is counted as it grows
+            post_head(chunked, FLOODER, None)
+            chunk = b"\0" * (1 << 20)
+            status = None
+            with contextlib.suppress(OSError):
+                for _ in range(40):
+                    chunked.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            status, _, body = read_response(chunked)
+        assert status == 429 and "over the limit" in json.loads(body)["detail"], (status, body)
+    finally:
+        for sock in held:
+            sock.close()
+    time.sleep(0.5)
+    assert not list(spool.glob("upload-*")), "a partial upload was left in the spool"
+    clean_request_works(server)
+
+
+# -- 3. fair intake ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def expensive_body() -> bytes:
+    """Cheap to send, expensive to check, refused at the end: a compressed 200 MB zero tensor, a
+    2M-item list, ~1 MB of code, and a module path the model does not have."""
+    import torch
+
+    source = "".join(f"v{i} = model.transformer.h[0].output[0][{i % 7}] * {i}\n" for i in range(18000))
+    return request_body(source, args=["hi", torch.zeros(50_000_000), [0] * 2_000_000],
+                        envoys={"model": "", "bad": "transformer.nope"})
+
+
+@pytest.mark.slow
+def test_a_flood_of_expensive_checks_does_not_hold_up_another_key(server, expensive_body):
+    assert len(expensive_body) < 1 << 20
+    outcomes: list[Any] = [None] * 8
+
+    def flood(index: int) -> None:
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120,
+                                                    source_address=("127.0.0.7", 0))
+            connection.request("POST", "/v1/requests", body=expensive_body,
+                               headers={"X-API-Key": FLOODER, "Content-Type": CONTENT_TYPE})
+            response = connection.getresponse()
+            outcomes[index] = (response.status, response.getheader("Retry-After"))
+            connection.close()
+        except OSError as error:
+            outcomes[index] = error
+
+    with HealthWatch(server) as watch:
+        threads = [threading.Thread(target=flood, args=(index,)) for index in range(8)]
+        for thread in threads:
+            thread.start()
+        time.sleep(1.0)
+        accepted_in = []
+        for _ in range(3):
+            started = time.monotonic()
+            status, reply = submit(server, request_body(), timeout=30)
+            accepted_in.append(time.monotonic() - started)
+            assert status == 202, (status, reply)
+            time.sleep(0.5)
+        for thread in threads:
+            thread.join(120)
+    watch.check()
+    assert max(accepted_in) < 2.0, f"the honest key waited {max(accepted_in):.2f} s for a 202"
+    statuses = [outcome[0] if isinstance(outcome, tuple) else outcome for outcome in outcomes]
+    assert all(status in (400, 413, 429, 503) for status in statuses), outcomes
+    refused_fast = [outcome for outcome in outcomes if outcome[0] in (429, 503)]
+    assert refused_fast and all(retry is not None for _, retry in refused_fast), outcomes
+    clean_request_works(server)
