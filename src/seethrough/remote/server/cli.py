@@ -23,7 +23,7 @@ def serve(settings: Settings, prog: str = "seethrough serve") -> int:
     import uvicorn
 
     from .app import create_app
-    from .connections import ConnectionGuard, guarded_protocol, plan_connections
+    from .connections import ConnectionGuard, deepen_listen_queues, guarded_protocol, plan_connections
     from .process import WorkerStartError
     from .service import ServerRuntime
 
@@ -55,7 +55,12 @@ def serve(settings: Settings, prog: str = "seethrough serve") -> int:
                                 log_level=settings.log_level, timeout_graceful_shutdown=3, access_log=False,
                                 http=guarded_protocol(ConnectionGuard(limits)), backlog=limits.backlog,
                                 timeout_keep_alive=settings.keep_alive)
-        server = uvicorn.Server(config)
+        class Server(uvicorn.Server):  # deepens the kernel's listen queue once the sockets listen
+            async def startup(self, sockets: list | None = None) -> None:
+                await super().startup(sockets=sockets)
+                deepen_listen_queues(getattr(self, "servers", []))
+
+        server = Server(config)
         try:
             server.run()
         except KeyboardInterrupt:  # uvicorn re-raises the Ctrl+C it already handled: say it in one line

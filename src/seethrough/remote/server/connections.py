@@ -16,13 +16,15 @@ it keeps.  :func:`guarded_protocol` returns a subclass of uvicorn's
 * **total cap** (``--max-connections``, by default set from the process's
   open-file limit with room left for the spool, the worker pipes and one
   burst of accepts): when it is reached, the oldest connection that is only
-  waiting (no request in progress) is closed to make room, so health, status
-  and result requests from anyone still get in; when every connection is
+  waiting (no request in progress) from an address that holds several is
+  closed to make room, so health, status and result requests
+  from anyone else still get in; when every connection is
   serving a request, the new one gets an immediate ``503``.  A refusal is
   written and the socket closed at once: nothing waits, and the process never
   runs out of file descriptors (which would stop it accepting anyone).
 
-Request heads are capped by h11 (16 KiB per head: a bigger one gets ``400``).
+* **head size**: a request head (request line and headers, cookies
+  included) over 16 KiB gets ``431`` and the connection is closed.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import asyncio
 import json
 import logging
 import resource
+import socket
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -38,14 +41,16 @@ from typing import Any
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-__all__ = ["ConnectionGuard", "ConnectionLimits", "guarded_protocol", "plan_connections"]
+__all__ = ["ConnectionGuard", "ConnectionLimits", "deepen_listen_queues", "guarded_protocol", "plan_connections"]
 
 logger = logging.getLogger("seethrough.server")
 
 _RESERVED_FILES = 128  # spool files, worker and checker pipes, logs, imports
-_MAX_BACKLOG = 2048
+_ACCEPT_BURST = 128  # sockets asyncio accepts in one go (uvicorn's backlog), before any is refused
+LISTEN_QUEUE = 4096  # connections the kernel holds for accept (Linux's default somaxconn)
 _DEFAULT_MAX_CONNECTIONS = 8192
 _RETRY_AFTER_S = 2
+MAX_HEAD_BYTES = 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -55,17 +60,19 @@ class ConnectionLimits:
     max_connections: int
     max_per_address: int
     header_timeout: float
-    backlog: int
+    backlog: int  # uvicorn's backlog: how many sockets asyncio accepts in one go
 
 
 def plan_connections(requested: int | None, per_address: int, header_timeout: float) -> ConnectionLimits:
     """Raise the open-file limit as far as allowed and fit the connection cap under it.
 
     ``requested`` is ``--max-connections`` (None: as many as the file limit
-    allows, up to 8192).  Room is left for one burst of accepts (the listen
-    backlog: asyncio accepts that many sockets before any is refused) and for
-    the server's own files; a request above what fits is lowered, with a
-    warning."""
+    allows, up to 8192).  Room is left for one burst of accepts (asyncio
+    accepts up to uvicorn's ``backlog`` sockets in one go, before any is
+    refused) and for the server's own files; a request above what fits is
+    lowered, with a warning.  The kernel's listen queue is deepened separately
+    (:func:`deepen_listen_queues`), so a burst of connects never drops the
+    SYN of someone else's connection (a dropped SYN costs its sender 1 s)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
     target = min(target, 1 << 20)
@@ -76,7 +83,7 @@ def plan_connections(requested: int | None, per_address: int, header_timeout: fl
         except (ValueError, OSError):
             pass
     files = soft if soft != resource.RLIM_INFINITY else 1 << 20
-    backlog = max(64, min(_MAX_BACKLOG, files // 4))
+    backlog = min(_ACCEPT_BURST, max(16, files // 8))
     fits = max(16, files - backlog - _RESERVED_FILES)
     cap = min(fits, _DEFAULT_MAX_CONNECTIONS) if requested is None else requested
     if cap > fits:
@@ -86,11 +93,27 @@ def plan_connections(requested: int | None, per_address: int, header_timeout: fl
                             header_timeout=header_timeout, backlog=backlog)
 
 
-def _refusal(detail: str) -> bytes:
+def deepen_listen_queues(servers: list[Any]) -> None:
+    """Give each listening socket of ``servers`` (asyncio servers) a deep kernel queue."""
+    for server in servers:
+        for sock in getattr(server, "sockets", ()) or ():  # asyncio's wrappers: listen on a duplicate
+            try:
+                with socket.fromfd(sock.fileno(), sock.family, sock.type) as duplicate:
+                    duplicate.listen(LISTEN_QUEUE)
+            except OSError:
+                pass
+
+
+def _refusal(detail: str, status: bytes = b"503 Service Unavailable") -> bytes:
     body = json.dumps({"detail": detail}).encode("utf-8")
-    return (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-            b"retry-after: %d\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s"
-            % (_RETRY_AFTER_S, len(body), body))
+    retry = b"retry-after: %d\r\n" % _RETRY_AFTER_S if status.startswith(b"503") else b""
+    return (b"HTTP/1.1 %s\r\ncontent-type: application/json\r\n%sconnection: close\r\ncontent-length: %d\r\n\r\n%s"
+            % (status, retry, len(body), body))
+
+
+_HEAD_TOO_LARGE = _refusal(f"the request head (request line and headers, cookies included) is over "
+                           f"{MAX_HEAD_BYTES:,} bytes; send fewer or shorter headers",
+                           b"431 Request Header Fields Too Large")
 
 
 class ConnectionGuard:
@@ -112,7 +135,7 @@ class ConnectionGuard:
             return (f"too many connections from your address (the limit is {self.limits.max_per_address}); "
                     "close idle connections or reuse one (keep-alive), then retry")
         if self.total >= self.limits.max_connections:
-            victim = next(iter(self.waiting), None)
+            victim = self._victim()
             if victim is None:
                 self.refused += 1
                 return (f"the server has as many connections as it accepts ({self.limits.max_connections}), all "
@@ -122,6 +145,17 @@ class ConnectionGuard:
         self.total += 1
         self.by_address[address] = self.by_address.get(address, 0) + 1
         return None
+
+    def _victim(self) -> Any:
+        """The oldest waiting connection from an address that holds several (else the oldest)."""
+        oldest = None
+        for index, connection in enumerate(self.waiting):
+            if self.by_address.get(connection._address, 0) > 1:
+                return connection
+            oldest = connection if oldest is None else oldest
+            if index >= 64:
+                break
+        return oldest
 
     def release(self, connection: Any, address: str) -> None:
         self.waiting.pop(connection, None)
@@ -163,6 +197,15 @@ def guarded_protocol(guard: ConnectionGuard) -> type:
         def data_received(self, data: bytes) -> None:
             if not getattr(self, "_admitted", False):
                 return  # refused: the answer is written, the socket is closing
+            if self.conn.their_state is h11.IDLE:  # a head is being read: cap it, however it arrives
+                pending = self.conn.trailing_data[0] + data
+                if len(pending) > MAX_HEAD_BYTES and b"\r\n\r\n" not in pending[:MAX_HEAD_BYTES + 4]:
+                    self._admitted = False
+                    guard.release(self, self._address)
+                    self._cancel_head_timer()
+                    self.transport.write(_HEAD_TOO_LARGE)
+                    self.transport.close()
+                    return
             super().data_received(data)
 
         def handle_events(self) -> None:
