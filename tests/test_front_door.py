@@ -222,7 +222,7 @@ def test_idle_connection_flood_from_one_address_does_not_stall_health(server):
 
 @pytest.mark.slow
 def test_idle_connections_from_many_addresses_past_the_total_cap(server):
-    sources = [f"127.0.1.{host}" for host in range(1, 41)]  # 40 addresses x 25 = 1,000, over the 768 cap
+    sources = [f"127.0.1.{host}" for host in range(1, 41)]  # 40 addresses x 25 = 1,000, over the 640 cap
     with HealthWatch(server) as watch:
         idle = open_idle(server, 1000, sources)
         time.sleep(1.0)

@@ -16,8 +16,8 @@ it keeps.  :func:`guarded_protocol` returns a subclass of uvicorn's
 * **total cap** (``--max-connections``, by default set from the process's
   open-file limit with room left for the spool, the worker pipes and one
   burst of accepts): when it is reached, the oldest connection that is only
-  waiting (no request in progress) from an address that holds several is
-  closed to make room, so health, status and result requests
+  waiting (no request in progress) from the address that holds the most
+  connections is closed to make room, so health, status and result requests
   from anyone else still get in; when every connection is
   serving a request, the new one gets an immediate ``503``.  A refusal is
   written and the socket closed at once: nothing waits, and the process never
@@ -46,7 +46,7 @@ __all__ = ["ConnectionGuard", "ConnectionLimits", "deepen_listen_queues", "guard
 logger = logging.getLogger("seethrough.server")
 
 _RESERVED_FILES = 128  # spool files, worker and checker pipes, logs, imports
-_ACCEPT_BURST = 128  # sockets asyncio accepts in one go (uvicorn's backlog), before any is refused
+_ACCEPT_BURST = 64  # sockets asyncio accepts in one go (uvicorn's backlog), before any is refused
 LISTEN_QUEUE = 4096  # connections the kernel holds for accept (Linux's default somaxconn)
 _DEFAULT_MAX_CONNECTIONS = 8192
 _RETRY_AFTER_S = 2
@@ -83,8 +83,9 @@ def plan_connections(requested: int | None, per_address: int, header_timeout: fl
         except (ValueError, OSError):
             pass
     files = soft if soft != resource.RLIM_INFINITY else 1 << 20
-    backlog = min(_ACCEPT_BURST, max(16, files // 8))
-    fits = max(16, files - backlog - _RESERVED_FILES)
+    backlog = min(_ACCEPT_BURST, max(16, files // 16))
+    # a few bursts may be accepted before the sockets of refused and closed connections are released
+    fits = max(16, files - 4 * backlog - _RESERVED_FILES)
     cap = min(fits, _DEFAULT_MAX_CONNECTIONS) if requested is None else requested
     if cap > fits:
         logger.warning("--max-connections %d does not fit under the open-file limit of %d; using %d", cap, files, fits)
@@ -124,6 +125,7 @@ class ConnectionGuard:
         self.total = 0
         self.by_address: dict[str, int] = {}
         self.waiting: OrderedDict[Any, None] = OrderedDict()  # oldest first
+        self.waiting_by_address: dict[str, OrderedDict[Any, None]] = {}
         self.refused = 0
         self.evicted = 0
         self.timed_out = 0
@@ -147,18 +149,27 @@ class ConnectionGuard:
         return None
 
     def _victim(self) -> Any:
-        """The oldest waiting connection from an address that holds several (else the oldest)."""
-        oldest = None
-        for index, connection in enumerate(self.waiting):
-            if self.by_address.get(connection._address, 0) > 1:
-                return connection
-            oldest = connection if oldest is None else oldest
-            if index >= 64:
-                break
-        return oldest
+        """The oldest waiting connection of the address that holds the most connections."""
+        if not self.waiting_by_address:
+            return None
+        heaviest = max(self.waiting_by_address, key=lambda address: self.by_address.get(address, 0))
+        return next(iter(self.waiting_by_address[heaviest]))
+
+    def wait(self, connection: Any) -> None:
+        """``connection`` now waits for a request head (newest last)."""
+        self.unwait(connection)
+        self.waiting[connection] = None
+        self.waiting_by_address.setdefault(connection._address, OrderedDict())[connection] = None
+
+    def unwait(self, connection: Any) -> None:
+        if self.waiting.pop(connection, 0) is None:
+            line = self.waiting_by_address[connection._address]
+            del line[connection]
+            if not line:
+                del self.waiting_by_address[connection._address]
 
     def release(self, connection: Any, address: str) -> None:
-        self.waiting.pop(connection, None)
+        self.unwait(connection)
         self.total -= 1
         left = self.by_address.get(address, 1) - 1
         if left > 0:
@@ -211,7 +222,7 @@ def guarded_protocol(guard: ConnectionGuard) -> type:
         def handle_events(self) -> None:
             super().handle_events()
             if self._serving():
-                guard.waiting.pop(self, None)
+                guard.unwait(self)
                 self._cancel_head_timer()
 
         def on_response_complete(self) -> None:
@@ -224,8 +235,7 @@ def guarded_protocol(guard: ConnectionGuard) -> type:
             return self.cycle is not None and not self.cycle.response_complete
 
         def _waiting(self) -> None:
-            guard.waiting.pop(self, None)
-            guard.waiting[self] = None
+            guard.wait(self)
             self._cancel_head_timer()
             self._head_timer = self.loop.call_later(guard.limits.header_timeout, self._head_deadline)
 
@@ -243,7 +253,7 @@ def guarded_protocol(guard: ConnectionGuard) -> type:
 
         def drop(self) -> None:
             """Close a connection that is only waiting (no request in progress)."""
-            guard.waiting.pop(self, None)
+            guard.unwait(self)
             if not self.transport.is_closing():
                 if self.conn.our_state is not h11.ERROR:
                     try:
