@@ -21,9 +21,10 @@ Endpoints (all JSON unless noted; errors are ``{"detail": message}``):
   counts (no key needed; no request ids).
 * ``/docs`` and ``/openapi.json`` — FastAPI's interactive documentation.
 
-Submitted bodies are checked in separate processes (:mod:`.checkers`), never
+Submitted bodies are streamed to disk as they arrive (:mod:`.uploads`), then
+checked in separate processes (:mod:`.checkers`, fairly between keys), never
 on the event loop; bodies and results wait on disk (:mod:`.jobs`), under
-per-key quotas.
+per-key quotas.  Every 429 and 503 carries ``Retry-After``.
 
 Every endpoint but health and the docs needs the ``X-API-Key`` header when
 the server has keys (401 without it, 403 for an unknown key); a request's
@@ -56,6 +57,7 @@ from .intake import IntakeError
 from .jobs import Job, QuotaExceeded
 from .scheduler import QueueFull
 from .service import ServerRuntime
+from .uploads import ClientGone, UploadGate, receive_body
 
 __all__ = ["create_app"]
 
@@ -91,7 +93,9 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
         multiprocessing.get_context(settings.start_method),
         CheckLimits(max_bytes=settings.max_request_bytes, max_unpacked_bytes=settings.max_unpacked_bytes,
                     max_source_bytes=settings.max_source_bytes, memory=settings.check_memory),
-        size=settings.check_workers, timeout=settings.check_timeout)
+        size=settings.check_workers, timeout=settings.check_timeout,
+        max_running_per_key=settings.max_checks_per_key, max_waiting_per_key=settings.max_waiting_checks_per_key)
+    uploads = UploadGate(settings.max_uploads_per_key, settings.max_stored_bytes_per_key, store.stored)
 
     def module_paths() -> dict[str, list[str]]:
         return {name: list((service.info or {}).get("modules") or ()) for name, service in runtime.services.items()}
@@ -150,23 +154,36 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
         if content_type != CONTENT_TYPE:
             raise HTTPException(415, f"requests must be sent as {CONTENT_TYPE} (the seethrough wire format), not "
                                      f"{content_type or 'a body without a Content-Type'}; use the seethrough client.")
-        body = await _read_body(request, settings.max_request_bytes)
-        try:
-            checked = await checkers.check(body, module_paths(), runtime.names.aliases)
-        except IntakeError as error:  # about the caller's own request (its file name, its code): not scrubbed
-            return JSONResponse({"detail": error.detail}, status_code=error.status)
-        service = runtime.services.get(checked.model)
-        if service is None:  # a checker answered with a name it was not given: trust nothing
-            raise HTTPException(400, "the request names no model this server serves")
-        try:
-            job = store.create(caller, checked.model, checked.filename, body)
-        except QuotaExceeded as error:
-            raise HTTPException(429, str(error)) from None
+        fairness = caller or f"address:{request.client.host if request.client else '?'}"
+        with uploads.open(fairness, caller) as upload:
+            try:
+                path, _ = await receive_body(request, upload, store.spool, limit=settings.max_request_bytes,
+                                             body_timeout=settings.body_timeout,
+                                             upload_timeout=settings.upload_timeout)
+            except ClientGone:
+                return JSONResponse({"detail": "the client disconnected before its body was complete"},
+                                    status_code=400, headers={"Connection": "close"})
+            try:
+                try:
+                    checked = await checkers.check(path, module_paths(), runtime.names.aliases, key=fairness)
+                except IntakeError as error:  # about the caller's own request (its file name, its code): not scrubbed
+                    headers = {"Retry-After": f"{error.retry_after:.0f}"} if error.retry_after else None
+                    return JSONResponse({"detail": error.detail}, status_code=error.status, headers=headers)
+                service = runtime.services.get(checked.model)
+                if service is None:  # a checker answered with a name it was not given: trust nothing
+                    raise HTTPException(400, "the request names no model this server serves")
+                try:
+                    job = store.create(caller, checked.model, checked.filename, path)
+                except QuotaExceeded as error:
+                    raise HTTPException(429, str(error), headers={"Retry-After": "10"}) from None
+            finally:
+                path.unlink(missing_ok=True)
         try:
             position = service.submit(job, caller)
         except QueueFull as error:
             store.discard(job)
-            raise HTTPException(429, f"{error}; wait for your earlier requests to finish, then submit again.") from None
+            raise HTTPException(429, f"{error}; wait for your earlier requests to finish, then submit again.",
+                                headers={"Retry-After": "5"}) from None
         return JSONResponse({"id": job.id, "status": "queued", "position": position}, status_code=202)
 
     @app.get("/v1/requests/{job_id}", summary="A request's status")
@@ -262,27 +279,6 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
                                        "details. Please report it."}, status_code=500)
 
     return app
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            size = int(declared)
-        except ValueError:
-            raise HTTPException(400, f"the Content-Length header {declared!r} is not a number") from None
-        if size > limit:
-            raise HTTPException(413, f"the request is {size:,} bytes, over this server's limit of {limit:,} bytes; "
-                                     "send smaller tensors, or ask the operator to raise --max-request-bytes.")
-    chunks: list[bytes] = []
-    total = 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise HTTPException(413, f"the request is over this server's limit of {limit:,} bytes; send smaller "
-                                     "tensors, or ask the operator to raise --max-request-bytes.")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _sse(name: str, data: Any) -> str:

@@ -34,6 +34,7 @@ def serve(settings: Settings, prog: str = "seethrough serve") -> int:
     import uvicorn
 
     from .app import create_app
+    from .connections import ConnectionGuard, deepen_listen_queues, guarded_protocol, plan_connections
     from .process import WorkerStartError
     from .service import ServerRuntime
 
@@ -57,10 +58,22 @@ def serve(settings: Settings, prog: str = "seethrough serve") -> int:
     line, complete = runtime.isolation_line()
     (logger.info if complete and settings.isolation != "off" else logger.warning)("%s", line)
     try:
+        limits = plan_connections(settings.max_connections, settings.max_connections_per_address,
+                                  settings.header_timeout)
+        logger.info("front door: at most %d connections (%d per address), request heads within %g s",
+                    limits.max_connections, limits.max_per_address, limits.header_timeout)
         config = uvicorn.Config(create_app(runtime), host=settings.host, port=settings.port,
-                                log_level=settings.log_level, timeout_graceful_shutdown=3, access_log=False)
+                                log_level=settings.log_level, timeout_graceful_shutdown=3, access_log=False,
+                                http=guarded_protocol(ConnectionGuard(limits)), backlog=limits.backlog,
+                                timeout_keep_alive=settings.keep_alive)
         logging.getLogger("uvicorn.error").addFilter(_QuietShutdown())  # after Config: it sets up uvicorn's logging
-        server = uvicorn.Server(config)
+
+        class Server(uvicorn.Server):  # deepens the kernel's listen queue once the sockets listen
+            async def startup(self, sockets: list | None = None) -> None:
+                await super().startup(sockets=sockets)
+                deepen_listen_queues(getattr(self, "servers", []))
+
+        server = Server(config)
         try:
             server.run()
         except KeyboardInterrupt:  # uvicorn re-raises the Ctrl+C it already handled: say it in one line

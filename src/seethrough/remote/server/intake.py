@@ -23,10 +23,11 @@ __all__ = ["IntakeError", "check_request"]
 class IntakeError(Exception):
     """A request refused before queueing: an HTTP status and a message."""
 
-    def __init__(self, status: int, detail: str) -> None:
+    def __init__(self, status: int, detail: str, retry_after: float | None = None) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
+        self.retry_after = retry_after  # seconds, for a 429 or 503 the client should retry after
 
 
 def check_request(body: bytes, *, max_bytes: int, max_unpacked_bytes: int, max_source_bytes: int,

@@ -171,10 +171,14 @@ class JobStore:
             shutil.rmtree(self.spool, ignore_errors=True)
 
     # -- creation and lookup ----------------------------------------------------------
-    def create(self, owner: str | None, model: str, filename: str, payload: bytes) -> Job:
-        """A new queued job holding ``payload``; raises :class:`QuotaExceeded` past the key's quota."""
+    def create(self, owner: str | None, model: str, filename: str, payload: bytes | Path) -> Job:
+        """A new queued job holding ``payload``; raises :class:`QuotaExceeded` past the key's quota.
+
+        ``payload`` is the body's bytes, or a file in the spool holding them
+        (an upload streamed to disk: it is moved into place, never read)."""
+        size = payload.stat().st_size if isinstance(payload, Path) else len(payload)
         job = Job(id=secrets.token_urlsafe(18), owner=owner, model=model, filename=filename, spool=self.spool,
-                  payload_size=len(payload))
+                  payload_size=size)
         with self._lock:
             count, stored = self._counts.get(owner, 0), self._stored.get(owner, 0)
             if len(self._jobs) >= self.max_jobs:
@@ -186,16 +190,24 @@ class JobStore:
                     f"this API key already has {count:,} requests on the server (the limit is "
                     f"{self.max_jobs_per_key:,}, queued and finished ones kept for {self.ttl:g} s); fetch the results "
                     "you need and delete them (DELETE /v1/requests/{id}, or job.delete()), or wait")
-            if stored + len(payload) > self.max_stored_bytes_per_key:
+            if stored + size > self.max_stored_bytes_per_key:
                 raise QuotaExceeded(
-                    f"this API key stores {stored:,} bytes on the server and this request adds {len(payload):,}, over "
+                    f"this API key stores {stored:,} bytes on the server and this request adds {size:,}, over "
                     f"the limit of {self.max_stored_bytes_per_key:,} bytes; fetch and delete finished results "
                     "(DELETE /v1/requests/{id}), or wait for them to expire")
-            self._write(job.request_path, payload)
+            if isinstance(payload, Path):
+                os.replace(payload, job.request_path)
+            else:
+                self._write(job.request_path, payload)
             self._jobs[job.id] = job
             self._counts[owner] = count + 1
-            self._stored[owner] = stored + len(payload)
+            self._stored[owner] = stored + size
         return job
+
+    def stored(self, owner: str | None) -> int:
+        """Bytes ``owner`` stores now (bodies, results, printed lines)."""
+        with self._lock:
+            return self._stored.get(owner, 0)
 
     def get(self, job_id: str, now: float | None = None) -> Job | None:
         """The job ``job_id``; None if there is none or it finished more than ``ttl`` seconds ago."""

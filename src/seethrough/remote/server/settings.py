@@ -160,6 +160,25 @@ OPTIONS: tuple[Option, ...] = (
            choices=REQUEST_PROCESSES, worker=True),
     Option("log_level", "info", "how much the server logs", kind="choice",
            choices=("debug", "info", "warning", "error"), worker=True),
+    Option("max_connections", None, "open connections the API keeps; past it the oldest idle one is closed, or a "
+           "new one gets 503 (default: what fits under the process's open-file limit, at most 8192)", metavar="N",
+           positive=True, group="door"),
+    Option("max_connections_per_address", 64, "open connections from one client address; past it new ones get 503",
+           metavar="N", positive=True, group="door"),
+    Option("header_timeout", 10.0, "time a connection has to send a complete request head before it is closed",
+           kind="float", metavar="SECONDS", positive=True, group="door"),
+    Option("keep_alive", 5.0, "how long an idle keep-alive connection stays open", kind="float", metavar="SECONDS",
+           positive=True, group="door"),
+    Option("body_timeout", 15.0, "an upload that sends no byte for this long is cut off with 408", kind="float",
+           metavar="SECONDS", positive=True, group="door"),
+    Option("upload_timeout", 300.0, "time to send a whole request body; past it the upload is cut off with 408",
+           kind="float", metavar="SECONDS", positive=True, group="door"),
+    Option("max_uploads_per_key", 4, "request bodies one API key (or address, on an open server) may send at once; "
+           "past it 429", metavar="N", positive=True, group="door"),
+    Option("max_checks_per_key", None, "checker processes one API key may use at once (default: half of "
+           "--check-workers, at least 1)", metavar="N", positive=True, group="door"),
+    Option("max_waiting_checks_per_key", 4, "bodies one API key may have waiting for a checker; past it 429",
+           metavar="N", positive=True, group="door"),
     Option("ray", None, "place each model's workers as Ray actors on a cluster: 'auto' (the cluster this machine "
            "belongs to), HOST:PORT of a head node, or 'local' (a private Ray instance on this machine)",
            kind="text", metavar="ADDRESS", group="ray"),
@@ -242,7 +261,8 @@ def build_parser(prog: str = "seethrough serve") -> argparse.ArgumentParser:
     parser.add_argument("--model", action="append", metavar="NAME=PATH_OR_REPO",
                         help="a model to serve, addressed by NAME (repeat for several); without any, the bundled "
                              f"offline model is served as {DEFAULT_SERVED}")
-    groups = {"ray": parser.add_argument_group("scale-out on Ray (pip install \"seethrough[ray]\")")}
+    groups = {"door": parser.add_argument_group("the front door (connections, uploads, checks)"),
+              "ray": parser.add_argument_group("scale-out on Ray (pip install \"seethrough[ray]\")")}
     for option in OPTIONS:
         if option.option_string == "":
             continue  # a setting with no flag
