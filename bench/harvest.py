@@ -194,13 +194,13 @@ def section_remote(args, targets, tmp: Path) -> float:
     try:
         model = LanguageModel(str(folder))
         object.__setattr__(model, "_remote_name", "smollm2")
-        n = 16 if args.quick else 48
+        n = 16 if args.quick else 96
         prompts = texts(n, args.seed + 1)
         tokens = sum(len(r) for r in tok(prompts, truncation=True, max_length=64)["input_ids"])
 
         def once(folder, **options):
             shutil.rmtree(folder, ignore_errors=True)
-            with model.harvest(prompts, to=folder, batch_size=8, max_length=64, window=len(prompts), progress=False, **options) as run:
+            with model.harvest(prompts, to=folder, batch_size=16, max_length=64, window=len(prompts), progress=False, **options) as run:
                 run.keep("resid2", model.model.layers[2].output)
 
         def local():
@@ -225,7 +225,7 @@ def section_remote(args, targets, tmp: Path) -> float:
         server.stop()
     ratio = samples["local"].median / samples["remote"].median
     h.print_table(["where", "tok/s", "spread"], [(k, f"{tokens / s.median:,.0f}", h.fmt_spread(s.spread)) for k, s in samples.items()], align="lrr")
-    print(f"SmolLM2 cut to 4 layers, {n} prompts, micro-batches of 8, 4 requests in flight; server --threads {args.threads}\n")
+    print(f"SmolLM2 cut to 4 layers, {n} prompts, micro-batches of 16, 4 requests in flight; server --threads {args.threads}\n")
     targets.check("remote/local throughput >= 0.8", f"{ratio:.3f}x", ratio >= 0.8)
     return ratio
 
