@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("seethrough.envoy", "seethrough.source"),
     ("seethrough.remote", "seethrough.remote.wire", "seethrough.remote.protocol", "seethrough.remote.client",
      "seethrough.remote.backend", "seethrough.remote.collect"),
+    ("seethrough.harvest",),
     ("seethrough.models",),
     ("seethrough.remote.server", "seethrough.remote.execute", "seethrough.remote.sandbox", "seethrough.remote.modules",
      "seethrough.remote.local"),

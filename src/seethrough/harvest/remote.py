@@ -111,13 +111,11 @@ class RemoteHarvest(Harvest):
         self.api_key = api_key
 
     def _prepare(self, captured: CapturedBlock, seed: dict, globals_: dict) -> None:
-        from ..models.model import _remote_options
         from ..remote.client import RemoteClient
         from ..remote.collect import build_request
 
         source, self._keeps = rewrite_keeps(captured)
-        options = _remote_options(True, self.host, self.api_key, True, self.model.__dict__.get("_remote_host"))
-        self._client = RemoteClient(options.host, options.api_key)
+        self._client = RemoteClient(self.host, self.api_key)  # as the model resolved them (LanguageModel.harvest)
         probe = torch.zeros((1, 1), dtype=torch.long)
         template = build_request(kind="trace", model=self.model, captured=captured, seed=seed, globals_=globals_,
                                  args=({"input_ids": probe, "attention_mask": probe},))

@@ -21,7 +21,7 @@ import time
 import weakref
 from collections import deque
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
 import torch
 
@@ -32,9 +32,6 @@ from . import batching, inputs as prompts_in
 from .keep import BatchHandle, KeepState, WindowRows, dtype_name, keys_of, resolve_dtype
 from .progress import Progress
 from .store import HarvestStore, HarvestStoreError, StoreWriter, load
-
-if TYPE_CHECKING:
-    from ..models.language import LanguageModel
 
 
 def _digest(data: Any) -> str:
@@ -84,7 +81,7 @@ class Harvest:
 
     def __init__(
         self,
-        model: "LanguageModel",
+        model: Any,  # a seethrough.LanguageModel (this package sits below the wrappers)
         prompts: Iterable,
         *,
         to: str | Path,
@@ -98,6 +95,7 @@ class Harvest:
         grad: bool = False,
         progress: bool = True,
         overwrite: bool = False,
+        backend: Any = None,
     ) -> None:
         if not (batch_size == "auto" or (isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size > 0)):
             raise UsageValueError(f"batch_size={batch_size!r}: pass a positive int, or 'auto' to fit a memory budget.")
@@ -123,6 +121,7 @@ class Harvest:
         self.grad = grad
         self.show_progress = progress
         self.overwrite = overwrite
+        self.backend = backend  # how a micro-batch's trace calls the model (the wrapper's forward)
         self.summary: dict[str, Any] = {}
         self._takeover: Takeover | None = None
 
@@ -349,13 +348,12 @@ class Harvest:
         """Micro-batches started but not finished when the run fails."""
 
     def _micro_batch(self, captured: Any, seed: dict, globals_: dict, state: KeepState, batch: Any, first: int) -> dict:
-        from ..models.backends import forward_backend
         from ..tracing.run import TraceRun
 
         ids = torch.tensor(batch.rows) + first
         handle = BatchHandle(state, batch, ids)
         inputs = (({"input_ids": batch.input_ids, "attention_mask": batch.attention_mask},), {})
-        run = TraceRun(self.model, captured, handle, seed, globals_, inputs, forward_backend, keep_graph=False)
+        run = TraceRun(self.model, captured, handle, seed, globals_, inputs, self.backend, keep_graph=False)
         grad = torch.enable_grad() if self.grad else torch.no_grad()
         with grad:
             run.run_to_end(_ignore)

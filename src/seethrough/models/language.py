@@ -38,7 +38,7 @@ from ..errors import BatchError, InputTypeError, LanguageModelError, NotInTraceE
 from ..remote.client import ModelNotServedError, ServedModel, served_model
 from ..tracing.runtime import current_task
 from ..tracing.tracer import Tracer
-from .backends import GenerateBackend, lm_scan_backend, meta_backend, probe_meta_mask
+from .backends import GenerateBackend, forward_backend, lm_scan_backend, meta_backend, probe_meta_mask
 from .batching import PreparedInput
 from .hub import hub_endpoint, offline_loading
 from .streaming import Streamer
@@ -497,8 +497,11 @@ class LanguageModel(Model):
         if remote:
             from ..harvest.remote import RemoteHarvest
 
+            if remote is True:  # the server and key as a remote trace of this model would use them
+                resolved = _remote_options(True, host, api_key, True, self._remote_host)
+                host, api_key = resolved.host, resolved.api_key
             return RemoteHarvest(self, prompts, remote=remote, in_flight=in_flight, host=host, api_key=api_key, **options)
-        return Harvest(self, prompts, **options)
+        return Harvest(self, prompts, backend=forward_backend, **options)
 
     @property
     def generator(self) -> "Generator":

@@ -64,9 +64,8 @@ def _host_names() -> set[str]:
 
 
 def _server_paths(extra: list[str | os.PathLike]) -> set[str]:
-    import seethrough
 
-    package = Path(seethrough.__file__).resolve().parent
+    package = Path(__file__).resolve().parents[2]  # the seethrough package (this is seethrough/remote/server/)
     candidates: list[Any] = [*extra, sys.prefix, sys.base_prefix, sys.exec_prefix, package.parent,
                              package.parent.parent, os.getcwd(), Path.home(),
                              os.environ.get("HF_HOME", ""), os.environ.get("SEETHROUGH_CACHE", "")]
