@@ -270,16 +270,21 @@ def pct(values: list[float], q: float) -> str:
     return f"{1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))]:.0f} ms"
 
 
-async def attack(port: int, duration: float, upload_mb: int) -> None:
+async def attack(port: int, duration: float, upload_mb: int, kinds: set[str]) -> None:
     """The abuses, run in a process of their own (so they do not slow the measuring one)."""
     stats = Stats()
-    expensive = expensive_body()
+    expensive = expensive_body() if "check" in kinds else b""
     print("ready", flush=True)
     end = time.monotonic() + duration
-    abuse = asyncio.gather(idle_flood(port, ["127.0.0.2"], 2000, stats, end),
-                           idle_flood(port, [f"127.0.2.{n}" for n in range(1, 41)], 1000, stats, end),
-                           slow_uploads(port, upload_mb * 1024 * 1024, stats, end),
-                           check_flood(port, expensive, stats, end))
+    tasks = []
+    if "idle" in kinds:
+        tasks += [idle_flood(port, ["127.0.0.2"], 2000, stats, end),
+                  idle_flood(port, [f"127.0.2.{n}" for n in range(1, 41)], 1000, stats, end)]
+    if "upload" in kinds:
+        tasks.append(slow_uploads(port, upload_mb * 1024 * 1024, stats, end))
+    if "check" in kinds:
+        tasks.append(check_flood(port, expensive, stats, end))
+    abuse = asyncio.gather(*tasks)
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(abuse, duration + 5)
     print(json.dumps(dict(stats.abuse)), flush=True)
@@ -291,7 +296,7 @@ async def drive(args: argparse.Namespace, server: ServerProcess, stats: Stats) -
     if args.abuse:
         attacker = await asyncio.create_subprocess_exec(
             sys.executable, __file__, "--attack-port", str(server.port), "--duration", str(args.duration),
-            "--upload-mb", str(args.upload_mb), stdout=asyncio.subprocess.PIPE)
+            "--upload-mb", str(args.upload_mb), "--abuses", args.abuses, stdout=asyncio.subprocess.PIPE)
         await attacker.stdout.readline()  # "ready"
     print(f"server on port {server.port}; load for {args.duration:g} s ...", file=sys.stderr)
     start = time.monotonic()
@@ -318,13 +323,15 @@ def main() -> int:
     parser.add_argument("--upload-mb", type=int, default=250, help="size of each held upload (default 250)")
     parser.add_argument("--nofile", type=int, default=1024, help="the server's open-file limit (default 1024)")
     parser.add_argument("--no-abuse", dest="abuse", action="store_false", help="honest traffic only")
+    parser.add_argument("--abuses", default="idle,upload,check",
+                        help="which abuses run, comma-separated (default idle,upload,check)")
     parser.add_argument("--attack-port", type=int, default=None, help=argparse.SUPPRESS)  # the abuser process
     args = parser.parse_args()
     torch.set_num_threads(1)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the abusers hold thousands of sockets
     if args.attack_port is not None:
-        asyncio.run(attack(args.attack_port, args.duration, args.upload_mb))
+        asyncio.run(attack(args.attack_port, args.duration, args.upload_mb, set(args.abuses.split(","))))
         return 0
     folder = tempfile.mkdtemp(prefix="seethrough-bench-front-door-")
     offline.save_random_gpt2(folder, n_layer=2, n_embd=32, n_head=4, n_positions=128)
@@ -340,7 +347,7 @@ def main() -> int:
     if problems:
         print("server log, errors:\n  " + "\n  ".join(problems[-20:]), file=sys.stderr)
     rows = [
-        ("duration", f"{elapsed:.0f} s, {args.clients} clients over {args.keys} keys, abuse {'on' if args.abuse else 'off'}"),
+        ("duration", f"{elapsed:.0f} s, {args.clients} clients over {args.keys} keys, abuse: {args.abuses if args.abuse else 'none'}"),
         ("requests completed (submit, poll, result, delete)", f"{stats.completed} ({stats.completed / elapsed:.1f}/s)"),
         ("honest 429 / 503 (Retry-After honoured)", f"{stats.busy[429]} / {stats.busy[503]}"),
         ("health p50 / p99 / max", f"{pct(stats.health, .5)} / {pct(stats.health, .99)} / "

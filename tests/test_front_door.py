@@ -23,7 +23,6 @@ import socket
 import sys
 import threading
 import time
-import zlib
 from pathlib import Path
 from typing import Any, Iterator
 

@@ -2,7 +2,8 @@
 
 :func:`receive_body` writes a submission's body to a private file in the
 spool chunk by chunk (uvicorn hands over at most 64 KiB at a time and stops
-reading the socket until that is taken), so the API process's memory does
+reading the socket until that is taken; each write runs in a thread, since a
+write blocks while the kernel flushes dirty pages), so the API process's memory does
 not grow with the size or the number of uploads.  Before any byte is read,
 and again as a body without ``Content-Length`` (chunked) grows, its size is
 checked against ``--max-request-bytes`` (413) and against what the key may
@@ -137,6 +138,7 @@ async def receive_body(request: Any, upload: Upload, folder: Path, *, limit: int
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     total = 0
     deadline = time.monotonic() + upload_timeout
+    loop = asyncio.get_running_loop()
     try:
         with os.fdopen(descriptor, "wb", buffering=0) as handle:
             while True:
@@ -160,7 +162,8 @@ async def receive_body(request: Any, upload: Upload, folder: Path, *, limit: int
                         raise _too_large(None, limit)
                     if declared is None:
                         upload.grow(total)
-                    handle.write(chunk)
+                    # in a thread: a write can block while the kernel flushes dirty pages to disk
+                    await loop.run_in_executor(None, handle.write, chunk)
                 if not message.get("more_body", False):
                     break
     except BaseException:
