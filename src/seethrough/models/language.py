@@ -34,14 +34,13 @@ from typing import Any
 import torch
 
 from .._frames import where_user_is
-from ..errors import BatchError, InputTypeError, LanguageModelError, NotInTraceError, SeethroughError, UsageTypeError
+from ..errors import BatchError, InputTypeError, LanguageModelError, UsageTypeError
 from ..remote.client import ModelNotServedError, ServedModel, served_model
-from ..tracing.runtime import current_task
 from ..tracing.tracer import Tracer
 from .backends import GenerateBackend, forward_backend, lm_scan_backend, meta_backend, probe_meta_mask
 from .batching import PreparedInput
 from .hub import hub_endpoint, offline_loading
-from .streaming import Streamer
+from .streaming import Streamer, task_of_trace
 from .model import CLASS_ENVOYS, Model, _remote_options
 
 # Repo ids that resolve to the offline copy shipped in a PyPI package.
@@ -528,13 +527,8 @@ class Generator:
 
     @property
     def output(self) -> Any:
-        task = current_task()
-        run = task.run if task is not None else None
-        if run is None or run.model._module is not self._model._module:
-            raise NotInTraceError(
-                f"`model.generator.output` was used outside a trace ({where_user_is()}); read it "
-                "inside `with model.generate(...):` (and `.save()` it to keep it)."
-            )
+        task, run = task_of_trace(self._model, "model.generator.output",
+                                  "read it inside `with model.generate(...):` (and `.save()` it to keep it).")
         if not isinstance(run.backend, GenerateBackend):
             raise LanguageModelError(
                 f"`model.generator.output` exists only in `model.generate(...)` ({where_user_is()}); "

@@ -23,6 +23,16 @@ if TYPE_CHECKING:
     from ..tracing.run import TraceRun
 
 
+def task_of_trace(model: Any, what: str, hint: str) -> tuple[Any, "TraceRun"]:
+    """The running task and its trace run, when that trace runs ``model``;
+    else :class:`NotInTraceError` saying ``what`` was used outside it (``hint``: where to use it)."""
+    task = current_task()
+    run = task.run if task is not None else None
+    if run is None or run.model._module is not model._module:
+        raise NotInTraceError(f"`{what}` was used outside a trace ({where_user_is()}); {hint}")
+    return task, run
+
+
 class StepRecorder:
     """A HuggingFace streamer (``put``/``end``) that keeps what it was given,
     in order, and passes every call on to ``inner`` (the caller's streamer)."""
@@ -66,13 +76,8 @@ class Streamer:
 
     @property
     def output(self) -> Any:
-        task = current_task()
-        run = task.run if task is not None else None
-        if run is None or run.model._module is not self._model._module:
-            raise NotInTraceError(
-                f"`model.generator.streamer.output` was used outside a trace ({where_user_is()}); read "
-                "it inside `with model.generate(...):`, e.g. in `for step in tracer.iter[:]:`."
-            )
+        task, run = task_of_trace(self._model, "model.generator.streamer.output",
+                                  "read it inside `with model.generate(...):`, e.g. in `for step in tracer.iter[:]:`.")
         interleaver = run.interleaver
         if interleaver.step < 0 and not interleaver.forward_done:
             interleaver.wait_for_step(task, 0)  # the prompt is streamed before the first step

@@ -42,7 +42,7 @@ import signal
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, make_dataclass
+from dataclasses import make_dataclass
 from dataclasses import field as dc_field
 from pathlib import Path
 from typing import Any, Callable
