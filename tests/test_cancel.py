@@ -22,6 +22,7 @@ import torch
 from seethrough.remote.client import RemoteClient, RemoteJob
 from seethrough.remote.server.jobs import JobStore
 from test_server import ALICE, BOB, call, follow, gpt2_workers, make_request, packed, post, reference, server  # noqa: F401
+from fixtures.signals import takes_ctrl_c
 
 pytestmark = [pytest.mark.timeout(300)]
 
@@ -163,7 +164,7 @@ def test_ctrl_c_in_a_blocking_remote_trace_cancels_it_on_the_server(server, gpt2
     """))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                               text=True)
+                               text=True, preexec_fn=takes_ctrl_c)
     try:
         assert process.stdout.readline().strip() == "started"  # printed by the body, on the server
         worker = gpt2_workers(server)[0]["pid"]

@@ -23,6 +23,7 @@ import torch
 from seethrough import LanguageModel
 from seethrough.cli import build_parser, main
 from seethrough.interp.demo import DemoOptions, run_demo
+from fixtures.signals import takes_ctrl_c
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SECTIONS = ("1. Activation statistics", "2. Logit lens", "3. Activation patching", "4. Steering")
@@ -158,7 +159,7 @@ def test_serve_command_hosts_a_model_for_remote_traces(tmp_path):
         # would hang at its first parallel operation (the worker loads on one thread).
         [sys.executable, "-m", "seethrough", "serve", "--model", f"tiny={folder}", "--port", str(port),
          "--threads", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=takes_ctrl_c,
     )
     try:
         url = f"http://127.0.0.1:{port}"

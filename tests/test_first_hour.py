@@ -29,6 +29,7 @@ from seethrough.models import hub, offline
 from seethrough.remote.client import ModelNotServedError
 from seethrough.remote.server import testing
 from seethrough.remote.server.settings import DEFAULT_SERVED, parse_args
+from fixtures.signals import takes_ctrl_c
 
 
 @pytest.fixture
@@ -139,7 +140,7 @@ def test_ctrl_c_stops_the_server_with_one_line(gpt2_dir, tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen([sys.executable, "-m", "seethrough", "serve", "--model", f"gpt2={gpt2_dir}",
                                 "--port", str(port), "--threads", "1"], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, env=env)
+                               stderr=subprocess.STDOUT, text=True, env=env, preexec_fn=takes_ctrl_c)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
     reader.start()

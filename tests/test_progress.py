@@ -52,8 +52,10 @@ def test_a_generation_shows_its_steps(server, gpt2_dir, progress_on, capsys):
     with model.generate("Once upon a time", max_new_tokens=40, do_sample=False, remote=True, host=server.url,
                         api_key=ALICE) as tracer:
         for step in tracer.iter[:]:
+            # Work enough that the generation runs for seconds even on an idle fast machine
+            # (steps are reported every half second, the display starts after one).
             for i in range(60):
-                x = torch.ones(200, 200) @ torch.ones(200, 200)
+                x = torch.ones(320, 320) @ torch.ones(320, 320)
         tokens = tracer.result.save()
     assert tokens.shape[-1] > 40
     err = capsys.readouterr().err

@@ -535,6 +535,7 @@ def test_edits_of_an_operation_equal_raw_hook_edits_on_smollm2(smollm2_small):
     # Assigning, editing in place and replacing the input of a `.source` operation
     # (nnsight 0.8.1 does all three) against the same edit by a raw hook.
     hf, tokenizer = smollm2_small
+    hooks_before = hook_state(hf)  # HuggingFace may have left its own hooks on this shared model
     model = LanguageModel(hf, tokenizer=tokenizer)
     prompt = "The Eiffel Tower is in the city of"
     ids = tokenizer(prompt, return_tensors="pt")
@@ -570,11 +571,12 @@ def test_edits_of_an_operation_equal_raw_hook_edits_on_smollm2(smollm2_small):
     with torch.no_grad():
         plain = hf(**ids).logits
     assert not torch.allclose(in_place, plain, atol=1e-4)
-    assert_pristine(hf)
+    assert_pristine(hf, hooks_before)
 
 
 def test_llama_sdpa_descends_into_the_function_actually_called(smollm2_small, monkeypatch):
     hf, tokenizer = smollm2_small
+    hooks_before = hook_state(hf)  # HuggingFace may have left its own hooks on this shared model
     assert hf.config._attn_implementation == "sdpa"
     before = hook_state(hf)
     model = LanguageModel(hf, tokenizer=tokenizer)
@@ -628,7 +630,7 @@ def test_bert_self_attention_matches_the_hand_wrapped_function(minilm_dir, monke
         ref = hf(**tokenizer("a small test", return_tensors="pt")).last_hidden_state
     assert torch.equal(out, seen[0])
     assert torch.allclose(hidden, ref, atol=1e-5)
-    assert_pristine(hf)
+    assert_pristine(hf, hooks_before)
 
 
 # -- composition with other features ----------------------------------------------------
