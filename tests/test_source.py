@@ -576,7 +576,6 @@ def test_edits_of_an_operation_equal_raw_hook_edits_on_smollm2(smollm2_small):
 
 def test_llama_sdpa_descends_into_the_function_actually_called(smollm2_small, monkeypatch):
     hf, tokenizer = smollm2_small
-    hooks_before = hook_state(hf)  # HuggingFace may have left its own hooks on this shared model
     assert hf.config._attn_implementation == "sdpa"
     before = hook_state(hf)
     model = LanguageModel(hf, tokenizer=tokenizer)
@@ -630,7 +629,7 @@ def test_bert_self_attention_matches_the_hand_wrapped_function(minilm_dir, monke
         ref = hf(**tokenizer("a small test", return_tensors="pt")).last_hidden_state
     assert torch.equal(out, seen[0])
     assert torch.allclose(hidden, ref, atol=1e-5)
-    assert_pristine(hf, hooks_before)
+    assert_pristine(hf)
 
 
 # -- composition with other features ----------------------------------------------------
