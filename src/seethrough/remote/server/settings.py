@@ -64,7 +64,8 @@ class Option:
 
     ``kind`` is how the flag's text is read: ``int``, ``float``, ``size``
     (bytes with a suffix), ``size_or_off`` (a size, or ``off`` for none),
-    ``choice`` (one of ``choices``), ``text``, ``keys`` (a file of API keys),
+    ``choice`` (one of ``choices``), ``text``, ``address`` (text, surrounding
+    spaces dropped), ``keys`` (a file of API keys),
     ``negated`` (a switch that turns the field off).  ``positive``: the value
     must be above 0 when given.  ``worker``: the worker processes get it too
     (a field of :class:`.worker.WorkerOptions`)."""
@@ -79,7 +80,7 @@ class Option:
     worker: bool = False
     group: str | None = None
     flag: str | None = None
-    shown: str | None = None  # the default as written on the command line ("256M"), when it differs
+    shown: str | None = None  # the default as written on the command line ("256M"); "" when the help says it
 
     @property
     def option_string(self) -> str:
@@ -95,7 +96,7 @@ class Option:
 
 
 _TYPES = {"int": int, "float": float, "size": int, "size_or_off": "int | None", "choice": str, "text": str,
-          "keys": "frozenset[str] | None", "negated": bool}
+          "address": str, "keys": "frozenset[str] | None", "negated": bool}
 
 OPTIONS: tuple[Option, ...] = (
     Option("host", "127.0.0.1", "address to listen on", kind="text"),
@@ -181,13 +182,12 @@ OPTIONS: tuple[Option, ...] = (
            metavar="N", positive=True, group="door"),
     Option("ray", None, "place each model's workers as Ray actors on a cluster: 'auto' (the cluster this machine "
            "belongs to), HOST:PORT of a head node, or 'local' (a private Ray instance on this machine)",
-           kind="text", metavar="ADDRESS", group="ray"),
+           kind="address", metavar="ADDRESS", group="ray"),
     Option("cpus_per_worker", None, "CPUs Ray reserves for each worker (default 1; --ray only)", kind="float",
            metavar="N", group="ray"),
     Option("gpus_per_worker", None, "GPUs Ray reserves for each worker; above 1 the model is spread over them with "
            "device_map='auto' (default 0; --ray only)", kind="float", metavar="G", group="ray"),
 )
-OPTION_BY_FIELD = {option.field: option for option in OPTIONS}
 
 Settings = make_dataclass(
     "Settings",
@@ -290,8 +290,8 @@ def _read(option: Option, given: Any) -> Any:
         return _size_or_off(given)
     if option.kind == "keys":
         return load_api_keys(given)
-    if option.kind == "text":
-        return given.strip() if option.field == "ray" else given
+    if option.kind == "address":
+        return given.strip()
     if option.positive and given <= 0:
         raise SettingsError(f"{option.option_string} must be positive, got {given}")
     return given
