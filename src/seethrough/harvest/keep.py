@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import InvokeError, ShapeMismatchError, UsageTypeError, UsageValueError
-from ..tracing.tasks import _StopTrace
+from ..tracing.tasks import stop_trace
 from .batching import MicroBatch
 
 PER = ("token", "prompt")
@@ -112,7 +112,7 @@ class BatchHandle:
     def stop(self) -> None:
         """End this micro-batch's forward here (what is kept so far stays): a
         body that keeps only early layers need not run the rest of the model."""
-        raise _StopTrace()
+        stop_trace()
 
     def invoke(self, *args: Any, **kwargs: Any) -> Any:
         raise InvokeError(

@@ -10,7 +10,7 @@ trace, a forward pass or a generation loop early.  The scheduler itself is
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, NoReturn, TYPE_CHECKING
 
 import torch
 
@@ -25,6 +25,12 @@ NEW, RUNNING, WAITING, BLOCKED, DONE = "new", "running", "waiting", "blocked", "
 
 class _StopTrace(BaseException):
     """Raised by ``tracer.stop()`` inside a body; ends the trace early, keeping saves."""
+
+
+def stop_trace() -> NoReturn:
+    """End the running trace here, from inside its body (``tracer.stop()``,
+    a harvest's ``run.stop()``): the rest of the forward is not run."""
+    raise _StopTrace()
 
 
 class _StopForward(BaseException):

@@ -19,7 +19,7 @@ from ..errors import InvokeError, SeethroughError, TraceSourceError
 from .barrier import Barrier
 from .cache import Cache
 from .capture import CapturedBlock
-from .tasks import _EndOfSteps, _StopTrace
+from .tasks import _EndOfSteps, stop_trace
 from .namespace import BodyNamespace
 from .run import Backend, TraceRun
 from .runtime import current_task
@@ -231,7 +231,7 @@ class Tracer:
         """End the trace here: the rest of the forward pass is not run; values
         saved so far are kept."""
         self._task("stop()")
-        raise _StopTrace()
+        stop_trace()
 
     def cache(
         self,
