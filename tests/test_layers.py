@@ -112,3 +112,101 @@ def test_the_check_sees_imports_inside_functions():
     assert "seethrough.remote.backend" not in _imports(tracer)
     assert _layer("seethrough.tracing.run") < _layer("seethrough.envoy") < _layer("seethrough.models.model")
     assert _layer("seethrough.remote.server.app") > _layer("seethrough.models.language")
+
+
+# -- no module cycle, type-only imports included ---------------------------------------
+#
+# Layers order packages; inside one, modules could still import each other in a
+# circle.  This check draws every module's imports (any scope, `TYPE_CHECKING`
+# blocks too: a type-only import is still a dependency of the reader) and fails
+# on any strongly connected group of modules, naming one cycle in it.
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Each seethrough module -> the seethrough modules it imports (any scope)."""
+    return {_module_name(path): _imports(path) for path in sorted(PACKAGE.rglob("*.py"))}
+
+
+def module_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected groups of more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    groups: list[list[str]] = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, edges = work[-1]
+            for target in edges:
+                if target not in graph:
+                    continue
+                if target not in index:
+                    index[target] = low[target] = len(index)
+                    stack.append(target)
+                    on_stack.add(target)
+                    work.append((target, iter(sorted(graph[target]))))
+                    break
+                if target in on_stack:
+                    low[node] = min(low[node], index[target])
+            else:
+                work.pop()
+                if work:
+                    low[work[-1][0]] = min(low[work[-1][0]], low[node])
+                if low[node] == index[node]:
+                    group = []
+                    while True:
+                        member = stack.pop()
+                        on_stack.discard(member)
+                        group.append(member)
+                        if member == node:
+                            break
+                    if len(group) > 1:
+                        groups.append(sorted(group))
+    return groups
+
+
+def one_cycle(graph: dict[str, set[str]], group: list[str]) -> list[str]:
+    """A shortest import cycle through the group's first module, for the message."""
+    members = set(group)
+    start = group[0]
+    paths = {start: [start]}
+    frontier = [start]
+    while frontier:
+        following = []
+        for node in frontier:
+            for target in sorted(graph[node] & members):
+                if target == start:
+                    return paths[node] + [start]
+                if target not in paths:
+                    paths[target] = paths[node] + [target]
+                    following.append(target)
+        frontier = following
+    raise AssertionError(f"{group} is no cycle")
+
+
+def test_no_module_cycle_even_counting_type_only_imports():
+    graph = import_graph()
+    groups = module_cycles(graph)
+    assert not groups, "modules that import each other in a circle (type-only imports included):\n" + "\n".join(
+        f"  {len(group)} modules: {', '.join(group)}\n    e.g. {' -> '.join(one_cycle(graph, group))}" for group in groups)
+
+
+def test_the_cycle_check_sees_type_only_imports():
+    runtime = PACKAGE / "tracing" / "runtime.py"
+    hidden = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .tracer import Tracer\n"
+    assert "seethrough.tracing.tracer" in _imports(runtime, hidden)
+    graph = import_graph()
+    graph["seethrough.tracing.runtime"] = graph["seethrough.tracing.runtime"] | _imports(runtime, hidden)
+    groups = module_cycles(graph)
+    assert any({"seethrough.tracing.runtime", "seethrough.tracing.tracer"} <= set(group) for group in groups)
+    cycle = one_cycle(graph, next(g for g in groups if "seethrough.tracing.runtime" in g))
+    assert cycle[0] == cycle[-1] and len(cycle) > 2
+    # And a small graph, by hand: a -> b -> c -> a is one group; d, alone, none.
+    assert module_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert module_cycles({"a": {"b"}, "b": set()}) == []

@@ -10,15 +10,12 @@ trace, a forward pass or a generation loop early.  The scheduler itself is
 
 from __future__ import annotations
 
-from typing import Any, Callable, NoReturn, TYPE_CHECKING
+from typing import Any, Callable, NoReturn
 
 import torch
 
 from ..errors import MissedProviderError, OutOfOrderError
 from .values import Handed
-
-if TYPE_CHECKING:
-    from .run import TraceRun
 
 NEW, RUNNING, WAITING, BLOCKED, DONE = "new", "running", "waiting", "blocked", "done"
 
@@ -72,7 +69,7 @@ class Task:
 
     def __init__(
         self,
-        run: "TraceRun",
+        run: Any,  # the TraceRun it belongs to (a layer above: see tracing/__init__.py)
         index: int,
         label: str,
         code: Any,
