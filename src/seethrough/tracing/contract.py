@@ -38,10 +38,6 @@ class ModuleHandle(Protocol):
     _module: torch.nn.Module  # the module it stands for
     _path: str  # dotted path from the root ("" for the root)
 
-    # The interleaver keeps the module's hook plan here (key "_plan"): the
-    # same module tree every trace, so it is worked out once per envoy.
-    __dict__: dict[str, Any]
-
     def _display_path(self) -> str:
         """The path as the user writes it (``model.layers[0].mlp``), for messages."""
         ...

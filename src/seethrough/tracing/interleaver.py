@@ -269,7 +269,7 @@ class Interleaver:
                     message = self._after_result_message(envoy, kind, task.result_waited)
                 raise OutOfOrderError(message)
         if key not in self.hooks:
-            self.hook(module, kind, envoy)
+            self.hook(module, kind)
         # For messages, should the value never come; the frame is the user's
         # (found from here on error).
         task.asked = (envoy, kind, sys._getframe(1), key in self.fired, not (self.forward_running or self.forward_done))
@@ -426,7 +426,7 @@ class Interleaver:
         """The batch size of the values now reached (a body's own `hook=True` call: unbatched)."""
         return self.batch_size if not self.hooked_calls_running else _UNBATCHED
 
-    def hook(self, module: torch.nn.Module, kind: str, envoy: "ModuleHandle | None" = None) -> None:
+    def hook(self, module: torch.nn.Module, kind: str) -> None:
         """Hook ``kind`` of ``module`` (once per trace).
 
         A hook added to a module whose call has already begun does not fire
@@ -441,12 +441,7 @@ class Interleaver:
             return
         if kind == "input":
             self._install(module, "input", key)
-        found = envoy.__dict__.get("_plan") if envoy is not None else None
-        if found is None or found[0][0][0] is not module:
-            found = self.hook_plan(module)
-            if envoy is not None:
-                envoy.__dict__["_plan"] = found  # the same module tree every trace
-        plan, chain = found
+        plan, chain = self.hook_plan(module)  # kept across traces by its owner (the model's ModuleTree)
         for each, each_key in plan:
             if each_key not in hooks:
                 self._install(each, "output", each_key)

@@ -88,7 +88,8 @@ class Task:
         self.stored = stored
         self.is_invoke = is_invoke
 
-    def _body(self, *_: Any) -> None:
+    def exec_body(self, *_: Any) -> None:
+        """Run the body's code in its namespace (in its worker greenlet, see :mod:`.stacks`)."""
         exec(self.code, self.ns)
 
     @property
