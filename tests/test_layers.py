@@ -210,3 +210,47 @@ def test_the_cycle_check_sees_type_only_imports():
     # And a small graph, by hand: a -> b -> c -> a is one group; d, alone, none.
     assert module_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert module_cycles({"a": {"b"}, "b": set()}) == []
+
+
+# -- tracing/ is a stack: its map, top down, is the import order ----------------------
+
+
+def tracing_stack() -> list[str]:
+    """The modules ``tracing/__init__.py``'s map lists, top first."""
+    import re
+
+    text = ast.get_docstring(ast.parse((PACKAGE / "tracing" / "__init__.py").read_text(encoding="utf-8"))) or ""
+    return ["seethrough.tracing." + name for name in re.findall(r"^\* :mod:`\.(\w+)`", text, flags=re.MULTILINE)]
+
+
+def stack_violations(graph: dict[str, set[str]], stack: list[str]) -> list[str]:
+    """Imports of a module listed at or above the importer (``stack``: top first)."""
+    height = {module: len(stack) - index for index, module in enumerate(stack)}
+    return sorted(
+        f"  {source} -> {target}" for source in stack for target in graph.get(source, ())
+        if target in height and height[target] >= height[source])
+
+
+def test_tracing_map_lists_every_module_once():
+    stack = tracing_stack()
+    modules = {name for name in import_graph() if name.startswith("seethrough.tracing.")}
+    assert len(stack) == len(set(stack)), f"listed twice in tracing/__init__.py: {sorted({m for m in stack if stack.count(m) > 1})}"
+    assert set(stack) == modules, (
+        f"tracing/__init__.py's map must list every module of tracing/ (one line each, in import order): "
+        f"missing {sorted(modules - set(stack))}, no such module {sorted(set(stack) - modules)}")
+
+
+def test_tracing_modules_import_only_modules_below_them():
+    bad = stack_violations(import_graph(), tracing_stack())
+    assert not bad, ("in tracing/, a module imports only modules listed below it in tracing/__init__.py's map "
+                     "(type-only imports too):\n" + "\n".join(bad))
+
+
+def test_the_stack_check_sees_an_import_upward():
+    graph = import_graph()
+    stack = tracing_stack()
+    assert len(stack) > 10 and stack[0] == "seethrough.tracing.tracer" and stack[-1] == "seethrough.tracing.sentinels"
+    runtime = PACKAGE / "tracing" / "runtime.py"
+    hidden = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .tasks import Task\n"
+    graph["seethrough.tracing.runtime"] = _imports(runtime, hidden)
+    assert stack_violations(graph, stack) == ["  seethrough.tracing.runtime -> seethrough.tracing.tasks"]
