@@ -256,8 +256,7 @@ class TraceRun:
         for task in self.edit_tasks:
             interleaver.add(task)
             interleaver.start(task)
-        body.index = len(interleaver.tasks)  # `interleaver.add(body)`
-        interleaver.tasks.append(body)
+        interleaver.add(body)
         if self.has_input:
             self.invoke_inputs.append((body, self.inputs))
         interleaver.start(body)
