@@ -60,8 +60,9 @@ def _outside_invoke(envoy: "ModuleHandle", kind: str) -> str:
 
 
 def _deadlock(task: Task) -> BaseException:
-    """The error for a task still blocked when the forward ended, whose
-    blocker gave none (a barrier, a name flow say which they waited for)."""
+    """The error for a task still blocked when the forward ended, where its
+    blocker gave none (a barrier and the name flow give their own, naming what
+    the task waited for)."""
     return InvokeError(f"{task.label} was still waiting when the forward pass ended: {task.waited_for or 'nothing came'}.")
 
 
