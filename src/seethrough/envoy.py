@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import difflib
 import weakref
-from typing import Any, Iterator, Protocol, runtime_checkable
+from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 
 import greenlet
 import torch
 
 from ._frames import where_user_is
 from .errors import ModulePathError, NotInTraceError, UsageAttributeError, UsageTypeError
+from .tracing.contract import HookPlan
 from .tracing.runtime import TaskGreenlet, current_run, current_task
 
 _getcurrent = greenlet.getcurrent
@@ -200,6 +201,14 @@ class Envoy:
         for part in self._path.split(".") if self._path else ():
             text += f"[{part}]" if part.lstrip("-").isdigit() else f".{part}"
         return text
+
+    def _remembered_hook_plan(self, plan_of: Callable[[torch.nn.Module], HookPlan]) -> HookPlan:
+        """See :class:`~seethrough.tracing.contract.ModuleHandle`: kept here, the
+        same module tree every trace (worked out again if the module changed)."""
+        plan = self.__dict__.get("_plan")
+        if plan is None or plan[0][0][0] is not self._module:
+            plan = self.__dict__["_plan"] = plan_of(self._module)
+        return plan
 
     def _child(self, name: str) -> "Envoy":
         child = self._children.get(name)
