@@ -15,7 +15,7 @@ A task may also *block* until a condition holds: a name another invoke has
 yet to assign (:mod:`.namespace`), or a barrier the other invokes have yet to
 reach (:mod:`.barrier`).  Blocked tasks run again, in invoke order, as soon as
 their condition holds; those still blocked when the forward ends get the
-run's ``deadlock_error``.
+error their blocker gave with the condition.
 
 The meaning of ``envoy.output`` follows from this: the value of the module's
 current call if the forward is stopped at it, else of its next call.  A value
@@ -60,8 +60,9 @@ def _outside_invoke(envoy: "ModuleHandle", kind: str) -> str:
 
 
 def _deadlock(task: Task) -> BaseException:
-    """The error for a task still blocked when the forward ended (a run
-    built by a tracer says which name or barrier it waited for)."""
+    """The error for a task still blocked when the forward ended, where its
+    blocker gave none (a barrier and the name flow give their own, naming what
+    the task waited for)."""
     return InvokeError(f"{task.label} was still waiting when the forward pass ended: {task.waited_for or 'nothing came'}.")
 
 
@@ -90,18 +91,15 @@ class Interleaver:
         root: torch.nn.Module,
         hook_plan: Callable[[torch.nn.Module], "HookPlan"],
         outside_invoke: Callable[["ModuleHandle", str], str] = _outside_invoke,
-        deadlock_error: Callable[[Task], BaseException] = _deadlock,
     ) -> None:
         """Its collaborators: ``root``, the module the forward pass calls;
         ``hook_plan(module)``, which modules to hook with ``module`` (a
         model's ``_hook_plan``, or :meth:`.hooks.ModuleTree.hook_plan`);
         ``outside_invoke(envoy, kind)``, the message for a value read by a
-        body that is no invoke; ``deadlock_error(task)``, the error for a task
-        still blocked when the forward has ended."""
+        body that is no invoke."""
         self.root = root
         self.hook_plan = hook_plan
         self.outside_invoke = outside_invoke
-        self.deadlock_error = deadlock_error
         self.tasks: list[Task] = []
         self.main = greenlet.getcurrent()
         # Tasks waiting for each event key, in invoke order, and tasks blocked
@@ -352,13 +350,19 @@ class Interleaver:
         self._wait(task, key)
         self.main.switch()
 
-    def block(self, task: Task, until: Callable[[], bool]) -> None:
-        """Sleep until ``until()`` is true (another invoke assigned a name)."""
+    def block(self, task: Task, until: Callable[[], bool], never: Callable[[], BaseException] | None = None) -> None:
+        """Sleep until ``until()`` is true (another invoke assigned a name, the
+        invokes met at a barrier); should it still be false when the forward
+        has ended, the task gets ``never()`` thrown in."""
         task.blocked_until = until
+        task.never_unblocked = never
         task.state = BLOCKED
         self.blocked.append(task)
         self.blocked.sort(key=_by_index)
-        self.main.switch()
+        try:
+            self.main.switch()
+        finally:
+            task.never_unblocked = None  # it refers to the task: no cycle left behind
 
     def assign(self, task: Task, envoy: "ModuleHandle", kind: str, value: Any, accessor: str) -> None:
         """Replace ``kind`` of the module's current call, for the task's rows."""
@@ -658,7 +662,8 @@ class Interleaver:
                 self._switch(waiting, None, throw=self._not_provided(waiting, key))
         blocked, self.blocked = self.blocked, []
         for task in blocked:
-            self._switch(task, None, throw=self.deadlock_error(task))
+            never = task.never_unblocked
+            self._switch(task, None, throw=never() if never is not None else _deadlock(task))
 
     def _cut_short(self, task: Task) -> _LoopCutShort:
         """A task in a single forward's step loop asked for a call that was not
@@ -780,7 +785,7 @@ class Interleaver:
                 task.greenlet = None
                 task.state = DONE
                 task.blocked_until = None
-                task.blocked_at = None
+                task.never_unblocked = None
             if task.asked is not None:
                 task.asked = None  # it holds a frame of the user's code: let it go
         self.current = None
@@ -790,5 +795,4 @@ class Interleaver:
         it), so that the run and what it holds do not wait for the garbage
         collector.  After :meth:`close`."""
         self.outside_invoke = _outside_invoke
-        self.deadlock_error = _deadlock
         self.on_module_hooked = None

@@ -129,7 +129,7 @@ class TraceRun:
         self.has_input = inputs is not None
         self.saves = SaveRegistry(keep_graph)
         interleaver = self.interleaver = Interleaver(
-            self.root_module, model._hook_plan, self.module_access_outside_invoke, self.deadlock_error
+            self.root_module, model._hook_plan, self.module_access_outside_invoke
         )
         # Backends that call the root module exactly once say so; its output
         # is then observed from their return value instead of a hook.
@@ -471,14 +471,6 @@ class TraceRun:
             if not self._weights:
                 self._weights = {}
             self._weights[id(tensor)] = (name, tensor, tensor._version)
-
-    def deadlock_error(self, task: Task) -> BaseException:
-        """The error for ``task``, still blocked when the forward pass has ended."""
-        if task.blocked_at is not None:
-            meeting, called_at = task.blocked_at
-            return InvokeError(meeting.never_met_message(task, called_at))
-        assert self.flow is not None
-        return self.flow.deadlock_error(task)
 
     # -- the end ----------------------------------------------------------------
     def run_to_end(self, receive: Callable[[dict[str, Any]], None], in_session: list[str] | None = None) -> None:

@@ -55,7 +55,7 @@ class Task:
     # asked before the forward began).
     asked: tuple | None = None
     blocked_until: Callable[[], bool] | None = None
-    blocked_at: Any = None  # the barrier it waits at (for messages), if any
+    never_unblocked: Callable[[], BaseException] | None = None  # its error, should it stay blocked
     waited_for: str | None = None  # what it last waited for, as a sentence for messages
     hooked_calls: set[int] | None = None  # ids of modules it ran itself with `hook=True`
     result_waited: tuple[str, str] | None = None  # (accessor, where) of a wait for the run's result
