@@ -15,8 +15,8 @@ from torch import nn
 import seethrough
 from seethrough import LanguageModel
 from seethrough.errors import ModulePathError, SeethroughError, WeightsModifiedError
-from seethrough.remote.client import RemoteRequestError
-from seethrough.remote.sandbox import SandboxViolation
+from seethrough.remote.client.connection import RemoteRequestError
+from seethrough.remote.server.sandbox import SandboxViolation
 from fixtures.models import assert_pristine, hook_state
 from fixtures.threads import one_thread  # noqa: F401 - autouse: the server's one torch thread
 

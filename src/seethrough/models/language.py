@@ -35,7 +35,7 @@ import torch
 
 from .._frames import where_user_is
 from ..errors import BatchError, InputTypeError, LanguageModelError, UsageTypeError
-from ..remote.client import ModelNotServedError, ServedModel, served_model
+from ..remote.client.connection import ModelNotServedError, ServedModel, served_model
 from ..tracing.tracer import Tracer
 from .backends import GenerateBackend, forward_backend, lm_scan_backend, meta_backend, probe_meta_mask
 from .batching import PreparedInput
@@ -153,7 +153,7 @@ class LanguageModel(Model):
                 hidden = model.transformer.h[0].output.save()
 
         ``host=None`` asks ``seethrough.CONFIG.API.HOST``.  A name the server
-        does not serve raises :class:`~seethrough.remote.client.ModelNotServedError`
+        does not serve raises :class:`~seethrough.remote.client.connection.ModelNotServedError`
         listing the names it serves.  ``options`` are those of the constructor
         (``tokenizer=``, ``rename=``, ``envoys=``, ``automodel=``, config
         overrides).  ``LanguageModel(name, host=...)`` builds the same wrapper."""
@@ -221,6 +221,13 @@ class LanguageModel(Model):
     def _ensure_loaded(self) -> None:
         if not self._loaded:
             self.dispatch()
+
+    @property
+    def remote_name(self) -> str | None:
+        """The name a seethrough server serves this model under (``remote=True``):
+        ``remote_name=``, else the name or real folder path it was loaded from."""
+        name = self.__dict__.get("_remote_name") or self.__dict__.get("_source")
+        return name if isinstance(name, str) and name else None
 
     # -- inputs -------------------------------------------------------------------
     def _prepare_input(self, args: tuple, kwargs: dict) -> PreparedInput:
@@ -520,7 +527,7 @@ class Generator:
     before generation has ended, it waits until then, like ``tracer.result``."""
 
     __slots__ = ("_model",)
-    _remote_attributes = frozenset({"output", "streamer"})  # what a remote body may read (seethrough.remote.reach)
+    _remote_attributes = frozenset({"output", "streamer"})  # what a remote body may read (seethrough.remote.server.reach)
 
     def __init__(self, model: LanguageModel) -> None:
         self._model = model

@@ -41,7 +41,7 @@ from .worker import WorkerOptions, run_worker
 __all__ = ["START_METHODS", "WorkerDied", "WorkerProcess", "WorkerStartError", "start_context"]
 
 START_METHODS = ("spawn", "forkserver")
-_PRELOAD = ["torch", "transformers", "seethrough", "seethrough.models.language", "seethrough.remote.execute",
+_PRELOAD = ["torch", "transformers", "seethrough", "seethrough.models.language", "seethrough.remote.server.execute",
             "seethrough.remote.server.worker", "seethrough.remote.server.guard", "transformers.generation"]
 
 
