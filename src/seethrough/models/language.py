@@ -582,7 +582,7 @@ def _parameters_of(module: torch.nn.Module) -> frozenset[str]:
         return frozenset()
 
 
-def _resolve_source(source: str) -> str:
+def resolve_source(source: str) -> str:
     """A local folder for ``source``: itself, or the offline copy of a known model."""
     if os.path.isdir(source):
         return source
@@ -658,7 +658,7 @@ def _skeleton(source: str, automodel: Any, load_kwargs: dict) -> torch.nn.Module
     """The module tree without weights (meta device), for use before loading."""
     from transformers import AutoConfig
 
-    path = _resolve_source(source)
+    path = resolve_source(source)
     # Keyword arguments that are not about loading (e.g. num_hidden_layers=4)
     # change the configuration: the skeleton must have the same shape as the
     # model that will load.
@@ -687,7 +687,7 @@ def _skeleton(source: str, automodel: Any, load_kwargs: dict) -> torch.nn.Module
 def _load_weights(source: str, automodel: Any, load_kwargs: dict) -> torch.nn.Module:
     from transformers import AutoConfig
 
-    path = _resolve_source(source)
+    path = resolve_source(source)
     kwargs = dict(load_kwargs)
     kwargs.setdefault("dtype", torch.float32)
     if offline_loading(path):
@@ -770,9 +770,9 @@ def _load_tokenizer(source: str, model: Any, tokenizer_kwargs: dict | None = Non
         # asking (a class name would send the hub client into slow retries).
         candidates = [getattr(getattr(model, "config", None), "name_or_path", None)]
     for candidate in candidates:
-        if not candidate or (model is not None and not os.path.isdir(_resolve_source(candidate))):
+        if not candidate or (model is not None and not os.path.isdir(resolve_source(candidate))):
             continue
-        path = _resolve_source(candidate)
+        path = resolve_source(candidate)
         try:
             options = {**(tokenizer_kwargs or {}), **({"local_files_only": True} if offline_loading(path) else {})}
             return AutoTokenizer.from_pretrained(path, **options)

@@ -124,7 +124,7 @@ def _classify(name: str, value: Any, model: Any, request: Request, names: list[s
     if isinstance(value, Envoy):
         if value._root._module is not model._module:
             raise RemoteInputError(f"`{name}` is a module of another model; a remote body can use only the traced model.")
-        request.envoys[name] = value._path
+        request.envoys[name] = value.path
         return
     if isinstance(value, types.ModuleType):
         if value.__name__ not in MODULES:

@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 
 from ...errors import UsageTypeError
+from ...models import LanguageModel
 from ...models.backends import GenerateBackend, forward_backend
 from ...tracing import capture
 from ...tracing.capture import capture_source_block
@@ -141,13 +142,12 @@ def _drop_gradients(served: Any) -> None:
 
 
 def _backend(model: Any, request: Request) -> Any:
+    if isinstance(model, LanguageModel):
+        model.dispatch()  # the weights, if not loaded yet (a no-op once they are)
     if request.kind == "generate":
-        if not hasattr(model, "generate"):
+        if not isinstance(model, LanguageModel):
             raise UsageTypeError("this served model is not a language model; use kind 'trace'.")
-        model._ensure_loaded()
         return GenerateBackend(dict(request.generate))
-    if hasattr(model, "_ensure_loaded"):
-        model._ensure_loaded()
     return forward_backend
 
 

@@ -59,7 +59,7 @@ def run_local(request: Request, model: Any) -> dict:
     (``{"values": ..., "not_saved": ...}``); raises what the client would raise."""
     payload = wire.pack(request.to_wire(), max_bytes=MAX_REQUEST_BYTES)
     served = served_copy(model)
-    module = served._model
+    module = served._module
     info = {"modules": [path for path, _ in module.named_modules() if path]}
     try:
         check_request(payload, max_bytes=_LIMITS.max_request_bytes, max_unpacked_bytes=_LIMITS.max_unpacked_bytes,
@@ -88,7 +88,7 @@ def run_local(request: Request, model: Any) -> dict:
 
 def _execute_guarded(request: Request, served: Any) -> dict:
     """Run the request as a worker does, with the model checked afterwards."""
-    module = served._model
+    module = served._module
     guard = ModelGuard(module, getattr(served, "tokenizer", None))
     # The guard drops gradients a request leaves on parameters (as a worker
     # must); here they are the user's, so put back those from before.
@@ -114,7 +114,7 @@ def served_copy(model: Any) -> Any:
     """A plain wrapper of ``model``'s module, as a server would serve it: the
     library's own wrapper class, standard names only, no edits (cached)."""
     if isinstance(model, LanguageModel):
-        model._ensure_loaded()  # a clear error where the weights exist only on a server
+        model.dispatch()  # the weights if not loaded yet: a clear error where they exist only on a server
     module = model._module
     cached = _SERVED.get(model)
     if cached is not None and cached._module is module:

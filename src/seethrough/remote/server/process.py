@@ -58,12 +58,12 @@ def start_context(method: str, sources: list[str] | tuple[str, ...] = ()) -> Any
 
 def _modelling_modules(sources: list[str] | tuple[str, ...]) -> list[str]:
     """``transformers.models.X.modeling_X`` for each local model folder's ``model_type``."""
-    from ...models.language import _resolve_source
+    from ...models.language import resolve_source
 
     modules = []
     for source in sources:
         try:
-            config = json.loads((Path(_resolve_source(source)) / "config.json").read_text(encoding="utf-8"))
+            config = json.loads((Path(resolve_source(source)) / "config.json").read_text(encoding="utf-8"))
         except (OSError, ValueError, TypeError):
             continue
         model_type = str(config.get("model_type", "")).replace("-", "_")
