@@ -214,3 +214,40 @@ def test_remote_local_reaches_the_server_only_through_its_declared_entry_point()
         loaders |= _calls_of(path, "import_module") | _calls_of(path, "__import__")
     # registry.register imports the user's own module by name; backend.local_server the declared entry point.
     assert loaders == {"seethrough.remote.client.registry.register", "seethrough.remote.client.backend.local_server"}
+
+
+def private_imports(texts: dict[Path, str] | None = None) -> set[tuple[str, str]]:
+    """``from X import _name`` where ``X`` is in another folder than the importer,
+    as ``(module, "X._name")`` (``texts``: sources to read instead of some files)."""
+    texts = texts or {}
+    found = set()
+    for path in sorted(PACKAGE.rglob("*.py")):
+        source = _module_name(path)
+        package = source if path.name == "__init__.py" else source.rpartition(".")[0]
+        tree = ast.parse(texts.get(path) or path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.split(".")[0] != "seethrough":
+                continue
+            for alias in node.names:
+                private = alias.name.startswith("_") and not alias.name.startswith("__")
+                module = f"{target}.{alias.name}" if _is_module(f"{target}.{alias.name}") else target
+                if private and _folder(module) != _folder(source):
+                    found.add((source, f"{target}.{alias.name}"))
+    return found
+
+
+def test_no_private_name_is_imported_from_another_folder():
+    found = sorted(private_imports())
+    assert not found, ("private names imported from another folder (make them public where they live):\n"
+                       + "\n".join(f"  {a} imports {b}" for a, b in found))
+    worker = PACKAGE / "remote" / "server" / "worker.py"
+    seen = private_imports({worker: "from ...models.language import _load_weights\nfrom .forking import _x\n"})
+    assert ("seethrough.remote.server.worker", "seethrough.models.language._load_weights") in seen
+    assert not any(b.endswith("forking._x") for _, b in seen)  # same folder: its own business
