@@ -53,6 +53,7 @@ _EXACT_ATOMS = frozenset(_ATOM_TYPES)
 _KEY_TYPES = frozenset({str, int, bool})
 
 ATOM, SLICE, LIST, TUPLE, SET, FROZENSET, DICT = "atom", "slice", "list", "tuple", "set", "frozenset", "dict"
+_CONTAINERS = ((slice, SLICE), (list, LIST), (tuple, TUPLE), (dict, DICT), (frozenset, FROZENSET), (set, SET))
 
 
 def kind(value: Any) -> str | None:
@@ -66,18 +67,9 @@ def kind(value: Any) -> str | None:
         return ATOM
     if value is Ellipsis:
         return ATOM
-    if isinstance(value, slice):
-        return SLICE
-    if isinstance(value, list):
-        return LIST
-    if isinstance(value, tuple):
-        return TUPLE
-    if isinstance(value, dict):
-        return DICT
-    if isinstance(value, frozenset):
-        return FROZENSET
-    if isinstance(value, set):
-        return SET
+    for base, what in _CONTAINERS:
+        if isinstance(value, base):
+            return what
     return None
 
 

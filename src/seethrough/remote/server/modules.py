@@ -184,8 +184,7 @@ class RebuiltModule(ReadOnlyView):
     __slots__ = ("_name", "_namespace")
 
     def __init__(self, name: str, namespace: dict[str, Any]) -> None:
-        object.__setattr__(self, "_name", name)
-        object.__setattr__(self, "_namespace", namespace)
+        super().__init__(_name=name, _namespace=namespace)
 
     def _allowed(self, name: str) -> bool:
         return not name.startswith("_") and name in self._namespace

@@ -233,6 +233,10 @@ class ReadOnlyView:
     __slots__ = ()
     _remote_checks_own_attributes = True
 
+    def __init__(self, **slots: Any) -> None:
+        for name, value in slots.items():
+            object.__setattr__(self, name, value)
+
     def _written(self, name: str) -> str:
         """Why setting ``name`` is refused, and what to do instead (each view says what it is)."""
         return f"this object is read-only in remote trace bodies (tried to set `{name}`)"
@@ -262,8 +266,7 @@ class ConfigView(ReadOnlyView):
         for alias, target in (getattr(config, "attribute_map", None) or {}).items():
             if isinstance(alias, str) and target in values and not _hidden(alias):
                 values.setdefault(alias, values[target])
-        object.__setattr__(self, "_values", values)
-        object.__setattr__(self, "_kind", type(config).__name__)
+        super().__init__(_values=values, _kind=type(config).__name__)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
@@ -338,7 +341,7 @@ class TokenizerView(ReadOnlyView):
     __slots__ = ("_tokenizer",)
 
     def __init__(self, tokenizer: Any) -> None:
-        object.__setattr__(self, "_tokenizer", tokenizer)
+        super().__init__(_tokenizer=tokenizer)
 
     def _allowed(self, name: str) -> bool:
         return name in _TOKENIZER_METHODS or name in _TOKENIZER_VALUES

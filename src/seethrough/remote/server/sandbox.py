@@ -463,8 +463,7 @@ class _ModuleProxy(ReadOnlyView):
     __slots__ = ("_module_name", "_members")
 
     def __init__(self, module_name: str, members: dict[str, Any]) -> None:
-        object.__setattr__(self, "_module_name", module_name)
-        object.__setattr__(self, "_members", members)
+        super().__init__(_module_name=module_name, _members=members)
 
     def __getattr__(self, attr: str) -> Any:
         if attr.startswith("_"):
