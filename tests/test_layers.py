@@ -251,3 +251,145 @@ def test_no_private_name_is_imported_from_another_folder():
     seen = private_imports({worker: "from ...models.language import _load_weights\nfrom .forking import _x\n"})
     assert ("seethrough.remote.server.worker", "seethrough.models.language._load_weights") in seen
     assert not any(b.endswith("forking._x") for _, b in seen)  # same folder: its own business
+
+
+# -- no module cycle, type-only imports included ---------------------------------------
+#
+# Layers order packages; inside one, modules could still import each other in a
+# circle.  This check draws every module's imports (any scope, `TYPE_CHECKING`
+# blocks too: a type-only import is still a dependency of the reader) and fails
+# on any strongly connected group of modules, naming one cycle in it.
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Each seethrough module -> the seethrough modules it imports (any scope)."""
+    return {_module_name(path): _imports(path) for path in sorted(PACKAGE.rglob("*.py"))}
+
+
+def module_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected groups of more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    groups: list[list[str]] = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, edges = work[-1]
+            for target in edges:
+                if target not in graph:
+                    continue
+                if target not in index:
+                    index[target] = low[target] = len(index)
+                    stack.append(target)
+                    on_stack.add(target)
+                    work.append((target, iter(sorted(graph[target]))))
+                    break
+                if target in on_stack:
+                    low[node] = min(low[node], index[target])
+            else:
+                work.pop()
+                if work:
+                    low[work[-1][0]] = min(low[work[-1][0]], low[node])
+                if low[node] == index[node]:
+                    group = []
+                    while True:
+                        member = stack.pop()
+                        on_stack.discard(member)
+                        group.append(member)
+                        if member == node:
+                            break
+                    if len(group) > 1:
+                        groups.append(sorted(group))
+    return groups
+
+
+def one_cycle(graph: dict[str, set[str]], group: list[str]) -> list[str]:
+    """A shortest import cycle through the group's first module, for the message."""
+    members = set(group)
+    start = group[0]
+    paths = {start: [start]}
+    frontier = [start]
+    while frontier:
+        following = []
+        for node in frontier:
+            for target in sorted(graph[node] & members):
+                if target == start:
+                    return paths[node] + [start]
+                if target not in paths:
+                    paths[target] = paths[node] + [target]
+                    following.append(target)
+        frontier = following
+    raise AssertionError(f"{group} is no cycle")
+
+
+def test_no_module_cycle_even_counting_type_only_imports():
+    graph = import_graph()
+    groups = module_cycles(graph)
+    assert not groups, "modules that import each other in a circle (type-only imports included):\n" + "\n".join(
+        f"  {len(group)} modules: {', '.join(group)}\n    e.g. {' -> '.join(one_cycle(graph, group))}" for group in groups)
+
+
+def test_the_cycle_check_sees_type_only_imports():
+    runtime = PACKAGE / "tracing" / "runtime.py"
+    hidden = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .tracer import Tracer\n"
+    assert "seethrough.tracing.tracer" in _imports(runtime, hidden)
+    graph = import_graph()
+    graph["seethrough.tracing.runtime"] = graph["seethrough.tracing.runtime"] | _imports(runtime, hidden)
+    groups = module_cycles(graph)
+    assert any({"seethrough.tracing.runtime", "seethrough.tracing.tracer"} <= set(group) for group in groups)
+    cycle = one_cycle(graph, next(g for g in groups if "seethrough.tracing.runtime" in g))
+    assert cycle[0] == cycle[-1] and len(cycle) > 2
+    # And a small graph, by hand: a -> b -> c -> a is one group; d, alone, none.
+    assert module_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert module_cycles({"a": {"b"}, "b": set()}) == []
+
+
+# -- tracing/ is a stack: its map, top down, is the import order ----------------------
+
+
+def tracing_stack() -> list[str]:
+    """The modules ``tracing/__init__.py``'s map lists, top first."""
+    import re
+
+    text = ast.get_docstring(ast.parse((PACKAGE / "tracing" / "__init__.py").read_text(encoding="utf-8"))) or ""
+    return ["seethrough.tracing." + name for name in re.findall(r"^\* :mod:`\.(\w+)`", text, flags=re.MULTILINE)]
+
+
+def stack_violations(graph: dict[str, set[str]], stack: list[str]) -> list[str]:
+    """Imports of a module listed at or above the importer (``stack``: top first)."""
+    height = {module: len(stack) - index for index, module in enumerate(stack)}
+    return sorted(
+        f"  {source} -> {target}" for source in stack for target in graph.get(source, ())
+        if target in height and height[target] >= height[source])
+
+
+def test_tracing_map_lists_every_module_once():
+    stack = tracing_stack()
+    modules = {name for name in import_graph() if name.startswith("seethrough.tracing.")}
+    assert len(stack) == len(set(stack)), f"listed twice in tracing/__init__.py: {sorted({m for m in stack if stack.count(m) > 1})}"
+    assert set(stack) == modules, (
+        f"tracing/__init__.py's map must list every module of tracing/ (one line each, in import order): "
+        f"missing {sorted(modules - set(stack))}, no such module {sorted(set(stack) - modules)}")
+
+
+def test_tracing_modules_import_only_modules_below_them():
+    bad = stack_violations(import_graph(), tracing_stack())
+    assert not bad, ("in tracing/, a module imports only modules listed below it in tracing/__init__.py's map "
+                     "(type-only imports too):\n" + "\n".join(bad))
+
+
+def test_the_stack_check_sees_an_import_upward():
+    graph = import_graph()
+    stack = tracing_stack()
+    assert len(stack) > 10 and stack[0] == "seethrough.tracing.tracer" and stack[-1] == "seethrough.tracing.sentinels"
+    runtime = PACKAGE / "tracing" / "runtime.py"
+    hidden = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .tasks import Task\n"
+    graph["seethrough.tracing.runtime"] = _imports(runtime, hidden)
+    assert stack_violations(graph, stack) == ["  seethrough.tracing.runtime -> seethrough.tracing.tasks"]

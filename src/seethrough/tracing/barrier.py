@@ -55,12 +55,7 @@ class Barrier:
         run = task.run if task is not None else None
         if run is None or run.tracer is not self._tracer or not task.is_invoke:
             raise InvokeError(self._outside_message(task, run))
-        meetings = run.meetings
-        if not meetings:
-            meetings = run.meetings = {}
-        meeting = meetings.get(self)
-        if meeting is None:
-            meeting = meetings[self] = Meeting(self)
+        meeting = run.meeting(self, lambda: Meeting(self))
         if task.index not in meeting.callers:
             if len(meeting.callers) >= self.n:
                 raise InvokeError(self._too_many_message(meeting, task))

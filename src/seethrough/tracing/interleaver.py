@@ -216,6 +216,8 @@ class Interleaver:
         """Hand ``event``'s value to ``task``, which waited for it."""
         self._unwait(task)
         event.served.add(task.index)
+        if task.batch is not None and task.batch.advance(self, event, task):
+            return  # recorded; it waits for its next value (see .prefetch)
         self._switch(task, self._view(event, task))
 
     def _wait(self, task: Task, key: tuple) -> None:
@@ -269,7 +271,7 @@ class Interleaver:
                     message = self._after_result_message(envoy, kind, task.result_waited)
                 raise OutOfOrderError(message)
         if key not in self.hooks:
-            self.hook(module, kind, envoy)
+            self.hook(module, kind)
         # For messages, should the value never come; the frame is the user's
         # (found from here on error).
         task.asked = (envoy, kind, sys._getframe(1), key in self.fired, not (self.forward_running or self.forward_done))
@@ -426,7 +428,7 @@ class Interleaver:
         """The batch size of the values now reached (a body's own `hook=True` call: unbatched)."""
         return self.batch_size if not self.hooked_calls_running else _UNBATCHED
 
-    def hook(self, module: torch.nn.Module, kind: str, envoy: "ModuleHandle | None" = None) -> None:
+    def hook(self, module: torch.nn.Module, kind: str) -> None:
         """Hook ``kind`` of ``module`` (once per trace).
 
         A hook added to a module whose call has already begun does not fire
@@ -441,12 +443,7 @@ class Interleaver:
             return
         if kind == "input":
             self._install(module, "input", key)
-        found = envoy.__dict__.get("_plan") if envoy is not None else None
-        if found is None or found[0][0][0] is not module:
-            found = self.hook_plan(module)
-            if envoy is not None:
-                envoy.__dict__["_plan"] = found  # the same module tree every trace
-        plan, chain = found
+        plan, chain = self.hook_plan(module)  # kept across traces by its owner (the model's ModuleTree)
         for each, each_key in plan:
             if each_key not in hooks:
                 self._install(each, "output", each_key)
@@ -470,10 +467,17 @@ class Interleaver:
         if self.on_module_hooked is not None:
             self.on_module_hooked(module)
 
-    def _in_our_forward(self) -> bool:
-        # Hooks also fire when a body calls a module itself, or when another
-        # thread runs the same model: only our own forward pass counts, and
-        # the calls a body makes with `hook=True` (run in the main greenlet).
+    def reported_elsewhere(self, key: tuple) -> None:
+        """The values of ``key`` reach this trace through :meth:`reached` called
+        by someone else (an operation of ``.source``, see :mod:`.operations`),
+        not through a module hook: requests for it install none."""
+        self.hooks[key] = True
+
+    def in_our_forward(self) -> bool:
+        """Is this call part of this trace's own forward pass?  Hooks also fire
+        when a body calls a module itself, or when another thread runs the same
+        model: only our own forward pass counts, and the calls a body makes
+        with ``hook=True`` (run in the main greenlet)."""
         return (self.forward_running or self.hooked_calls_running > 0) and greenlet.getcurrent() is self.main
 
     def _output_hook(self) -> Callable:
@@ -485,9 +489,9 @@ class Interleaver:
 
     def _make_output_hook(self) -> Callable:
         def output_hook(mod: torch.nn.Module, args: Any, output: Any) -> Any:
-            if not self._in_our_forward():
+            if not self.in_our_forward():
                 return None
-            result = self._reached((id(mod), "output"), "output", output)
+            result = self.reached((id(mod), "output"), "output", output)
             return result if result is not output else None
 
         return output_hook
@@ -496,18 +500,18 @@ class Interleaver:
         is_root = module is self.root
 
         def input_hook(mod: torch.nn.Module, args: Any, kwargs: Any) -> Any:
-            if not self._in_our_forward():
+            if not self.in_our_forward():
                 return None
             if is_root:
                 self.step += 1
                 self._serve_step()
             value = (args, kwargs)
-            result = self._reached(key, "input", value)
+            result = self.reached(key, "input", value)
             return result if result is not value else None
 
         return input_hook
 
-    def _reached(self, key: tuple, kind: str, value: Any) -> Any:
+    def reached(self, key: tuple, kind: str, value: Any) -> Any:
         """The forward pass reached ``key`` with ``value``: serve the tasks that
         want it, let caches record it; return it as the tasks left it."""
         fired = self.fired
@@ -519,7 +523,7 @@ class Interleaver:
         return self._deliver(key, kind, value)
 
     def _deliver(self, key: tuple, kind: str, value: Any) -> Any:
-        """Serve ``value`` to the tasks that want ``key`` (see `_reached`)."""
+        """Serve ``value`` to the tasks that want ``key`` (see `reached`)."""
         batch_size = self.batch_size if not self.hooked_calls_running else _UNBATCHED
         event = Event(key, kind, value, batch_size)
         if torch.is_grad_enabled():
@@ -609,7 +613,7 @@ class Interleaver:
             if self.root_output_by_return:
                 # The root ran once and returned `result`: serve it as the
                 # root's output event; the tasks may edit it.
-                result = self._reached((id(self.root), "output"), "output", result)
+                result = self.reached((id(self.root), "output"), "output", result)
         except _StopForward:
             pass
         finally:

@@ -10,15 +10,12 @@ trace, a forward pass or a generation loop early.  The scheduler itself is
 
 from __future__ import annotations
 
-from typing import Any, Callable, NoReturn, TYPE_CHECKING
+from typing import Any, Callable, NoReturn
 
 import torch
 
 from ..errors import MissedProviderError, OutOfOrderError
 from .values import Handed
-
-if TYPE_CHECKING:
-    from .run import TraceRun
 
 NEW, RUNNING, WAITING, BLOCKED, DONE = "new", "running", "waiting", "blocked", "done"
 
@@ -64,6 +61,7 @@ class Task:
     result_waited: tuple[str, str] | None = None  # (accessor, where) of a wait for the run's result
     iteration: int | None = None  # in a single forward's `tracer.iter` loop: the call number it reads
     iteration_open = False  # ... and that loop has no end (`iter[:]`, `all()`): it ends quietly
+    batch: Any = None  # values it waits for in a row, served without switching into it (see .prefetch)
 
     # nnsight code catches these as `Mediator.OutOfOrderError` / `Mediator.
     # MissedProviderError`; `seethrough.intervention.interleaver.Mediator` is this class.
@@ -72,7 +70,7 @@ class Task:
 
     def __init__(
         self,
-        run: "TraceRun",
+        run: Any,  # the TraceRun it belongs to (a layer above: see tracing/__init__.py)
         index: int,
         label: str,
         code: Any,
@@ -91,7 +89,8 @@ class Task:
         self.stored = stored
         self.is_invoke = is_invoke
 
-    def _body(self, *_: Any) -> None:
+    def exec_body(self, *_: Any) -> None:
+        """Run the body's code in its namespace (in its worker greenlet, see :mod:`.stacks`)."""
         exec(self.code, self.ns)
 
     @property

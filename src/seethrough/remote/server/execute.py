@@ -28,6 +28,7 @@ from ...models import LanguageModel
 from ...models.backends import GenerateBackend, forward_backend
 from ...tracing import capture
 from ...tracing.capture import capture_source_block
+from ...tracing.prefetch import PREFETCH, prefetch
 from ...tracing.run import TraceRun
 from ...tracing.runtime import SAVE_METHOD, save_method
 from ...tracing.saving import NotSaved
@@ -89,6 +90,7 @@ def _run(request: Request, served: Any, print_function: Callable[..., Any]) -> d
     captured = capture_source_block(padded, filename, what=f"model.{request.kind}(...)")
     if request.kind == "session":
         namespace[SAVE_METHOD] = save_method  # the session body's own `X.save()` calls
+        namespace[PREFETCH] = prefetch  # and what runs of them compile to (tracing.prefetch)
         # As locally: the session's traces hand unsaved values to later ones;
         # only saved values leave (the rest come back as not saved).
         scope = SessionScope(None, f"{filename}:{request.first_line}")
