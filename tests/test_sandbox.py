@@ -259,6 +259,9 @@ def test_views_are_copies_and_read_only(served):
     with pytest.raises(SandboxViolation, match="read-only"):
         config.n_layer = 5
     tokenizer = TokenizerView(served.tokenizer)
+    for view, name in ((config, "n_layer"), (tokenizer, "padding_side"), (module_proxy("torch"), "nn")):
+        with pytest.raises(SandboxViolation, match="read-only"):
+            delattr(view, name)  # deleting is changing too (one rule for every view: reach.ReadOnlyView)
     tokenizer.model_input_names.append("evil")
     assert served.tokenizer.model_input_names == ["input_ids", "attention_mask"]
     assert tokenizer.decode(tokenizer.encode("hello world")) == "hello world"

@@ -57,7 +57,7 @@ class RemoteOptions:
     host: str | None = None
     api_key: str | None = None
     blocking: bool = True
-    local: bool = False  # remote="local": the server's steps in this process (see .local)
+    local: bool = False  # remote="local": the server's steps in this process (seethrough.remote.server.local)
 
 
 def run_remote(
