@@ -222,7 +222,7 @@ def _runs(stmts: list[ast.stmt], changed: list[bool]) -> list[ast.stmt]:
         first = ast.Assign(targets=[ast.Name(_VALUES, ast.Store())], value=call)
         out.append(ast.fix_missing_locations(ast.copy_location(first, originals[0])))
         for stmt in originals:
-            taken = ast.Call(func=ast.Attribute(_name(_VALUES), "pop", ast.Load()), args=[], keywords=[])
+            taken = ast.Call(func=_name(_VALUES), args=[], keywords=[])  # no attribute: a remote guard checks those
             branch = ast.If(
                 test=_name(_VALUES),
                 body=[ast.Assign(targets=[ast.Name(stmt.targets[0].id, ast.Store())], value=taken)],
@@ -431,13 +431,13 @@ class _Line:
 
 
 class _Values(list):
-    """A run's values, last first, as its assignments pop them; an error
-    in it is raised by the ``pop`` of the statement it belongs to (at its line)."""
+    """A run's values, last first; each assignment calls it for its own; an
+    error in it is raised by the call of the statement it belongs to (at its line)."""
 
     __slots__ = ()
 
-    def pop(self) -> Any:  # type: ignore[override]
-        value = list.pop(self)
+    def __call__(self) -> Any:
+        value = self.pop()
         if type(value) is _Raise:
             raise value.error
         return value
@@ -512,7 +512,7 @@ def prefetch(site: tuple, iterable: Any, root: Callable[[], Any] | None, save: C
 
 def prefetch_run(site: tuple, roots: Callable[[], tuple], save: Callable[[Any], Any]) -> list:
     """The values of a run of ``NAME = <chain>.<accessor>.save()`` statements
-    (see the module docs), last first (the assignments pop them in order);
+    (see the module docs), last first (the assignments take them in order);
     as many as were recorded: the statements without a value run as written.
     Only in a body whose names no other invoke reads while it runs (no
     invokes): elsewhere an assignment delayed until the run ends could be seen late."""
