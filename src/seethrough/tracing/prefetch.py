@@ -48,7 +48,7 @@ import torch
 
 from ..envoy import Envoy, _read
 from ..errors import MissedProviderError, ModulePathError
-from .runtime import SAVE_METHOD, TaskGreenlet
+from .runtime import SAVE_METHOD, TaskGreenlet, save_method
 
 # The name the rewritten code calls (bound in every body namespace, like SAVE_METHOD).
 PREFETCH = "__seethrough_prefetch__"
@@ -357,7 +357,8 @@ class Batch:
         waits again; False if it must run now (the batch is complete, or the
         rest goes the ordinary way)."""
         try:
-            value = interleaver._view(event, task)
+            # `_view`, whose first case (the whole batch) is the common one
+            value = event.value if task.rows is None else interleaver._view(event, task)
             if self.accessors[len(self.values)] == "input":
                 value = _first_input(value)
             kind = type(value)
@@ -391,7 +392,7 @@ class Batch:
                 self.run.prepare_skip(module)  # as `_read` does before asking
             if event is not None and event.key == key:
                 event.served.add(task.index)
-                value = interleaver._view(event, task)
+                value = event.value if task.rows is None else interleaver._view(event, task)
                 if self.accessors[index] == "input":
                     value = _first_input(value)
                 if type(value) is not torch.Tensor and type(value) is not tuple:
@@ -498,7 +499,7 @@ def prefetch(site: tuple, iterable: Any, root: Callable[[], Any] | None, save: C
     run = task.run
     batch = Batch(run, envoys, (kind_name,) * n, (accessor,) * n, sys._getframe(), items if live is not None else (), live)
     values = batch.collect(interleaver, task)
-    out = [save(value if type(value) is torch.Tensor else run.present(value)) for value in values]
+    out = _saved(values, run, save)
     done = len(values)
     if live is not None:
         if done == len(live) and done == n:
@@ -543,10 +544,24 @@ def prefetch_run(site: tuple, roots: Callable[[], tuple], save: Callable[[Any], 
         # A value never came (the forward ended): the statements before it
         # assign theirs, and its own raises this, as they would have as written.
         values, error = batch.values, missed
-    out = _Values(save(value if type(value) is torch.Tensor else run.present(value)) for value in values)
+    out = _Values(_saved(values, run, save))
     if error is not None:
         out.append(_Raise(error))
     out.reverse()
+    return out
+
+
+def _saved(values: list, run: Any, save: Callable[[Any], Any]) -> list:
+    """``[save(v) for v in values]``, each value handed over as ``_read`` hands
+    it (``run.present``).  A tensor saved by seethrough's own ``save_method``
+    is added to the run's saves directly (what that function does for one)."""
+    out = []
+    add = run.saves.add if save is save_method else None
+    for value in values:
+        if type(value) is torch.Tensor:
+            out.append(add(value) if add is not None else save(value))
+        else:
+            out.append(save(run.present(value)))
     return out
 
 
