@@ -99,9 +99,11 @@ def rewritten(source: str) -> str:
     "hs = [layer.mlp.input.save() for layer in model.transformer.h[1:]]",
     "hs = [model.h[-1].inputs.save() for _ in (0, 1)]",
     "for k in range(2):\n    hs = [model.h[i].output.save() for i in range(k)]",
+    "a = model.h[0].output.save()\nb = model.h[1].mlp.input.save()",
+    "if True:\n    a = model.h[0].output.save()\n    b = other.h[1].output.save()",
 ])
 def test_runs_of_plain_saves_are_recognised(source):
-    assert PREFETCH in rewritten(source)
+    assert PREFETCH[:-2] in rewritten(source)  # a prefetch or prefetch_run call
 
 
 @pytest.mark.parametrize("source", [
@@ -115,9 +117,14 @@ def test_runs_of_plain_saves_are_recognised(source):
     "hs = [model.h[i].output.save(path) for i in range(3)]",  # a save of its own
     "def f():\n    return [model.h[i].output.save() for i in range(3)]",  # a function's scope
     "hs = {i: model.h[i].output.save() for i in range(3)}",  # not a list
+    "a = model.h[0].output.save()",  # a run of one: nothing to gain
+    "a = model.h[0].output.save()\nb = a.h[1].output.save()",  # the second reads the first's name
+    "a = model.h[0].output.save()\nmodel = model.h[1].output.save()",  # the second rebinds the first's root
+    "a = model.h[0].output.save()\na = model.h[1].output.save()",  # the same name twice
+    "a = model.h[0].output.save()\nb = model.h[k].output.save()",  # an index that is no constant
 ])
 def test_anything_else_is_left_as_written(source):
-    assert PREFETCH not in rewritten(source)
+    assert PREFETCH[:-2] not in rewritten(source)
 
 
 # -- values ----------------------------------------------------------------------------
@@ -270,6 +277,77 @@ def test_batched_invokes_get_their_rows(gpt2_4):
     for i, name in enumerate(names):
         assert torch.equal(torch.cat([outs[0][i], outs[1][i]]), seen[name])
     assert counter.into_bodies == 1 + 2 * 2  # the trace body, and each invoke started and resumed once
+
+
+def test_a_run_of_assignments_gives_the_raw_hooks_values(gpt2_4):
+    model = seethrough.Model(gpt2_4)
+    x = ids(13)
+    names = ["transformer.h.0", "transformer.h.2", "transformer.h.3.mlp", "transformer.h.3"]
+    with torch.no_grad():
+        _, seen = hooked(gpt2_4, names, x)
+        _, seen_inputs = hooked(gpt2_4, ["transformer.h.3.mlp"], x, inputs=True)
+        with SwitchCounter() as counter:
+            with model.trace(x):
+                a = model.transformer.h[0].output.save()
+                b = model.transformer.h[2].output.save()
+                c = model.transformer.h[3].mlp.input.save()
+                d = model.transformer.h[3].output.save()
+    assert counter.into_bodies == 2
+    assert torch.equal(a, seen[names[0]]) and torch.equal(b, seen[names[1]]) and torch.equal(d, seen[names[3]])
+    assert torch.equal(c, seen_inputs["transformer.h.3.mlp"][0][0])
+
+
+def test_a_run_in_invokes_runs_as_written(gpt2_4):
+    """With invokes, another invoke may read a name as soon as it is assigned:
+    a run of assignments is not batched there (its values are the same)."""
+    model = seethrough.Model(gpt2_4)
+    x = ids(14)
+    with torch.no_grad():
+        _, seen = hooked(gpt2_4, ["transformer.h.0", "transformer.h.1"], x)
+        with SwitchCounter() as counter:
+            with model.trace() as tracer:
+                with tracer.invoke(x):
+                    a = model.transformer.h[0].output.save()
+                    b = model.transformer.h[1].output.save()
+                with tracer.invoke():
+                    a_seen = (a + 0).save()  # waits for the first invoke's `a`
+    assert torch.equal(a, seen["transformer.h.0"]) and torch.equal(b, seen["transformer.h.1"])
+    assert torch.equal(a_seen, a)
+    assert counter.into_bodies >= 4  # the first invoke resumed once per value
+
+
+def test_a_run_that_fails_keeps_what_came_before_and_names_the_line(gpt2_4):
+    model = seethrough.Model(gpt2_4)
+    x = ids(15)
+    errors = {}
+    for way in ("fast", "slow"):
+        a = None
+        with pytest.raises(OutOfOrderError) as info:
+            with model.trace(x):
+                if way == "fast":
+                    a = model.transformer.h[3].output.save()
+                    b = model.transformer.h[1].output.save()  # line: fast b
+                else:
+                    a = model.transformer.h[3].output.save()
+                    pass
+                    b = model.transformer.h[1].output.save()  # line: slow b
+        assert type(a) is torch.Tensor  # handed back, though the trace failed
+        errors[way] = info.value
+        entries = [entry for entry in info.traceback if entry.path.name == "test_prefetch.py"]
+        assert f"# line: {way} b" in str(entries[-1].statement)
+    assert f"# line: fast b" in str(errors["fast"])
+    strip = lambda e: re.sub(r"at \S+:\d+: `[^`]*`", "at LINE", str(e))  # noqa: E731
+    assert strip(errors["fast"]) == strip(errors["slow"])
+
+
+def test_a_name_a_run_cannot_read_fails_at_its_statement(gpt2_4):
+    model = seethrough.Model(gpt2_4)
+    a = None
+    with pytest.raises(NameError):
+        with model.trace(ids(16)):
+            a = model.transformer.h[0].output.save()
+            b = undefined_name.h[1].output.save()  # noqa: F821
+    assert type(a) is torch.Tensor
 
 
 # -- errors: as the ordinary path gives them ---------------------------------------------

@@ -104,6 +104,24 @@ def test_trace_gives_identical_values(server, lm):
     assert_same(local[1].logits, remote[1].logits, "out.logits")
 
 
+def prefetch_body(model, options):
+    """Runs of plain saves (compiled as one batch, tracing/prefetch.py), remote or not."""
+    with model.trace("The Eiffel Tower is in", **options):
+        first_in = model.layers[0].input.save()
+        first = model.layers[0].output.save()
+        rest = [model.layers[i].output.save() for i in range(1, 2)]
+        blocks = [layer.output.save() for layer in model.layers[2:]]
+    return first_in, first, rest, blocks
+
+
+def test_runs_of_saves_give_identical_values(server, lm):
+    local = prefetch_body(lm, {})
+    remote = prefetch_body(lm, on(server))
+    for name, a, b in zip(("first_in", "first", "rest", "blocks"), local, remote):
+        assert_same(a, b, name)
+    assert len(remote[2]) == 1
+
+
 def invokes_body(model, options):
     with model.trace(**options) as tracer:
         with tracer.invoke("Hello"):

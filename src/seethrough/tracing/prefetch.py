@@ -47,12 +47,14 @@ import greenlet
 import torch
 
 from ..envoy import Envoy, _read
-from ..errors import ModulePathError
-from .runtime import SAVE_METHOD, TaskGreenlet
+from ..errors import MissedProviderError, ModulePathError
+from .runtime import SAVE_METHOD, TaskGreenlet, save_method
 
 # The name the rewritten code calls (bound in every body namespace, like SAVE_METHOD).
 PREFETCH = "__seethrough_prefetch__"
+PREFETCH_RUN = "__seethrough_prefetch_run__"
 _ITEMS = "__seethrough_items__"  # the fallback's parameter
+_VALUES = "__seethrough_prefetched__"  # what a run's assignments take their values from
 
 _ACCESSORS = {"output": "output", "input": "input", "inputs": "input"}
 _RESERVED = frozenset({"output", "input", "inputs", "skip", "next", "path", "source"})
@@ -101,31 +103,45 @@ def _chain(node: ast.AST, loop: str) -> tuple[str, tuple] | None:
     return node.id, tuple(reversed(steps))
 
 
+def _saved_read(node: ast.AST) -> ast.Attribute | None:
+    """``<x>.output`` of ``SAVE_METHOD(<x>.output)`` (a rewritten ``.save()``), or None."""
+    if (
+        isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == SAVE_METHOD
+        and len(node.args) == 1 and not node.keywords and isinstance(node.args[0], ast.Attribute)
+        and node.args[0].attr in _ACCESSORS
+    ):
+        return node.args[0]
+    return None
+
+
 def _plain_save(comp: ast.ListComp) -> tuple | None:
-    """The site constant for a recognised comprehension, or None."""
+    """``(root, steps, kind, accessor)`` of a recognised comprehension, or None."""
     if len(comp.generators) != 1:
         return None
     gen = comp.generators[0]
     if gen.ifs or gen.is_async or not isinstance(gen.target, ast.Name):
         return None
-    loop = gen.target.id
-    elt = comp.elt
-    if not (
-        isinstance(elt, ast.Call) and isinstance(elt.func, ast.Name) and elt.func.id == SAVE_METHOD
-        and len(elt.args) == 1 and not elt.keywords and isinstance(elt.args[0], ast.Attribute)
-        and elt.args[0].attr in _ACCESSORS
-    ):
+    read = _saved_read(comp.elt)
+    if read is None:
         return None
-    read = elt.args[0]
-    found = _chain(read.value, loop)
+    found = _chain(read.value, gen.target.id)
     if found is None:
         return None
     root, steps = found
     return root, steps, _ACCESSORS[read.attr], read.attr
 
 
-class _Rewriter(ast.NodeTransformer):
-    """Module-level list comprehensions of plain saves -> one ``prefetch`` call."""
+def _lambda(params: list[str], body: ast.expr) -> ast.Lambda:
+    arguments = ast.arguments(posonlyargs=[], args=[ast.arg(p) for p in params], kwonlyargs=[], kw_defaults=[], defaults=[])
+    return ast.Lambda(args=arguments, body=body)
+
+
+def _name(name: str) -> ast.Name:
+    return ast.Name(name, ast.Load())
+
+
+class _Comprehensions(ast.NodeTransformer):
+    """List comprehensions of plain saves -> one ``prefetch`` call each."""
 
     def __init__(self) -> None:
         self.changed = False
@@ -138,19 +154,11 @@ class _Rewriter(ast.NodeTransformer):
         gen = node.generators[0]
         loop = gen.target.id
         site = ast.Constant((steps, kind, accessor, root == loop))
-        root_value: ast.expr = ast.Constant(None) if root == loop else ast.Name(root, ast.Load())
-        fallback = ast.Lambda(
-            args=ast.arguments(posonlyargs=[], args=[ast.arg(_ITEMS)], kwonlyargs=[], kw_defaults=[], defaults=[]),
-            body=ast.ListComp(
-                elt=node.elt,
-                generators=[ast.comprehension(target=gen.target, iter=ast.Name(_ITEMS, ast.Load()), ifs=[], is_async=0)],
-            ),
-        )
-        call = ast.Call(
-            func=ast.Name(PREFETCH, ast.Load()),
-            args=[site, gen.iter, root_value, ast.Name(SAVE_METHOD, ast.Load()), fallback],
-            keywords=[],
-        )
+        # The root is read when the first item is (never, for no items): passed as a function.
+        root_value: ast.expr = ast.Constant(None) if root == loop else _lambda([], _name(root))
+        items = ast.comprehension(target=gen.target, iter=_name(_ITEMS), ifs=[], is_async=0)
+        fallback = _lambda([_ITEMS], ast.ListComp(elt=node.elt, generators=[items]))
+        call = ast.Call(func=_name(PREFETCH), args=[site, gen.iter, root_value, _name(SAVE_METHOD), fallback], keywords=[])
         # The call stands where the element was: a value that never comes is
         # reported at that line, as the comprehension's own read would be.
         ast.fix_missing_locations(ast.copy_location(call, node.elt))
@@ -164,15 +172,91 @@ class _Rewriter(ast.NodeTransformer):
     visit_SetComp = visit_DictComp = visit_GeneratorExp = _scope
 
 
+def _plain_assignment(stmt: ast.stmt) -> tuple | None:
+    """``(target, root, steps, kind, accessor)`` of ``NAME = <chain>.output.save()``, or None."""
+    if not (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)):
+        return None
+    read = _saved_read(stmt.value)
+    if read is None:
+        return None
+    found = _chain(read.value, "")
+    if found is None:
+        return None
+    root, steps = found
+    return stmt.targets[0].id, root, steps, _ACCESSORS[read.attr], read.attr
+
+
+def _runs(stmts: list[ast.stmt], changed: list[bool]) -> list[ast.stmt]:
+    """``stmts`` with each run of two or more plain-save assignments turned
+    into one ``prefetch_run`` call and the assignments taking its values
+    (each assignment as written where the call has none for it)."""
+    out: list[ast.stmt] = []
+    index = 0
+    while index < len(stmts):
+        run: list[tuple] = []
+        targets: set[str] = set()
+        roots: set[str] = set()
+        while index + len(run) < len(stmts):
+            found = _plain_assignment(stmts[index + len(run)])
+            if found is None:
+                break
+            target, root = found[0], found[1]
+            if root in targets or target in roots or target in targets or target == root:
+                break  # a later read depends on an earlier assignment
+            run.append(found)
+            targets.add(target)
+            roots.add(root)
+        if len(run) < 2:
+            out.append(_nested(stmts[index], changed))
+            index += 1
+            continue
+        changed[0] = True
+        originals = stmts[index:index + len(run)]
+        order = list(dict.fromkeys(found[1] for found in run))
+        site = ast.Constant(tuple(
+            (order.index(root), steps, kind, accessor, stmt.lineno)
+            for (_, root, steps, kind, accessor), stmt in zip(run, originals)
+        ))
+        roots_value = _lambda([], ast.Tuple([_name(root) for root in order], ast.Load()))
+        call = ast.Call(func=_name(PREFETCH_RUN), args=[site, roots_value, _name(SAVE_METHOD)], keywords=[])
+        first = ast.Assign(targets=[ast.Name(_VALUES, ast.Store())], value=call)
+        out.append(ast.fix_missing_locations(ast.copy_location(first, originals[0])))
+        for stmt in originals:
+            taken = ast.Call(func=_name(_VALUES), args=[], keywords=[])  # no attribute: a remote guard checks those
+            branch = ast.If(
+                test=_name(_VALUES),
+                body=[ast.Assign(targets=[ast.Name(stmt.targets[0].id, ast.Store())], value=taken)],
+                orelse=[stmt],
+            )
+            for part in (branch, branch.body[0], *ast.walk(branch.body[0])):
+                ast.copy_location(part, stmt)
+            out.append(ast.fix_missing_locations(branch))
+        index += len(run)
+    return out
+
+
+def _nested(stmt: ast.stmt, changed: list[bool]) -> ast.stmt:
+    """A statement of the body's own scope, its nested blocks rewritten (not
+    functions or classes: their scopes are their own)."""
+    if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return stmt
+    for field in ("body", "orelse", "finalbody"):
+        block = getattr(stmt, field, None)
+        if isinstance(block, list) and block and isinstance(block[0], ast.stmt):
+            setattr(stmt, field, _runs(block, changed))
+    for handler in getattr(stmt, "handlers", ()):
+        handler.body = _runs(handler.body, changed)
+    return stmt
+
+
 def rewrite_prefetch(body: list[ast.stmt]) -> list[ast.stmt]:
-    """``body`` with its runs of plain saves turned into :func:`prefetch`
-    calls; ``body`` itself if it has none.  ``body`` must be a copy the
-    caller owns (the nodes are reused)."""
-    if not any(isinstance(node, ast.ListComp) for stmt in body for node in ast.walk(stmt)):
-        return body
-    rewriter = _Rewriter()
-    new = [rewriter.visit(stmt) for stmt in body]
-    return new if rewriter.changed else body
+    """``body`` with its runs of plain saves turned into :func:`prefetch` /
+    :func:`prefetch_run` calls; ``body`` itself if it has none.  ``body``
+    must be a copy the caller owns (its nodes are reused and changed)."""
+    changed = [False]
+    comprehensions = _Comprehensions()
+    new = _runs([comprehensions.visit(stmt) for stmt in body], changed)
+    return new if changed[0] or comprehensions.changed else body
 
 
 # -- run time ----------------------------------------------------------------------------
@@ -235,13 +319,6 @@ def _walk(obj: Any, steps: tuple, item: Any) -> Any:
     return obj
 
 
-def _recordable(value: Any) -> bool:
-    """Values whose hand-over and save the batch may do later, in the body:
-    ``present`` and ``save`` of these run nothing but seethrough's code."""
-    kind = type(value)
-    return kind is torch.Tensor or kind is tuple
-
-
 def _first_input(value: Any) -> Any:
     """``.input`` of a call's ``(args, kwargs)`` (as ``envoy._read`` gives it)."""
     args, kwargs = value
@@ -254,18 +331,24 @@ def _first_input(value: Any) -> Any:
 
 class Batch:
     """The values one task asks for in a row, served at the forward's hooks
-    without switching into the task between them (see the module docs)."""
+    without switching into the task between them (see the module docs).
 
-    __slots__ = ("envoys", "kind", "accessor", "items", "live", "frame", "values", "run")
+    Only values whose hand-over (``run.present``) and ``save`` run nothing
+    but seethrough's own code are recorded: plain tensors and tuples; the
+    body asks for anything else itself (its ``save`` may be a method of its own)."""
 
-    def __init__(self, run: Any, envoys: list, kind: str, accessor: str, items: tuple, live: list | None, frame: Any) -> None:
+    __slots__ = ("envoys", "kinds", "accessors", "items", "live", "frame", "lines", "values", "run")
+
+    def __init__(self, run: Any, envoys: list, kinds: Any, accessors: Any, frame: Any,
+                 items: tuple = (), live: list | None = None, lines: tuple | None = None) -> None:
         self.run = run
         self.envoys = envoys
-        self.kind = kind
-        self.accessor = accessor
+        self.kinds = kinds
+        self.accessors = accessors
+        self.frame = frame  # where the user asked (for messages should a value never come)
+        self.lines = lines  # or, for a run of statements, each one's line
         self.items = items  # the iterated items (a list's, to see it change)
         self.live = live  # the list iterated, if it is one
-        self.frame = frame  # where the user asked (for messages should a value never come)
         self.values: list[Any] = []
 
     def advance(self, interleaver: Any, event: Any, task: Any) -> bool:
@@ -274,26 +357,23 @@ class Batch:
         waits again; False if it must run now (the batch is complete, or the
         rest goes the ordinary way)."""
         try:
-            if not self._record(interleaver._view(event, task)):
+            # `_view`, whose first case (the whole batch) is the common one
+            value = event.value if task.rows is None else interleaver._view(event, task)
+            if self.accessors[len(self.values)] == "input":
+                value = _first_input(value)
+            kind = type(value)
+            if kind is not torch.Tensor and kind is not tuple:
                 return False
+            self.values.append(value)
             return self.ask(interleaver, event, task)
         except Exception:  # noqa: BLE001 - the body then asks itself, and gets the error there
             return False
-
-    def _record(self, value: Any) -> bool:
-        if self.accessor == "input":
-            value = _first_input(value)
-        if not _recordable(value):
-            return False
-        self.values.append(value)
-        return True
 
     def ask(self, interleaver: Any, event: Any, task: Any) -> bool:
         """Ask for the next values as the body would: served at once when
         ``event`` is theirs; else wait (True).  False: run the body now."""
         values = self.values
         envoys = self.envoys
-        kind = self.kind
         live = self.live
         n = len(envoys)
         while True:
@@ -305,36 +385,94 @@ class Batch:
             if interleaver.caches or interleaver.forward_done or interleaver.closing or interleaver.count_calls:
                 return False
             envoy = envoys[index]
+            kind = self.kinds[index]
             module = envoy._module
             key = (id(module), kind)
             if kind == "input":
                 self.run.prepare_skip(module)  # as `_read` does before asking
             if event is not None and event.key == key:
                 event.served.add(task.index)
-                if not self._record(interleaver._view(event, task)):
+                value = event.value if task.rows is None else interleaver._view(event, task)
+                if self.accessors[index] == "input":
+                    value = _first_input(value)
+                if type(value) is not torch.Tensor and type(value) is not tuple:
                     return False
+                values.append(value)
                 continue
             if key not in interleaver.hooks:
                 interleaver.hook(module, kind, envoy)
-            task.asked = (envoy, kind, self.frame, key in interleaver.fired,
+            frame = self.frame if self.lines is None else _Line(self.frame.f_back.f_code, self.lines[index])
+            task.asked = (envoy, kind, frame, key in interleaver.fired,
                           not (interleaver.forward_running or interleaver.forward_done))
             interleaver._wait(task, key)
             return True
 
+    def collect(self, interleaver: Any, task: Any) -> list:
+        """Run the batch from the body: ask, wait if needed (one switch),
+        and return the values recorded (a prefix of the items, maybe all)."""
+        task.batch = self
+        try:
+            if self.ask(interleaver, interleaver.current, task):
+                interleaver.main.switch()
+        finally:
+            task.batch = None
+        return self.values
 
-def prefetch(site: tuple, iterable: Any, root: Any, save: Callable[[Any], Any], fallback: Callable[[Any], list]) -> list:
-    """``[<chain>.<accessor>.save() for item in iterable]`` (see the module docs);
-    ``fallback(items)`` is that comprehension as written, over ``items``."""
+
+class _Line:
+    """Stands in for the body's frame at one statement of a run, in messages
+    about a value that never came (``_frames.describe_frame`` reads these)."""
+
+    __slots__ = ("f_code", "f_lineno", "f_back")
+
+    def __init__(self, code: Any, lineno: int) -> None:
+        self.f_code = code
+        self.f_lineno = lineno
+        self.f_back = None
+
+
+class _Values(list):
+    """A run's values, last first; each assignment calls it for its own; an
+    error in it is raised by the call of the statement it belongs to (at its line)."""
+
+    __slots__ = ()
+
+    def __call__(self) -> Any:
+        value = self.pop()
+        if type(value) is _Raise:
+            raise value.error
+        return value
+
+
+class _Raise:
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+def _interleaver(task: Any) -> Any:
+    """The running trace's interleaver, if ``task`` may batch now (else None)."""
+    run = task.run
+    if run is None or not task.is_invoke or task.batch is not None:
+        return None
+    interleaver = run.interleaver
+    if interleaver.closing or interleaver.forward_done or interleaver.caches or interleaver.count_calls:
+        return None
+    return interleaver
+
+
+def prefetch(site: tuple, iterable: Any, root: Callable[[], Any] | None, save: Callable[[Any], Any],
+             fallback: Callable[[Any], list]) -> list:
+    """``[<chain>.<accessor>.save() for item in iterable]`` (see the module
+    docs): ``root()`` gives the chain's first name (None: it is the loop's
+    variable); ``fallback(items)`` is the comprehension as written, over ``items``."""
     current = _getcurrent()
     if type(current) is not TaskGreenlet:
         return fallback(iterable)
     task = current.task
-    run = task.run
-    interleaver = run.interleaver if run is not None else None
-    if (
-        interleaver is None or not task.is_invoke or task.batch is not None or interleaver.closing
-        or interleaver.forward_done or interleaver.caches or interleaver.count_calls
-    ):
+    interleaver = _interleaver(task)
+    if interleaver is None:
         return fallback(iterable)
     kind = type(iterable)
     live = None
@@ -347,36 +485,83 @@ def prefetch(site: tuple, iterable: Any, root: Any, save: Callable[[Any], Any], 
         items = tuple(iterable)
     else:
         return fallback(iterable)
-    steps, kind_name, accessor, loop_root = site
+    if not items:
+        return fallback(iterable)
+    steps, kind_name, accessor, _ = site
+    start = root() if root is not None else None
     envoys = []
     for item in items:
-        envoy = _walk(item if loop_root else root, steps, item)
+        envoy = _walk(item if root is None else start, steps, item)
         if envoy is None:
             return fallback(iterable)
         envoys.append(envoy)
-    if not envoys:
-        return fallback(iterable)
-    batch = Batch(run, envoys, kind_name, accessor, items if live is not None else (), live, sys._getframe())
-    task.batch = batch
-    try:
-        if batch.ask(interleaver, interleaver.current, task):
-            interleaver.main.switch()
-    finally:
-        task.batch = None
-    values = batch.values
-    out = []
-    for value in values:
-        out.append(save(value if type(value) is torch.Tensor else run.present(value)))
+    n = len(envoys)
+    run = task.run
+    batch = Batch(run, envoys, (kind_name,) * n, (accessor,) * n, sys._getframe(), items if live is not None else (), live)
+    values = batch.collect(interleaver, task)
+    out = _saved(values, run, save)
     done = len(values)
     if live is not None:
-        if done == len(live) and done == len(items):
+        if done == len(live) and done == n:
             return out
         return out + fallback(_rest_of(live, done))
-    if done == len(envoys):
-        return out
-    for index in range(done, len(envoys)):
-        # The ordinary way for the rest, in the body (errors name the user's line).
+    # The ordinary way for the rest, in the body (errors name the user's line).
+    for index in range(done, n):
         out.append(save(_read(envoys[index], kind_name, accessor)))
+    return out
+
+
+def prefetch_run(site: tuple, roots: Callable[[], tuple], save: Callable[[Any], Any]) -> list:
+    """The values of a run of ``NAME = <chain>.<accessor>.save()`` statements
+    (see the module docs), last first (the assignments take them in order);
+    as many as were recorded: the statements without a value run as written.
+    Only in a body whose names no other invoke reads while it runs (no
+    invokes): elsewhere an assignment delayed until the run ends could be seen late."""
+    current = _getcurrent()
+    if type(current) is not TaskGreenlet:
+        return []
+    task = current.task
+    interleaver = _interleaver(task)
+    if interleaver is None or task.run.flow is not None:
+        return []
+    try:
+        starts = roots()
+    except NameError:
+        return []  # the statement that reads it raises, as written
+    envoys = []
+    for index, steps, _, _, _ in site:
+        envoy = _walk(starts[index], steps, None)
+        if envoy is None:
+            return []
+        envoys.append(envoy)
+    run = task.run
+    batch = Batch(run, envoys, tuple(entry[2] for entry in site), tuple(entry[3] for entry in site), sys._getframe(),
+                  lines=tuple(entry[4] for entry in site))
+    error = None
+    try:
+        values = batch.collect(interleaver, task)
+    except MissedProviderError as missed:
+        # A value never came (the forward ended): the statements before it
+        # assign theirs, and its own raises this, as they would have as written.
+        values, error = batch.values, missed
+    out = _Values(_saved(values, run, save))
+    if error is not None:
+        out.append(_Raise(error))
+    out.reverse()
+    return out
+
+
+def _saved(values: list, run: Any, save: Callable[[Any], Any]) -> list:
+    """``[save(v) for v in values]``, each value handed over as ``_read`` hands
+    it (``run.present``).  A tensor saved by seethrough's own ``save_method``
+    is added to the run's saves directly (what that function does for one)."""
+    out = []
+    add = run.saves.add if save is save_method else None
+    for value in values:
+        if type(value) is torch.Tensor:
+            out.append(add(value) if add is not None else save(value))
+        else:
+            out.append(save(run.present(value)))
     return out
 
 
