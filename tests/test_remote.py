@@ -21,7 +21,8 @@ import torch
 import seethrough
 from seethrough import LanguageModel
 from seethrough.remote import protocol
-from seethrough.remote.client import RemoteAuthError, RemoteConnectionError, RemoteRequestError, job, remote_model
+from seethrough.models import remote_model
+from seethrough.remote.client import RemoteAuthError, RemoteConnectionError, RemoteRequestError, job
 from seethrough.remote.server import testing
 from test_server import ALICE, BOB, server  # noqa: F401 - the shared server fixtures
 from fixtures.threads import one_thread  # noqa: F401 - autouse: the server's one torch thread
@@ -101,6 +102,24 @@ def test_trace_gives_identical_values(server, lm):
     assert type(remote[1]) is type(local[1])
     assert set(remote[1].keys()) == set(local[1].keys()) - {"past_key_values", "cache"}
     assert_same(local[1].logits, remote[1].logits, "out.logits")
+
+
+def prefetch_body(model, options):
+    """Runs of plain saves (compiled as one batch, tracing/prefetch.py), remote or not."""
+    with model.trace("The Eiffel Tower is in", **options):
+        first_in = model.layers[0].input.save()
+        first = model.layers[0].output.save()
+        rest = [model.layers[i].output.save() for i in range(1, 2)]
+        blocks = [layer.output.save() for layer in model.layers[2:]]
+    return first_in, first, rest, blocks
+
+
+def test_runs_of_saves_give_identical_values(server, lm):
+    local = prefetch_body(lm, {})
+    remote = prefetch_body(lm, on(server))
+    for name, a, b in zip(("first_in", "first", "rest", "blocks"), local, remote):
+        assert_same(a, b, name)
+    assert len(remote[2]) == 1
 
 
 def invokes_body(model, options):
@@ -246,7 +265,7 @@ def test_non_blocking_returns_a_job_that_another_process_can_fetch(server, gpt2)
     assert torch.equal(values["hidden"], expected)
     script = textwrap.dedent("""
         import sys
-        from seethrough.remote.client import job
+        from seethrough.remote.client.connection import job
         values = job(sys.argv[1], host=sys.argv[2], api_key=sys.argv[3]).result()
         print(repr(values["hidden"].double().sum().item()))
     """)

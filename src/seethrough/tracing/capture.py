@@ -36,6 +36,7 @@ from types import CodeType, FrameType
 from typing import Callable, Iterator
 
 from ..errors import TraceSourceError
+from .prefetch import rewrite_prefetch
 from .runtime import SAVE_METHOD
 from .save_reach import NO_CALLS, SaveReach, analyse_reach
 
@@ -266,7 +267,8 @@ def _build(
 ) -> CapturedBlock:
     _reject_control_flow(body, filename, what)
     rewritten = _rewrite_saves(body)
-    module = ast.Module(body=_rewrite_returns(rewritten, filename, what), type_ignores=[])
+    prefetching = rewrite_prefetch(rewritten) if rewritten is not body else rewritten  # runs of saves (.prefetch)
+    module = ast.Module(body=_rewrite_returns(prefetching, filename, what), type_ignores=[])
     try:
         code = _compile(module, filename)
     except SyntaxError as err:

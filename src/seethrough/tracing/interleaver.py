@@ -214,6 +214,8 @@ class Interleaver:
         """Hand ``event``'s value to ``task``, which waited for it."""
         self._unwait(task)
         event.served.add(task.index)
+        if task.batch is not None and task.batch.advance(self, event, task):
+            return  # recorded; it waits for its next value (see .prefetch)
         self._switch(task, self._view(event, task))
 
     def _wait(self, task: Task, key: tuple) -> None:

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 from .._frames import describe_location, user_frame
 from ..errors import CrossInvokeError, TraceSourceError
 from .capture import RETURN_REACHED
+from .prefetch import PREFETCH, PREFETCH_RUN, prefetch, prefetch_run
 from .runtime import SAVE_METHOD, save_method
 
 if TYPE_CHECKING:
@@ -64,6 +65,8 @@ class BodyNamespace(dict):
         super().__init__(seed)
         # What the body's rewritten `X.save()` calls (see .capture).
         dict.__setitem__(self, SAVE_METHOD, save_method)
+        dict.__setitem__(self, PREFETCH, prefetch)  # what runs of plain saves compile to (.prefetch)
+        dict.__setitem__(self, PREFETCH_RUN, prefetch_run)
         dict.__setitem__(self, RETURN_REACHED, TraceSourceError)  # what a reached `return` raises (.capture)
         self.fallback = fallback
         self.resolver: Any = None

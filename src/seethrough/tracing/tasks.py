@@ -61,6 +61,7 @@ class Task:
     result_waited: tuple[str, str] | None = None  # (accessor, where) of a wait for the run's result
     iteration: int | None = None  # in a single forward's `tracer.iter` loop: the call number it reads
     iteration_open = False  # ... and that loop has no end (`iter[:]`, `all()`): it ends quietly
+    batch: Any = None  # values it waits for in a row, served without switching into it (see .prefetch)
 
     # nnsight code catches these as `Mediator.OutOfOrderError` / `Mediator.
     # MissedProviderError`; `seethrough.intervention.interleaver.Mediator` is this class.

@@ -1,0 +1,573 @@
+"""Runs of plain saves, served without leaving the forward pass.
+
+Reading ``module.output`` in a body costs two greenlet switches: the body
+switches to the forward to wait, and the module's hook switches back into the
+body.  A body that only *saves* a series of values,
+
+.. code-block:: python
+
+    hs = [model.transformer.h[i].output.save() for i in range(12)]
+
+does nothing between two reads that the forward could see: it only picks the
+next module and asks again.  So such a comprehension is compiled (see
+:func:`rewrite_prefetch`, applied by :mod:`.capture`) into one call of
+:func:`prefetch`, which asks for all the values as one :class:`Batch`: the
+task waits for the first value; when the hook serves it, the interleaver
+(``Interleaver._resume``) hands it to the batch, which records the value and
+asks for the next one right there, exactly as the body would have (same
+hooks, installed at the same moment; same order among invokes; same errors),
+but without switching into the body.  The body runs again once, with every
+value, when the batch is complete; it then saves them in order.
+
+Nothing changes in what a body sees.  The batch stops, and the body goes on
+the ordinary way for the rest of the items, whenever the ordinary path would
+do anything else: a value that is not a plain tensor or tuple (its ``save``
+might be a method of its own), a ``tracer.cache`` recording, a ``tracer.iter``
+loop counting calls, the forward having ended, a list that changed while it
+was iterated.  A comprehension whose parts are not plain envoys (a custom
+envoy's property, an attribute of a module, a name that is not an envoy)
+runs as written, item by item.  A value that never comes raises the same
+error, naming the user's line, as the ordinary path.
+
+What is recognised: a list comprehension ``[<chain>.output.save() for NAME
+in ITER]`` (also ``.input`` / ``.inputs``), one ``for``, no ``if``, where
+``<chain>`` is a name followed by attribute names and subscripts that are
+integer constants or ``NAME`` (``model.layers[i]``, ``layer.mlp`` for
+``layer in model.layers``).  ``ITER`` is evaluated as written; the batch is
+used when it is a ``range``, tuple, list or envoy (module list).
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from typing import Any, Callable
+
+import greenlet
+import torch
+
+from ..envoy import Envoy, _read
+from ..errors import MissedProviderError, ModulePathError
+from .runtime import SAVE_METHOD, TaskGreenlet, save_method
+
+# The name the rewritten code calls (bound in every body namespace, like SAVE_METHOD).
+PREFETCH = "__seethrough_prefetch__"
+PREFETCH_RUN = "__seethrough_prefetch_run__"
+_ITEMS = "__seethrough_items__"  # the fallback's parameter
+_VALUES = "__seethrough_prefetched__"  # what a run's assignments take their values from
+
+_ACCESSORS = {"output": "output", "input": "input", "inputs": "input"}
+_RESERVED = frozenset({"output", "input", "inputs", "skip", "next", "path", "source"})
+_LOOP = None  # a subscript by the comprehension's variable, in a chain's steps
+
+_getcurrent = greenlet.getcurrent
+
+
+# -- compile time: recognising the runs --------------------------------------------------
+
+
+def _int_constant(node: ast.AST) -> int | None:
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        return node.value
+    if (
+        isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub)
+        and isinstance(node.operand, ast.Constant) and type(node.operand.value) is int
+    ):
+        return -node.operand.value
+    return None
+
+
+def _chain(node: ast.AST, loop: str) -> tuple[str, tuple] | None:
+    """``(root name, steps)`` of ``name.attr[0][loop]...``, or None."""
+    steps: list[Any] = []
+    while not isinstance(node, ast.Name):
+        if isinstance(node, ast.Attribute):
+            if node.attr.startswith("_") or node.attr in _RESERVED:
+                return None
+            steps.append(node.attr)
+            node = node.value
+        elif isinstance(node, ast.Subscript):
+            index = node.slice
+            if isinstance(index, ast.Name) and index.id == loop:
+                steps.append(_LOOP)
+            else:
+                constant = _int_constant(index)
+                if constant is None:
+                    return None
+                steps.append((constant,))  # a 1-tuple: told apart from attribute names
+            node = node.value
+        else:
+            return None
+    if node.id.startswith("__"):
+        return None
+    return node.id, tuple(reversed(steps))
+
+
+def _saved_read(node: ast.AST) -> ast.Attribute | None:
+    """``<x>.output`` of ``SAVE_METHOD(<x>.output)`` (a rewritten ``.save()``), or None."""
+    if (
+        isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == SAVE_METHOD
+        and len(node.args) == 1 and not node.keywords and isinstance(node.args[0], ast.Attribute)
+        and node.args[0].attr in _ACCESSORS
+    ):
+        return node.args[0]
+    return None
+
+
+def _plain_save(comp: ast.ListComp) -> tuple | None:
+    """``(root, steps, kind, accessor)`` of a recognised comprehension, or None."""
+    if len(comp.generators) != 1:
+        return None
+    gen = comp.generators[0]
+    if gen.ifs or gen.is_async or not isinstance(gen.target, ast.Name):
+        return None
+    read = _saved_read(comp.elt)
+    if read is None:
+        return None
+    found = _chain(read.value, gen.target.id)
+    if found is None:
+        return None
+    root, steps = found
+    return root, steps, _ACCESSORS[read.attr], read.attr
+
+
+def _lambda(params: list[str], body: ast.expr) -> ast.Lambda:
+    arguments = ast.arguments(posonlyargs=[], args=[ast.arg(p) for p in params], kwonlyargs=[], kw_defaults=[], defaults=[])
+    return ast.Lambda(args=arguments, body=body)
+
+
+def _name(name: str) -> ast.Name:
+    return ast.Name(name, ast.Load())
+
+
+class _Comprehensions(ast.NodeTransformer):
+    """List comprehensions of plain saves -> one ``prefetch`` call each."""
+
+    def __init__(self) -> None:
+        self.changed = False
+
+    def visit_ListComp(self, node: ast.ListComp) -> ast.AST:
+        found = _plain_save(node)
+        if found is None:
+            return node  # not descended into: its own scope
+        root, steps, kind, accessor = found
+        gen = node.generators[0]
+        loop = gen.target.id
+        site = ast.Constant((steps, kind, accessor, root == loop))
+        # The root is read when the first item is (never, for no items): passed as a function.
+        root_value: ast.expr = ast.Constant(None) if root == loop else _lambda([], _name(root))
+        items = ast.comprehension(target=gen.target, iter=_name(_ITEMS), ifs=[], is_async=0)
+        fallback = _lambda([_ITEMS], ast.ListComp(elt=node.elt, generators=[items]))
+        call = ast.Call(func=_name(PREFETCH), args=[site, gen.iter, root_value, _name(SAVE_METHOD), fallback], keywords=[])
+        # The call stands where the element was: a value that never comes is
+        # reported at that line, as the comprehension's own read would be.
+        ast.fix_missing_locations(ast.copy_location(call, node.elt))
+        self.changed = True
+        return call
+
+    def _scope(self, node: ast.AST) -> ast.AST:
+        return node  # functions, classes, lambdas and other comprehensions: left as written
+
+    visit_FunctionDef = visit_AsyncFunctionDef = visit_ClassDef = visit_Lambda = _scope
+    visit_SetComp = visit_DictComp = visit_GeneratorExp = _scope
+
+
+def _plain_assignment(stmt: ast.stmt) -> tuple | None:
+    """``(target, root, steps, kind, accessor)`` of ``NAME = <chain>.output.save()``, or None."""
+    if not (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)):
+        return None
+    read = _saved_read(stmt.value)
+    if read is None:
+        return None
+    found = _chain(read.value, "")
+    if found is None:
+        return None
+    root, steps = found
+    return stmt.targets[0].id, root, steps, _ACCESSORS[read.attr], read.attr
+
+
+def _runs(stmts: list[ast.stmt], changed: list[bool]) -> list[ast.stmt]:
+    """``stmts`` with each run of two or more plain-save assignments turned
+    into one ``prefetch_run`` call and the assignments taking its values
+    (each assignment as written where the call has none for it)."""
+    out: list[ast.stmt] = []
+    index = 0
+    while index < len(stmts):
+        run: list[tuple] = []
+        targets: set[str] = set()
+        roots: set[str] = set()
+        while index + len(run) < len(stmts):
+            found = _plain_assignment(stmts[index + len(run)])
+            if found is None:
+                break
+            target, root = found[0], found[1]
+            if root in targets or target in roots or target in targets or target == root:
+                break  # a later read depends on an earlier assignment
+            run.append(found)
+            targets.add(target)
+            roots.add(root)
+        if len(run) < 2:
+            out.append(_nested(stmts[index], changed))
+            index += 1
+            continue
+        changed[0] = True
+        originals = stmts[index:index + len(run)]
+        order = list(dict.fromkeys(found[1] for found in run))
+        site = ast.Constant(tuple(
+            (order.index(root), steps, kind, accessor, stmt.lineno)
+            for (_, root, steps, kind, accessor), stmt in zip(run, originals)
+        ))
+        roots_value = _lambda([], ast.Tuple([_name(root) for root in order], ast.Load()))
+        call = ast.Call(func=_name(PREFETCH_RUN), args=[site, roots_value, _name(SAVE_METHOD)], keywords=[])
+        first = ast.Assign(targets=[ast.Name(_VALUES, ast.Store())], value=call)
+        out.append(ast.fix_missing_locations(ast.copy_location(first, originals[0])))
+        for stmt in originals:
+            taken = ast.Call(func=_name(_VALUES), args=[], keywords=[])  # no attribute: a remote guard checks those
+            branch = ast.If(
+                test=_name(_VALUES),
+                body=[ast.Assign(targets=[ast.Name(stmt.targets[0].id, ast.Store())], value=taken)],
+                orelse=[stmt],
+            )
+            for part in (branch, branch.body[0], *ast.walk(branch.body[0])):
+                ast.copy_location(part, stmt)
+            out.append(ast.fix_missing_locations(branch))
+        index += len(run)
+    return out
+
+
+def _nested(stmt: ast.stmt, changed: list[bool]) -> ast.stmt:
+    """A statement of the body's own scope, its nested blocks rewritten (not
+    functions or classes: their scopes are their own)."""
+    if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return stmt
+    for field in ("body", "orelse", "finalbody"):
+        block = getattr(stmt, field, None)
+        if isinstance(block, list) and block and isinstance(block[0], ast.stmt):
+            setattr(stmt, field, _runs(block, changed))
+    for handler in getattr(stmt, "handlers", ()):
+        handler.body = _runs(handler.body, changed)
+    return stmt
+
+
+def rewrite_prefetch(body: list[ast.stmt]) -> list[ast.stmt]:
+    """``body`` with its runs of plain saves turned into :func:`prefetch` /
+    :func:`prefetch_run` calls; ``body`` itself if it has none.  ``body``
+    must be a copy the caller owns (its nodes are reused and changed)."""
+    changed = [False]
+    comprehensions = _Comprehensions()
+    new = _runs([comprehensions.visit(stmt) for stmt in body], changed)
+    return new if changed[0] or comprehensions.changed else body
+
+
+# -- run time ----------------------------------------------------------------------------
+
+_plain_types: dict[type, bool] = {}
+
+
+def _is_plain(cls: type) -> bool:
+    """Is ``cls`` an envoy class whose navigation and accessors are seethrough's own?"""
+    plain = _plain_types.get(cls)
+    if plain is None:
+        plain = _plain_types[cls] = (
+            issubclass(cls, Envoy)
+            and cls.__getattribute__ is object.__getattribute__
+            and cls.__getattr__ is Envoy.__getattr__
+            and cls.__getitem__ is Envoy.__getitem__
+            and cls.__iter__ is Envoy.__iter__
+            and all(cls.__dict__.get(name, Envoy.__dict__[name]) is Envoy.__dict__[name] for name in _ACCESSORS)
+            and all(getattr(cls, name) is Envoy.__dict__[name] for name in _ACCESSORS)
+        )
+    return plain
+
+
+def _walk(obj: Any, steps: tuple, item: Any) -> Any:
+    """The envoy ``obj`` + ``steps`` leads to, found as plain attribute lookup
+    would find it, or None where that would run anything but seethrough's
+    own navigation (the ordinary path then runs as written)."""
+    for step in steps:
+        cls = type(obj)
+        if not _plain_types.get(cls) and not _is_plain(cls):
+            return None
+        if type(step) is str:
+            child = obj.__dict__.get(step)
+            if child is None:
+                if hasattr(cls, step):
+                    return None
+                modules = obj._module._modules
+                if step in modules:
+                    child = obj._child(step)
+                elif step.endswith("_") and step[:-1] in _RESERVED and step[:-1] in modules:
+                    child = obj._child(step[:-1])
+                else:
+                    child = obj._root._resolve_alias(obj, step)
+                    if child is None:
+                        return None
+        else:
+            key = item if step is _LOOP else step[0]
+            if type(key) is not int:
+                return None
+            child = obj._children.get(key)
+            if child is None:
+                try:
+                    child = obj[key]
+                except ModulePathError:
+                    return None
+        obj = child
+    cls = type(obj)
+    if not _plain_types.get(cls) and not _is_plain(cls):
+        return None
+    return obj
+
+
+def _first_input(value: Any) -> Any:
+    """``.input`` of a call's ``(args, kwargs)`` (as ``envoy._read`` gives it)."""
+    args, kwargs = value
+    if args:
+        return args[0]
+    if kwargs:
+        return next(iter(kwargs.values()))
+    return None
+
+
+class Batch:
+    """The values one task asks for in a row, served at the forward's hooks
+    without switching into the task between them (see the module docs).
+
+    Only values whose hand-over (``run.present``) and ``save`` run nothing
+    but seethrough's own code are recorded: plain tensors and tuples; the
+    body asks for anything else itself (its ``save`` may be a method of its own)."""
+
+    __slots__ = ("envoys", "kinds", "accessors", "items", "live", "frame", "lines", "values", "run")
+
+    def __init__(self, run: Any, envoys: list, kinds: Any, accessors: Any, frame: Any,
+                 items: tuple = (), live: list | None = None, lines: tuple | None = None) -> None:
+        self.run = run
+        self.envoys = envoys
+        self.kinds = kinds
+        self.accessors = accessors
+        self.frame = frame  # where the user asked (for messages should a value never come)
+        self.lines = lines  # or, for a run of statements, each one's line
+        self.items = items  # the iterated items (a list's, to see it change)
+        self.live = live  # the list iterated, if it is one
+        self.values: list[Any] = []
+
+    def advance(self, interleaver: Any, event: Any, task: Any) -> bool:
+        """``event`` serves the value ``task`` waited for (``Interleaver._resume``
+        has unwaited it): record it and ask for the next.  True if the task
+        waits again; False if it must run now (the batch is complete, or the
+        rest goes the ordinary way)."""
+        try:
+            # `_view`, whose first case (the whole batch) is the common one
+            value = event.value if task.rows is None else interleaver._view(event, task)
+            if self.accessors[len(self.values)] == "input":
+                value = _first_input(value)
+            kind = type(value)
+            if kind is not torch.Tensor and kind is not tuple:
+                return False
+            self.values.append(value)
+            return self.ask(interleaver, event, task)
+        except Exception:  # noqa: BLE001 - the body then asks itself, and gets the error there
+            return False
+
+    def ask(self, interleaver: Any, event: Any, task: Any) -> bool:
+        """Ask for the next values as the body would: served at once when
+        ``event`` is theirs; else wait (True).  False: run the body now."""
+        values = self.values
+        envoys = self.envoys
+        live = self.live
+        n = len(envoys)
+        while True:
+            index = len(values)
+            if live is not None and (len(live) <= index or live[index] is not self.items[index]):
+                return False  # the list changed under the loop: the body iterates it itself
+            if index == n:
+                return False  # complete
+            if interleaver.caches or interleaver.forward_done or interleaver.closing or interleaver.count_calls:
+                return False
+            envoy = envoys[index]
+            kind = self.kinds[index]
+            module = envoy._module
+            key = (id(module), kind)
+            if kind == "input":
+                self.run.prepare_skip(module)  # as `_read` does before asking
+            if event is not None and event.key == key:
+                event.served.add(task.index)
+                value = event.value if task.rows is None else interleaver._view(event, task)
+                if self.accessors[index] == "input":
+                    value = _first_input(value)
+                if type(value) is not torch.Tensor and type(value) is not tuple:
+                    return False
+                values.append(value)
+                continue
+            if key not in interleaver.hooks:
+                interleaver.hook(module, kind)
+            frame = self.frame if self.lines is None else _Line(self.frame.f_back.f_code, self.lines[index])
+            task.asked = (envoy, kind, frame, key in interleaver.fired,
+                          not (interleaver.forward_running or interleaver.forward_done))
+            interleaver._wait(task, key)
+            return True
+
+    def collect(self, interleaver: Any, task: Any) -> list:
+        """Run the batch from the body: ask, wait if needed (one switch),
+        and return the values recorded (a prefix of the items, maybe all)."""
+        task.batch = self
+        try:
+            if self.ask(interleaver, interleaver.current, task):
+                interleaver.main.switch()
+        finally:
+            task.batch = None
+        return self.values
+
+
+class _Line:
+    """Stands in for the body's frame at one statement of a run, in messages
+    about a value that never came (``_frames.describe_frame`` reads these)."""
+
+    __slots__ = ("f_code", "f_lineno", "f_back")
+
+    def __init__(self, code: Any, lineno: int) -> None:
+        self.f_code = code
+        self.f_lineno = lineno
+        self.f_back = None
+
+
+class _Values(list):
+    """A run's values, last first; each assignment calls it for its own; an
+    error in it is raised by the call of the statement it belongs to (at its line)."""
+
+    __slots__ = ()
+
+    def __call__(self) -> Any:
+        value = self.pop()
+        if type(value) is _Raise:
+            raise value.error
+        return value
+
+
+class _Raise:
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+def _interleaver(task: Any) -> Any:
+    """The running trace's interleaver, if ``task`` may batch now (else None)."""
+    run = task.run
+    if run is None or not task.is_invoke or task.batch is not None:
+        return None
+    interleaver = run.interleaver
+    if interleaver.closing or interleaver.forward_done or interleaver.caches or interleaver.count_calls:
+        return None
+    return interleaver
+
+
+def prefetch(site: tuple, iterable: Any, root: Callable[[], Any] | None, save: Callable[[Any], Any],
+             fallback: Callable[[Any], list]) -> list:
+    """``[<chain>.<accessor>.save() for item in iterable]`` (see the module
+    docs): ``root()`` gives the chain's first name (None: it is the loop's
+    variable); ``fallback(items)`` is the comprehension as written, over ``items``."""
+    current = _getcurrent()
+    if type(current) is not TaskGreenlet:
+        return fallback(iterable)
+    task = current.task
+    interleaver = _interleaver(task)
+    if interleaver is None:
+        return fallback(iterable)
+    kind = type(iterable)
+    live = None
+    if kind is range or kind is tuple:
+        items = iterable
+    elif kind is list:
+        items = tuple(iterable)
+        live = iterable
+    elif isinstance(iterable, Envoy) and _is_plain(kind):
+        items = tuple(iterable)
+    else:
+        return fallback(iterable)
+    if not items:
+        return fallback(iterable)
+    steps, kind_name, accessor, _ = site
+    start = root() if root is not None else None
+    envoys = []
+    for item in items:
+        envoy = _walk(item if root is None else start, steps, item)
+        if envoy is None:
+            return fallback(iterable)
+        envoys.append(envoy)
+    n = len(envoys)
+    run = task.run
+    batch = Batch(run, envoys, (kind_name,) * n, (accessor,) * n, sys._getframe(), items if live is not None else (), live)
+    values = batch.collect(interleaver, task)
+    out = _saved(values, run, save)
+    done = len(values)
+    if live is not None:
+        if done == len(live) and done == n:
+            return out
+        return out + fallback(_rest_of(live, done))
+    # The ordinary way for the rest, in the body (errors name the user's line).
+    for index in range(done, n):
+        out.append(save(_read(envoys[index], kind_name, accessor)))
+    return out
+
+
+def prefetch_run(site: tuple, roots: Callable[[], tuple], save: Callable[[Any], Any]) -> list:
+    """The values of a run of ``NAME = <chain>.<accessor>.save()`` statements
+    (see the module docs), last first (the assignments take them in order);
+    as many as were recorded: the statements without a value run as written.
+    Only in a body whose names no other invoke reads while it runs (no
+    invokes): elsewhere an assignment delayed until the run ends could be seen late."""
+    current = _getcurrent()
+    if type(current) is not TaskGreenlet:
+        return []
+    task = current.task
+    interleaver = _interleaver(task)
+    if interleaver is None or task.run.flow is not None:
+        return []
+    try:
+        starts = roots()
+    except NameError:
+        return []  # the statement that reads it raises, as written
+    envoys = []
+    for index, steps, _, _, _ in site:
+        envoy = _walk(starts[index], steps, None)
+        if envoy is None:
+            return []
+        envoys.append(envoy)
+    run = task.run
+    batch = Batch(run, envoys, tuple(entry[2] for entry in site), tuple(entry[3] for entry in site), sys._getframe(),
+                  lines=tuple(entry[4] for entry in site))
+    error = None
+    try:
+        values = batch.collect(interleaver, task)
+    except MissedProviderError as missed:
+        # A value never came (the forward ended): the statements before it
+        # assign theirs, and its own raises this, as they would have as written.
+        values, error = batch.values, missed
+    out = _Values(_saved(values, run, save))
+    if error is not None:
+        out.append(_Raise(error))
+    out.reverse()
+    return out
+
+
+def _saved(values: list, run: Any, save: Callable[[Any], Any]) -> list:
+    """``[save(v) for v in values]``, each value handed over as ``_read`` hands
+    it (``run.present``).  A tensor saved by seethrough's own ``save_method``
+    is added to the run's saves directly (what that function does for one)."""
+    out = []
+    add = run.saves.add if save is save_method else None
+    for value in values:
+        if type(value) is torch.Tensor:
+            out.append(add(value) if add is not None else save(value))
+        else:
+            out.append(save(run.present(value)))
+    return out
+
+
+def _rest_of(live: list, start: int) -> Any:
+    """The rest of a list iteration from ``start``, as a list iterator gives it (lazily)."""
+    index = start
+    while index < len(live):
+        yield live[index]
+        index += 1
