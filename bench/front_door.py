@@ -43,7 +43,7 @@ import torch
 
 from seethrough.models import offline
 from seethrough.remote import wire
-from seethrough.remote.client import CONTENT_TYPE
+from seethrough.remote.client.connection import CONTENT_TYPE
 from seethrough.remote.protocol import Request
 from seethrough.remote.server.testing import ServerProcess
 

@@ -54,7 +54,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _harness as H  # noqa: E402
 
 import seethrough  # noqa: E402
-from seethrough.remote import client as remote_client  # noqa: E402
+from seethrough.remote.client import connection as remote_client  # noqa: E402
 from seethrough.remote import wire  # noqa: E402
 
 TARGET_OVERHEAD_MS = 30.0  # remote - local - transfer

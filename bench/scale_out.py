@@ -40,7 +40,7 @@ import torch
 
 from seethrough.models import offline
 from seethrough.remote import wire
-from seethrough.remote.client import RemoteClient
+from seethrough.remote.client.connection import RemoteClient
 from seethrough.remote.protocol import Request
 from seethrough.remote.server import testing
 

@@ -216,7 +216,7 @@ NEW: list[Attack] = [
     A("an unentered tracer's job", 'handle = model.trace("x").job', group=NET, kind="session"),
     A("attributes of the entry point", "k = model.trace.api_key", group=NET, says="function"),
     A("import seethrough", "import seethrough", 1, "import seethrough", group=NET),
-    A("the client module", "from seethrough.remote.client import RemoteClient", 1, "from seethrough", group=NET),
+    A("the client module", "from seethrough.remote.client.connection import RemoteClient", 1, "from seethrough", group=NET),
     A("http.client", "import http.client", 1, "import http.client", group=NET),
     A("urllib", f'import urllib.request\nurllib.request.urlopen("{LOOPBACK}")', 1, "import urllib", group=NET),
     A("torch hub download", f'import torch\ntorch.hub.load_state_dict_from_url("{LOOPBACK}/w")', 2,

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from seethrough.remote.client import RemoteClient, RemoteJob
+from seethrough.remote.client.connection import RemoteClient, RemoteJob
 from seethrough.remote.server.jobs import JobStore
 from test_server import ALICE, BOB, call, follow, gpt2_workers, make_request, packed, post, reference, server  # noqa: F401
 from fixtures.signals import takes_ctrl_c

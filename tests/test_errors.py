@@ -209,7 +209,7 @@ _UNRESOLVED = object()
 _BUILTIN_SITES: dict[tuple[str, str], tuple[set[str], str]] = {
     ("remote/server/worker.py", "write"): ({"TypeError"}, "stands in for sys.stdout.write in a remote body"),
     ("remote/server/worker.py", "print"): ({"TypeError"}, "stands in for print() in a remote body"),
-    ("remote/sandbox.py", "_einops_proxy"): (
+    ("remote/server/sandbox.py", "_einops_proxy"): (
         {"ModuleNotFoundError"},
         "`import einops` on a server without it fails as an import does, so `except ImportError` works",
     ),
@@ -236,7 +236,7 @@ _BUILTIN_SITES: dict[tuple[str, str], tuple[set[str], str]] = {
     },
     ("nnsight/__init__.py", "__getattr__"): (
         {"AttributeError"}, "a module's __getattr__: `nnsight.X` missing is the AttributeError `hasattr` expects"),
-    ("remote/modules.py", "__getattr__"): (
+    ("remote/server/modules.py", "__getattr__"): (
         {"AttributeError"}, "a rebuilt module's __getattr__: `from mod import missing` needs AttributeError to "
                             "become Python's ImportError"),
 }
@@ -247,7 +247,7 @@ _PROTOCOL = {
 # name -> "module:Class.method" that swallows it.
 _SWALLOWED_IN_EXIT = {"_TakenOver": "seethrough.tracing.takeover:Takeover.end"}
 # Functions whose result is re-raised as the error it stands for (the user's own type included).
-_REBUILDERS = {"seethrough.remote.client.rebuild_error"}
+_REBUILDERS = {"seethrough.remote.client.connection.rebuild_error"}
 
 
 def _package_modules():

@@ -26,7 +26,7 @@ import torch
 import seethrough
 from seethrough import LanguageModel, LanguageModelError
 from seethrough.models import hub, offline
-from seethrough.remote.client import ModelNotServedError
+from seethrough.remote.client.connection import ModelNotServedError
 from seethrough.remote.server import testing
 from seethrough.remote.server.settings import DEFAULT_SERVED, parse_args
 from fixtures.signals import takes_ctrl_c

@@ -29,7 +29,7 @@ from typing import Any, Iterator
 import pytest
 
 from seethrough.remote import wire
-from seethrough.remote.client import CONTENT_TYPE
+from seethrough.remote.client.connection import CONTENT_TYPE
 from seethrough.remote.protocol import Request
 from seethrough.remote.server import testing
 

@@ -271,16 +271,26 @@ def test_the_outside_invoke_message_comes_from_its_collaborator(net):
         _run(interleaver, net, torch.randn(2, 4))
 
 
-def test_a_task_still_blocked_at_the_end_gets_its_collaborators_error(net):
+def test_a_task_still_blocked_at_the_end_gets_its_blockers_error(net):
     class Stuck(Exception):
         pass
 
     def body(task: Task) -> None:
-        interleaver.block(task, lambda: False)  # a condition that never holds
+        interleaver.block(task, lambda: False, lambda: Stuck(task.label))  # a condition that never holds
 
-    interleaver = _interleaver(net, deadlock_error=lambda task: Stuck(task.label))
+    interleaver = _interleaver(net)
     _task(interleaver, body)
     with pytest.raises(Stuck, match="body 1"):
+        _run(interleaver, net, torch.randn(2, 4))
+
+
+def test_a_task_still_blocked_without_an_error_of_its_blocker_gets_a_plain_one(net):
+    def body(task: Task) -> None:
+        interleaver.block(task, lambda: False)
+
+    interleaver = _interleaver(net)
+    _task(interleaver, body)
+    with pytest.raises(InvokeError, match="body 1 was still waiting when the forward pass ended"):
         _run(interleaver, net, torch.randn(2, 4))
 
 

@@ -9,6 +9,11 @@ that only run on some code paths too.
 ``KNOWN_UPWARD`` lists the upward imports that exist today, each a debt to
 pay (issue: one-way layers).  A new upward import fails the test; so does an
 entry of the list that no longer exists (remove it: the list only shrinks).
+
+At folder level (``FOLDERS``, below) every import between two of the
+package's folders points down too: ``remote/client`` imports nothing of
+``remote/server``, and ``remote="local"`` reaches the server only through
+the one entry point the protocol declares (``LOCAL_SERVER``).
 """
 
 from __future__ import annotations
@@ -23,12 +28,11 @@ LAYERS: list[tuple[str, ...]] = [
     ("seethrough.errors", "seethrough.config", "seethrough._version", "seethrough._frames"),
     ("seethrough.tracing",),
     ("seethrough.envoy", "seethrough.source"),
-    ("seethrough.remote", "seethrough.remote.wire", "seethrough.remote.protocol", "seethrough.remote.client",
-     "seethrough.remote.backend", "seethrough.remote.collect"),
+    ("seethrough.remote",),  # what client and server both speak: wire, portable, protocol, refusal
+    ("seethrough.remote.client",),
     ("seethrough.harvest",),
     ("seethrough.models",),
-    ("seethrough.remote.server", "seethrough.remote.execute", "seethrough.remote.sandbox", "seethrough.remote.modules",
-     "seethrough.remote.local"),
+    ("seethrough.remote.server",),
     ("seethrough.intervention", "seethrough.interp"),
     ("seethrough.cli", "seethrough.__main__", "seethrough"),
 ]
@@ -107,8 +111,285 @@ def test_known_upward_imports_still_exist():
 def test_the_check_sees_imports_inside_functions():
     # The tracer's file, as if it imported the remote client inside a method (an upward import).
     tracer = PACKAGE / "tracing" / "tracer.py"
-    hidden = "def run(self):\n    if self.remote:\n        from ..remote import backend\n        from ..remote.client import job\n"
-    assert {"seethrough.remote.backend", "seethrough.remote.client"} <= _imports(tracer, hidden)
-    assert "seethrough.remote.backend" not in _imports(tracer)
+    hidden = "def run(self):\n    if self.remote:\n        from ..remote.client import backend\n        from ..remote.client.connection import job\n"
+    assert {"seethrough.remote.client.backend", "seethrough.remote.client.connection"} <= _imports(tracer, hidden)
+    assert "seethrough.remote.client.backend" not in _imports(tracer)
     assert _layer("seethrough.tracing.run") < _layer("seethrough.envoy") < _layer("seethrough.models.model")
     assert _layer("seethrough.remote.server.app") > _layer("seethrough.models.language")
+
+
+# -- folders ---------------------------------------------------------------------------------
+# The package's folders, lowest first: an import from a module of one folder
+# into a module of another points down this list.  (A folder nested in
+# another is a folder of its own: ``remote.client`` sits above ``remote``.)
+# The package's own loose modules are no folder here: they sit both below the
+# folders (errors, config) and above them (cli, the package root); LAYERS
+# orders them.
+FOLDERS: list[str] = [
+    "seethrough.tracing",
+    "seethrough.remote",  # what client and server both speak
+    "seethrough.remote.client",
+    "seethrough.harvest",
+    "seethrough.models",
+    "seethrough.remote.server",
+    "seethrough.intervention",
+    "seethrough.intervention.tracing",
+    "seethrough.modeling",
+    "seethrough.interp",
+    "seethrough.nnsight",
+]
+
+
+def _folder(module: str) -> str:
+    """The folder (package) a module is in; a package is its own folder."""
+    return module if (PACKAGE.parent.joinpath(*module.split(".")) / "__init__.py").is_file() else module.rpartition(".")[0]
+
+
+def downward_violations(texts: dict[Path, str] | None = None) -> set[tuple[str, str]]:
+    """Imports between two folders that do not point down :data:`FOLDERS`, as
+    ``(module, imported)`` (``texts``: sources to read instead of some files)."""
+    texts = texts or {}
+    rank = {folder: index for index, folder in enumerate(FOLDERS)}
+    found = set()
+    for path in sorted(PACKAGE.rglob("*.py")):
+        source = _module_name(path)
+        home = _folder(source)
+        for target in _imports(path, texts.get(path)):
+            there = _folder(target)
+            if home == there or "seethrough" in (home, there):
+                continue
+            assert home in rank and there in rank, f"{home} or {there} is in no folder: add it to FOLDERS"
+            if rank[there] > rank[home]:
+                found.add((source, target))
+    return found
+
+
+def test_every_folder_is_ranked():
+    folders = {_folder(_module_name(path)) for path in PACKAGE.rglob("*.py")} - {"seethrough"}
+    assert folders <= set(FOLDERS), f"add these folders to FOLDERS: {sorted(folders - set(FOLDERS))}"
+
+
+def test_every_arrow_between_folders_points_down():
+    found = sorted(downward_violations())
+    assert not found, "imports from a folder into a higher one:\n" + "\n".join(f"  {a} -> {b}" for a, b in found)
+
+
+def test_the_folder_check_sees_an_upward_arrow():
+    # The client, as if it imported the server inside a function; the common wire, as if it used the client.
+    backend = PACKAGE / "remote" / "client" / "backend.py"
+    wire = PACKAGE / "remote" / "wire.py"
+    texts = {backend: "def local():\n    from ..server.local import run_local\n",
+             wire: "from .client import connection\n"}
+    assert downward_violations(texts) == {("seethrough.remote.client.backend", "seethrough.remote.server.local"),
+                                          ("seethrough.remote.wire", "seethrough.remote.client.connection")}
+    assert FOLDERS.index("seethrough.remote") < FOLDERS.index("seethrough.remote.client") \
+        < FOLDERS.index("seethrough.models") < FOLDERS.index("seethrough.remote.server")
+
+
+def _calls_of(path: Path, name: str) -> set[str]:
+    """The functions of ``path`` that call something named ``name``."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    callers = set()
+    for function in ast.walk(tree):
+        if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(function):
+                if isinstance(node, ast.Call) and name in (getattr(node.func, "attr", None), getattr(node.func, "id", None)):
+                    callers.add(f"{_module_name(path)}.{function.name}")
+    return callers
+
+
+def test_remote_local_reaches_the_server_only_through_its_declared_entry_point():
+    """The client imports nothing of the server; ``remote="local"`` loads the
+    one entry point the protocol declares, by name, when it is used."""
+    import importlib
+
+    from seethrough.remote import protocol
+
+    module_name, _, function = protocol.LOCAL_SERVER.partition(":")
+    assert _folder(module_name) == "seethrough.remote.server" and not function.startswith("_")
+    entry = getattr(importlib.import_module(module_name), function)
+    assert callable(entry) and entry.__module__ == module_name
+    loaders = set()
+    for path in sorted((PACKAGE / "remote" / "client").rglob("*.py")):
+        loaders |= _calls_of(path, "import_module") | _calls_of(path, "__import__")
+    # registry.register imports the user's own module by name; backend.local_server the declared entry point.
+    assert loaders == {"seethrough.remote.client.registry.register", "seethrough.remote.client.backend.local_server"}
+
+
+def private_imports(texts: dict[Path, str] | None = None) -> set[tuple[str, str]]:
+    """``from X import _name`` where ``X`` is in another folder than the importer,
+    as ``(module, "X._name")`` (``texts``: sources to read instead of some files)."""
+    texts = texts or {}
+    found = set()
+    for path in sorted(PACKAGE.rglob("*.py")):
+        source = _module_name(path)
+        package = source if path.name == "__init__.py" else source.rpartition(".")[0]
+        tree = ast.parse(texts.get(path) or path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.split(".")[0] != "seethrough":
+                continue
+            for alias in node.names:
+                private = alias.name.startswith("_") and not alias.name.startswith("__")
+                module = f"{target}.{alias.name}" if _is_module(f"{target}.{alias.name}") else target
+                if private and _folder(module) != _folder(source):
+                    found.add((source, f"{target}.{alias.name}"))
+    return found
+
+
+def test_no_private_name_is_imported_from_another_folder():
+    found = sorted(private_imports())
+    assert not found, ("private names imported from another folder (make them public where they live):\n"
+                       + "\n".join(f"  {a} imports {b}" for a, b in found))
+    worker = PACKAGE / "remote" / "server" / "worker.py"
+    seen = private_imports({worker: "from ...models.language import _load_weights\nfrom .forking import _x\n"})
+    assert ("seethrough.remote.server.worker", "seethrough.models.language._load_weights") in seen
+    assert not any(b.endswith("forking._x") for _, b in seen)  # same folder: its own business
+
+
+# -- no module cycle, type-only imports included ---------------------------------------
+#
+# Layers order packages; inside one, modules could still import each other in a
+# circle.  This check draws every module's imports (any scope, `TYPE_CHECKING`
+# blocks too: a type-only import is still a dependency of the reader) and fails
+# on any strongly connected group of modules, naming one cycle in it.
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Each seethrough module -> the seethrough modules it imports (any scope)."""
+    return {_module_name(path): _imports(path) for path in sorted(PACKAGE.rglob("*.py"))}
+
+
+def module_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected groups of more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    groups: list[list[str]] = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, edges = work[-1]
+            for target in edges:
+                if target not in graph:
+                    continue
+                if target not in index:
+                    index[target] = low[target] = len(index)
+                    stack.append(target)
+                    on_stack.add(target)
+                    work.append((target, iter(sorted(graph[target]))))
+                    break
+                if target in on_stack:
+                    low[node] = min(low[node], index[target])
+            else:
+                work.pop()
+                if work:
+                    low[work[-1][0]] = min(low[work[-1][0]], low[node])
+                if low[node] == index[node]:
+                    group = []
+                    while True:
+                        member = stack.pop()
+                        on_stack.discard(member)
+                        group.append(member)
+                        if member == node:
+                            break
+                    if len(group) > 1:
+                        groups.append(sorted(group))
+    return groups
+
+
+def one_cycle(graph: dict[str, set[str]], group: list[str]) -> list[str]:
+    """A shortest import cycle through the group's first module, for the message."""
+    members = set(group)
+    start = group[0]
+    paths = {start: [start]}
+    frontier = [start]
+    while frontier:
+        following = []
+        for node in frontier:
+            for target in sorted(graph[node] & members):
+                if target == start:
+                    return paths[node] + [start]
+                if target not in paths:
+                    paths[target] = paths[node] + [target]
+                    following.append(target)
+        frontier = following
+    raise AssertionError(f"{group} is no cycle")
+
+
+def test_no_module_cycle_even_counting_type_only_imports():
+    graph = import_graph()
+    groups = module_cycles(graph)
+    assert not groups, "modules that import each other in a circle (type-only imports included):\n" + "\n".join(
+        f"  {len(group)} modules: {', '.join(group)}\n    e.g. {' -> '.join(one_cycle(graph, group))}" for group in groups)
+
+
+def test_the_cycle_check_sees_type_only_imports():
+    runtime = PACKAGE / "tracing" / "runtime.py"
+    hidden = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .tracer import Tracer\n"
+    assert "seethrough.tracing.tracer" in _imports(runtime, hidden)
+    graph = import_graph()
+    graph["seethrough.tracing.runtime"] = graph["seethrough.tracing.runtime"] | _imports(runtime, hidden)
+    groups = module_cycles(graph)
+    assert any({"seethrough.tracing.runtime", "seethrough.tracing.tracer"} <= set(group) for group in groups)
+    cycle = one_cycle(graph, next(g for g in groups if "seethrough.tracing.runtime" in g))
+    assert cycle[0] == cycle[-1] and len(cycle) > 2
+    # And a small graph, by hand: a -> b -> c -> a is one group; d, alone, none.
+    assert module_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert module_cycles({"a": {"b"}, "b": set()}) == []
+
+
+# -- tracing/ is a stack: its map, top down, is the import order ----------------------
+
+
+def tracing_stack() -> list[str]:
+    """The modules ``tracing/__init__.py``'s map lists, top first."""
+    import re
+
+    text = ast.get_docstring(ast.parse((PACKAGE / "tracing" / "__init__.py").read_text(encoding="utf-8"))) or ""
+    return ["seethrough.tracing." + name for name in re.findall(r"^\* :mod:`\.(\w+)`", text, flags=re.MULTILINE)]
+
+
+def stack_violations(graph: dict[str, set[str]], stack: list[str]) -> list[str]:
+    """Imports of a module listed at or above the importer (``stack``: top first)."""
+    height = {module: len(stack) - index for index, module in enumerate(stack)}
+    return sorted(
+        f"  {source} -> {target}" for source in stack for target in graph.get(source, ())
+        if target in height and height[target] >= height[source])
+
+
+def test_tracing_map_lists_every_module_once():
+    stack = tracing_stack()
+    modules = {name for name in import_graph() if name.startswith("seethrough.tracing.")}
+    assert len(stack) == len(set(stack)), f"listed twice in tracing/__init__.py: {sorted({m for m in stack if stack.count(m) > 1})}"
+    assert set(stack) == modules, (
+        f"tracing/__init__.py's map must list every module of tracing/ (one line each, in import order): "
+        f"missing {sorted(modules - set(stack))}, no such module {sorted(set(stack) - modules)}")
+
+
+def test_tracing_modules_import_only_modules_below_them():
+    bad = stack_violations(import_graph(), tracing_stack())
+    assert not bad, ("in tracing/, a module imports only modules listed below it in tracing/__init__.py's map "
+                     "(type-only imports too):\n" + "\n".join(bad))
+
+
+def test_the_stack_check_sees_an_import_upward():
+    graph = import_graph()
+    stack = tracing_stack()
+    assert len(stack) > 10 and stack[0] == "seethrough.tracing.tracer" and stack[-1] == "seethrough.tracing.sentinels"
+    runtime = PACKAGE / "tracing" / "runtime.py"
+    hidden = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .tasks import Task\n"
+    graph["seethrough.tracing.runtime"] = _imports(runtime, hidden)
+    assert stack_violations(graph, stack) == ["  seethrough.tracing.runtime -> seethrough.tracing.tasks"]

@@ -17,7 +17,7 @@ import torch
 import seethrough
 from seethrough import LanguageModel
 from seethrough.config import DEFAULT_HOST
-from seethrough.remote.client import ModelNotServedError, RemoteClient
+from seethrough.remote.client.connection import ModelNotServedError, RemoteClient
 from seethrough.remote.server import testing
 from seethrough.remote.server.naming import model_names
 from seethrough.remote.server.settings import ModelSpec
@@ -59,7 +59,7 @@ def test_a_model_answers_to_its_name_its_repo_id_and_its_folder(named, gpt2_dir)
     listed = {entry["name"]: entry["aliases"] for entry in client.models()}
     assert listed == {"gpt2": ["gpt2"], "smollm2": [REPO, "smollm2"]}  # the folder is accepted, never shown
     with pytest.raises(ModelNotServedError, match="serves: 'gpt2', 'smollm2'"):
-        seethrough.remote.client.served_model_folder("org/unknown", named.url, KEY)
+        seethrough.remote.client.connection.served_model_folder("org/unknown", named.url, KEY)
 
 
 def test_language_model_by_repo_id_runs_remotely_as_locally(named):
@@ -110,7 +110,7 @@ def test_host_and_key_are_read_when_a_request_is_made(named, gpt2_dir, monkeypat
     seethrough.CONFIG.API.APIKEY = "set-in-code"
     try:
         assert seethrough.CONFIG.API.APIKEY == "set-in-code"
-        with pytest.raises(seethrough.remote.client.RemoteAuthError, match="refused the API key"):
+        with pytest.raises(seethrough.remote.client.connection.RemoteAuthError, match="refused the API key"):
             with model.trace(PROMPT, remote=True):
                 model.transformer.h[0].output.save()
     finally:

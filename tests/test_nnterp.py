@@ -217,7 +217,7 @@ def test_loaded_tokenizer_pads_left_with_eos(nnterp, folders):
 
 
 def test_remote_option_registers_nnterp_without_loading_weights(nnterp, folders):
-    from seethrough.remote import registry
+    from seethrough.remote.client import registry
 
     was = "nnterp" in registry.registered()
     try:
@@ -226,7 +226,7 @@ def test_remote_option_registers_nnterp_without_loading_weights(nnterp, folders)
         assert not model.dispatched  # renaming checked by a scan (allow_dispatch=False), on the meta device
         assert model.layers[1]._module is model._model.transformer.h[1]
         from nnterp.nnsight_utils import get_layer_output
-        from seethrough.remote.client import RemoteRequestError
+        from seethrough.remote.client.connection import RemoteRequestError
 
         with torch.no_grad():
             with model.trace(PROMPT, remote="local"):  # the wrapper is the model, whatever its class

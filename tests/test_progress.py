@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from seethrough import CONFIG, LanguageModel
-from seethrough.remote.client import RemoteClient, RemoteError, RemoteJob
+from seethrough.remote.client.connection import RemoteClient, RemoteError, RemoteJob
 from test_cancel import ENDLESS, started
 from test_server import ALICE, make_request, packed, post, server  # noqa: F401
 

@@ -26,7 +26,7 @@ from ray.cluster_utils import Cluster
 
 import seethrough
 from fixtures.network import load_is_all_correct
-from seethrough.remote.client import RemoteClient
+from seethrough.remote.client.connection import RemoteClient
 from seethrough.remote.server import testing
 from seethrough.remote.server.ray_backend import device_map_for
 from seethrough.remote.server.settings import SettingsError, parse_args

@@ -21,7 +21,8 @@ import torch
 import seethrough
 from seethrough import LanguageModel
 from seethrough.remote import protocol
-from seethrough.remote.client import RemoteAuthError, RemoteConnectionError, RemoteRequestError, job, remote_model
+from seethrough.models import remote_model
+from seethrough.remote.client import RemoteAuthError, RemoteConnectionError, RemoteRequestError, job
 from seethrough.remote.server import testing
 from test_server import ALICE, BOB, server  # noqa: F401 - the shared server fixtures
 from fixtures.threads import one_thread  # noqa: F401 - autouse: the server's one torch thread
@@ -264,7 +265,7 @@ def test_non_blocking_returns_a_job_that_another_process_can_fetch(server, gpt2)
     assert torch.equal(values["hidden"], expected)
     script = textwrap.dedent("""
         import sys
-        from seethrough.remote.client import job
+        from seethrough.remote.client.connection import job
         values = job(sys.argv[1], host=sys.argv[2], api_key=sys.argv[3]).result()
         print(repr(values["hidden"].double().sum().item()))
     """)

@@ -8,6 +8,8 @@ No server runs here: nothing listens, nothing is submitted.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -15,8 +17,8 @@ from torch import nn
 import seethrough
 from seethrough import LanguageModel
 from seethrough.errors import ModulePathError, SeethroughError, WeightsModifiedError
-from seethrough.remote.client import RemoteRequestError
-from seethrough.remote.sandbox import SandboxViolation
+from seethrough.remote.client.connection import RemoteRequestError
+from seethrough.remote.server.sandbox import SandboxViolation
 from fixtures.models import assert_pristine, hook_state
 from fixtures.threads import one_thread  # noqa: F401 - autouse: the server's one torch thread
 
@@ -130,6 +132,15 @@ def test_a_plain_module_runs_locally_remote(mlp):
         assert torch.equal(hidden, mlp.fc1(x))
         assert torch.equal(out, mlp.fc2.bias.expand(2, 3))
     assert_pristine(mlp)
+
+
+def test_the_served_name_is_the_wrappers_public_remote_name(mlp, gpt2_dir, tmp_path):
+    # What the client addresses a server's model by: a module object has no name, a folder its real path.
+    assert seethrough.Model(mlp).remote_name is None
+    link = tmp_path / "link"
+    link.symlink_to(gpt2_dir)
+    assert LanguageModel(str(link)).remote_name == os.path.realpath(gpt2_dir)
+    assert LanguageModel(str(link), remote_name="gpt2").remote_name == "gpt2"
 
 
 def test_prints_and_helper_functions_travel(gpt2, capsys):

@@ -1,6 +1,6 @@
 """Registered modules (seethrough.register / nnsight.register): local code that a
 remote body uses travels as source and is rebuilt on the server, inside the
-sandbox (seethrough.remote.registry on the client, seethrough.remote.modules
+sandbox (seethrough.remote.client.registry on the client, seethrough.remote.server.modules
 on the server).
 
 The helper package is written to a temporary folder that only this process
@@ -19,9 +19,9 @@ import torch
 
 import seethrough
 from seethrough import LanguageModel
-from seethrough.remote import registry
-from seethrough.remote.collect import RemoteInputError
-from seethrough.remote.modules import ModuleRules, validate_module
+from seethrough.remote.client import registry
+from seethrough.remote.client.collect import RemoteInputError
+from seethrough.remote.server.modules import ModuleRules, validate_module
 from seethrough.remote.refusal import SandboxViolation
 from fixtures.models import record_outputs
 from fixtures.threads import one_thread  # noqa: F401 - autouse: the server's one torch thread
@@ -122,7 +122,7 @@ def test_registered_package_travels_and_is_rebuilt(gpt2, helpers, server, where)
 
 
 def test_what_a_request_carries(gpt2, helpers):
-    from seethrough.remote.collect import build_request
+    from seethrough.remote.client.collect import build_request
     from seethrough.tracing.capture import capture_source_block
 
     captured = capture_source_block("x = helpers.last_token(model.transformer.h[0].output).save()\n", "<t>",

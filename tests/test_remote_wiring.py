@@ -5,12 +5,12 @@
   a models-layer class (``LanguageModelError``) and the server-side
   sandbox's (``SandboxViolation``), raised on a real server and rebuilt here.
 * ``LanguageModel.from_server`` is the one way a wrapper of a served model is
-  built; ``LanguageModel(name, host=...)``, ``seethrough.models.remote_model``
-  and ``seethrough.remote.client.remote_model`` give the same wrapper.  Its
-  remote traces are checked against a plain HuggingFace forward read by a raw
-  hook on the same weights.
-* ``remote="local"`` runs through the runner the package root registers; a
-  missing one is a clear error.
+  built; ``LanguageModel(name, host=...)`` and ``seethrough.models.remote_model``
+  give the same wrapper.  Its remote traces are checked against a plain
+  HuggingFace forward read by a raw hook on the same weights.
+* ``remote="local"`` runs through the one server entry point the protocol
+  declares (``LOCAL_SERVER``), loaded by name only when used: importing
+  seethrough loads no server module, and a missing entry point is a clear error.
 
 The server is the one ``tests/test_server.py`` starts (shared fixtures).
 """
@@ -24,10 +24,11 @@ import seethrough
 from seethrough import LanguageModel, LanguageModelError, SeethroughError
 from seethrough.config import cache_dir
 from seethrough.models import offline
-from seethrough.remote import backend, client
-from seethrough.remote.client import ModelNotServedError, RemoteError, rebuild_error
+from seethrough.remote.client import backend
+from seethrough.remote.client import connection as client
+from seethrough.remote.client.connection import ModelNotServedError, RemoteError, rebuild_error
 from seethrough.remote.protocol import error_answer
-from seethrough.remote.sandbox import SandboxViolation
+from seethrough.remote.refusal import SandboxViolation
 from test_server import ALICE, server  # noqa: F401 - the shared server fixtures
 from fixtures.threads import one_thread  # noqa: F401 - autouse: the server's one torch thread
 
@@ -75,7 +76,7 @@ def test_a_class_that_moved_module_is_found_by_its_unique_name():
 
 
 def test_unknown_and_foreign_names_become_remote_errors_of_that_name():
-    for name, module in (("NoSuchError", "seethrough.remote.execute"), ("ForeignError", "seethrough.errors"),
+    for name, module in (("NoSuchError", "seethrough.remote.server.execute"), ("ForeignError", "seethrough.errors"),
                          ("ForeignError", ForeignError.__module__), ("LanguageModelError", "somelib.errors")):
         error = rebuild_error(error_answer(name, "m", module=module))
         assert type(error).__name__ == name and isinstance(error, RemoteError), (name, module)
@@ -115,8 +116,7 @@ def test_from_server_builds_the_served_model_and_traces_it_remotely(server, gpt2
     torch.testing.assert_close(hidden, plain_block_output(gpt2_dir, "Served from afar", 1), atol=1e-5, rtol=1e-5)
     # Every older way gives the same wrapper.
     same = [LanguageModel("gpt2", host=server.url, api_key=ALICE),
-            seethrough.models.remote_model("gpt2", host=server.url, api_key=ALICE),
-            client.remote_model("gpt2", host=server.url, api_key=ALICE)]
+            seethrough.models.remote_model("gpt2", host=server.url, api_key=ALICE)]
     for other in same:
         assert type(other) is LanguageModel and not other.dispatched
         assert [p for p, _ in other._model.named_modules()] == [p for p, _ in model._model.named_modules()]
@@ -144,18 +144,31 @@ def test_the_cache_folder_is_a_configuration_fact(monkeypatch, tmp_path):
     assert offline.cache_dir is cache_dir and cache_dir() == tmp_path / "c"
 
 
-# -- remote="local" through the registered runner -------------------------------------------------------
+# -- remote="local" through the declared server entry point ----------------------------------------------
 
 
-def test_remote_local_runs_through_the_registered_runner(tiny_gpt2, gpt2_tokenizer, monkeypatch):
-    from seethrough.remote.local import run_local
+def test_remote_local_runs_through_the_declared_server_entry_point(tiny_gpt2, gpt2_tokenizer, monkeypatch):
+    from seethrough.remote.protocol import LOCAL_SERVER
+    from seethrough.remote.server.local import run_local
 
-    assert backend._local_runner is run_local  # registered by the package root
+    assert LOCAL_SERVER == "seethrough.remote.server.local:run_local" and backend.local_server() is run_local
     model = LanguageModel(tiny_gpt2, tokenizer=gpt2_tokenizer)
-    monkeypatch.setattr(backend, "_local_runner", None)
-    with pytest.raises(RemoteError, match="no local runner is registered"):
+    with model.trace("Hello", remote="local"):
+        hidden = model.transformer.h[0].output.save()
+    with model.trace("Hello"):
+        expected = model.transformer.h[0].output.save()
+    torch.testing.assert_close(hidden, expected)
+    monkeypatch.setattr(backend, "LOCAL_SERVER", "seethrough.remote.server.no_such_module:run_local")
+    with pytest.raises(RemoteError, match="no_such_module.*cannot be loaded"):
         with model.trace("Hello", remote="local"):
-            hidden = model.transformer.h[0].output.save()
-    monkeypatch.setattr(client, "_model_builder", None)
-    with pytest.raises(RemoteError, match="LanguageModel.from_server"):
-        client.remote_model("gpt2")
+            model.transformer.h[0].output.save()
+
+
+def test_importing_seethrough_loads_no_server_module():
+    import subprocess
+    import sys
+
+    code = ("import sys, seethrough, seethrough.remote.client.backend, seethrough.harvest\n"
+            "print(sorted(m for m in sys.modules if m.startswith('seethrough.remote.server')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

@@ -1,7 +1,7 @@
-"""The sandbox for remote trace bodies (seethrough.remote.sandbox, .reach, .execute).
+"""The sandbox for remote trace bodies (seethrough.remote.server.sandbox, .reach, .execute).
 
 The attack corpus (``tests/sandbox_corpus.py``) runs here in-process through
-the server's own :func:`~seethrough.remote.execute.execute` on a served
+the server's own :func:`~seethrough.remote.server.execute.execute` on a served
 GPT-2 (random weights, real tokenizer).  Each attack counts as contained only
 when it is refused as the corpus says (or runs harmlessly on a copy) AND no
 canary fired: the canary file does not exist, the loopback listener saw no
@@ -30,10 +30,10 @@ import seethrough
 from fixtures.network import connections, listener  # noqa: F401 - listener is a fixture
 from seethrough import LanguageModel
 from seethrough.errors import SeethroughError
-from seethrough.remote.execute import execute
+from seethrough.remote.server.execute import execute
 from seethrough.remote.protocol import ProtocolError, Request, parse_request
-from seethrough.remote.reach import ConfigView, TokenizerView
-from seethrough.remote.sandbox import (
+from seethrough.remote.server.reach import ConfigView, TokenizerView
+from seethrough.remote.server.sandbox import (
     SandboxViolation,
     isolated_rng_state,
     module_proxy,
@@ -259,6 +259,9 @@ def test_views_are_copies_and_read_only(served):
     with pytest.raises(SandboxViolation, match="read-only"):
         config.n_layer = 5
     tokenizer = TokenizerView(served.tokenizer)
+    for view, name in ((config, "n_layer"), (tokenizer, "padding_side"), (module_proxy("torch"), "nn")):
+        with pytest.raises(SandboxViolation, match="read-only"):
+            delattr(view, name)  # deleting is changing too (one rule for every view: reach.ReadOnlyView)
     tokenizer.model_input_names.append("evil")
     assert served.tokenizer.model_input_names == ["input_ids", "attention_mask"]
     assert tokenizer.decode(tokenizer.encode("hello world")) == "hello world"

@@ -31,7 +31,7 @@ import torch
 from fixtures.network import connections, listener  # noqa: F401 - listener is a fixture
 from test_sandbox import assert_clean_values_match_plain_hf
 from seethrough.remote import wire
-from seethrough.remote.client import CONTENT_TYPE, RemoteClient
+from seethrough.remote.client.connection import CONTENT_TYPE, RemoteClient
 from seethrough.remote.protocol import Request
 from seethrough.remote.server import testing
 from sandbox_corpus import (ATTACKS, CLEAN_GENERATE_OPTIONS, CLEAN_GENERATE_SOURCE, CLEAN_SOURCE, MUTATIONS,
@@ -178,7 +178,7 @@ def test_nothing_persists_on_the_server(mutation: Mutation, server, fresh):
 
 def test_a_refusal_at_run_time_reaches_the_user_with_their_line(server, gpt2_dir):
     from seethrough import LanguageModel
-    from seethrough.remote.sandbox import SandboxViolation
+    from seethrough.remote.server.sandbox import SandboxViolation
 
     model = LanguageModel(str(gpt2_dir))
     object.__setattr__(model, "_remote_name", "gpt2")

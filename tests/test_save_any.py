@@ -19,7 +19,7 @@ import torch
 import seethrough
 from seethrough import LanguageModel
 from seethrough.errors import NotSavedError
-from seethrough.remote import sandbox
+from seethrough.remote.server import sandbox
 from seethrough.tracing.capture import capture_source_block
 from seethrough.tracing.runtime import SAVE_METHOD
 

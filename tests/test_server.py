@@ -30,7 +30,7 @@ import torch
 
 from fixtures.network import load_is_all_correct
 from seethrough.remote import wire
-from seethrough.remote.client import CONTENT_TYPE, RemoteClient
+from seethrough.remote.client.connection import CONTENT_TYPE, RemoteClient
 from seethrough.remote.protocol import Request
 from seethrough.remote.server import testing
 from seethrough.remote.server.jobs import JobStore

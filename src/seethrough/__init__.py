@@ -45,23 +45,14 @@ from .errors import (
 )
 from .harvest import HarvestStore, HarvestStoreError, load
 from .models import LanguageModel, Model
-from .models.language import LanguageModelError, remote_model
-from .remote.backend import register_local_runner
-from .remote.client import register_model_builder
-from .remote.local import run_local
-from .remote.registry import register
+from .models.language import LanguageModelError
+from .remote.client.registry import register
 from .tracing.cache import Cache, CacheKeyError
 from .tracing.runtime import save
 from .tracing.tracer import Invoker, Tracer
 
 if TYPE_CHECKING:
     from ._stand_in import StandIn
-
-# The composition root: lower layers call what higher ones provide through
-# these two hooks (remote="local" runs the server's steps in this process;
-# the client's `remote_model` builds a LanguageModel).
-register_local_runner(run_local)
-register_model_builder(remote_model)
 
 
 # nnsight-compatible names: code written for nnsight runs after changing its import.

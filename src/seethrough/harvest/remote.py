@@ -111,8 +111,8 @@ class RemoteHarvest(Harvest):
         self.api_key = api_key
 
     def _prepare(self, captured: CapturedBlock, seed: dict, globals_: dict) -> None:
-        from ..remote.client import RemoteClient
-        from ..remote.collect import build_request
+        from ..remote.client.connection import RemoteClient
+        from ..remote.client.collect import build_request
 
         source, self._keeps = rewrite_keeps(captured)
         self._client = RemoteClient(self.host, self.api_key)  # as the model resolved them (LanguageModel.harvest)
@@ -122,7 +122,7 @@ class RemoteHarvest(Harvest):
         self._template = dataclasses.replace(template, source=source)
 
     def _model_signature(self) -> str:
-        from ..remote.collect import remote_name
+        from ..remote.client.collect import remote_name
 
         return "remote:" + _digest([remote_name(self.model)])
 
@@ -137,14 +137,14 @@ class RemoteHarvest(Harvest):
 
     def _start(self, context: tuple, batch: Any) -> Any:
         from ..remote import wire
-        from ..remote.client import MAX_REQUEST_BYTES, RemoteJob
+        from ..remote.client.connection import MAX_REQUEST_BYTES, RemoteJob
 
         request = dataclasses.replace(self._template, args=[{"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}])
         payload = wire.pack(request.to_wire(), max_bytes=MAX_REQUEST_BYTES)
         return RemoteJob(self._client, self._client.submit(payload)["id"])
 
     def _finish(self, context: tuple, batch: Any, job: Any) -> dict:
-        from ..remote.client import RemoteError
+        from ..remote.client.connection import RemoteError
 
         state, first = context[3], context[4]
         try:
@@ -161,7 +161,7 @@ class RemoteHarvest(Harvest):
         return handle.kept
 
     def _abandon(self, pending: Any) -> None:
-        from ..remote.client import RemoteError
+        from ..remote.client.connection import RemoteError
 
         for _, _, job in pending:
             with contextlib.suppress(RemoteError, OSError):

@@ -35,7 +35,7 @@ import torch
 
 from .._frames import where_user_is
 from ..errors import BatchError, InputTypeError, LanguageModelError, UsageTypeError
-from ..remote.client import ModelNotServedError, ServedModel, served_model
+from ..remote.client.connection import ModelNotServedError, ServedModel, served_model
 from ..tracing.tracer import Tracer
 from .backends import GenerateBackend, forward_backend, lm_scan_backend, meta_backend, probe_meta_mask
 from .batching import PreparedInput
@@ -153,7 +153,7 @@ class LanguageModel(Model):
                 hidden = model.transformer.h[0].output.save()
 
         ``host=None`` asks ``seethrough.CONFIG.API.HOST``.  A name the server
-        does not serve raises :class:`~seethrough.remote.client.ModelNotServedError`
+        does not serve raises :class:`~seethrough.remote.client.connection.ModelNotServedError`
         listing the names it serves.  ``options`` are those of the constructor
         (``tokenizer=``, ``rename=``, ``envoys=``, ``automodel=``, config
         overrides).  ``LanguageModel(name, host=...)`` builds the same wrapper."""
@@ -221,6 +221,13 @@ class LanguageModel(Model):
     def _ensure_loaded(self) -> None:
         if not self._loaded:
             self.dispatch()
+
+    @property
+    def remote_name(self) -> str | None:
+        """The name a seethrough server serves this model under (``remote=True``):
+        ``remote_name=``, else the name or real folder path it was loaded from."""
+        name = self.__dict__.get("_remote_name") or self.__dict__.get("_source")
+        return name if isinstance(name, str) and name else None
 
     # -- inputs -------------------------------------------------------------------
     def _prepare_input(self, args: tuple, kwargs: dict) -> PreparedInput:
@@ -520,7 +527,7 @@ class Generator:
     before generation has ended, it waits until then, like ``tracer.result``."""
 
     __slots__ = ("_model",)
-    _remote_attributes = frozenset({"output", "streamer"})  # what a remote body may read (seethrough.remote.reach)
+    _remote_attributes = frozenset({"output", "streamer"})  # what a remote body may read (seethrough.remote.server.reach)
 
     def __init__(self, model: LanguageModel) -> None:
         self._model = model
@@ -575,7 +582,7 @@ def _parameters_of(module: torch.nn.Module) -> frozenset[str]:
         return frozenset()
 
 
-def _resolve_source(source: str) -> str:
+def resolve_source(source: str) -> str:
     """A local folder for ``source``: itself, or the offline copy of a known model."""
     if os.path.isdir(source):
         return source
@@ -651,7 +658,7 @@ def _skeleton(source: str, automodel: Any, load_kwargs: dict) -> torch.nn.Module
     """The module tree without weights (meta device), for use before loading."""
     from transformers import AutoConfig
 
-    path = _resolve_source(source)
+    path = resolve_source(source)
     # Keyword arguments that are not about loading (e.g. num_hidden_layers=4)
     # change the configuration: the skeleton must have the same shape as the
     # model that will load.
@@ -680,7 +687,7 @@ def _skeleton(source: str, automodel: Any, load_kwargs: dict) -> torch.nn.Module
 def _load_weights(source: str, automodel: Any, load_kwargs: dict) -> torch.nn.Module:
     from transformers import AutoConfig
 
-    path = _resolve_source(source)
+    path = resolve_source(source)
     kwargs = dict(load_kwargs)
     kwargs.setdefault("dtype", torch.float32)
     if offline_loading(path):
@@ -763,9 +770,9 @@ def _load_tokenizer(source: str, model: Any, tokenizer_kwargs: dict | None = Non
         # asking (a class name would send the hub client into slow retries).
         candidates = [getattr(getattr(model, "config", None), "name_or_path", None)]
     for candidate in candidates:
-        if not candidate or (model is not None and not os.path.isdir(_resolve_source(candidate))):
+        if not candidate or (model is not None and not os.path.isdir(resolve_source(candidate))):
             continue
-        path = _resolve_source(candidate)
+        path = resolve_source(candidate)
         try:
             options = {**(tokenizer_kwargs or {}), **({"local_files_only": True} if offline_loading(path) else {})}
             return AutoTokenizer.from_pretrained(path, **options)

@@ -37,7 +37,8 @@ import torch
 from ..envoy import Envoy, cached_children
 from .._frames import describe_location, hide_library_frames
 from ..errors import EnvoyClassError, ModulePathError, SeethroughError, TraceSourceError, UsageTypeError
-from ..remote.backend import RemoteOptions, run_remote
+from ..remote.client.backend import RemoteOptions, run_remote
+from ..remote.client.collect import BlockHandle
 from ..source import ModuleSource
 from ..tracing.capture import capture_with_block
 from ..tracing.contract import HookPlan
@@ -459,8 +460,20 @@ class Model(Envoy):
         """Run a captured block of this model on a server (or ``remote="local"``)
         and bind its values in the caller's frame: what a tracer or session
         entered with ``remote=`` does on leaving its block.  Takes the keyword
-        arguments of :func:`seethrough.remote.backend.run_remote` but ``model``."""
-        return run_remote(model=self, **request)
+        arguments of :func:`seethrough.remote.client.backend.run_remote` but ``model``."""
+        try:
+            return run_remote(model=self, **request)
+        except ModulePathError as error:
+            hinted = _custom_envoy_hint(error, self._envoys)
+            if hinted is None:
+                raise
+            raise hinted from None
+
+    @property
+    def remote_name(self) -> str | None:
+        """The name a seethrough server serves this model under (``remote=True``);
+        None for a wrapper of a module object, which no server knows by name."""
+        return None
 
     def _clone(self) -> "Model":
         clone = type(self).__new__(type(self))
@@ -605,6 +618,27 @@ class EditContext:
         return True
 
 
+def _custom_envoy_hint(error: ModulePathError, envoys: Any) -> ModulePathError | None:
+    """The server's "no such attribute" for a name the user's own envoy classes
+    (``envoys=``) define: say why (the server's envoys are the base class)."""
+    if envoys is None:
+        return None
+    classes = [envoys] if isinstance(envoys, type) else list(envoys.values())
+    message = str(error)
+    for klass in classes:
+        for owner in klass.__mro__:
+            if owner is Envoy:  # (and what it derives from): the server has these
+                break
+            for name in owner.__dict__:
+                if not name.startswith("_") and f"attribute `{name}`" in message:
+                    return ModulePathError(
+                        f"{message}\n`{name}` is defined by your envoy class {owner.__name__} (`envoys=`), which "
+                        "runs only on your machine: a server's envoys are seethrough's own. In a remote body, "
+                        "compute it from `.output`/`.input` (in the body, or a helper function that travels)."
+                    )
+    return None
+
+
 def _remote_options(
     remote: bool | str, host: str | None, api_key: str | None, blocking: bool, default_host: str | None = None
 ) -> Any:
@@ -634,7 +668,7 @@ def _has_rewritten_saves(frame: Any) -> bool:
         return False
 
 
-class Session:
+class Session(BlockHandle):
     """``with model.session():`` — several traces as one unit of work.
 
     Locally the traces simply run one after the other.  As in nnsight, a value

@@ -30,7 +30,7 @@ from ..envoy import Envoy
 from ..intervention.tracing.hint import Object
 from ..models.language import LanguageModel
 from ..models.model import Model as NNsight
-from ..remote.registry import register
+from ..remote.client.registry import register
 from ..tracing.runtime import save
 
 NNSIGHT_VERSION = "0.8.1"  # the nnsight release whose public behaviour seethrough follows

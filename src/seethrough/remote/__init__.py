@@ -1,12 +1,23 @@
 """Remote execution: run a trace body on a seethrough server (``remote=True``).
 
-The pieces, each in its own module so that local use imports none of them:
+The package is split by where the code runs:
 
-* ``wire``    — the wire format (msgpack structure + one safetensors blob,
-  zlib-compressed, never pickle), with size caps and strict validation;
-* ``sandbox`` — validation of untrusted trace bodies (an AST allowlist) and the
-  restricted namespace they run in (safe builtins, read-only module proxies).
+* ``seethrough.remote`` (this folder's modules) — what client and server both
+  speak: :mod:`.wire` (the wire format: msgpack structure + one safetensors
+  blob, zlib-compressed, never pickle; size caps and strict validation),
+  :mod:`.portable` (the one statement of which values may travel, and how
+  deep they may nest), :mod:`.protocol` (a request's shape, option
+  allowlists, error answers, the declared ``LOCAL_SERVER`` entry point) and
+  :mod:`.refusal` (``SandboxViolation``, the error a refused body gets);
+* :mod:`seethrough.remote.client` — the user's side: HTTP client, request
+  building, registered modules, and ``remote=True`` / ``remote="local"`` on
+  leaving a block;
+* :mod:`seethrough.remote.server` — the server: the HTTP front door, workers,
+  the sandbox (AST allowlist, restricted namespace, reach guard), execution,
+  and :mod:`seethrough.remote.server.local` (``remote="local"``: the server's
+  steps in this process).
 
-Import them explicitly (``from seethrough.remote import wire``); this package
-imports nothing on its own.
+Imports point down only: the server may import the client and the common
+modules, the client only the common ones, the common ones neither
+(``tests/test_layers.py``).  This package imports nothing on its own.
 """

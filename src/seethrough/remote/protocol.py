@@ -43,19 +43,20 @@ import keyword
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 
 from .._version import __version__
 from ..errors import SeethroughError
 
 PROTOCOL = 1
+CONTENT_TYPE = "application/x-seethrough"  # the media type of a request and a result on HTTP
+# remote="local": the in-process server's one entry point, "module:function"
+# (``run_local(request, model) -> answer``).  The client loads it by this name
+# when a body runs with remote="local", as a URL names a server for remote=True;
+# it never imports the server package (tests/test_layers.py checks both ends).
+LOCAL_SERVER = "seethrough.remote.server.local:run_local"
 KINDS = ("trace", "generate", "session")
 MODULES = ("torch", "torch.nn", "torch.nn.functional", "torch.linalg", "torch.fft", "math", "einops")
 MAX_NAMES = 1_000
-# Values that travel as they are (with lists, tuples, sets, dicts of them, and
-# Ellipsis); both the client's check and the server's answer use this.
-PORTABLE_LEAVES = (type(None), bool, int, float, complex, str, bytes, torch.Tensor, torch.Size, torch.dtype,
-                   torch.device, slice)
 
 
 class ProtocolError(SeethroughError, ValueError):

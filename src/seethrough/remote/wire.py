@@ -29,7 +29,7 @@ Decoding trusts nothing: the compressed size is checked before any work, the
 decompressed size while decompressing (a zip bomb stops at the cap), msgpack
 runs with length limits (and the non-tensor structure has its own cap,
 :data:`MAX_STRUCTURE_BYTES`), the safetensors header is checked against the bytes
-that follow it, nesting is capped at :data:`MAX_DEPTH`, and every problem is
+that follow it, nesting is capped at :data:`~.portable.MESSAGE_DEPTH`, and every problem is
 a :class:`WireError` (a ``SeethroughError`` and a ``ValueError``) saying what
 was wrong.  Class names in the frame are looked up only among
 ``transformers``' ``ModelOutput`` subclasses and ``torch.return_types``;
@@ -60,9 +60,11 @@ import torch
 
 from .._version import __version__
 from ..errors import SeethroughError
+from . import portable
+from .portable import MESSAGE_DEPTH
 
 __all__ = [
-    "FORMAT_VERSION", "MAX_DEPTH", "WireError", "WireSizeError", "WireVersionError", "inspect", "pack", "payload_stats",
+    "FORMAT_VERSION", "WireError", "WireSizeError", "WireVersionError", "inspect", "pack", "payload_stats",
     "unpack",
 ]
 
@@ -70,7 +72,6 @@ MAGIC = b"STWF"
 FORMAT_VERSION = 1
 FLAG_ZLIB = 0x01
 KNOWN_FLAGS = FLAG_ZLIB
-MAX_DEPTH = 64
 # Level 1 is several times faster than the default and loses little on tensors,
 # which compress poorly whatever the level.
 COMPRESSION_LEVEL = 1
@@ -173,18 +174,46 @@ class _Encoder:
         self._tags: list[int] = []
 
     def encode(self, value: Any, path: str, depth: int) -> Any:
-        if depth > MAX_DEPTH:
-            raise WireError(f"{path}: nested deeper than {MAX_DEPTH} levels (does the value contain itself?); "
+        if depth > MESSAGE_DEPTH:
+            raise WireError(f"{path}: nested deeper than {MESSAGE_DEPTH} levels (does the value contain itself?); "
                             "send a flatter structure")
         if value is None or type(value) in (bool, str, bytes, float):
             return value
+        what = portable.kind(value)  # what may travel: seethrough.remote.portable
+        if what is None:
+            if isinstance(value, int) and not isinstance(value, bool):
+                raise WireError(f"{path}: {portable.why_not(value)}")
+            raise WireError(f"{path}: cannot send an object of type {_type_name(value)}; {_SUPPORTED_HINT}")
+        if what == portable.ATOM:
+            return self._atom(value, path)
+        if what == portable.SLICE:
+            return [TAG_SLICE, *(self.encode(part, path + label, depth + 1)
+                                 for label, part in portable.items(value, what))]
+        if what == portable.DICT:
+            model_output = _model_output_class()
+            if model_output is not None and isinstance(value, model_output):
+                fields = [TAG_MODEL_OUTPUT, type(value).__name__]
+                for key, item in value.items():
+                    fields += [key, self.encode(item, _key_path(path, key), depth + 1)]
+                return fields
+            return self._dict(value, path, depth)
+        if what == portable.TUPLE and _is_return_type(value):
+            return [TAG_RETURN_TYPE, type(value).__name__,
+                    *(self.encode(item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value))]
+        if what in (portable.LIST, portable.TUPLE):
+            tag = TAG_LIST if what == portable.LIST else TAG_TUPLE
+            return [tag, *(self.encode(item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value))]
+        tag = TAG_SET if what == portable.SET else TAG_FROZENSET
+        return [tag, *(self.encode(item, f"{path}{{{item!r}}}", depth + 1) for item in _stable_order(value))]
+
+    def _atom(self, value: Any, path: str) -> Any:
         # Subclasses (a str Enum, an IntEnum, ...) travel as their plain value.
         if isinstance(value, str):
             return str.__str__(value)
         if isinstance(value, bytes):
             return bytes(value)
         if isinstance(value, int):
-            return self._int(int(value), path)
+            return int(value)
         if isinstance(value, float):
             return float(value)
         if isinstance(value, complex):
@@ -197,41 +226,12 @@ class _Encoder:
             return [TAG_DTYPE, _dtype_name(value)]
         if isinstance(value, torch.device):
             return [TAG_DEVICE, str(value)]
-        if value is Ellipsis:
-            return [TAG_ELLIPSIS]
-        if isinstance(value, slice):
-            return [TAG_SLICE, *(self.encode(part, f"{path}.{name}", depth + 1)
-                                 for part, name in ((value.start, "start"), (value.stop, "stop"), (value.step, "step")))]
-        model_output = _model_output_class()
-        if model_output is not None and isinstance(value, model_output):
-            fields = [TAG_MODEL_OUTPUT, type(value).__name__]
-            for key, item in value.items():
-                fields += [key, self.encode(item, _key_path(path, key), depth + 1)]
-            return fields
-        if _is_return_type(value):
-            return [TAG_RETURN_TYPE, type(value).__name__,
-                    *(self.encode(item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value))]
-        if isinstance(value, (list, tuple)):
-            tag = TAG_LIST if isinstance(value, list) else TAG_TUPLE
-            return [tag, *(self.encode(item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value))]
-        if isinstance(value, dict):
-            return self._dict(value, path, depth)
-        if isinstance(value, (set, frozenset)):
-            tag = TAG_SET if isinstance(value, set) else TAG_FROZENSET
-            return [tag, *(self.encode(item, f"{path}{{{item!r}}}", depth + 1) for item in _stable_order(value))]
-        raise WireError(f"{path}: cannot send an object of type {_type_name(value)}; {_SUPPORTED_HINT}")
-
-    @staticmethod
-    def _int(value: int, path: str) -> int:
-        if not -(2**63) <= value < 2**64:
-            raise WireError(f"{path}: an integer of {value.bit_length()} bits does not fit in 64 bits; "
-                            "send it as a string or a tensor")
-        return value
+        return [TAG_ELLIPSIS]
 
     def _dict(self, value: dict, path: str, depth: int) -> list:
         fields: list[Any] = [TAG_DICT]
         for key, item in value.items():
-            if type(key) not in (str, int, bool):
+            if not portable.key_ok(key):
                 raise WireError(f"{path}: dict key {key!r} of type {_type_name(key)} cannot be sent; "
                                 "dict keys must be strings or integers")
             fields += [self.encode(key, path, depth + 1), self.encode(item, _key_path(path, key), depth + 1)]
@@ -547,7 +547,7 @@ def _read_structure(raw: bytes) -> Any:
             max_str_len=size, max_bin_len=size, max_array_len=size, max_map_len=0, max_ext_len=0,
         )
     except msgpack.exceptions.StackError:
-        raise WireError(f"malformed structure: nested deeper than {MAX_DEPTH} levels") from None
+        raise WireError(f"malformed structure: nested deeper than {MESSAGE_DEPTH} levels") from None
     except (ValueError, TypeError, UnicodeDecodeError, OverflowError) as error:
         detail = str(error) or type(error).__name__
         raise WireError(f"malformed structure in the message (msgpack: {detail})") from None
@@ -642,8 +642,8 @@ class _Decoder:
         self._complex: dict[int, torch.Tensor] = {}
 
     def decode(self, node: Any, depth: int) -> Any:
-        if depth > MAX_DEPTH:
-            raise WireError(f"malformed structure: nested deeper than {MAX_DEPTH} levels")
+        if depth > MESSAGE_DEPTH:
+            raise WireError(f"malformed structure: nested deeper than {MESSAGE_DEPTH} levels")
         if node is None or type(node) in (bool, int, float, str, bytes):
             return node
         if type(node) is not list or not node or type(node[0]) is not int:
@@ -770,7 +770,7 @@ def payload_stats(value: Any) -> dict[str, int]:
     stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:
         item, depth = stack.pop()
-        if depth > MAX_DEPTH:
+        if depth > MESSAGE_DEPTH:
             continue
         if isinstance(item, torch.Tensor):
             if id(item) not in seen:

@@ -24,7 +24,7 @@ Misuse fails with an :class:`~seethrough.errors.InvokeError` naming the lines
 and the fix, never a hang: a call outside an invoke of the barrier's own trace,
 more distinct invokes calling it than ``n``, or a round that not all ``n``
 invokes reach before the forward pass ends (reported at the end of the
-forward, see :meth:`.run.TraceRun.deadlock_error`).
+forward: the barrier hands that error to ``Interleaver.block``).
 """
 
 from __future__ import annotations
@@ -55,12 +55,7 @@ class Barrier:
         run = task.run if task is not None else None
         if run is None or run.tracer is not self._tracer or not task.is_invoke:
             raise InvokeError(self._outside_message(task, run))
-        meetings = run.meetings
-        if not meetings:
-            meetings = run.meetings = {}
-        meeting = meetings.get(self)
-        if meeting is None:
-            meeting = meetings[self] = Meeting(self)
+        meeting = run.meeting(self, lambda: Meeting(self))
         if task.index not in meeting.callers:
             if len(meeting.callers) >= self.n:
                 raise InvokeError(self._too_many_message(meeting, task))
@@ -68,11 +63,9 @@ class Barrier:
         meeting.arrived.append(task)
         if len(meeting.arrived) < self.n:
             this_round = meeting.round
-            task.blocked_at = (meeting, _here())
-            try:
-                run.interleaver.block(task, lambda: meeting.round != this_round)
-            finally:
-                task.blocked_at = None
+            called_at = _here()
+            run.interleaver.block(
+                task, lambda: meeting.round != this_round, lambda: InvokeError(meeting.never_met_message(task, called_at)))
             if meeting.released_by is not None and meeting.released_by != task.label:
                 task.waited_for = (
                     f"Before that line this invoke waited at a barrier until {meeting.released_by} "

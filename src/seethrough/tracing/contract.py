@@ -8,6 +8,7 @@ kind, or a test, can stand in with any object that has these members.
 
 * :class:`ModuleHandle` — what the interleaver and a run read of an envoy:
   the module it stands for, its path, how to name it in messages.
+* :class:`PersistentEdit` — what a run applies of an edit (``model.edit()``);
 * :class:`TracedModel` — what a trace uses of a model wrapper: the root
   module, preparing and batching each invoke's inputs, the hook plan, the
   persistent edits, resolving ``tracer.cache(modules=...)``, and running a
@@ -20,12 +21,9 @@ business; a run only calls ``backend(run, args, kwargs)`` (see
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
-
-if TYPE_CHECKING:
-    from .run import EditSpec
 
 # A hook plan: ``(module, its output event key)`` for a module and every
 # module containing it, and whether they form one chain (each entry the only
@@ -40,12 +38,27 @@ class ModuleHandle(Protocol):
     _module: torch.nn.Module  # the module it stands for
     _path: str  # dotted path from the root ("" for the root)
 
-    # The interleaver keeps the module's hook plan here (key "_plan"): the
-    # same module tree every trace, so it is worked out once per envoy.
-    __dict__: dict[str, Any]
-
     def _display_path(self) -> str:
         """The path as the user writes it (``model.layers[0].mlp``), for messages."""
+        ...
+
+
+class PlainNavigation(Protocol):
+    """How runs of plain saves (:mod:`.prefetch`) find their envoys ahead of
+    time: only by the envoys' own navigation, which runs no user code and
+    reads no value (optional: objects without these are read the ordinary way)."""
+
+    def _plain_path(self, steps: tuple, item: Any) -> Any:
+        """The handle ``steps`` lead to from here: each a child or alias name
+        (``str``), a constant index (``(i,)``) or ``None`` for ``item`` as
+        index; the result must read values through the standard accessors.
+        None where getting there would run anything else (a property of a
+        custom envoy, an attribute of the module)."""
+        ...
+
+    def _plain_children(self) -> tuple | None:
+        """What iterating this gives (a module list's children), or None
+        where iterating would run anything but the library's own code."""
         ...
 
 
@@ -58,12 +71,24 @@ class PreparedInputs(Protocol):
     rows: int  # how many rows of the batch they take
 
 
+class PersistentEdit(Protocol):
+    """A persistent edit as a run applies it (``model.edit()`` records a
+    :class:`.run.EditSpec`): its captured body, and the namespaces it runs in."""
+
+    captured: Any  # the edit's CapturedBlock (its code, the names it stores)
+    globals: dict
+
+    def namespace(self, model: Any) -> dict:
+        """The namespace an application of the edit to ``model``'s run starts with."""
+        ...
+
+
 @runtime_checkable
 class TracedModel(Protocol):
     """What a trace uses of a model wrapper (``seethrough.Model`` and subclasses)."""
 
     _module: torch.nn.Module  # the root module, the one the backend calls
-    _edits: list["EditSpec"]  # persistent edits (``model.edit()``), applied by every trace
+    _edits: list[PersistentEdit]  # persistent edits (``model.edit()``), applied by every trace
 
     def _prepare_input(self, args: tuple, kwargs: dict) -> PreparedInputs:
         """One invoke's inputs as the forward takes them (tokenized, on the model's device)."""

@@ -15,7 +15,7 @@ A task may also *block* until a condition holds: a name another invoke has
 yet to assign (:mod:`.namespace`), or a barrier the other invokes have yet to
 reach (:mod:`.barrier`).  Blocked tasks run again, in invoke order, as soon as
 their condition holds; those still blocked when the forward ends get the
-run's ``deadlock_error``.
+error their blocker gave with the condition.
 
 The meaning of ``envoy.output`` follows from this: the value of the module's
 current call if the forward is stopped at it, else of its next call.  A value
@@ -60,8 +60,9 @@ def _outside_invoke(envoy: "ModuleHandle", kind: str) -> str:
 
 
 def _deadlock(task: Task) -> BaseException:
-    """The error for a task still blocked when the forward ended (a run
-    built by a tracer says which name or barrier it waited for)."""
+    """The error for a task still blocked when the forward ended, where its
+    blocker gave none (a barrier and the name flow give their own, naming what
+    the task waited for)."""
     return InvokeError(f"{task.label} was still waiting when the forward pass ended: {task.waited_for or 'nothing came'}.")
 
 
@@ -90,18 +91,15 @@ class Interleaver:
         root: torch.nn.Module,
         hook_plan: Callable[[torch.nn.Module], "HookPlan"],
         outside_invoke: Callable[["ModuleHandle", str], str] = _outside_invoke,
-        deadlock_error: Callable[[Task], BaseException] = _deadlock,
     ) -> None:
         """Its collaborators: ``root``, the module the forward pass calls;
         ``hook_plan(module)``, which modules to hook with ``module`` (a
         model's ``_hook_plan``, or :meth:`.hooks.ModuleTree.hook_plan`);
         ``outside_invoke(envoy, kind)``, the message for a value read by a
-        body that is no invoke; ``deadlock_error(task)``, the error for a task
-        still blocked when the forward has ended."""
+        body that is no invoke."""
         self.root = root
         self.hook_plan = hook_plan
         self.outside_invoke = outside_invoke
-        self.deadlock_error = deadlock_error
         self.tasks: list[Task] = []
         self.main = greenlet.getcurrent()
         # Tasks waiting for each event key, in invoke order, and tasks blocked
@@ -271,7 +269,7 @@ class Interleaver:
                     message = self._after_result_message(envoy, kind, task.result_waited)
                 raise OutOfOrderError(message)
         if key not in self.hooks:
-            self.hook(module, kind, envoy)
+            self.hook(module, kind)
         # For messages, should the value never come; the frame is the user's
         # (found from here on error).
         task.asked = (envoy, kind, sys._getframe(1), key in self.fired, not (self.forward_running or self.forward_done))
@@ -352,13 +350,19 @@ class Interleaver:
         self._wait(task, key)
         self.main.switch()
 
-    def block(self, task: Task, until: Callable[[], bool]) -> None:
-        """Sleep until ``until()`` is true (another invoke assigned a name)."""
+    def block(self, task: Task, until: Callable[[], bool], never: Callable[[], BaseException] | None = None) -> None:
+        """Sleep until ``until()`` is true (another invoke assigned a name, the
+        invokes met at a barrier); should it still be false when the forward
+        has ended, the task gets ``never()`` thrown in."""
         task.blocked_until = until
+        task.never_unblocked = never
         task.state = BLOCKED
         self.blocked.append(task)
         self.blocked.sort(key=_by_index)
-        self.main.switch()
+        try:
+            self.main.switch()
+        finally:
+            task.never_unblocked = None  # it refers to the task: no cycle left behind
 
     def assign(self, task: Task, envoy: "ModuleHandle", kind: str, value: Any, accessor: str) -> None:
         """Replace ``kind`` of the module's current call, for the task's rows."""
@@ -428,7 +432,7 @@ class Interleaver:
         """The batch size of the values now reached (a body's own `hook=True` call: unbatched)."""
         return self.batch_size if not self.hooked_calls_running else _UNBATCHED
 
-    def hook(self, module: torch.nn.Module, kind: str, envoy: "ModuleHandle | None" = None) -> None:
+    def hook(self, module: torch.nn.Module, kind: str) -> None:
         """Hook ``kind`` of ``module`` (once per trace).
 
         A hook added to a module whose call has already begun does not fire
@@ -443,12 +447,7 @@ class Interleaver:
             return
         if kind == "input":
             self._install(module, "input", key)
-        found = envoy.__dict__.get("_plan") if envoy is not None else None
-        if found is None or found[0][0][0] is not module:
-            found = self.hook_plan(module)
-            if envoy is not None:
-                envoy.__dict__["_plan"] = found  # the same module tree every trace
-        plan, chain = found
+        plan, chain = self.hook_plan(module)  # kept across traces by its owner (the model's ModuleTree)
         for each, each_key in plan:
             if each_key not in hooks:
                 self._install(each, "output", each_key)
@@ -472,10 +471,17 @@ class Interleaver:
         if self.on_module_hooked is not None:
             self.on_module_hooked(module)
 
-    def _in_our_forward(self) -> bool:
-        # Hooks also fire when a body calls a module itself, or when another
-        # thread runs the same model: only our own forward pass counts, and
-        # the calls a body makes with `hook=True` (run in the main greenlet).
+    def reported_elsewhere(self, key: tuple) -> None:
+        """The values of ``key`` reach this trace through :meth:`reached` called
+        by someone else (an operation of ``.source``, see :mod:`.operations`),
+        not through a module hook: requests for it install none."""
+        self.hooks[key] = True
+
+    def in_our_forward(self) -> bool:
+        """Is this call part of this trace's own forward pass?  Hooks also fire
+        when a body calls a module itself, or when another thread runs the same
+        model: only our own forward pass counts, and the calls a body makes
+        with ``hook=True`` (run in the main greenlet)."""
         return (self.forward_running or self.hooked_calls_running > 0) and greenlet.getcurrent() is self.main
 
     def _output_hook(self) -> Callable:
@@ -487,9 +493,9 @@ class Interleaver:
 
     def _make_output_hook(self) -> Callable:
         def output_hook(mod: torch.nn.Module, args: Any, output: Any) -> Any:
-            if not self._in_our_forward():
+            if not self.in_our_forward():
                 return None
-            result = self._reached((id(mod), "output"), "output", output)
+            result = self.reached((id(mod), "output"), "output", output)
             return result if result is not output else None
 
         return output_hook
@@ -498,18 +504,18 @@ class Interleaver:
         is_root = module is self.root
 
         def input_hook(mod: torch.nn.Module, args: Any, kwargs: Any) -> Any:
-            if not self._in_our_forward():
+            if not self.in_our_forward():
                 return None
             if is_root:
                 self.step += 1
                 self._serve_step()
             value = (args, kwargs)
-            result = self._reached(key, "input", value)
+            result = self.reached(key, "input", value)
             return result if result is not value else None
 
         return input_hook
 
-    def _reached(self, key: tuple, kind: str, value: Any) -> Any:
+    def reached(self, key: tuple, kind: str, value: Any) -> Any:
         """The forward pass reached ``key`` with ``value``: serve the tasks that
         want it, let caches record it; return it as the tasks left it."""
         fired = self.fired
@@ -521,7 +527,7 @@ class Interleaver:
         return self._deliver(key, kind, value)
 
     def _deliver(self, key: tuple, kind: str, value: Any) -> Any:
-        """Serve ``value`` to the tasks that want ``key`` (see `_reached`)."""
+        """Serve ``value`` to the tasks that want ``key`` (see `reached`)."""
         batch_size = self.batch_size if not self.hooked_calls_running else _UNBATCHED
         event = Event(key, kind, value, batch_size)
         if torch.is_grad_enabled():
@@ -611,7 +617,7 @@ class Interleaver:
             if self.root_output_by_return:
                 # The root ran once and returned `result`: serve it as the
                 # root's output event; the tasks may edit it.
-                result = self._reached((id(self.root), "output"), "output", result)
+                result = self.reached((id(self.root), "output"), "output", result)
         except _StopForward:
             pass
         finally:
@@ -656,7 +662,8 @@ class Interleaver:
                 self._switch(waiting, None, throw=self._not_provided(waiting, key))
         blocked, self.blocked = self.blocked, []
         for task in blocked:
-            self._switch(task, None, throw=self.deadlock_error(task))
+            never = task.never_unblocked
+            self._switch(task, None, throw=never() if never is not None else _deadlock(task))
 
     def _cut_short(self, task: Task) -> _LoopCutShort:
         """A task in a single forward's step loop asked for a call that was not
@@ -778,7 +785,7 @@ class Interleaver:
                 task.greenlet = None
                 task.state = DONE
                 task.blocked_until = None
-                task.blocked_at = None
+                task.never_unblocked = None
             if task.asked is not None:
                 task.asked = None  # it holds a frame of the user's code: let it go
         self.current = None
@@ -788,5 +795,4 @@ class Interleaver:
         it), so that the run and what it holds do not wait for the garbage
         collector.  After :meth:`close`."""
         self.outside_invoke = _outside_invoke
-        self.deadlock_error = _deadlock
         self.on_module_hooked = None

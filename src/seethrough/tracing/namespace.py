@@ -235,10 +235,10 @@ class CrossFlow:
         if until_done:
             if not writer.done:
                 waited = True
-                self.interleaver.block(reader, lambda: writer.done)
+                self.interleaver.block(reader, lambda: writer.done, lambda: self.deadlock_error(reader))
         elif not _contains(ns, name) and not writer.done:
             waited = True
-            self.interleaver.block(reader, lambda: _contains(ns, name) or writer.done)
+            self.interleaver.block(reader, lambda: _contains(ns, name) or writer.done, lambda: self.deadlock_error(reader))
         if waited:
             # Remembered for messages: values the reader asks for later may
             # already be gone by the time `name` was assigned.

@@ -32,7 +32,6 @@ import torch
 
 from .._frames import is_library_file
 from ..errors import OutOfOrderError, SourceError
-from .patches import ForwardSkip
 from .sentinels import MISSING
 from .rewrite import Analysis, analyse, rewrap, unwrap_chain
 
@@ -155,19 +154,19 @@ class OpRuntime:
 
     def call(self, fn: Any, args: tuple, kwargs: dict) -> Any:
         interleaver = self.interleaver
-        if not interleaver._in_our_forward():
+        if not interleaver.in_our_forward():
             return fn(*args, **kwargs)
         if self.key.assignment:
             return self._bind(args[0])
         self.fn = fn
-        args, kwargs = interleaver._reached(self.key_in, "input", (args, kwargs))
+        args, kwargs = interleaver.reached(self.key_in, "input", (args, kwargs))
         target = self._descended(fn) if self.descend else fn
         self.running += 1
         try:
             result = target(*args, **kwargs)
         finally:
             self.running -= 1
-        return interleaver._reached(self.key_out, "output", result)
+        return interleaver.reached(self.key_out, "output", result)
 
     def _bind(self, value: Any) -> Any:
         """An assignment: report the value bound.  After ``.source`` on it, a
@@ -177,9 +176,9 @@ class OpRuntime:
         self.fn = value
         self.running += 1  # `.source` asked while the body is at this binding needs no wait
         try:
-            (value,), _ = interleaver._reached(self.key_in, "input", ((value,), {}))
+            (value,), _ = interleaver.reached(self.key_in, "input", ((value,), {}))
             self.fn = value
-            value = interleaver._reached(self.key_out, "output", value)
+            value = interleaver.reached(self.key_out, "output", value)
         finally:
             self.running -= 1
         if not self.descend:
@@ -227,10 +226,7 @@ class RunSources:
 
     @classmethod
     def of(cls, run: "TraceRun") -> "RunSources":
-        found = run.sources
-        if found is None:
-            found = run.sources = cls(run)
-        return found
+        return run.source_instrumentation(cls)
 
     def attach_module_op(self, module: torch.nn.Module, key: OpKey, what: str) -> OpRuntime:
         """Report the calls of ``key`` (a call site of ``module``'s forward) in this trace."""
@@ -260,8 +256,8 @@ class RunSources:
     def _add(self, key: OpKey) -> OpRuntime:
         interleaver = self.run.interleaver
         runtime = self.ops[id(key)] = OpRuntime(key, interleaver)
-        interleaver.hooks[runtime.key_in] = True
-        interleaver.hooks[runtime.key_out] = True
+        interleaver.reported_elsewhere(runtime.key_in)
+        interleaver.reported_elsewhere(runtime.key_out)
         return runtime
 
     def _install(self, module: torch.nn.Module, what: str) -> Installed:
@@ -269,26 +265,20 @@ class RunSources:
         if installed is not None:
             return installed
         self._check_not_running(module, what)
-        run = self.run
-        skip = run.skips.get(id(module)) if run.skips else None
-        replacement = skip.replacement if skip is not None else None
-        if skip is not None:
-            skip.restore()  # put the instrumented forward underneath the skip wrapper
-        slot, func, bound = forward_function(module)
-        chain, analysis = body_of(func, what)
-        installed = Installed(analysis)
-        new = installed.build(chain, what)
-        self._restore.append((module, slot, module.__dict__.get(slot, MISSING)))
-        setattr(module, slot, types.MethodType(new, module) if bound else new)
-        self.modules[id(module)] = installed
-        if skip is not None:
-            again = ForwardSkip(module)
-            again.replacement = replacement
-            run.skips[id(module)] = again
+        def instrument() -> None:
+            slot, func, bound = forward_function(module)
+            chain, analysis = body_of(func, what)
+            installed = Installed(analysis)
+            new = installed.build(chain, what)
+            self._restore.append((module, slot, module.__dict__.get(slot, MISSING)))
+            setattr(module, slot, types.MethodType(new, module) if bound else new)
+            self.modules[id(module)] = installed
+
+        self.run.replace_forward(module, instrument)  # beneath a `.skip` wrapper, if any
         # The module and its ancestors are running whenever a body waits at one
         # of its operations: hook their outputs now, before their calls begin.
-        run.interleaver.hook(module, "output")
-        return installed
+        self.run.interleaver.hook(module, "output")
+        return self.modules[id(module)]
 
     def _running(self, module: torch.nn.Module) -> bool:
         """Is ``module``'s forward running (the forward paused inside it)?"""

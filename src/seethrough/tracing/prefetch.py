@@ -47,8 +47,7 @@ from typing import Any, Callable
 import greenlet
 import torch
 
-from ..envoy import Envoy, _read
-from ..errors import MissedProviderError, ModulePathError
+from ..errors import MissedProviderError
 from .runtime import SAVE_METHOD, TaskGreenlet, save_method
 
 # The name the rewritten code calls (bound in every body namespace, like SAVE_METHOD).
@@ -311,62 +310,12 @@ def rewrite_prefetch(body: list[ast.stmt]) -> list[ast.stmt]:
 
 # -- run time ----------------------------------------------------------------------------
 
-_plain_types: dict[type, bool] = {}
-
-
-def _is_plain(cls: type) -> bool:
-    """Is ``cls`` an envoy class whose navigation and accessors are seethrough's own?"""
-    plain = _plain_types.get(cls)
-    if plain is None:
-        plain = _plain_types[cls] = (
-            issubclass(cls, Envoy)
-            and cls.__getattribute__ is object.__getattribute__
-            and cls.__getattr__ is Envoy.__getattr__
-            and cls.__getitem__ is Envoy.__getitem__
-            and cls.__iter__ is Envoy.__iter__
-            and all(cls.__dict__.get(name, Envoy.__dict__[name]) is Envoy.__dict__[name] for name in _ACCESSORS)
-            and all(getattr(cls, name) is Envoy.__dict__[name] for name in _ACCESSORS)
-        )
-    return plain
-
-
 def _walk(obj: Any, steps: tuple, item: Any) -> Any:
-    """The envoy ``obj`` + ``steps`` leads to, found as plain attribute lookup
-    would find it, or None where that would run anything but seethrough's
-    own navigation (the ordinary path then runs as written)."""
-    for step in steps:
-        cls = type(obj)
-        if not _plain_types.get(cls) and not _is_plain(cls):
-            return None
-        if type(step) is str:
-            child = obj.__dict__.get(step)
-            if child is None:
-                if hasattr(cls, step):
-                    return None
-                modules = obj._module._modules
-                if step in modules:
-                    child = obj._child(step)
-                elif step.endswith("_") and step[:-1] in _RESERVED and step[:-1] in modules:
-                    child = obj._child(step[:-1])
-                else:
-                    child = obj._root._resolve_alias(obj, step)
-                    if child is None:
-                        return None
-        else:
-            key = item if step is _LOOP else step[0]
-            if type(key) is not int:
-                return None
-            child = obj._children.get(key)
-            if child is None:
-                try:
-                    child = obj[key]
-                except ModulePathError:
-                    return None
-        obj = child
-    cls = type(obj)
-    if not _plain_types.get(cls) and not _is_plain(cls):
-        return None
-    return obj
+    """The handle ``obj`` + ``steps`` leads to by the envoys' own plain
+    navigation (:class:`.contract.PlainNavigation`), or None where that would
+    run anything else (the ordinary path then runs as written)."""
+    walk = getattr(type(obj), "_plain_path", None)
+    return walk(obj, steps, item) if walk is not None else None
 
 
 def _first_input(value: Any) -> Any:
@@ -450,7 +399,7 @@ class Batch:
                 values.append(value)
                 continue
             if key not in interleaver.hooks:
-                interleaver.hook(module, kind, envoy)
+                interleaver.hook(module, kind)
             frame = self.frame if self.lines is None else _Line(self.frame.f_back.f_code, self.lines[index])
             task.asked = (envoy, kind, frame, key in interleaver.fired,
                           not (interleaver.forward_running or interleaver.forward_done))
@@ -531,10 +480,11 @@ def prefetch(site: tuple, iterable: Any, root: Callable[[], Any] | None, save: C
     elif kind is list:
         items = tuple(iterable)
         live = iterable
-    elif isinstance(iterable, Envoy) and _is_plain(kind):
-        items = tuple(iterable)
     else:
-        return fallback(iterable)
+        children = getattr(kind, "_plain_children", None)  # a module list's envoys (contract.PlainNavigation)
+        items = children(iterable) if children is not None else None
+        if items is None:
+            return fallback(iterable)
     if not items:
         return fallback(iterable)
     steps, kind_name, accessor, _ = site
@@ -557,7 +507,7 @@ def prefetch(site: tuple, iterable: Any, root: Callable[[], Any] | None, save: C
         return out + fallback(_rest_of(live, done))
     # The ordinary way for the rest, in the body (errors name the user's line).
     for index in range(done, n):
-        out.append(save(_read(envoys[index], kind_name, accessor)))
+        out.append(save(getattr(envoys[index], accessor)))
     return out
 
 
@@ -643,10 +593,11 @@ def prefetch_loop(site: tuple, iterable: Any, root: Callable[[], Any] | None, sa
     elif kind is list:
         items = tuple(iterable)
         live = iterable
-    elif isinstance(iterable, Envoy) and _is_plain(kind):
-        items = tuple(iterable)
     else:
-        return _plain_loop(iterable)
+        children = getattr(kind, "_plain_children", None)
+        items = children(iterable) if children is not None else None
+        if items is None:
+            return _plain_loop(iterable)
     if not items:
         return _plain_loop(iterable)
     steps, kind_name, accessor, line = site

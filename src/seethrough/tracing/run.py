@@ -129,7 +129,7 @@ class TraceRun:
         self.has_input = inputs is not None
         self.saves = SaveRegistry(keep_graph)
         interleaver = self.interleaver = Interleaver(
-            self.root_module, model._hook_plan, self.module_access_outside_invoke, self.deadlock_error
+            self.root_module, model._hook_plan, self.module_access_outside_invoke
         )
         # Backends that call the root module exactly once say so; its output
         # is then observed from their return value instead of a hook.
@@ -256,8 +256,7 @@ class TraceRun:
         for task in self.edit_tasks:
             interleaver.add(task)
             interleaver.start(task)
-        body.index = len(interleaver.tasks)  # `interleaver.add(body)`
-        interleaver.tasks.append(body)
+        interleaver.add(body)
         if self.has_input:
             self.invoke_inputs.append((body, self.inputs))
         interleaver.start(body)
@@ -431,19 +430,47 @@ class TraceRun:
         if id(module) not in self.skips:
             self.skips[id(module)] = ForwardSkip(module)
 
+    def replace_forward(self, module: torch.nn.Module, change: Callable[[], None]) -> None:
+        """Call ``change``, which replaces ``module``'s forward for this run
+        (``.source`` instruments it), beneath the module's ``.skip`` wrapper if
+        it has one: a skip still skips the new forward."""
+        skip = self.skips.get(id(module)) if self.skips else None
+        if skip is None:
+            change()
+            return
+        replacement = skip.replacement
+        skip.restore()  # the forward underneath, for `change` to replace
+        try:
+            change()
+        finally:
+            again = self.skips[id(module)] = ForwardSkip(module)
+            again.replacement = replacement
+
+    def source_instrumentation(self, make: Callable[["TraceRun"], Any]) -> Any:
+        """What ``.source`` put in place in this run (a :class:`.operations.RunSources`,
+        ``make(self)`` at first use); the run restores it when it ends."""
+        found = self.sources
+        if found is None:
+            found = self.sources = make(self)
+        return found
+
+    def meeting(self, barrier: Any, make: Callable[[], Any]) -> Any:
+        """The state of ``barrier`` in this run (a :class:`.barrier.Meeting`,
+        ``make()`` at its first call): kept here, so that a barrier object
+        never holds a trace's tasks."""
+        meetings = self.meetings
+        if not meetings:
+            meetings = self.meetings = {}
+        found = meetings.get(barrier)
+        if found is None:
+            found = meetings[barrier] = make()
+        return found
+
     def touched_weight(self, name: str, tensor: torch.Tensor) -> None:
         if id(tensor) not in self._weights and tensor.grad_fn is None:
             if not self._weights:
                 self._weights = {}
             self._weights[id(tensor)] = (name, tensor, tensor._version)
-
-    def deadlock_error(self, task: Task) -> BaseException:
-        """The error for ``task``, still blocked when the forward pass has ended."""
-        if task.blocked_at is not None:
-            meeting, called_at = task.blocked_at
-            return InvokeError(meeting.never_met_message(task, called_at))
-        assert self.flow is not None
-        return self.flow.deadlock_error(task)
 
     # -- the end ----------------------------------------------------------------
     def run_to_end(self, receive: Callable[[dict[str, Any]], None], in_session: list[str] | None = None) -> None:

@@ -4,19 +4,18 @@ Each thread has its own stack of running traces; inside a trace each invoke
 body runs in its own greenlet, which knows its task.  Library entry points
 (``Envoy.output``, ``save``, ``tracer.stop()``, ...) find their task through
 these two lookups, so helper functions called from a trace body work too.
+
+This module sits below the tasks and the runs it finds (:mod:`.tasks`,
+:mod:`.run`): it hands them back as it was given them and imports neither.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import greenlet
 import torch
-
-if TYPE_CHECKING:
-    from .tasks import Task
-    from .run import TraceRun
 
 T = TypeVar("T")
 
@@ -24,7 +23,7 @@ _local = threading.local()
 
 
 class TaskGreenlet(greenlet.greenlet):
-    """The greenlet an invoke body runs in; carries its task."""
+    """The greenlet an invoke body runs in; carries its task (a :class:`.tasks.Task`)."""
 
     __slots__ = ("task",)
 
@@ -38,19 +37,21 @@ class _Finished:
 FINISHED = _Finished()
 
 
-def current_task() -> "Task | None":
+def current_task() -> Any:
+    """The :class:`.tasks.Task` whose body runs here, or None outside a trace body."""
     current = greenlet.getcurrent()
     return current.task if type(current) is TaskGreenlet else None
 
 
-def running_traces() -> list["TraceRun"]:
+def running_traces() -> list[Any]:
+    """The :class:`.run.TraceRun` s this thread runs, innermost last."""
     runs = getattr(_local, "runs", None)
     if runs is None:
         runs = _local.runs = []
     return runs
 
 
-def current_run() -> "TraceRun | None":
+def current_run() -> Any:
     """The trace running here: the body's own inside a trace body (also in a
     helper it calls), else the innermost trace this thread runs, else None."""
     current = greenlet.getcurrent()

@@ -217,7 +217,7 @@ def _worker_loop(*_: Any) -> None:
     me.parent.switch(FINISHED)
     while True:
         task = me.task
-        task._body()
+        task.exec_body()
         task = None
         me.task = None
         me.parent.switch(FINISHED)

@@ -10,15 +10,12 @@ trace, a forward pass or a generation loop early.  The scheduler itself is
 
 from __future__ import annotations
 
-from typing import Any, Callable, NoReturn, TYPE_CHECKING
+from typing import Any, Callable, NoReturn
 
 import torch
 
 from ..errors import MissedProviderError, OutOfOrderError
 from .values import Handed
-
-if TYPE_CHECKING:
-    from .run import TraceRun
 
 NEW, RUNNING, WAITING, BLOCKED, DONE = "new", "running", "waiting", "blocked", "done"
 
@@ -58,7 +55,7 @@ class Task:
     # asked before the forward began).
     asked: tuple | None = None
     blocked_until: Callable[[], bool] | None = None
-    blocked_at: Any = None  # the barrier it waits at (for messages), if any
+    never_unblocked: Callable[[], BaseException] | None = None  # its error, should it stay blocked
     waited_for: str | None = None  # what it last waited for, as a sentence for messages
     hooked_calls: set[int] | None = None  # ids of modules it ran itself with `hook=True`
     result_waited: tuple[str, str] | None = None  # (accessor, where) of a wait for the run's result
@@ -73,7 +70,7 @@ class Task:
 
     def __init__(
         self,
-        run: "TraceRun",
+        run: Any,  # the TraceRun it belongs to (a layer above: see tracing/__init__.py)
         index: int,
         label: str,
         code: Any,
@@ -92,7 +89,8 @@ class Task:
         self.stored = stored
         self.is_invoke = is_invoke
 
-    def _body(self, *_: Any) -> None:
+    def exec_body(self, *_: Any) -> None:
+        """Run the body's code in its namespace (in its worker greenlet, see :mod:`.stacks`)."""
         exec(self.code, self.ns)
 
     @property

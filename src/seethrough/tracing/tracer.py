@@ -273,6 +273,11 @@ class Tracer:
         ``model.generate``); inside the body it waits until the call returns."""
         return self._read_result("tracer.result")
 
+    def receive_result(self, value: Any) -> None:
+        """Keep ``value`` as this tracer's ``result`` after the block: the call's
+        return value as a server sent it back (``model.generate(..., remote=True)``)."""
+        self._result = value
+
     def _read_result(self, what: str) -> Any:
         """``tracer.result`` (or ``model.generator.output``, named ``what`` in errors)."""
         task = current_task()

@@ -17,10 +17,17 @@
   the host (:mod:`.isolation`) and runs one request at a time, each in a
   process forked from it (:mod:`.forking`; where fork is impossible, in
   place with a full state check, :mod:`.fingerprint`), with the same
-  machinery as a local trace (:func:`seethrough.remote.execute.execute`),
-  streams printed lines back, and checks after every request that the model
-  is unchanged (:mod:`.guard`).  A crash, timeout, memory exhaustion or a
-  changed model fails that request only.
+  machinery as a local trace (:func:`.execute.execute`), streams printed
+  lines back, and checks after every request that the model is unchanged
+  (:mod:`.guard`).  A crash, timeout, memory exhaustion or a changed model
+  fails that request only.
+
+A body runs in the sandbox: :mod:`.sandbox` (the static AST allowlist and
+the restricted namespace), :mod:`.reach` (what each kind of object gives a
+body at run time), :mod:`.modules` (registered modules rebuilt from their
+source).  :mod:`.local` is ``remote="local"``: these steps in the user's
+process, through the one entry point the protocol declares
+(``seethrough.remote.protocol.LOCAL_SERVER``).
 
 :mod:`.settings` parses the command line; :mod:`.cli` runs it all;
 :mod:`.testing` starts a server in a subprocess (tests, benchmarks).  The

@@ -50,8 +50,7 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
 from ..._version import __version__
-from ..client import CONTENT_TYPE
-from ..protocol import PROTOCOL
+from ..protocol import CONTENT_TYPE, PROTOCOL
 from .checkers import CheckerPool, CheckLimits
 from .intake import IntakeError
 from .jobs import Job, QuotaExceeded

@@ -13,8 +13,9 @@ from __future__ import annotations
 from typing import Any
 
 from ..._version import __version__
-from .. import sandbox, wire
-from ..modules import ModuleRules, validate_module
+from . import sandbox
+from .. import wire
+from .modules import ModuleRules, validate_module
 from ..protocol import PROTOCOL, ProtocolError, Request, VersionMismatchError, parse_request
 
 __all__ = ["IntakeError", "check_request"]

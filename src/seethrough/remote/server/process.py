@@ -41,7 +41,7 @@ from .worker import WorkerOptions, run_worker
 __all__ = ["START_METHODS", "WorkerDied", "WorkerProcess", "WorkerStartError", "start_context"]
 
 START_METHODS = ("spawn", "forkserver")
-_PRELOAD = ["torch", "transformers", "seethrough", "seethrough.models.language", "seethrough.remote.execute",
+_PRELOAD = ["torch", "transformers", "seethrough", "seethrough.models.language", "seethrough.remote.server.execute",
             "seethrough.remote.server.worker", "seethrough.remote.server.guard", "transformers.generation"]
 
 
@@ -58,12 +58,12 @@ def start_context(method: str, sources: list[str] | tuple[str, ...] = ()) -> Any
 
 def _modelling_modules(sources: list[str] | tuple[str, ...]) -> list[str]:
     """``transformers.models.X.modeling_X`` for each local model folder's ``model_type``."""
-    from ...models.language import _resolve_source
+    from ...models.language import resolve_source
 
     modules = []
     for source in sources:
         try:
-            config = json.loads((Path(_resolve_source(source)) / "config.json").read_text(encoding="utf-8"))
+            config = json.loads((Path(resolve_source(source)) / "config.json").read_text(encoding="utf-8"))
         except (OSError, ValueError, TypeError):
             continue
         model_type = str(config.get("model_type", "")).replace("-", "_")

@@ -33,7 +33,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ...models.language import OFFLINE_MODELS, _resolve_source
+from ...models.language import OFFLINE_MODELS, resolve_source
 from .. import wire
 from . import framing
 from .disclosure import Disclosure
@@ -459,7 +459,7 @@ def _local_folder(source: str) -> str | None:
         return source
     if source in OFFLINE_MODELS:
         try:
-            return _resolve_source(source)
+            return resolve_source(source)
         except Exception:  # noqa: BLE001 - a name is only an extra; the worker reports real load errors
             return None
     return None

@@ -22,7 +22,7 @@ Then, for each ``run`` message, one of two request models
   enforces the wall-clock limit by killing this process.
 
 Running a request: unpack the wire bytes and check them (:mod:`..protocol`);
-:func:`~seethrough.remote.execute.execute` it, with ``print`` (and
+:func:`~seethrough.remote.server.execute.execute` it, with ``print`` (and
 ``sys.stdout``) streaming each printed line to the API process as it is
 printed (capped per request in lines and bytes); check the model against
 its fingerprint; send the wire-packed answer back.  A request that
@@ -452,7 +452,7 @@ def _handle(conn: Any, payload: bytes, model: Any, guard: Any, options: WorkerOp
     ``forked``: this is a request process, whose changes die with it (a change is
     still reported, so that no result computed on a changed model goes back)."""
     from .. import wire
-    from ..execute import execute
+    from .execute import execute
     from ..protocol import PROTOCOL, ProtocolError, parse_request
 
     stream = LogStream(conn, options.max_log_lines, options.max_log_bytes)

@@ -18,18 +18,25 @@ import types
 from typing import Any
 
 
-from .._version import __version__
-from ..envoy import Envoy
-from ..errors import SeethroughError
-from ..tracing.capture import CapturedBlock
+from ..._version import __version__
+from ...envoy import Envoy
+from ...errors import SeethroughError
+from ...tracing.capture import CapturedBlock
+from ...tracing.tracer import Tracer
 from . import registry
-from .protocol import MODULES, PORTABLE_LEAVES, Request, valid_module_name
+from .. import portable
+from ..protocol import MODULES, Request, valid_module_name
 
 
 
 class RemoteInputError(SeethroughError, TypeError):
     """Something the body uses cannot be sent to a server."""
 
+
+
+class BlockHandle:
+    """The base of a block's handle other than a tracer (``models.Session``):
+    a body may name one, but it never travels with a request."""
 
 def build_request(
     *,
@@ -77,7 +84,7 @@ def _plain_mapping(value: Any) -> Any:
 
 
 def remote_name(model: Any) -> str:
-    name = getattr(model, "_remote_name", None) or getattr(model, "_source", None)
+    name = getattr(model, "remote_name", None)  # the wrapper's public name for servers (models.Model.remote_name)
     if not isinstance(name, str) or not name:
         raise RemoteInputError(
             "remote execution addresses a model by the name or path it was loaded from; this model "
@@ -117,7 +124,7 @@ def _classify(name: str, value: Any, model: Any, request: Request, names: list[s
     if isinstance(value, Envoy):
         if value._root._module is not model._module:
             raise RemoteInputError(f"`{name}` is a module of another model; a remote body can use only the traced model.")
-        request.envoys[name] = value._path
+        request.envoys[name] = value.path
         return
     if isinstance(value, types.ModuleType):
         if value.__name__ not in MODULES:
@@ -134,11 +141,11 @@ def _classify(name: str, value: Any, model: Any, request: Request, names: list[s
             if other in value.__globals__ and other not in request.variables:
                 names.append(other)
         return
-    if _is_portable(value):
+    if portable.problem(value) is None:
         request.variables[name] = value
         return
-    if type(value).__name__ in ("Tracer", "Session"):
-        return
+    if isinstance(value, (Tracer, BlockHandle)):
+        return  # the handle of a block (the `as` name of a trace or session): it stays here
     raise RemoteInputError(
         f"the body uses `{name}`, a {type(value).__name__}, which cannot be sent to a seethrough server. "
         "Remote bodies can use tensors, numbers, strings, lists/tuples/dicts of those, modules of the "
@@ -193,21 +200,10 @@ def _function_source(name: str, function: types.FunctionType) -> str:
     return source
 
 
-def _is_portable(value: Any, depth: int = 0) -> bool:
-    if depth > 32:
-        return False
-    if isinstance(value, PORTABLE_LEAVES) or value is Ellipsis:
-        return True
-    if isinstance(value, dict):
-        return all(isinstance(k, (str, int)) and _is_portable(v, depth + 1) for k, v in value.items())
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return all(_is_portable(v, depth + 1) for v in value)
-    return False
-
-
 def _check_portable(value: Any, what: str) -> None:
-    if not _is_portable(value):
+    found = portable.problem(value, what)
+    if found is not None:
         raise RemoteInputError(
-            f"{what} cannot be sent to a seethrough server: use strings, token ids, tensors, numbers, "
+            f"{what} cannot be sent to a seethrough server ({found}): use strings, token ids, tensors, numbers, "
             "and lists/dicts of those."
         )

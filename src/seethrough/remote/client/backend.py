@@ -7,39 +7,47 @@ follows it (printing what the body prints), and binds the returned values in
 the caller's scope with the same rules as a local run.  With
 ``blocking=False`` it returns after submitting; ``tracer.job`` is the handle.
 With ``remote="local"`` the same request goes through the server's steps in
-this process instead, to check a body before submitting it.  Those steps live
-in a higher layer (:mod:`.local` uses the server's intake, guard and
-execution), so this module does not import them: :mod:`.local`'s runner is
-handed in with :func:`register_local_runner`, which the package root
-(``seethrough/__init__.py``) calls.
+this process instead, to check a body before submitting it.  Those steps are
+the server's (its intake, guard and execution), and the client package never
+imports the server: it calls the one entry point the protocol declares for
+this, :data:`seethrough.remote.protocol.LOCAL_SERVER` (the module
+``seethrough.remote.server.local``, function ``run_local``), loaded by that
+name when a body first runs with ``remote="local"`` — as a URL names a server
+for ``remote=True``.  Nothing is registered at import time.
 """
 
 from __future__ import annotations
 
 import contextlib
-
+import importlib
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any, Callable
 
-from ..errors import ModulePathError
-from ..tracing.capture import CapturedBlock
-from ..tracing.saving import NotSaved
-from ..tracing.takeover import frame_namespace, write_back
-from . import wire
-from .client import MAX_REQUEST_BYTES, RemoteClient, RemoteError, RemoteJob
+from ...tracing.capture import CapturedBlock
+from ...tracing.saving import NotSaved
+from ...tracing.takeover import frame_namespace, write_back
+from .. import wire
+from .connection import MAX_REQUEST_BYTES, RemoteClient, RemoteError, RemoteJob
 from .collect import build_request
-from .protocol import Request
+from ..protocol import LOCAL_SERVER, Request
 
 # remote="local": run_local(request, model) -> the answer a server would send.
 LocalRunner = Callable[[Request, Any], dict]
-_local_runner: LocalRunner | None = None
 
 
-def register_local_runner(runner: LocalRunner) -> None:
-    """Set what ``remote="local"`` runs a request with (:func:`.local.run_local`)."""
-    global _local_runner
-    _local_runner = runner
+def local_server() -> LocalRunner:
+    """The in-process server's entry point (:data:`~seethrough.remote.protocol.LOCAL_SERVER`),
+    loaded by its declared name: the client package imports nothing of the server."""
+    module_name, _, function = LOCAL_SERVER.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), function)
+    except (ImportError, AttributeError) as error:
+        raise RemoteError(
+            f"remote='local' cannot run: the in-process server {LOCAL_SERVER} cannot be loaded "
+            f"({type(error).__name__}: {error}). Is seethrough's server package installed whole? "
+            "Use remote=True with a server meanwhile."
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -49,7 +57,7 @@ class RemoteOptions:
     host: str | None = None
     api_key: str | None = None
     blocking: bool = True
-    local: bool = False  # remote="local": the server's steps in this process (see .local)
+    local: bool = False  # remote="local": the server's steps in this process (seethrough.remote.server.local)
 
 
 def run_remote(
@@ -68,17 +76,13 @@ def run_remote(
     """Run the block on the server; bind its values in ``frame``; return them.
 
     ``holder`` is the tracer or session object: it gets ``.job`` (and, for
-    generation, the result) and is bound to the block's ``as`` name.  Called
-    from the block's ``__exit__``: errors are raised without the internal
-    take-over signal as their context."""
+    generation, the result: ``holder.receive_result``) and is bound to the
+    block's ``as`` name.  ``model`` names the served model with its public
+    ``remote_name`` (None: built from an object).  Called from the block's
+    ``__exit__``: errors are raised without the internal take-over signal as
+    their context."""
     try:
         return _run_remote(options, kind, model, captured, frame, holder, args, kwargs, keep_graph, generate)
-    except ModulePathError as error:
-        hinted = _custom_envoy_hint(error, model)
-        if hinted is not None:
-            raise hinted from None
-        error.__suppress_context__ = True
-        raise
     except BaseException as error:
         error.__suppress_context__ = True  # not "during handling of" our internal signal
         raise
@@ -98,13 +102,7 @@ def _run_remote(
     if captured.as_name:
         values[captured.as_name] = holder
     if options.local:
-        if _local_runner is None:
-            raise RemoteError(
-                "remote='local' cannot run: no local runner is registered (the package root, "
-                "seethrough/__init__.py, registers seethrough.remote.local.run_local when it is imported; "
-                "was it replaced or only partly imported?). Use remote=True with a server meanwhile."
-            )
-        answer = _local_runner(request, model)
+        answer = local_server()(request, model)
     else:
         client = RemoteClient(options.host, options.api_key)
         payload = wire.pack(request.to_wire(), max_bytes=MAX_REQUEST_BYTES)
@@ -126,7 +124,7 @@ def _run_remote(
                 job.delete()
     returned = dict(answer.get("values", {}))
     if "__result__" in returned:
-        holder._result = returned.pop("__result__")
+        holder.receive_result(returned.pop("__result__"))
     where = f"at {captured.filename}:{captured.with_lineno} (remote)"
     for name in answer.get("not_saved", []):
         returned[name] = NotSaved(name, where, captured.assigned_lines.get(name))
@@ -138,30 +136,4 @@ def _run_remote(
 def _local_name(model: Any) -> str:
     """The model's name in a local check: its served name, else any (a plain
     ``Model(module)`` has none, and the check needs no server to find it)."""
-    for attribute in ("_remote_name", "_source"):
-        name = model.__dict__.get(attribute)
-        if isinstance(name, str) and name:
-            return name
-    return type(model._model).__name__
-
-
-def _custom_envoy_hint(error: ModulePathError, model: Any) -> ModulePathError | None:
-    """The server's "no such attribute" for a name the user's own envoy classes
-    (``envoys=``) define: say why (the server's envoys are the base class)."""
-    mapping = model.__dict__.get("_envoys")
-    if mapping is None:
-        return None
-    classes = [mapping] if isinstance(mapping, type) else list(mapping.values())
-    message = str(error)
-    for klass in classes:
-        for owner in klass.__mro__:
-            if owner.__module__.startswith("seethrough."):
-                break
-            for name in owner.__dict__:
-                if not name.startswith("_") and f"attribute `{name}`" in message:
-                    return ModulePathError(
-                        f"{message}\n`{name}` is defined by your envoy class {owner.__name__} (`envoys=`), which "
-                        "runs only on your machine: a server's envoys are seethrough's own. In a remote body, "
-                        "compute it from `.output`/`.input` (in the body, or a helper function that travels)."
-                    )
-    return None
+    return getattr(model, "remote_name", None) or type(model._module).__name__

@@ -47,22 +47,23 @@ import ast
 import builtins
 import copy
 import dataclasses
+import sys
 import types
 from collections import OrderedDict
 from typing import Any, Callable, Iterable
 
 import torch
 
-from ..envoy import Envoy, NextCall
-from ..errors import UsageAttributeError
-from ..source import FunctionSource, ModuleSource, Operation
-from ..tracing.cache import Cache, CacheEntry
-from ..tracing.runtime import SAVE_METHOD, save_method
-from ..tracing.tracer import Invoker, Tracer
-from ..tracing.values import SavableTuple
-from .protocol import (CLIENT_OPTIONS, GENERATE_INPUTS, ProtocolError, check_call_options,
+from ...envoy import Envoy, NextCall
+from ...errors import UsageAttributeError
+from ...source import FunctionSource, ModuleSource, Operation
+from ...tracing.cache import Cache, CacheEntry
+from ...tracing.runtime import SAVE_METHOD, save_method
+from ...tracing.tracer import Invoker, Tracer
+from ...tracing.values import SavableTuple
+from ..protocol import (CLIENT_OPTIONS, GENERATE_INPUTS, ProtocolError, check_call_options,
                        check_generate_options)
-from .refusal import SandboxViolation, user_line
+from ..refusal import SandboxViolation, user_line
 
 __all__ = ["ConfigView", "GET", "Guard", "SAVE", "SET", "TENSOR_ATTRIBUTES", "TokenizerView", "guard_tree"]
 
@@ -216,7 +217,38 @@ def _is_plain(value: Any) -> bool:
 # -- views ---------------------------------------------------------------------------------
 
 
-class ConfigView:
+def _is_batch_encoding(obj: Any) -> bool:
+    """A tokenizer's output (transformers' ``BatchEncoding``; transformers is loaded wherever one exists)."""
+    home = sys.modules.get("transformers.tokenization_utils_base")
+    cls = getattr(home, "BatchEncoding", None)
+    return cls is not None and isinstance(obj, cls)
+
+
+class ReadOnlyView:
+    """The base of what a remote body reads but never changes (a config, the
+    tokenizer, a module proxy, a rebuilt registered module): setting or
+    deleting an attribute is a :class:`SandboxViolation` with the message of
+    :meth:`_written`; the run-time guard leaves its attributes to the view."""
+
+    __slots__ = ()
+    _remote_checks_own_attributes = True
+
+    def __init__(self, **slots: Any) -> None:
+        for name, value in slots.items():
+            object.__setattr__(self, name, value)
+
+    def _written(self, name: str) -> str:
+        """Why setting ``name`` is refused, and what to do instead (each view says what it is)."""
+        return f"this object is read-only in remote trace bodies (tried to set `{name}`)"
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise SandboxViolation(f"{user_line()}{self._written(name)}")
+
+    def __delattr__(self, name: str) -> None:
+        raise SandboxViolation(f"{user_line()}{self._written(name)}")
+
+
+class ConfigView(ReadOnlyView):
     """A read-only copy of a config's plain values (``model.config`` in a body).
 
     Attribute names are the config's keys (and its aliases, such as
@@ -227,7 +259,6 @@ class ConfigView:
     """
 
     __slots__ = ("_values", "_kind")
-    _remote_checks_own_attributes = True
 
     def __init__(self, config: Any) -> None:
         raw = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
@@ -235,8 +266,7 @@ class ConfigView:
         for alias, target in (getattr(config, "attribute_map", None) or {}).items():
             if isinstance(alias, str) and target in values and not _hidden(alias):
                 values.setdefault(alias, values[target])
-        object.__setattr__(self, "_values", values)
-        object.__setattr__(self, "_kind", type(config).__name__)
+        super().__init__(_values=values, _kind=type(config).__name__)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
@@ -247,11 +277,8 @@ class ConfigView:
         raise UsageAttributeError(f"{user_line()}the config ({self._kind}) has no value `{name}` that a remote body "
                                   f"can read; it has: {', '.join(sorted(values))}")
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise SandboxViolation(f"{user_line()}configs are read-only in remote trace bodies (tried to set `{name}`); "
-                               "keep your own variables instead")
-
-    __delattr__ = __setattr__
+    def _written(self, name: str) -> str:
+        return f"configs are read-only in remote trace bodies (tried to set `{name}`); keep your own variables instead"
 
     def to_dict(self) -> dict:
         return copy.deepcopy(self._values)
@@ -300,7 +327,7 @@ _TOKENIZER_VALUES = frozenset("""vocab vocab_size eos_token bos_token pad_token 
     model_input_names""".split())
 
 
-class TokenizerView:
+class TokenizerView(ReadOnlyView):
     """The served tokenizer as a remote body sees it: reads only, copies out.
 
     ``tok(text, ...)``, ``encode``, ``decode``, ``batch_decode``, ``tokenize``,
@@ -312,10 +339,9 @@ class TokenizerView:
     """
 
     __slots__ = ("_tokenizer",)
-    _remote_checks_own_attributes = True
 
     def __init__(self, tokenizer: Any) -> None:
-        object.__setattr__(self, "_tokenizer", tokenizer)
+        super().__init__(_tokenizer=tokenizer)
 
     def _allowed(self, name: str) -> bool:
         return name in _TOKENIZER_METHODS or name in _TOKENIZER_VALUES
@@ -347,11 +373,9 @@ class TokenizerView:
             return plain_copy(value)
         raise _refusal(self, name, self._why(name))
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise SandboxViolation(f"{user_line()}the tokenizer is read-only in remote trace bodies (tried to set "
-                               f"`{name}`); pass options to the call instead, e.g. tok(text, padding_side='left')")
-
-    __delattr__ = __setattr__
+    def _written(self, name: str) -> str:
+        return (f"the tokenizer is read-only in remote trace bodies (tried to set `{name}`); pass options to the "
+                "call instead, e.g. tok(text, padding_side='left')")
 
     def __repr__(self) -> str:
         return f"<tokenizer {type(self._tokenizer).__name__} (remote view, vocabulary of {len(self._tokenizer)})>"
@@ -480,8 +504,6 @@ class Guard:
             return name in _CACHE_API
         if isinstance(obj, CacheEntry):
             return name in _CACHE_ENTRY_API
-        if kind.__name__ == "_CachePath":  # cache.model.layers[0].output
-            return True  # it holds nothing but path text and the cache
         if isinstance(obj, Invoker):
             return False
         if isinstance(obj, torch.dtype):
@@ -501,7 +523,7 @@ class Guard:
             return name in fields or name in _BUILTIN_ATTRIBUTES[tuple]
         if isinstance(obj, dict):
             return self._mapping(obj, kind, name)
-        if kind.__name__ == "BatchEncoding" and kind.__module__.startswith("transformers"):  # tokenizer(...)
+        if _is_batch_encoding(obj):  # tokenizer(...)
             return name in _BATCH_ENCODING_API or name in obj.keys()
         if isinstance(obj, BaseException):
             return name == "args"

@@ -23,18 +23,20 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import UsageTypeError
-from ..models.backends import GenerateBackend, forward_backend
-from ..tracing import capture
-from ..tracing.capture import capture_source_block
-from ..tracing.run import TraceRun
-from ..tracing.prefetch import PREFETCH, PREFETCH_LOOP, PREFETCH_RUN, prefetch, prefetch_loop, prefetch_run
-from ..tracing.runtime import SAVE_METHOD, save_method
-from ..tracing.saving import NotSaved
-from ..tracing.tracer import SessionScope, Tracer, enter_session, exit_session
+from ...errors import UsageTypeError
+from ...models import LanguageModel
+from ...models.backends import GenerateBackend, forward_backend
+from ...tracing import capture
+from ...tracing.capture import capture_source_block
+from ...tracing.prefetch import PREFETCH, PREFETCH_LOOP, PREFETCH_RUN, prefetch, prefetch_loop, prefetch_run
+from ...tracing.run import TraceRun
+from ...tracing.runtime import SAVE_METHOD, save_method
+from ...tracing.saving import NotSaved
+from ...tracing.tracer import SessionScope, Tracer, enter_session, exit_session
 from . import sandbox
 from .modules import ModuleBuilder
-from .protocol import PORTABLE_LEAVES, Request, error_answer
+from .. import portable
+from ..protocol import Request, error_answer
 from .reach import Guard, guard_tree
 
 REMOTE_PREFIX = "remote:"
@@ -144,13 +146,12 @@ def _drop_gradients(served: Any) -> None:
 
 
 def _backend(model: Any, request: Request) -> Any:
+    if isinstance(model, LanguageModel):
+        model.dispatch()  # the weights, if not loaded yet (a no-op once they are)
     if request.kind == "generate":
-        if not hasattr(model, "generate"):
+        if not isinstance(model, LanguageModel):
             raise UsageTypeError("this served model is not a language model; use kind 'trace'.")
-        model._ensure_loaded()
         return GenerateBackend(dict(request.generate))
-    if hasattr(model, "_ensure_loaded"):
-        model._ensure_loaded()
     return forward_backend
 
 
@@ -161,47 +162,15 @@ def _answer(values: dict[str, Any]) -> dict:
         if isinstance(value, NotSaved):
             not_saved.append(name)
             continue
-        portable = _portable(value)
-        if portable is not _DROP:
-            out[name] = portable
+        carried = portable.carry(value, _not_saved_as_none)  # what cannot travel is left out
+        if carried is not portable.DROP:
+            out[name] = carried
     return {"values": out, "not_saved": not_saved}
 
 
-class _Drop:
-    pass
-
-
-_DROP = _Drop()
-
-
-def _portable(value: Any, depth: int = 0) -> Any:
-    """The value as it can travel back; objects that cannot (functions,
-    envoys, tracers) are dropped, unsaved parts of containers become None."""
-    if depth > 32:
-        return _DROP
-    if isinstance(value, NotSaved):
-        return None
-    if isinstance(value, PORTABLE_LEAVES) or value is Ellipsis:
-        return value
-    if isinstance(value, dict):
-        items = {k: _portable(v, depth + 1) for k, v in value.items() if isinstance(k, (str, int))}
-        kept = {k: v for k, v in items.items() if v is not _DROP}
-        if type(value) is not dict and all(isinstance(k, str) for k in kept):
-            try:
-                # e.g. a HuggingFace ModelOutput, minus what cannot travel (its KV cache)
-                return type(value)(**kept)
-            except TypeError:
-                return kept
-        return kept
-    if isinstance(value, (list, tuple, set, frozenset)):
-        items = [_portable(v, depth + 1) for v in value]
-        items = [v for v in items if v is not _DROP]
-        if isinstance(value, tuple) and not hasattr(value, "_fields"):
-            return tuple(items)
-        if isinstance(value, (set, frozenset)):
-            return type(value)(items)
-        return items if isinstance(value, list) else tuple(items)
-    return _DROP
+def _not_saved_as_none(value: Any) -> Any:
+    """An unsaved part of a container travels back as None."""
+    return None if isinstance(value, NotSaved) else portable.DROP
 
 
 def describe_error(error: BaseException, request: Request) -> dict:

@@ -16,7 +16,7 @@ makes the request carry that module's source, plus the source of every
 registered module it imports (found by reading its ``import`` statements, and
 its registered submodules already imported here).  The server rebuilds them
 from that source inside its sandbox, under the same checks as the body itself
-(:mod:`.modules`), importing them in Python's order when first imported.
+(:mod:`seethrough.remote.server.modules`), importing them in Python's order when first imported.
 Instances of registered classes do not travel (their state is not source):
 create them in the body.
 
@@ -35,7 +35,7 @@ import threading
 import types
 from typing import Any
 
-from ..errors import SeethroughError, UsageTypeError
+from ...errors import SeethroughError, UsageTypeError
 
 __all__ = ["RegistrationError", "module_sources", "owner", "register", "registered", "unregister"]
 

@@ -30,14 +30,16 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
-from ..config import CONFIG, cache_dir
-from ..errors import SeethroughError
-from ..tracing.saving import NotSaved
-from . import wire
+from ...config import CONFIG, cache_dir
+from ...errors import SeethroughError
+from ...tracing.saving import NotSaved
+from .. import wire
+from ..protocol import CONTENT_TYPE, ProtocolError
+from ..refusal import SandboxViolation
+from ..wire import WireError
 
-CONTENT_TYPE = "application/x-seethrough"
 MAX_REQUEST_BYTES = 256 * 1024 * 1024
 MAX_RESULT_BYTES = 1024 * 1024 * 1024
 _DIGITS = re.compile(r"\d+")
@@ -107,7 +109,7 @@ class RemoteClient:
         response = self._send(method, path, body, headers)
         data = response.read()
         if response.status >= 400:
-            raise _http_error(response.status, data, self.host)
+            raise http_error(response.status, data, self.host)
         return data
 
     def _json(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None) -> Any:
@@ -148,7 +150,7 @@ class RemoteClient:
         response = self._send("GET", f"/v1/requests/{urllib.parse.quote(job_id)}/events",
                               headers={"Accept": "text/event-stream"}, timeout=timeout or 3600.0)
         if response.status >= 400:
-            raise _http_error(response.status, response.read(), self.host)
+            raise http_error(response.status, response.read(), self.host)
         event, data = "message", []
         try:
             while True:
@@ -170,7 +172,8 @@ class RemoteClient:
             response.close()
 
 
-def _http_error(status: int, data: bytes, host: str) -> RemoteError:
+def http_error(status: int, data: bytes, host: str) -> RemoteError:
+    """The error the client raises for a server's HTTP refusal ``status`` with body ``data``."""
     try:
         detail = json.loads(data).get("detail", data.decode("utf-8", "replace"))
     except (ValueError, AttributeError):
@@ -337,28 +340,6 @@ def served_model(name: str, host: str | None = None, api_key: str | None = None)
     return ServedModel(name, served_model_folder(name, host, api_key), host)
 
 
-# Who builds a wrapper of a served model: the models layer (``LanguageModel.from_server``),
-# wired in by the package root, ``seethrough/__init__.py``.
-_model_builder: Callable[[str, str | None, str | None], Any] | None = None
-
-
-def register_model_builder(build: Callable[[str, str | None, str | None], Any]) -> None:
-    """Set the function :func:`remote_model` calls (``build(name, host, api_key)``)."""
-    global _model_builder
-    _model_builder = build
-
-
-def remote_model(name: str, host: str | None = None, api_key: str | None = None) -> Any:
-    """``LanguageModel.from_server(name, host, api_key)``, under its older address.
-
-    The wrapper is built by the models layer (``seethrough.models.remote_model``,
-    the same function); this name stays for code that imports it from here."""
-    if _model_builder is None:
-        raise RemoteError("no model wrapper is registered to build a served model with; `import seethrough` "
-                          "registers it (or call `seethrough.LanguageModel.from_server(name, host=...)`).")
-    return _model_builder(name, host, api_key)
-
-
 def served_model_folder(name: str, host: str | None = None, api_key: str | None = None) -> Path:
     """A local folder with the served model's config and tokenizer files (no weights)."""
     client = RemoteClient(host, api_key)
@@ -424,6 +405,11 @@ def _exception_class(name: str, module: str) -> type[BaseException]:
         if exact or len(found) == 1:  # a class that moved between versions is still found by its name
             return (exact or found)[0]
     return type(name, (RemoteError,), {"__module__": "seethrough.remote"})
+
+
+# The errors of what client and server both speak, which a server's answer may
+# name: imported here so that :func:`rebuild_error` finds their classes.
+SPOKEN_ERRORS = (ProtocolError, SandboxViolation, WireError)
 
 
 def _seethrough_errors(name: str) -> list[type[SeethroughError]]:

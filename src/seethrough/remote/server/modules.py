@@ -1,6 +1,6 @@
 """Registered modules on the server: rebuilt from the source a request carries.
 
-A client that registered a module (:mod:`.registry`) sends its source, and
+A client that registered a module (:mod:`seethrough.remote.client.registry`) sends its source, and
 that of the registered modules it imports, with each request that uses it.
 That source is code a stranger sent, so it passes the sandbox exactly as a
 body does (:mod:`.sandbox`: the syntax allowlist, no underscores, forbidden
@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from . import sandbox
-from .reach import Guard, guard_tree
-from .refusal import SandboxViolation, user_line
+from .reach import Guard, ReadOnlyView, guard_tree
+from ..refusal import SandboxViolation, user_line
 
 __all__ = ["DUNDER_METHODS", "ModuleBuilder", "ModuleRules", "RebuiltModule", "validate_module"]
 
@@ -178,15 +178,13 @@ def _compile(tree: ast.Module, filename: str) -> Any:
         return compile(guard_tree(module), filename, "exec", flags=flags, dont_inherit=True)
 
 
-class RebuiltModule:
+class RebuiltModule(ReadOnlyView):
     """A registered module as rebuilt on the server: its public names, read-only."""
 
     __slots__ = ("_name", "_namespace")
-    _remote_checks_own_attributes = True
 
     def __init__(self, name: str, namespace: dict[str, Any]) -> None:
-        object.__setattr__(self, "_name", name)
-        object.__setattr__(self, "_namespace", namespace)
+        super().__init__(_name=name, _namespace=namespace)
 
     def _allowed(self, name: str) -> bool:
         return not name.startswith("_") and name in self._namespace
@@ -200,11 +198,8 @@ class RebuiltModule:
             raise AttributeError(f"module {self._name!r} has no attribute {name!r}")
         return self._namespace[name]
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise SandboxViolation(f"{user_line()}registered modules are read-only on the server (tried to set "
-                               f"`{self._name}.{name}`)")
-
-    __delattr__ = __setattr__
+    def _written(self, name: str) -> str:
+        return f"registered modules are read-only on the server (tried to set `{self._name}.{name}`)"
 
     def __repr__(self) -> str:
         return f"<registered module {self._name!r} (rebuilt on the server)>"

@@ -109,10 +109,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ..tracing.capture import PARSE_LOCK
-from .protocol import CLIENT_OPTIONS, MODULES
-from .reach import Guard, guard_tree
-from .refusal import DEFAULT_FILENAME, SandboxViolation, user_line, where
+from ...tracing.capture import PARSE_LOCK
+from ..protocol import CLIENT_OPTIONS, MODULES
+from .reach import Guard, ReadOnlyView, guard_tree
+from ..refusal import DEFAULT_FILENAME, SandboxViolation, user_line, where
 
 __all__ = [
     "ALLOWED_MODULES", "ASSIGNABLE_ATTRIBUTES", "FORBIDDEN_ATTRIBUTES", "FORBIDDEN_ATTRIBUTE_PREFIXES",
@@ -457,15 +457,13 @@ def _static_members(module: str) -> frozenset[str]:
     return frozenset(_proxy(module)._members) if module in ALLOWED_MODULES else frozenset()
 
 
-class _ModuleProxy:
+class _ModuleProxy(ReadOnlyView):
     """A read-only stand-in for a module that exposes only allowed members."""
 
     __slots__ = ("_module_name", "_members")
-    _remote_checks_own_attributes = True  # for the run-time guard (reach.Guard)
 
     def __init__(self, module_name: str, members: dict[str, Any]) -> None:
-        object.__setattr__(self, "_module_name", module_name)
-        object.__setattr__(self, "_members", members)
+        super().__init__(_module_name=module_name, _members=members)
 
     def __getattr__(self, attr: str) -> Any:
         if attr.startswith("_"):
@@ -475,15 +473,12 @@ class _ModuleProxy:
             return members[attr]
         raise SandboxViolation(
             f"{user_line()}`{self._module_name}.{attr}` is not available in remote trace bodies; "
-            "use the tensor maths of torch, math and einops (see seethrough.remote.sandbox for the list)",
+            "use the tensor maths of torch, math and einops (see seethrough.remote.server.sandbox for the list)",
             construct=f"{self._module_name}.{attr}",
         )
 
-    def __setattr__(self, attr: str, value: Any = None) -> None:
-        raise SandboxViolation(f"{user_line()}modules are read-only in remote trace bodies "
-                               f"(tried to change `{self._module_name}.{attr}`)")
-
-    __delattr__ = __setattr__
+    def _written(self, attr: str) -> str:
+        return f"modules are read-only in remote trace bodies (tried to change `{self._module_name}.{attr}`)"
 
     def __repr__(self) -> str:
         return f"<module {self._module_name!r} (remote sandbox)>"
