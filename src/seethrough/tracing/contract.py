@@ -50,6 +50,25 @@ class ModuleHandle(Protocol):
         ...
 
 
+class PlainNavigation(Protocol):
+    """How runs of plain saves (:mod:`.prefetch`) find their envoys ahead of
+    time: only by the envoys' own navigation, which runs no user code and
+    reads no value (optional: objects without these are read the ordinary way)."""
+
+    def _plain_path(self, steps: tuple, item: Any) -> Any:
+        """The handle ``steps`` lead to from here: each a child or alias name
+        (``str``), a constant index (``(i,)``) or ``None`` for ``item`` as
+        index; the result must read values through the standard accessors.
+        None where getting there would run anything else (a property of a
+        custom envoy, an attribute of the module)."""
+        ...
+
+    def _plain_children(self) -> tuple | None:
+        """What iterating this gives (a module list's children), or None
+        where iterating would run anything but the library's own code."""
+        ...
+
+
 @runtime_checkable
 class PreparedInputs(Protocol):
     """One invoke's inputs, ready for the forward (``_prepare_input``)."""
