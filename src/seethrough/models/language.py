@@ -52,7 +52,7 @@ OFFLINE_MODELS = {
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
-class LanguageModel(Model):
+class LanguageModel(Model, library=True):
     """A HuggingFace language model wrapped for tracing (see the module docs)."""
 
     def __init__(

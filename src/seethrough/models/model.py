@@ -65,7 +65,7 @@ class _ClassEnvoys:
 CLASS_ENVOYS: Any = _ClassEnvoys()
 
 
-class Model(Envoy):
+class Model(Envoy, library=True):
     """Wraps any ``torch.nn.Module`` for tracing (see the module docs)."""
 
     def __init__(
