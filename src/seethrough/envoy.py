@@ -153,6 +153,9 @@ class EnvoyRoot(Protocol):
         ...
 
 
+_LIBRARY_CLASSES: set[type] = set()  # Envoy and seethrough's subclasses of it (``library=True``)
+
+
 class _RootLink:
     """``envoy._root``: the root of the envoy's tree (the wrapper).
 
@@ -181,6 +184,14 @@ class Envoy:
     """The stand-in for one module of a wrapped model (see the module docs)."""
 
     _root = _RootLink()
+
+    def __init_subclass__(cls, library: bool = False, **kwargs: Any) -> None:
+        """``class Model(Envoy, library=True)``: an envoy class of seethrough's
+        own (its attributes are the API); every other subclass is the user's,
+        whose own attributes and methods the user may set and read."""
+        super().__init_subclass__(**kwargs)
+        if library:
+            _LIBRARY_CLASSES.add(cls)
 
     def __init__(self, module: torch.nn.Module, path: str, root: "EnvoyRoot | None" = None) -> None:
         object.__setattr__(self, "_module", module)
@@ -500,6 +511,7 @@ def _plain_walk(obj: Any, steps: tuple, item: Any) -> Any:
     if not _plain_types.get(cls) and not _is_plain(cls):
         return None
     return obj
+_LIBRARY_CLASSES.add(Envoy)
 
 
 def _cacheable(envoy: Envoy, name: str) -> bool:
@@ -525,7 +537,7 @@ def cached_children(envoy: Envoy) -> list[str]:
 
 def _is_user_subclass(cls: type) -> bool:
     """Is ``cls`` an envoy class of the user's (not seethrough's own)?"""
-    return not cls.__module__.startswith("seethrough.")
+    return cls not in _LIBRARY_CLASSES
 
 
 def _defined_by_subclass(cls: type, name: str) -> type | None:
