@@ -511,6 +511,8 @@ def _plain_walk(obj: Any, steps: tuple, item: Any) -> Any:
     if not _plain_types.get(cls) and not _is_plain(cls):
         return None
     return obj
+
+
 _LIBRARY_CLASSES.add(Envoy)
 
 
