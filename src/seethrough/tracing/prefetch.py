@@ -399,7 +399,7 @@ class Batch:
                 values.append(value)
                 continue
             if key not in interleaver.hooks:
-                interleaver.hook(module, kind)
+                interleaver.hook(module, kind, envoy)  # as `request` does: the envoy remembers its hook plan
             frame = self.frame if self.lines is None else _Line(self.frame.f_back.f_code, self.lines[index])
             task.asked = (envoy, kind, frame, key in interleaver.fired,
                           not (interleaver.forward_running or interleaver.forward_done))
