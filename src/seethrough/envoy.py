@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import difflib
 import weakref
-from typing import Any, Iterator, Protocol, runtime_checkable
+from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 
 import greenlet
 import torch
 
 from ._frames import where_user_is
 from .errors import ModulePathError, NotInTraceError, UsageAttributeError, UsageTypeError
+from .tracing.contract import HookPlan
 from .tracing.runtime import TaskGreenlet, current_run, current_task
 
 _getcurrent = greenlet.getcurrent
@@ -152,6 +153,9 @@ class EnvoyRoot(Protocol):
         ...
 
 
+_LIBRARY_CLASSES: set[type] = set()  # Envoy and seethrough's subclasses of it (``library=True``)
+
+
 class _RootLink:
     """``envoy._root``: the root of the envoy's tree (the wrapper).
 
@@ -181,6 +185,14 @@ class Envoy:
 
     _root = _RootLink()
 
+    def __init_subclass__(cls, library: bool = False, **kwargs: Any) -> None:
+        """``class Model(Envoy, library=True)``: an envoy class of seethrough's
+        own (its attributes are the API); every other subclass is the user's,
+        whose own attributes and methods the user may set and read."""
+        super().__init_subclass__(**kwargs)
+        if library:
+            _LIBRARY_CLASSES.add(cls)
+
     def __init__(self, module: torch.nn.Module, path: str, root: "EnvoyRoot | None" = None) -> None:
         object.__setattr__(self, "_module", module)
         object.__setattr__(self, "_path", path)
@@ -200,6 +212,14 @@ class Envoy:
         for part in self._path.split(".") if self._path else ():
             text += f"[{part}]" if part.lstrip("-").isdigit() else f".{part}"
         return text
+
+    def _remembered_hook_plan(self, plan_of: Callable[[torch.nn.Module], HookPlan]) -> HookPlan:
+        """See :class:`~seethrough.tracing.contract.ModuleHandle`: kept here, the
+        same module tree every trace (worked out again if the module changed)."""
+        plan = self.__dict__.get("_plan")
+        if plan is None or plan[0][0][0] is not self._module:
+            plan = self.__dict__["_plan"] = plan_of(self._module)
+        return plan
 
     def _child(self, name: str) -> "Envoy":
         child = self._children.get(name)
@@ -493,6 +513,9 @@ def _plain_walk(obj: Any, steps: tuple, item: Any) -> Any:
     return obj
 
 
+_LIBRARY_CLASSES.add(Envoy)
+
+
 def _cacheable(envoy: Envoy, name: str) -> bool:
     """May the child envoy ``name`` live in ``envoy.__dict__``?  Only where
     plain lookup would otherwise reach ``__getattr__`` anyway, and that is
@@ -516,7 +539,7 @@ def cached_children(envoy: Envoy) -> list[str]:
 
 def _is_user_subclass(cls: type) -> bool:
     """Is ``cls`` an envoy class of the user's (not seethrough's own)?"""
-    return not cls.__module__.startswith("seethrough.")
+    return cls not in _LIBRARY_CLASSES
 
 
 def _defined_by_subclass(cls: type, name: str) -> type | None:

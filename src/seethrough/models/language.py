@@ -36,7 +36,7 @@ import torch
 from .._frames import where_user_is
 from ..errors import BatchError, InputTypeError, LanguageModelError, UsageTypeError
 from ..remote.client.connection import ModelNotServedError, ServedModel, served_model
-from ..tracing.tracer import Tracer
+from ..tracing.tracer import Tracer, read_result
 from .backends import GenerateBackend, forward_backend, lm_scan_backend, meta_backend, probe_meta_mask
 from .batching import PreparedInput
 from .hub import hub_endpoint, offline_loading
@@ -52,7 +52,7 @@ OFFLINE_MODELS = {
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
-class LanguageModel(Model):
+class LanguageModel(Model, library=True):
     """A HuggingFace language model wrapped for tracing (see the module docs)."""
 
     def __init__(
@@ -547,7 +547,7 @@ class Generator:
                 f"({where_user_is()}): it exists only once generation has ended, and waiting for "
                 "it there would skip the remaining steps. Read it after the loop."
             )
-        return run.tracer._read_result("model.generator.output")
+        return read_result(run.tracer, "model.generator.output")
 
     @property
     def streamer(self) -> Streamer:

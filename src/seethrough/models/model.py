@@ -65,7 +65,7 @@ class _ClassEnvoys:
 CLASS_ENVOYS: Any = _ClassEnvoys()
 
 
-class Model(Envoy):
+class Model(Envoy, library=True):
     """Wraps any ``torch.nn.Module`` for tracing (see the module docs)."""
 
     def __init__(
@@ -231,7 +231,7 @@ class Model(Envoy):
         if envoy is self or envoy._path == "":
             path = self._path_aliases.get(name)
             if path is not None:
-                return self._envoy_at(path)
+                return envoy_at(self, path)
         candidates = self._name_aliases.get(name)
         if candidates:
             modules = envoy._module._modules
@@ -305,7 +305,7 @@ class Model(Envoy):
         named like an accessor, or an alias; None if it names nothing (with
         ``index_only``, only indices of a container count)."""
         try:
-            envoy = self._envoy_at(path)
+            envoy = envoy_at(self, path)
         except ModulePathError:
             return None
         modules = envoy._module._modules
@@ -319,14 +319,6 @@ class Model(Envoy):
             return f"{path}.{name[:-1]}" if path else name[:-1]
         found = self._resolve_alias(envoy, name)
         return found._path if found is not None else None
-
-    def _envoy_at(self, path: str) -> Envoy:
-        envoy: Envoy = self
-        for part in path.split(".") if path else ():
-            if part not in envoy._module._modules:
-                raise ModulePathError(f"`model.{path}`: no module `{part}` under `{envoy._display_path()}`.")
-            envoy = envoy._child(part)
-        return envoy
 
     def _resolve_modules(self, modules: Any) -> list[Envoy]:
         """Envoys for ``modules``: None (all), envoys, or path strings."""
@@ -345,7 +337,7 @@ class Model(Envoy):
                         f"`{item}` names no module of the model: use a path like 'model.layers.0' "
                         "(module names, indices and aliases as on the model), or pass the envoy itself."
                     )
-                out.append(self._envoy_at(path))
+                out.append(envoy_at(self, path))
             else:
                 raise UsageTypeError(f"modules must be envoys or paths like 'model.layers.0', not {type(item).__name__}.")
         return out
@@ -475,16 +467,33 @@ class Model(Envoy):
         None for a wrapper of a module object, which no server knows by name."""
         return None
 
-    def _clone(self) -> "Model":
-        clone = type(self).__new__(type(self))
-        clone.__dict__.update(self.__dict__)
-        for name in cached_children(self):  # the clone makes its own child envoys
-            del clone.__dict__[name]
-        clone.__dict__.pop("_root_ref", None)  # the clone is a root: `_root` is itself
-        clone.__dict__.pop("_detached", None)  # and makes its own detached copy
-        object.__setattr__(clone, "_children", {})
-        object.__setattr__(clone, "_edits", list(self._edits))
-        return clone
+
+def fresh_copy(model: Model) -> Model:
+    """A wrapper of the same module, settings and persistent edits as ``model``,
+    with envoys and an edit list of its own: what ``edit(inplace=False)``
+    edits, and what a server runs each request on (so that ``edit`` and
+    friends in one request cannot reach the next)."""
+    clone = type(model).__new__(type(model))
+    clone.__dict__.update(model.__dict__)
+    for name in cached_children(model):  # the clone makes its own child envoys
+        del clone.__dict__[name]
+    clone.__dict__.pop("_root_ref", None)  # the clone is a root: `_root` is itself
+    clone.__dict__.pop("_detached", None)  # and makes its own detached copy
+    object.__setattr__(clone, "_children", {})
+    object.__setattr__(clone, "_edits", list(model._edits))
+    return clone
+
+
+def envoy_at(model: Model, path: str) -> Envoy:
+    """The envoy of the submodule at the dotted ``path`` below ``model`` (``""``:
+    ``model`` itself), by submodule names only (no aliases, no ``.output``):
+    what a server resolves a request's envoy paths with."""
+    envoy: Envoy = model
+    for part in path.split(".") if path else ():
+        if part not in envoy._module._modules:
+            raise ModulePathError(f"`model.{path}`: no module `{part}` under `{envoy._display_path()}`.")
+        envoy = envoy._child(part)
+    return envoy
 
 
 def _holds_envoys(value: Any) -> bool:
@@ -599,7 +608,7 @@ class EditContext:
             return False
         frame, captured = takeover.frame, takeover.captured
         seed, globals_, _ = frame_namespace(frame)
-        target = self._model if self._inplace else self._model._clone()
+        target = self._model if self._inplace else fresh_copy(self._model)
         names: dict[str, Any] = {}
         if captured.as_name:
             names[captured.as_name] = target

@@ -21,7 +21,7 @@ business; a run only calls ``backend(run, args, kwargs)`` (see
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
 
@@ -40,6 +40,13 @@ class ModuleHandle(Protocol):
 
     def _display_path(self) -> str:
         """The path as the user writes it (``model.layers[0].mlp``), for messages."""
+        ...
+
+    def _remembered_hook_plan(self, plan_of: Callable[[torch.nn.Module], HookPlan]) -> HookPlan:
+        """The module's hook plan, ``plan_of(module)`` (the model's ``_hook_plan``),
+        worked out once and remembered by the handle across traces.  (A handle
+        whose values reach the trace otherwise, an operation of ``.source``,
+        is never asked.)"""
         ...
 
 

@@ -426,6 +426,9 @@ class Batch:
                 interleaver.main.switch()
         finally:
             task.batch = None
+            # The frame that made the batch holds the values (and any error,
+            # whose traceback holds this frame): dropped, no cycle is left.
+            self.frame = None
         return self.values
 
 
@@ -450,7 +453,10 @@ class _Values(list):
     def __call__(self) -> Any:
         value = self.pop()
         if type(value) is _Raise:
-            raise value.error
+            try:
+                raise value.error
+            finally:
+                del value  # this frame, in the error's traceback, must not hold it
         return value
 
 
@@ -458,7 +464,10 @@ class _Raise:
     __slots__ = ("error",)
 
     def __init__(self, error: BaseException) -> None:
-        self.error = error
+        # The traceback from where the error reached the frame that caught it
+        # on: that frame, which holds what holds this, is left out (no cycle).
+        traceback = error.__traceback__
+        self.error = error.with_traceback(traceback.tb_next if traceback is not None else None)
 
 
 def _interleaver(task: Any) -> Any:
@@ -576,7 +585,10 @@ class _Loop(list):
     def __call__(self) -> Any:
         value = self.pop()
         if type(value) is _Raise:
-            raise value.error
+            try:
+                raise value.error
+            finally:
+                del value  # this frame, in the error's traceback, must not hold it
         return value
 
 

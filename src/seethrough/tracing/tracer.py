@@ -271,27 +271,12 @@ class Tracer:
     def result(self) -> Any:
         """The return value of the traced call (the generated ids for
         ``model.generate``); inside the body it waits until the call returns."""
-        return self._read_result("tracer.result")
+        return read_result(self, "tracer.result")
 
     def receive_result(self, value: Any) -> None:
         """Keep ``value`` as this tracer's ``result`` after the block: the call's
         return value as a server sent it back (``model.generate(..., remote=True)``)."""
         self._result = value
-
-    def _read_result(self, what: str) -> Any:
-        """``tracer.result`` (or ``model.generator.output``, named ``what`` in errors)."""
-        task = current_task()
-        if task is not None and task.run is not None and task.run.tracer is self:
-            run = task.run
-            value = narrow(run.interleaver.request_result(task, what), task.rows, run.interleaver.batch_size)
-            return run.present(value)
-        if not self._keep_result:
-            raise SeethroughError(
-                f"`tracer.result` is kept after the block only for `model.generate(...)` "
-                f"({where_user_is()}). For a trace, save the output inside the block: "
-                "`out = tracer.result.save()` or `out = model.output.save()`."
-            )
-        return self._result
 
     def barrier(self, n_participants: int) -> Barrier:
         """A meeting point for ``n_participants`` invokes: each invoke that
@@ -465,3 +450,21 @@ class Invoker:
         if captured.as_name:
             dict.__setitem__(task.ns, captured.as_name, self)
         return True
+
+
+def read_result(tracer: "Tracer", what: str) -> Any:
+    """``tracer.result``: the traced call's return value (inside the body it waits
+    until the call returns).  ``what`` names the reader in errors
+    (``model.generator.output`` reads it too, from :mod:`seethrough.models`)."""
+    task = current_task()
+    if task is not None and task.run is not None and task.run.tracer is tracer:
+        run = task.run
+        value = narrow(run.interleaver.request_result(task, what), task.rows, run.interleaver.batch_size)
+        return run.present(value)
+    if not tracer._keep_result:
+        raise SeethroughError(
+            f"`tracer.result` is kept after the block only for `model.generate(...)` "
+            f"({where_user_is()}). For a trace, save the output inside the block: "
+            "`out = tracer.result.save()` or `out = model.output.save()`."
+        )
+    return tracer._result

@@ -26,6 +26,7 @@ import torch
 from ...errors import UsageTypeError
 from ...models import LanguageModel
 from ...models.backends import GenerateBackend, forward_backend
+from ...models.model import envoy_at, fresh_copy
 from ...tracing import capture
 from ...tracing.capture import capture_source_block
 from ...tracing.prefetch import PREFETCH, PREFETCH_LOOP, PREFETCH_RUN, prefetch, prefetch_loop, prefetch_run
@@ -66,13 +67,13 @@ def _run(request: Request, served: Any, print_function: Callable[..., Any]) -> d
     filename = remote_filename(request.filename)
     padded = "\n" * (request.first_line - 1) + request.source
     sandbox.validate(padded, filename)
-    model = served._clone()  # per request: `edit` and friends cannot reach the next one
+    model = fresh_copy(served)  # per request: `edit` and friends cannot reach the next one
     module = getattr(model, "_module", None)
     protected = itertools.chain(module.parameters(), module.buffers()) if module is not None else ()
     guard = Guard(protected)  # the served weights: read, never changed in place
     extra: dict[str, Any] = dict(request.variables)
     for name, path in request.envoys.items():
-        extra[name] = model if path == "" else model._envoy_at(path)
+        extra[name] = model if path == "" else envoy_at(model, path)
     for name, module in request.modules.items():
         extra[name] = sandbox.module_proxy(module)
     if request.packages:  # registered modules: rebuilt from their source, in the sandbox
