@@ -606,3 +606,17 @@ def test_remote_local_gives_the_same_values(tiny_gpt2, gpt2_tokenizer):
         with model.trace(prompt):
             local = [model.transformer.h[i].output.save() for i in range(2)]
     assert len(remote) == 2 and all(torch.equal(a, b) for a, b in zip(remote, local))
+
+
+def test_a_remote_session_body_outside_traces_raises_as_written(gpt2_4):
+    """The compiled helpers are bound in a remote session's own namespace too:
+    a run of saves outside any trace fails as the plain code does."""
+    model = seethrough.Model(gpt2_4)
+    with pytest.raises(NotInTraceError, match=r"h\[0\]\.output"):
+        with model.session(remote="local"):
+            hs = [model.transformer.h[i].output.save() for i in range(2)]
+    with pytest.raises(NotInTraceError, match=r"h\[0\]\.output"):
+        with model.session(remote="local"):
+            hs = []
+            for i in range(2):
+                hs.append(model.transformer.h[i].output.save())

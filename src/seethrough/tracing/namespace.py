@@ -53,6 +53,18 @@ _contains = dict.__contains__
 _getitem = dict.__getitem__
 
 
+# The names the compiled body calls (see .capture): what rewritten `X.save()`
+# calls, what runs of plain saves compile to (.prefetch), what a reached
+# `return` raises.
+_BODY_NAMES = {
+    SAVE_METHOD: save_method,
+    PREFETCH: prefetch,
+    PREFETCH_RUN: prefetch_run,
+    PREFETCH_LOOP: prefetch_loop,
+    RETURN_REACHED: TraceSourceError,
+}
+
+
 class BodyNamespace(dict):
     """Globals-and-locals of a running body; misses fall back to the caller's
     globals, or to a resolver that knows about other invokes."""
@@ -63,12 +75,7 @@ class BodyNamespace(dict):
 
     def __init__(self, seed: dict, fallback: dict) -> None:
         super().__init__(seed)
-        # What the body's rewritten `X.save()` calls (see .capture).
-        dict.__setitem__(self, SAVE_METHOD, save_method)
-        dict.__setitem__(self, PREFETCH, prefetch)  # what runs of plain saves compile to (.prefetch)
-        dict.__setitem__(self, PREFETCH_RUN, prefetch_run)
-        dict.__setitem__(self, PREFETCH_LOOP, prefetch_loop)
-        dict.__setitem__(self, RETURN_REACHED, TraceSourceError)  # what a reached `return` raises (.capture)
+        dict.update(self, _BODY_NAMES)  # one call: a namespace is made for every body of every trace
         self.fallback = fallback
         self.resolver: Any = None
 

@@ -29,12 +29,23 @@ envoy's property, an attribute of a module, a name that is not an envoy)
 runs as written, item by item.  A value that never comes raises the same
 error, naming the user's line, as the ordinary path.
 
-What is recognised: a list comprehension ``[<chain>.output.save() for NAME
-in ITER]`` (also ``.input`` / ``.inputs``), one ``for``, no ``if``, where
-``<chain>`` is a name followed by attribute names and subscripts that are
-integer constants or ``NAME`` (``model.layers[i]``, ``layer.mlp`` for
-``layer in model.layers``).  ``ITER`` is evaluated as written; the batch is
-used when it is a ``range``, tuple, list or envoy (module list).
+What is recognised (at the body's own scope, not in functions it defines):
+
+* a list comprehension ``[<chain>.output.save() for NAME in ITER]`` (also
+  ``.input`` / ``.inputs``), one ``for``, no ``if``, where ``<chain>`` is a
+  name followed by attribute names and subscripts that are integer constants
+  or ``NAME`` (``model.layers[i]``, ``layer.mlp`` for ``layer in
+  model.layers``) -> :func:`prefetch`; ``ITER`` is evaluated as written, and
+  batched when it is a ``range``, tuple, list or module list;
+* two or more consecutive ``NAME = <chain>.output.save()`` with constant
+  indices, none reading a name an earlier one assigns -> :func:`prefetch_run`;
+* ``for NAME in ITER: LIST.append(<chain>.output.save())``, nothing else in
+  the loop -> :func:`prefetch_loop`.
+
+The last two assign (or append) once the batch is complete, so they batch
+only in bodies without invokes, where no other body can look in between.
+The envoys are found ahead of time only through their own plain navigation
+(:class:`.contract.PlainNavigation`).
 """
 
 from __future__ import annotations
