@@ -434,6 +434,33 @@ def _private(name: str) -> bool:
     return name.startswith("_") and not name.startswith("__")
 
 
+_TREES: dict[Path, ast.Module] = {}
+
+
+def _tree(path: Path, texts: dict[Path, str]) -> ast.Module:
+    """``path``'s syntax tree (``texts[path]`` instead where given); files' trees are parsed once."""
+    if path in texts:
+        return ast.parse(texts[path])
+    if path not in _TREES:
+        _TREES[path] = ast.parse(path.read_text(encoding="utf-8"))
+    return _TREES[path]
+
+
+def _read_by_string(node: ast.AST) -> str | None:
+    """The private name ``getattr(x, "_n")``, ``hasattr``, ``object.__getattribute__(x, "_n")``
+    or ``x.__dict__.get("_n")`` reads; None for any other node."""
+    if not isinstance(node, ast.Call) or not node.args:
+        return None
+    callee = _callee(node)
+    if callee in ("getattr", "hasattr", "__getattribute__") and len(node.args) >= 2:
+        name = node.args[1]
+    elif callee == "get" and isinstance(node.func, ast.Attribute) and "__dict__" in ast.unparse(node.func.value):
+        name = node.args[0]
+    else:
+        return None
+    return name.value if isinstance(name, ast.Constant) and isinstance(name.value, str) and _private(name.value) else None
+
+
 def _callee(call: ast.Call) -> str | None:
     """The called function's own name (``setattr``; ``__setattr__`` of ``object.__setattr__``)."""
     return call.func.id if isinstance(call.func, ast.Name) else getattr(call.func, "attr", None)
@@ -445,7 +472,7 @@ def private_definitions(texts: dict[Path, str] | None = None) -> dict[str, set[s
     defined: dict[str, set[str]] = {}
     for path in sorted(PACKAGE.rglob("*.py")):
         home = _folder(_module_name(path))
-        for node in ast.walk(ast.parse(texts.get(path) or path.read_text(encoding="utf-8"))):
+        for node in ast.walk(_tree(path, texts)):
             names: list[str] = []
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                 names.append(node.name)
@@ -456,6 +483,9 @@ def private_definitions(texts: dict[Path, str] | None = None) -> dict[str, set[s
                             names.append(part.attr)
                         elif isinstance(part, ast.Name):
                             names.append(part.id)
+                        elif (isinstance(part, ast.Subscript) and isinstance(part.slice, ast.Constant)
+                              and "__dict__" in ast.unparse(part.value)):  # x.__dict__["_n"] = ...
+                            names.append(str(part.slice.value))
             elif (isinstance(node, ast.Call) and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant)
                   and _callee(node) in ("setattr", "__setattr__")):
                 names.append(str(node.args[1].value))
@@ -474,17 +504,15 @@ def private_crossings(texts: dict[Path, str] | None = None) -> dict[tuple[str, s
     for path in sorted(PACKAGE.rglob("*.py")):
         module = _module_name(path)
         home = _folder(module)
-        for node in ast.walk(ast.parse(texts.get(path) or path.read_text(encoding="utf-8"))):
+        for node in ast.walk(_tree(path, texts)):
             if isinstance(node, ast.Attribute) and _private(node.attr):
                 if isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
                     continue
                 name = node.attr
-            elif (isinstance(node, ast.Call) and _callee(node) in ("getattr", "hasattr") and len(node.args) >= 2
-                  and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)
-                  and _private(node.args[1].value)):
-                name = node.args[1].value
             else:
-                continue
+                name = _read_by_string(node)
+                if name is None:
+                    continue
             owners = defined.get(name, set())
             if owners and home not in owners:
                 found.setdefault((module, name), set()).add(f"{path.relative_to(PACKAGE)}:{node.lineno}")
@@ -513,11 +541,13 @@ def test_the_private_attribute_check_sees_a_crossing():
     # The server's executor, as if it read the wrappers' hook plan and the tracer's result its own way.
     execute = PACKAGE / "remote" / "server" / "execute.py"
     text = execute.read_text(encoding="utf-8") + (
-        "\n\ndef peek(model, tracer):\n    return model._hook_plan, getattr(tracer, '_result'), model._mine\n"
+        "\n\ndef peek(model, tracer):\n    return model._hook_plan, getattr(tracer, '_result'), model._mine, "
+        "object.__getattribute__(model, '_edits'), model.__dict__.get('_tokenizer')\n"
         "\n\ndef _mine():\n    pass\n")
     found = private_crossings({execute: text})
     assert ("seethrough.remote.server.execute", "_hook_plan") in found
     assert ("seethrough.remote.server.execute", "_result") in found
+    assert {("seethrough.remote.server.execute", "_edits"), ("seethrough.remote.server.execute", "_tokenizer")} <= set(found)
     assert ("seethrough.remote.server.execute", "_mine") not in found  # defined in its own folder
     assert ("seethrough.remote.server.execute", "_result") not in private_crossings()
     # `self._x` is the class's own; a name the package never defines (torch's) is none of its business.
