@@ -14,6 +14,11 @@ At folder level (``FOLDERS``, below) every import between two of the
 package's folders points down too: ``remote/client`` imports nothing of
 ``remote/server``, and ``remote="local"`` reaches the server only through
 the one entry point the protocol declares (``LOCAL_SERVER``).
+
+No private name crosses a folder: no ``from X import _name`` from another
+folder, and no ``x._name`` read where ``_name`` belongs to another folder
+(``PRIVATE_CROSSINGS`` and ``ENVOY_INTERFACE`` name the few that remain, each
+with its reason).
 """
 
 from __future__ import annotations
@@ -413,12 +418,14 @@ def test_the_stack_check_sees_an_import_upward():
 # underscored; a public name would hide the module's attribute of that name.
 # ``_module``, ``_path`` and ``_display_path`` are read on the trace's hot
 # path (interleaver, prefetch, ``_read``), where a call through a public
-# accessor function would cost time on every module access.  Declared in
-# envoy.py (``Envoy``, ``EnvoyRoot``).
+# accessor function would cost time on every module access; ``_child``,
+# ``_children`` and ``_resolve_alias`` are read by tracing/prefetch.py's walk
+# of the tree (hot, too).  Declared in envoy.py (``Envoy``, ``EnvoyRoot``);
+# code away from the hot path uses envoy.py's public functions
+# (``alias_target``, ``unknown_name_error``, ``cached_children``).
 ENVOY_INTERFACE: dict[str, str] = {
     name: "the envoy's own interface (an envoy's public namespace is its module's); see above"
-    for name in ("_module", "_path", "_display_path", "_root", "_children", "_child", "_unknown",
-                 "_resolve_alias")
+    for name in ("_module", "_path", "_display_path", "_root", "_children", "_child", "_resolve_alias")
 }
 
 # Other crossings that remain, each with its reason: (reading module, name).

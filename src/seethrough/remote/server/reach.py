@@ -54,7 +54,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from ...envoy import Envoy, NextCall
+from ...envoy import Envoy, NextCall, alias_target, unknown_name_error
 from ...errors import UsageAttributeError
 from ...models.language import Generator
 from ...models.streaming import Streamer
@@ -558,12 +558,12 @@ class Guard:
             return self._view(getattr(module, name, None), ConfigView, envoy, name)
         if name in module._parameters or name in module._buffers:
             return getattr(envoy, name)
-        if envoy._root._resolve_alias(envoy, name) is not None:
+        if alias_target(envoy, name) is not None:
             return getattr(envoy, name)
         if name in module.__dict__ and not _hidden(name) and _is_plain(module.__dict__[name]):
             return plain_copy(module.__dict__[name])
         if not hasattr(type(envoy), name) and not hasattr(module, name):
-            raise envoy._unknown(name)  # no such thing: the envoy's own error (did you mean ...)
+            raise unknown_name_error(envoy, name)  # no such thing: the envoy's own error (did you mean ...)
         raise SandboxViolation(
             f"{user_line()}`{envoy._display_path()}.{name}` is not available in remote trace bodies: an envoy gives "
             "its submodules, parameters, buffers, plain settings and the tracing API (.output, .input, .inputs, "
