@@ -65,12 +65,20 @@ def _shape_error(mlp) -> RuntimeError:
     return info.value
 
 
-def _out_of_order(mlp) -> seethrough.OutOfOrderError:
+def _out_of_order(mlp, batched: bool = True) -> seethrough.OutOfOrderError:
+    """Two saves in the wrong order: asked for as one batch (two plain saves
+    in a row, see tracing/prefetch.py), or one by one (a statement between)."""
     model = seethrough.Model(mlp)
     with pytest.raises(seethrough.OutOfOrderError) as info:
-        with model.trace(torch.randn(1, 4)):
-            late = model.fc2.output.save()
-            early = model.fc1.output.save()
+        if batched:
+            with model.trace(torch.randn(1, 4)):
+                late = model.fc2.output.save()
+                early = model.fc1.output.save()
+        else:
+            with model.trace(torch.randn(1, 4)):
+                late = model.fc2.output.save()
+                between = 1
+                early = model.fc1.output.save()
     return info.value
 
 
@@ -119,20 +127,25 @@ def test_on_a_users_shape_error_shows_the_librarys_frames_too(mlp, debug):
     assert lines[-1] == "hidden[:] = value" and "_set_row_to(model.fc1.output, torch.zeros(3, 3))" in lines
 
 
-def test_off_an_out_of_order_read_ends_at_the_users_line(mlp, debug):
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "one-by-one"])
+def test_off_an_out_of_order_read_ends_at_the_users_line(mlp, debug, batched):
     debug(False)
-    error = _out_of_order(mlp)
+    error = _out_of_order(mlp, batched)
     assert _library(error) == []
     assert _user_lines(error)[-1] == "early = model.fc1.output.save()"
     assert "early = model.fc1.output.save()" in str(error)  # and the message names it
 
 
-def test_on_an_out_of_order_read_shows_where_the_library_raised_it(mlp, debug):
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "one-by-one"])
+def test_on_an_out_of_order_read_shows_where_the_library_raised_it(mlp, debug, batched):
     debug(True)
-    error = _out_of_order(mlp)
+    error = _out_of_order(mlp, batched)
     library = _library(error)
-    assert any(name.startswith("envoy.py:_read") for name in library)  # the `.output` accessor
-    assert library[-1].startswith("interleaver.py")  # raised in the body's request for the value
+    # the `.output` accessor, or the batch that asked for both values
+    reader = "prefetch.py:collect" if batched else "envoy.py:_read"
+    assert any(name.startswith(reader) for name in library), library
+    # raised where the body waited for the value: the interleaver's request, or the batch's one wait
+    assert library[-1].startswith("prefetch.py:collect" if batched else "interleaver.py"), library
     assert "early = model.fc1.output.save()" in _user_lines(error)
 
 
@@ -178,4 +191,5 @@ def test_nnsight_debug_in_the_environment_of_a_script(tmp_path):
         assert result.returncode == 1 and "OutOfOrderError" in result.stderr, result.stderr
         shown[setting] = result.stderr
     assert PACKAGE not in shown[""] and 'user_script.py", line 6' in shown[""]
-    assert os.path.join(PACKAGE, "envoy.py") in shown["1"] and 'user_script.py", line 6' in shown["1"]
+    # two saves in a row are asked for as one batch (tracing/prefetch.py)
+    assert os.path.join(PACKAGE, "tracing", "prefetch.py") in shown["1"] and 'user_script.py", line 6' in shown["1"]

@@ -101,6 +101,8 @@ def rewritten(source: str) -> str:
     "for k in range(2):\n    hs = [model.h[i].output.save() for i in range(k)]",
     "a = model.h[0].output.save()\nb = model.h[1].mlp.input.save()",
     "if True:\n    a = model.h[0].output.save()\n    b = other.h[1].output.save()",
+    "for i in range(3):\n    hs.append(model.h[i].output.save())",
+    "for layer in model.h:\n    hs.append(layer.mlp.output.save())",
 ])
 def test_runs_of_plain_saves_are_recognised(source):
     assert PREFETCH[:-2] in rewritten(source)  # a prefetch or prefetch_run call
@@ -122,6 +124,9 @@ def test_runs_of_plain_saves_are_recognised(source):
     "a = model.h[0].output.save()\nmodel = model.h[1].output.save()",  # the second rebinds the first's root
     "a = model.h[0].output.save()\na = model.h[1].output.save()",  # the same name twice
     "a = model.h[0].output.save()\nb = model.h[k].output.save()",  # an index that is no constant
+    "for i in range(3):\n    hs.append(model.h[i].output.save())\n    n = i",  # more in the loop
+    "for i in range(3):\n    hs.append(model.h[i].output.save())\nelse:\n    pass",  # an else
+    "for i in range(3):\n    i.append(model.h[i].output.save())",  # appends to the loop's variable
 ])
 def test_anything_else_is_left_as_written(source):
     assert PREFETCH[:-2] not in rewritten(source)
@@ -295,6 +300,51 @@ def test_a_run_of_assignments_gives_the_raw_hooks_values(gpt2_4):
     assert counter.into_bodies == 2
     assert torch.equal(a, seen[names[0]]) and torch.equal(b, seen[names[1]]) and torch.equal(d, seen[names[3]])
     assert torch.equal(c, seen_inputs["transformer.h.3.mlp"][0][0])
+
+
+def test_a_loop_of_appends_gives_the_raw_hooks_values(gpt2_4):
+    model = seethrough.Model(gpt2_4)
+    x = ids(17)
+    names = [f"transformer.h.{i}" for i in range(4)]
+    with torch.no_grad():
+        _, seen = hooked(gpt2_4, names, x)
+        with SwitchCounter() as counter:
+            with model.trace(x):
+                hs = []
+                for i in range(4):
+                    hs.append(model.transformer.h[i].output.save())
+                last = i
+        assert counter.into_bodies == 2
+        with SwitchCounter() as counter:
+            with model.trace(x):
+                blocks = list().save()
+                for layer in model.transformer.h:
+                    blocks.append(layer.output.save())
+        assert counter.into_bodies == 2
+    assert last == 3 and len(hs) == len(blocks) == 4
+    assert all(torch.equal(h, seen[n]) and torch.equal(b, seen[n]) for h, b, n in zip(hs, blocks, names))
+
+
+def test_a_loop_that_fails_keeps_what_came_before(gpt2_4):
+    model = seethrough.Model(gpt2_4)
+    results = {}
+    for way in ("fast", "slow"):
+        hs = i = None
+        with pytest.raises(OutOfOrderError) as info:
+            with model.trace(ids(18)):
+                hs = []
+                if way == "fast":
+                    for i in (0, 3, 1, 2):
+                        hs.append(model.transformer.h[i].output.save())  # line: fast
+                else:
+                    for i in (0, 3, 1, 2):
+                        hs.append(model.transformer.h[i].output.save())  # line: slow
+                        pass
+        results[way] = (len(hs), i, info.value)
+        assert f"# line: {way}" in str(info.value)
+    assert results["fast"][:2] == results["slow"][:2] == (2, 1)
+    strip = lambda e: re.sub(r"at \S+:\d+: `[^`]*`", "at LINE", str(e))  # noqa: E731
+    assert strip(results["fast"][2]) == strip(results["slow"][2])
 
 
 def test_a_run_in_invokes_runs_as_written(gpt2_4):

@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import difflib
 import weakref
-from typing import Any, Iterator, Protocol, runtime_checkable
+from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 
 import greenlet
 import torch
 
 from ._frames import where_user_is
 from .errors import ModulePathError, NotInTraceError, UsageAttributeError, UsageTypeError
+from .tracing.contract import HookPlan
 from .tracing.runtime import TaskGreenlet, current_run, current_task
 
 _getcurrent = greenlet.getcurrent
@@ -212,6 +213,14 @@ class Envoy:
             text += f"[{part}]" if part.lstrip("-").isdigit() else f".{part}"
         return text
 
+    def _remembered_hook_plan(self, plan_of: Callable[[torch.nn.Module], HookPlan]) -> HookPlan:
+        """See :class:`~seethrough.tracing.contract.ModuleHandle`: kept here, the
+        same module tree every trace (worked out again if the module changed)."""
+        plan = self.__dict__.get("_plan")
+        if plan is None or plan[0][0][0] is not self._module:
+            plan = self.__dict__["_plan"] = plan_of(self._module)
+        return plan
+
     def _child(self, name: str) -> "Envoy":
         child = self._children.get(name)
         if child is None:
@@ -380,6 +389,15 @@ class Envoy:
                 return task.run.interleaver.call_hooked(task, self._module, args, kwargs)
         return self._module(*args, **kwargs)
 
+    # -- plain navigation, for runs of saves (tracing/prefetch.py) ----------------
+    def _plain_path(self, steps: tuple, item: Any) -> "Envoy | None":
+        """See :class:`~.tracing.contract.PlainNavigation`."""
+        return _plain_walk(self, steps, item)
+
+    def _plain_children(self) -> "tuple[Envoy, ...] | None":
+        """See :class:`~.tracing.contract.PlainNavigation`."""
+        return tuple(self) if _is_plain(type(self)) else None
+
     # -- values inside a trace ---------------------------------------------------
     output = ValueAccessor("output", "output", "The module's output in the running trace.", _read, _write)
     input = ValueAccessor("input", "input", "The module's first argument in the running trace.", _read, _write)
@@ -434,6 +452,65 @@ class Envoy:
             "take `.output`, `.input` and `.inputs` assignments inside a trace. To change the "
             "module itself, use `model._model` outside a trace."
         )
+
+
+_plain_types: dict[type, bool] = {}
+_ACCESSOR_NAMES = ("output", "input", "inputs")
+
+
+def _is_plain(cls: type) -> bool:
+    """Is ``cls`` an envoy class whose navigation and accessors are seethrough's own?"""
+    plain = _plain_types.get(cls)
+    if plain is None:
+        plain = _plain_types[cls] = (
+            issubclass(cls, Envoy)
+            and cls.__getattribute__ is object.__getattribute__
+            and cls.__getattr__ is Envoy.__getattr__
+            and cls.__getitem__ is Envoy.__getitem__
+            and cls.__iter__ is Envoy.__iter__
+            and all(getattr(cls, name) is Envoy.__dict__[name] for name in _ACCESSOR_NAMES)
+        )
+    return plain
+
+
+def _plain_walk(obj: Any, steps: tuple, item: Any) -> Any:
+    """The envoy ``obj`` + ``steps`` leads to, found as plain attribute lookup
+    would find it, or None where that would run anything but seethrough's own
+    navigation: a class attribute or property (a custom envoy's), an attribute
+    of the module, a non-envoy on the way (see ``PlainNavigation``)."""
+    for step in steps:
+        cls = type(obj)
+        if not _plain_types.get(cls) and not _is_plain(cls):
+            return None
+        if type(step) is str:
+            child = obj.__dict__.get(step)  # a child cached there (see `_child`)
+            if child is None:
+                if hasattr(cls, step):
+                    return None
+                modules = obj._module._modules
+                if step in modules:
+                    child = obj._child(step)
+                elif step.endswith("_") and step[:-1] in RESERVED and step[:-1] in modules:
+                    child = obj._child(step[:-1])
+                else:
+                    child = obj._root._resolve_alias(obj, step)
+                    if child is None:
+                        return None
+        else:
+            key = item if step is None else step[0]
+            if type(key) is not int:
+                return None
+            child = obj._children.get(key)
+            if child is None:
+                try:
+                    child = obj[key]
+                except ModulePathError:
+                    return None
+        obj = child
+    cls = type(obj)
+    if not _plain_types.get(cls) and not _is_plain(cls):
+        return None
+    return obj
 
 
 _LIBRARY_CLASSES.add(Envoy)

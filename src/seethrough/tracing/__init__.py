@@ -30,6 +30,8 @@ values.  ``tests/test_layers.py`` reads this list and holds the package to it.
 * :mod:`.values` — narrowing values to an invoke's rows, splicing edits back;
 * :mod:`.save_reach` — whether a body may reach code calling ``Tensor.save``;
 * :mod:`.rewrite` — name a function's call sites and compile a copy that reports them;
+* :mod:`.prefetch` — runs of plain saves, compiled to one request whose values
+  are recorded at the hooks without switching into the body;
 * :mod:`.runtime` — the running task and traces of this thread, and ``save``;
 * :mod:`.contract` — what tracing needs from envoys and model wrappers
   (protocols; this package imports neither);

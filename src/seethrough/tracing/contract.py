@@ -21,7 +21,7 @@ business; a run only calls ``backend(run, args, kwargs)`` (see
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
 
@@ -40,6 +40,32 @@ class ModuleHandle(Protocol):
 
     def _display_path(self) -> str:
         """The path as the user writes it (``model.layers[0].mlp``), for messages."""
+        ...
+
+    def _remembered_hook_plan(self, plan_of: Callable[[torch.nn.Module], HookPlan]) -> HookPlan:
+        """The module's hook plan, ``plan_of(module)`` (the model's ``_hook_plan``),
+        worked out once and remembered by the handle across traces.  (A handle
+        whose values reach the trace otherwise, an operation of ``.source``,
+        is never asked.)"""
+        ...
+
+
+class PlainNavigation(Protocol):
+    """How runs of plain saves (:mod:`.prefetch`) find their envoys ahead of
+    time: only by the envoys' own navigation, which runs no user code and
+    reads no value (optional: objects without these are read the ordinary way)."""
+
+    def _plain_path(self, steps: tuple, item: Any) -> Any:
+        """The handle ``steps`` lead to from here: each a child or alias name
+        (``str``), a constant index (``(i,)``) or ``None`` for ``item`` as
+        index; the result must read values through the standard accessors.
+        None where getting there would run anything else (a property of a
+        custom envoy, an attribute of the module)."""
+        ...
+
+    def _plain_children(self) -> tuple | None:
+        """What iterating this gives (a module list's children), or None
+        where iterating would run anything but the library's own code."""
         ...
 
 

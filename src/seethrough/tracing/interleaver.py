@@ -269,7 +269,7 @@ class Interleaver:
                     message = self._after_result_message(envoy, kind, task.result_waited)
                 raise OutOfOrderError(message)
         if key not in self.hooks:
-            self.hook(module, kind)
+            self.hook(module, kind, envoy)
         # For messages, should the value never come; the frame is the user's
         # (found from here on error).
         task.asked = (envoy, kind, sys._getframe(1), key in self.fired, not (self.forward_running or self.forward_done))
@@ -432,7 +432,7 @@ class Interleaver:
         """The batch size of the values now reached (a body's own `hook=True` call: unbatched)."""
         return self.batch_size if not self.hooked_calls_running else _UNBATCHED
 
-    def hook(self, module: torch.nn.Module, kind: str) -> None:
+    def hook(self, module: torch.nn.Module, kind: str, envoy: "ModuleHandle | None" = None) -> None:
         """Hook ``kind`` of ``module`` (once per trace).
 
         A hook added to a module whose call has already begun does not fire
@@ -440,14 +440,15 @@ class Interleaver:
         paused at a hook, and every module that can be running at such a pause
         is an ancestor of a hooked module; so hooking a module also hooks the
         output of the module itself and of all its ancestors, always before
-        their calls begin."""
+        their calls begin.  ``envoy``, the module's, remembers its plan across
+        traces (the same module tree every time)."""
         key = (id(module), kind)
         hooks = self.hooks
         if key in hooks:
             return
         if kind == "input":
             self._install(module, "input", key)
-        plan, chain = self.hook_plan(module)  # kept across traces by its owner (the model's ModuleTree)
+        plan, chain = envoy._remembered_hook_plan(self.hook_plan) if envoy is not None else self.hook_plan(module)
         for each, each_key in plan:
             if each_key not in hooks:
                 self._install(each, "output", each_key)

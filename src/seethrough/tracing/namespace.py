@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 from .._frames import describe_location, user_frame
 from ..errors import CrossInvokeError, TraceSourceError
 from .capture import RETURN_REACHED
-from .prefetch import PREFETCH, PREFETCH_RUN, prefetch, prefetch_run
+from .prefetch import PREFETCH, PREFETCH_LOOP, PREFETCH_RUN, prefetch, prefetch_loop, prefetch_run
 from .runtime import SAVE_METHOD, save_method
 
 if TYPE_CHECKING:
@@ -67,6 +67,7 @@ class BodyNamespace(dict):
         dict.__setitem__(self, SAVE_METHOD, save_method)
         dict.__setitem__(self, PREFETCH, prefetch)  # what runs of plain saves compile to (.prefetch)
         dict.__setitem__(self, PREFETCH_RUN, prefetch_run)
+        dict.__setitem__(self, PREFETCH_LOOP, prefetch_loop)
         dict.__setitem__(self, RETURN_REACHED, TraceSourceError)  # what a reached `return` raises (.capture)
         self.fallback = fallback
         self.resolver: Any = None

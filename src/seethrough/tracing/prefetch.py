@@ -40,19 +40,20 @@ used when it is a ``range``, tuple, list or envoy (module list).
 from __future__ import annotations
 
 import ast
+import itertools
 import sys
 from typing import Any, Callable
 
 import greenlet
 import torch
 
-from ..envoy import Envoy, _read
-from ..errors import MissedProviderError, ModulePathError
+from ..errors import MissedProviderError
 from .runtime import SAVE_METHOD, TaskGreenlet, save_method
 
 # The name the rewritten code calls (bound in every body namespace, like SAVE_METHOD).
 PREFETCH = "__seethrough_prefetch__"
 PREFETCH_RUN = "__seethrough_prefetch_run__"
+PREFETCH_LOOP = "__seethrough_prefetch_loop__"
 _ITEMS = "__seethrough_items__"  # the fallback's parameter
 _VALUES = "__seethrough_prefetched__"  # what a run's assignments take their values from
 
@@ -207,7 +208,12 @@ def _runs(stmts: list[ast.stmt], changed: list[bool]) -> list[ast.stmt]:
             targets.add(target)
             roots.add(root)
         if len(run) < 2:
-            out.append(_nested(stmts[index], changed))
+            loop = _appending_loop(stmts[index])
+            if loop is not None:
+                changed[0] = True
+                out.extend(loop)
+            else:
+                out.append(_nested(stmts[index], changed))
             index += 1
             continue
         changed[0] = True
@@ -233,6 +239,49 @@ def _runs(stmts: list[ast.stmt], changed: list[bool]) -> list[ast.stmt]:
             out.append(ast.fix_missing_locations(branch))
         index += len(run)
     return out
+
+
+def _appending_loop(stmt: ast.stmt) -> list[ast.stmt] | None:
+    """``for NAME in ITER: LIST.append(<chain>.output.save())`` (nothing else
+    in the loop, no ``else``) as a ``prefetch_loop`` call and the same loop
+    over what it returns, each append taking its value (or running as
+    written where there is none); None for any other statement."""
+    if not (
+        isinstance(stmt, ast.For) and isinstance(stmt.target, ast.Name) and not stmt.orelse
+        and len(stmt.body) == 1 and isinstance(stmt.body[0], ast.Expr)
+    ):
+        return None
+    loop = stmt.target.id
+    call = stmt.body[0].value
+    if not (
+        isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr == "append"
+        and isinstance(call.func.value, ast.Name) and len(call.args) == 1 and not call.keywords
+    ):
+        return None
+    read = _saved_read(call.args[0])
+    target = call.func.value.id
+    found = _chain(read.value, loop) if read is not None else None
+    if found is None or target in (loop, found[0]) or target.startswith("__"):
+        return None
+    root, steps = found
+    site = ast.Constant((steps, _ACCESSORS[read.attr], read.attr, stmt.body[0].lineno))
+    root_value: ast.expr = ast.Constant(None) if root == loop else _lambda([], _name(root))
+    prepare = ast.Assign(
+        targets=[ast.Name(_VALUES, ast.Store())],
+        value=ast.Call(func=_name(PREFETCH_LOOP), args=[site, stmt.iter, root_value, _name(SAVE_METHOD)], keywords=[]),
+    )
+    original = stmt.body[0]
+    taken = ast.Expr(ast.Call(
+        func=ast.Attribute(ast.Name(target, ast.Load()), "append", ast.Load()),
+        args=[ast.Call(func=_name(_VALUES), args=[], keywords=[])], keywords=[],
+    ))
+    for part in ast.walk(taken):
+        ast.copy_location(part, original)
+    branch = ast.copy_location(ast.If(test=_name(_VALUES), body=[taken], orelse=[original]), original)
+    new_loop = ast.copy_location(
+        ast.For(target=stmt.target, iter=_name(_VALUES), body=[branch], orelse=[], type_comment=None), stmt)
+    ast.fix_missing_locations(ast.copy_location(prepare, stmt))
+    return [prepare, ast.fix_missing_locations(new_loop)]
 
 
 def _nested(stmt: ast.stmt, changed: list[bool]) -> ast.stmt:
@@ -261,62 +310,12 @@ def rewrite_prefetch(body: list[ast.stmt]) -> list[ast.stmt]:
 
 # -- run time ----------------------------------------------------------------------------
 
-_plain_types: dict[type, bool] = {}
-
-
-def _is_plain(cls: type) -> bool:
-    """Is ``cls`` an envoy class whose navigation and accessors are seethrough's own?"""
-    plain = _plain_types.get(cls)
-    if plain is None:
-        plain = _plain_types[cls] = (
-            issubclass(cls, Envoy)
-            and cls.__getattribute__ is object.__getattribute__
-            and cls.__getattr__ is Envoy.__getattr__
-            and cls.__getitem__ is Envoy.__getitem__
-            and cls.__iter__ is Envoy.__iter__
-            and all(cls.__dict__.get(name, Envoy.__dict__[name]) is Envoy.__dict__[name] for name in _ACCESSORS)
-            and all(getattr(cls, name) is Envoy.__dict__[name] for name in _ACCESSORS)
-        )
-    return plain
-
-
 def _walk(obj: Any, steps: tuple, item: Any) -> Any:
-    """The envoy ``obj`` + ``steps`` leads to, found as plain attribute lookup
-    would find it, or None where that would run anything but seethrough's
-    own navigation (the ordinary path then runs as written)."""
-    for step in steps:
-        cls = type(obj)
-        if not _plain_types.get(cls) and not _is_plain(cls):
-            return None
-        if type(step) is str:
-            child = obj.__dict__.get(step)
-            if child is None:
-                if hasattr(cls, step):
-                    return None
-                modules = obj._module._modules
-                if step in modules:
-                    child = obj._child(step)
-                elif step.endswith("_") and step[:-1] in _RESERVED and step[:-1] in modules:
-                    child = obj._child(step[:-1])
-                else:
-                    child = obj._root._resolve_alias(obj, step)
-                    if child is None:
-                        return None
-        else:
-            key = item if step is _LOOP else step[0]
-            if type(key) is not int:
-                return None
-            child = obj._children.get(key)
-            if child is None:
-                try:
-                    child = obj[key]
-                except ModulePathError:
-                    return None
-        obj = child
-    cls = type(obj)
-    if not _plain_types.get(cls) and not _is_plain(cls):
-        return None
-    return obj
+    """The handle ``obj`` + ``steps`` leads to by the envoys' own plain
+    navigation (:class:`.contract.PlainNavigation`), or None where that would
+    run anything else (the ordinary path then runs as written)."""
+    walk = getattr(type(obj), "_plain_path", None)
+    return walk(obj, steps, item) if walk is not None else None
 
 
 def _first_input(value: Any) -> Any:
@@ -416,6 +415,9 @@ class Batch:
                 interleaver.main.switch()
         finally:
             task.batch = None
+            # The frame that made the batch holds the values (and any error,
+            # whose traceback holds this frame): dropped, no cycle is left.
+            self.frame = None
         return self.values
 
 
@@ -440,7 +442,10 @@ class _Values(list):
     def __call__(self) -> Any:
         value = self.pop()
         if type(value) is _Raise:
-            raise value.error
+            try:
+                raise value.error
+            finally:
+                del value  # this frame, in the error's traceback, must not hold it
         return value
 
 
@@ -448,7 +453,10 @@ class _Raise:
     __slots__ = ("error",)
 
     def __init__(self, error: BaseException) -> None:
-        self.error = error
+        # The traceback from where the error reached the frame that caught it
+        # on: that frame, which holds what holds this, is left out (no cycle).
+        traceback = error.__traceback__
+        self.error = error.with_traceback(traceback.tb_next if traceback is not None else None)
 
 
 def _interleaver(task: Any) -> Any:
@@ -481,10 +489,11 @@ def prefetch(site: tuple, iterable: Any, root: Callable[[], Any] | None, save: C
     elif kind is list:
         items = tuple(iterable)
         live = iterable
-    elif isinstance(iterable, Envoy) and _is_plain(kind):
-        items = tuple(iterable)
     else:
-        return fallback(iterable)
+        children = getattr(kind, "_plain_children", None)  # a module list's envoys (contract.PlainNavigation)
+        items = children(iterable) if children is not None else None
+        if items is None:
+            return fallback(iterable)
     if not items:
         return fallback(iterable)
     steps, kind_name, accessor, _ = site
@@ -507,7 +516,7 @@ def prefetch(site: tuple, iterable: Any, root: Callable[[], Any] | None, save: C
         return out + fallback(_rest_of(live, done))
     # The ordinary way for the rest, in the body (errors name the user's line).
     for index in range(done, n):
-        out.append(save(_read(envoys[index], kind_name, accessor)))
+        out.append(save(getattr(envoys[index], accessor)))
     return out
 
 
@@ -549,6 +558,90 @@ def prefetch_run(site: tuple, roots: Callable[[], tuple], save: Callable[[Any], 
         out.append(_Raise(error))
     out.reverse()
     return out
+
+
+class _Loop(list):
+    """What a ``for`` loop of appends iterates (``prefetch_loop``): the loop's
+    items, as its own iterable gives them; the list itself holds the values
+    recorded for the first items, last first; each append calls it for its
+    own (an error in it is raised by the call of the item it belongs to)."""
+
+    __slots__ = ("items",)
+
+    def __iter__(self) -> Any:
+        return self.items
+
+    def __call__(self) -> Any:
+        value = self.pop()
+        if type(value) is _Raise:
+            try:
+                raise value.error
+            finally:
+                del value  # this frame, in the error's traceback, must not hold it
+        return value
+
+
+def _plain_loop(iterable: Any) -> _Loop:
+    loop = _Loop()
+    loop.items = iter(iterable)
+    return loop
+
+
+def prefetch_loop(site: tuple, iterable: Any, root: Callable[[], Any] | None, save: Callable[[Any], Any]) -> _Loop:
+    """``for item in iterable: some_list.append(<chain>.<accessor>.save())``
+    (see the module docs): the loop iterates what this returns.  Only in a
+    body without invokes (another invoke could see the list fill late)."""
+    current = _getcurrent()
+    if type(current) is not TaskGreenlet:
+        return _plain_loop(iterable)
+    task = current.task
+    interleaver = _interleaver(task)
+    if interleaver is None or task.run.flow is not None:
+        return _plain_loop(iterable)
+    kind = type(iterable)
+    live = None
+    if kind is range or kind is tuple:
+        items = iterable
+    elif kind is list:
+        items = tuple(iterable)
+        live = iterable
+    else:
+        children = getattr(kind, "_plain_children", None)
+        items = children(iterable) if children is not None else None
+        if items is None:
+            return _plain_loop(iterable)
+    if not items:
+        return _plain_loop(iterable)
+    steps, kind_name, accessor, line = site
+    try:
+        start = root() if root is not None else None
+    except NameError:
+        return _plain_loop(iterable)  # the append that reads it raises, as written
+    envoys = []
+    for item in items:
+        envoy = _walk(item if root is None else start, steps, item)
+        if envoy is None:
+            return _plain_loop(iterable)
+        envoys.append(envoy)
+    n = len(envoys)
+    run = task.run
+    batch = Batch(run, envoys, (kind_name,) * n, (accessor,) * n, sys._getframe(), items if live is not None else (), live,
+                  (line,) * n)
+    error = None
+    try:
+        values = batch.collect(interleaver, task)
+    except MissedProviderError as missed:
+        values, error = batch.values, missed  # raised at the append of the item it belongs to
+    loop = _Loop(_saved(values, run, save))
+    if error is not None:
+        loop.append(_Raise(error))
+    loop.reverse()
+    if live is None:
+        loop.items = iter(items)
+    else:
+        done = len(values) + (error is not None)
+        loop.items = itertools.chain(items[:done], _rest_of(live, done))
+    return loop
 
 
 def _saved(values: list, run: Any, save: Callable[[Any], Any]) -> list:

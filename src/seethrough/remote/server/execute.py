@@ -29,7 +29,7 @@ from ...models.backends import GenerateBackend, forward_backend
 from ...models.model import envoy_at, fresh_copy
 from ...tracing import capture
 from ...tracing.capture import capture_source_block
-from ...tracing.prefetch import PREFETCH, PREFETCH_RUN, prefetch, prefetch_run
+from ...tracing.prefetch import PREFETCH, PREFETCH_LOOP, PREFETCH_RUN, prefetch, prefetch_loop, prefetch_run
 from ...tracing.run import TraceRun
 from ...tracing.runtime import SAVE_METHOD, save_method
 from ...tracing.saving import NotSaved
@@ -93,6 +93,7 @@ def _run(request: Request, served: Any, print_function: Callable[..., Any]) -> d
         namespace[SAVE_METHOD] = save_method  # the session body's own `X.save()` calls
         namespace[PREFETCH] = prefetch  # and what runs of them compile to (tracing.prefetch)
         namespace[PREFETCH_RUN] = prefetch_run
+        namespace[PREFETCH_LOOP] = prefetch_loop
         # As locally: the session's traces hand unsaved values to later ones;
         # only saved values leave (the rest come back as not saved).
         scope = SessionScope(None, f"{filename}:{request.first_line}")
