@@ -416,16 +416,16 @@ def test_the_stack_check_sees_an_import_upward():
 # (``model.layers``, ``model.path`` of a submodule named ``path``, parameters,
 # the module's own attributes), so the envoy keeps its own state and helpers
 # underscored; a public name would hide the module's attribute of that name.
-# ``_module``, ``_path`` and ``_display_path`` are read on the trace's hot
-# path (interleaver, prefetch, ``_read``), where a call through a public
-# accessor function would cost time on every module access; ``_child``,
-# ``_children`` and ``_resolve_alias`` are read by tracing/prefetch.py's walk
-# of the tree (hot, too).  Declared in envoy.py (``Envoy``, ``EnvoyRoot``);
-# code away from the hot path uses envoy.py's public functions
+# The wrapper (models/) is the root of the envoy tree and builds on these;
+# the remote client and server read ``_module`` (the module an envoy stands
+# for), ``_root`` and ``_display_path`` (for errors).  The wrapper reads
+# ``_path``, not the public ``path``: a user's envoy class (``envoys=``) may
+# define a ``path`` of its own.  Declared in envoy.py (``Envoy``,
+# ``EnvoyRoot``); elsewhere code uses envoy.py's public functions
 # (``alias_target``, ``unknown_name_error``, ``cached_children``).
 ENVOY_INTERFACE: dict[str, str] = {
     name: "the envoy's own interface (an envoy's public namespace is its module's); see above"
-    for name in ("_module", "_path", "_display_path", "_root", "_children", "_child", "_resolve_alias")
+    for name in ("_module", "_path", "_display_path", "_root", "_child")
 }
 
 # Other crossings that remain, each with its reason: (reading module, name).
