@@ -14,6 +14,11 @@ At folder level (``FOLDERS``, below) every import between two of the
 package's folders points down too: ``remote/client`` imports nothing of
 ``remote/server``, and ``remote="local"`` reaches the server only through
 the one entry point the protocol declares (``LOCAL_SERVER``).
+
+No private name crosses a folder: no ``from X import _name`` from another
+folder, and no ``x._name`` read where ``_name`` belongs to another folder
+(``PRIVATE_CROSSINGS`` and ``ENVOY_INTERFACE`` name the few that remain, each
+with its reason).
 """
 
 from __future__ import annotations
@@ -393,3 +398,167 @@ def test_the_stack_check_sees_an_import_upward():
     hidden = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .tasks import Task\n"
     graph["seethrough.tracing.runtime"] = _imports(runtime, hidden)
     assert stack_violations(graph, stack) == ["  seethrough.tracing.runtime -> seethrough.tracing.tasks"]
+
+
+# -- no private attribute crosses a folder ---------------------------------------------
+#
+# ``x._name`` where ``_name`` is defined (a ``def``/``class``, an assignment or
+# annotation, ``object.__setattr__(x, "_name", ...)``) only in other folders of
+# the package than the reader's: one folder reaching into another's insides.
+# The owner gives a public function, method or property instead (or the code
+# moves to the owner); a lower folder that needs something of a higher one
+# declares it (a Protocol, whose declared names count as its own).  ``self._x``
+# and ``cls._x`` are the class's own business; names the package defines
+# nowhere (torch's ``module._modules``) are not its business.
+
+# The envoy's own interface, used by every folder that handles envoys and
+# wrappers.  Reason: an envoy's public attribute namespace is its module's
+# (``model.layers``, ``model.path`` of a submodule named ``path``, parameters,
+# the module's own attributes), so the envoy keeps its own state and helpers
+# underscored; a public name would hide the module's attribute of that name.
+# The wrapper (models/) is the root of the envoy tree and builds on these;
+# the remote client and server read ``_module`` (the module an envoy stands
+# for), ``_root`` and ``_display_path`` (for errors).  The wrapper reads
+# ``_path``, not the public ``path``: a user's envoy class (``envoys=``) may
+# define a ``path`` of its own.  Declared in envoy.py (``Envoy``,
+# ``EnvoyRoot``); elsewhere code uses envoy.py's public functions
+# (``alias_target``, ``unknown_name_error``, ``cached_children``).
+ENVOY_INTERFACE: dict[str, str] = {
+    name: "the envoy's own interface (an envoy's public namespace is its module's); see above"
+    for name in ("_module", "_path", "_display_path", "_root", "_child")
+}
+
+# Other crossings that remain, each with its reason: (reading module, name).
+PRIVATE_CROSSINGS: dict[tuple[str, str], str] = {
+    ("seethrough.remote.server.worker", "_model"): "`model._model`, the wrapped torch module: nnsight's name for it, "
+                                                  "public API despite the underscore (README)",
+    ("seethrough.tracing.saving", "_base"): "torch.Tensor._base (torch's, not ours): same name as Guard's own `_base`",
+    ("seethrough.remote.wire", "_TYPES"): "safetensors.torch._TYPES (safetensors', read with a fallback), not settings'",
+}
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+_TREES: dict[Path, ast.Module] = {}
+
+
+def _tree(path: Path, texts: dict[Path, str]) -> ast.Module:
+    """``path``'s syntax tree (``texts[path]`` instead where given); files' trees are parsed once."""
+    if path in texts:
+        return ast.parse(texts[path])
+    if path not in _TREES:
+        _TREES[path] = ast.parse(path.read_text(encoding="utf-8"))
+    return _TREES[path]
+
+
+def _read_by_string(node: ast.AST) -> str | None:
+    """The private name ``getattr(x, "_n")``, ``hasattr``, ``object.__getattribute__(x, "_n")``
+    or ``x.__dict__.get("_n")`` reads; None for any other node."""
+    if not isinstance(node, ast.Call) or not node.args:
+        return None
+    callee = _callee(node)
+    if callee in ("getattr", "hasattr", "__getattribute__") and len(node.args) >= 2:
+        name = node.args[1]
+    elif callee == "get" and isinstance(node.func, ast.Attribute) and "__dict__" in ast.unparse(node.func.value):
+        name = node.args[0]
+    else:
+        return None
+    return name.value if isinstance(name, ast.Constant) and isinstance(name.value, str) and _private(name.value) else None
+
+
+def _callee(call: ast.Call) -> str | None:
+    """The called function's own name (``setattr``; ``__setattr__`` of ``object.__setattr__``)."""
+    return call.func.id if isinstance(call.func, ast.Name) else getattr(call.func, "attr", None)
+
+
+def private_definitions(texts: dict[Path, str] | None = None) -> dict[str, set[str]]:
+    """Each private name the package defines -> the folders defining it."""
+    texts = texts or {}
+    defined: dict[str, set[str]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        home = _folder(_module_name(path))
+        for node in ast.walk(_tree(path, texts)):
+            names: list[str] = []
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.append(node.name)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+                for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                    for part in ast.walk(target):
+                        if isinstance(part, ast.Attribute):
+                            names.append(part.attr)
+                        elif isinstance(part, ast.Name):
+                            names.append(part.id)
+                        elif (isinstance(part, ast.Subscript) and isinstance(part.slice, ast.Constant)
+                              and "__dict__" in ast.unparse(part.value)):  # x.__dict__["_n"] = ...
+                            names.append(str(part.slice.value))
+            elif (isinstance(node, ast.Call) and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant)
+                  and _callee(node) in ("setattr", "__setattr__")):
+                names.append(str(node.args[1].value))
+            for name in names:
+                if _private(name):
+                    defined.setdefault(name, set()).add(home)
+    return defined
+
+
+def private_crossings(texts: dict[Path, str] | None = None) -> dict[tuple[str, str], set[str]]:
+    """``x._name`` (or ``getattr(x, "_name")``) read in a folder that does not
+    define ``_name`` while another does, as ``(module, "_name") -> lines``."""
+    texts = texts or {}
+    defined = private_definitions(texts)
+    found: dict[tuple[str, str], set[str]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = _module_name(path)
+        home = _folder(module)
+        for node in ast.walk(_tree(path, texts)):
+            if isinstance(node, ast.Attribute) and _private(node.attr):
+                if isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
+                    continue
+                name = node.attr
+            else:
+                name = _read_by_string(node)
+                if name is None:
+                    continue
+            owners = defined.get(name, set())
+            if owners and home not in owners:
+                found.setdefault((module, name), set()).add(f"{path.relative_to(PACKAGE)}:{node.lineno}")
+    return found
+
+
+def test_no_private_attribute_crosses_a_folder():
+    found = {key: lines for key, lines in private_crossings().items()
+             if key[1] not in ENVOY_INTERFACE and key not in PRIVATE_CROSSINGS}
+    defined = private_definitions()
+    assert not found, ("private attributes of one folder read from another (give the owner a public name, "
+                       "or move the code to it):\n" + "\n".join(
+                           f"  {module} reads {name} (defined in {', '.join(sorted(defined[name]))}) at "
+                           f"{', '.join(sorted(lines))}" for (module, name), lines in sorted(found.items())))
+
+
+def test_private_crossing_exceptions_are_still_needed():
+    found = private_crossings()
+    stale = sorted(key for key in PRIVATE_CROSSINGS if key not in found)
+    assert not stale, f"these crossings are gone; remove them from PRIVATE_CROSSINGS: {stale}"
+    used = {name for _, name in found}
+    assert not sorted(set(ENVOY_INTERFACE) - used), "names no longer crossing: remove them from ENVOY_INTERFACE"
+
+
+def test_the_private_attribute_check_sees_a_crossing():
+    # The server's executor, as if it read the wrappers' hook plan and the tracer's result its own way.
+    execute = PACKAGE / "remote" / "server" / "execute.py"
+    text = execute.read_text(encoding="utf-8") + (
+        "\n\ndef peek(model, tracer):\n    return model._hook_plan, getattr(tracer, '_result'), model._mine, "
+        "object.__getattribute__(model, '_edits'), model.__dict__.get('_tokenizer')\n"
+        "\n\ndef _mine():\n    pass\n")
+    found = private_crossings({execute: text})
+    assert ("seethrough.remote.server.execute", "_hook_plan") in found
+    assert ("seethrough.remote.server.execute", "_result") in found
+    assert {("seethrough.remote.server.execute", "_edits"), ("seethrough.remote.server.execute", "_tokenizer")} <= set(found)
+    assert ("seethrough.remote.server.execute", "_mine") not in found  # defined in its own folder
+    assert ("seethrough.remote.server.execute", "_result") not in private_crossings()
+    # `self._x` is the class's own; a name the package never defines (torch's) is none of its business.
+    model = PACKAGE / "models" / "model.py"
+    extra = "\n\ndef own(self, net):\n    return self._hook_plan, net._modules, net._no_such_private_name\n"
+    assert not any(key[0] == "seethrough.models.model" and key[1] in ("_modules", "_no_such_private_name")
+                   for key in private_crossings({model: model.read_text(encoding="utf-8") + extra}))

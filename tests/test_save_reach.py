@@ -229,3 +229,22 @@ def test_a_save_reached_unseen_fails_loudly_with_the_fix(x):
     with model.trace(x):
         report = model.output.save()
     assert isinstance(report, Report)
+
+
+def test_the_missing_save_note_goes_to_tensors_only():
+    from seethrough.tracing.save_reach import explain_missing_tensor_save
+
+    def error_of(value):
+        try:
+            value.save()
+        except AttributeError as error:
+            return error
+        raise AssertionError(f"{type(value).__name__} has a `save` outside a trace")
+
+    for value in (torch.zeros(2), torch.nn.Parameter(torch.zeros(2))):  # a Parameter is a Tensor too
+        error = error_of(value)
+        explain_missing_tensor_save(error)
+        assert any("seethrough.save(value)" in note for note in getattr(error, "__notes__", ()))
+    other = error_of(object())
+    explain_missing_tensor_save(other)
+    assert not getattr(other, "__notes__", None)

@@ -119,8 +119,11 @@ def _nnsight_names() -> list[str]:
     return [name for name in list(sys.modules) if name == _TOP or name.startswith(_TOP + ".")]
 
 
-def _is_ours(module: Any) -> bool:
-    return str(getattr(module, "__name__", "")).startswith("seethrough.")
+def _is_ours(name: str) -> bool:
+    """Is ``sys.modules[name]`` (an nnsight name) the seethrough module standing
+    in for it — the very object, not a module that merely looks like it?"""
+    target = counterpart(name)
+    return target is not None and name in sys.modules and sys.modules.get(target) is sys.modules[name]
 
 
 def activate() -> "StandIn":
@@ -128,7 +131,7 @@ def activate() -> "StandIn":
     (or the end of a ``with`` block) switches it off."""
     with _LOCK:
         if not is_active():
-            real = {name: sys.modules.pop(name) for name in _nnsight_names() if not _is_ours(sys.modules[name])}
+            real = {name: sys.modules.pop(name) for name in _nnsight_names() if not _is_ours(name)}
             if real:
                 _STATE["aside"].update(real)
                 warnings.warn(
@@ -153,7 +156,7 @@ def undo() -> None:
             sys.meta_path.remove(finder)
         _STATE["finder"] = None
         for name in _nnsight_names():
-            if _is_ours(sys.modules[name]):
+            if _is_ours(name):
                 del sys.modules[name]
         aside = _STATE["aside"]
         for name, module in aside.items():

@@ -537,6 +537,18 @@ def cached_children(envoy: Envoy) -> list[str]:
     return [name for name, child in envoy._children.items() if type(name) is str and own.get(name) is child]
 
 
+def alias_target(envoy: Envoy, name: str) -> "Envoy | None":
+    """The envoy the alias ``name`` (``rename=``, standard names) names under
+    ``envoy``; None where ``name`` is no alias there."""
+    return envoy._root._resolve_alias(envoy, name)
+
+
+def unknown_name_error(envoy: Envoy, name: str) -> ModulePathError:
+    """The error ``envoy.<name>`` raises where ``name`` is nothing of its module
+    (with the names it may have meant)."""
+    return envoy._unknown(name)
+
+
 def _is_user_subclass(cls: type) -> bool:
     """Is ``cls`` an envoy class of the user's (not seethrough's own)?"""
     return cls not in _LIBRARY_CLASSES

@@ -109,13 +109,6 @@ class ModuleSource(_Source):
             op = self._ops[name] = Operation(self, key, analysis)
         return op
 
-    def _touch(self) -> None:
-        """In a trace, instrument the forward now, before values inside the
-        module are read (unless its forward is already running)."""
-        task = current_task()
-        if task is not None and task.run is not None:
-            RunSources.of(task.run).prepare(self._envoy._module, f"`{self._where_()}`")
-
     def _attach(self, op: "Operation", run: Any) -> OpRuntime:
         return RunSources.of(run).attach_module_op(self._envoy._module, op._module, f"`{op._display_path()}`")
 
@@ -247,6 +240,19 @@ class Operation:
         return self._analysis.context(site, f"{self._display_path()}:")
 
     __str__ = __repr__
+
+
+def source_view(envoy: Any) -> ModuleSource:
+    """``envoy.source``: the envoy's one :class:`ModuleSource` (made on first
+    use, kept in the envoy); in a trace, the module's forward is instrumented
+    now, before values inside it are read (unless it is already running)."""
+    view = envoy.__dict__.get("_source")
+    if view is None:
+        view = envoy.__dict__["_source"] = ModuleSource(envoy)
+    task = current_task()
+    if task is not None and task.run is not None:
+        RunSources.of(task.run).prepare(envoy._module, f"`{view._where_()}`")
+    return view
 
 
 def _task_or_raise_source(op: Operation) -> Any:

@@ -21,7 +21,8 @@ import time
 import weakref
 from collections import deque
 from pathlib import Path
-from typing import Any, Iterable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -76,6 +77,17 @@ def _value_digest(value: Any) -> Any:
     return None
 
 
+@dataclass(frozen=True)
+class Padding:
+    """How the wrapper pads prompts of unequal length: ``side()`` (``"left"`` or
+    ``"right"``, used when ``padding_side=`` is not given) and ``token()`` (the
+    pad token id).  The wrapper gives both (:meth:`LanguageModel.harvest`): this
+    package sits below the wrappers and asks them nothing else."""
+
+    side: Callable[[], str]
+    token: Callable[[], int]
+
+
 class Harvest:
     """``model.harvest(...)``; see :meth:`seethrough.LanguageModel.harvest`."""
 
@@ -96,6 +108,7 @@ class Harvest:
         progress: bool = True,
         overwrite: bool = False,
         backend: Any = None,
+        padding: Padding,
     ) -> None:
         if not (batch_size == "auto" or (isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size > 0)):
             raise UsageValueError(f"batch_size={batch_size!r}: pass a positive int, or 'auto' to fit a memory budget.")
@@ -108,6 +121,7 @@ class Harvest:
         if to is None:
             raise UsageValueError("model.harvest(...) needs `to=`: the folder the store is written to.")
         self.model = model
+        self.padding = padding
         self.prompts = prompts_in.check_inputs(prompts)
         self.total = prompts_in.count_of(prompts)
         self.to = Path(to)
@@ -182,13 +196,13 @@ class Harvest:
 
     def _prepare(self, captured: Any, seed: dict, globals_: dict) -> None:
         """Before the first micro-batch: the weights are loaded here."""
-        self.model._ensure_loaded()
+        self.model.dispatch()
 
     def _model_signature(self) -> str:
         return model_signature(self.model._module)
 
     def _side(self) -> str:
-        return self.padding_side or self.model._padding_side()
+        return self.padding_side or self.padding.side()
 
     def _run(self, captured: Any, seed: dict, globals_: dict) -> None:
         model = self.model
@@ -202,7 +216,7 @@ class Harvest:
             state.per = {name: info["per"] for name, info in state.keys.items()}
         progress = Progress(self.total, self.show_progress)
         self.progress = progress
-        tokenizer = model._tokenizer
+        tokenizer = model.tokenizer
         right = self._side() == "right"
         written = resumed = 0
         start = time.perf_counter()
@@ -222,7 +236,7 @@ class Harvest:
                     continue
                 if number == len(done) and done:
                     progress.note(f"resuming after {len(done)} complete shards ({first:,} prompts)")
-                pad_id = model._pad_id() if any(len(r) != len(rows[0]) for r in rows) else 0
+                pad_id = self.padding.token() if any(len(r) != len(rows[0]) for r in rows) else 0
                 tensors, tokens = self._window(captured, seed, globals_, state, rows, first, pad_id, right, progress)
                 size = writer.write_shard(tensors, (first, first + len(rows)), tokens, sha)
                 written += 1

@@ -495,8 +495,10 @@ class LanguageModel(Model, library=True):
         micro-batch to a seethrough server as an ordinary trace request,
         ``in_flight`` at a time.  See the README's "Harvesting" section."""
         from ..harvest import Harvest
+        from ..harvest.run import Padding
 
         options = dict(
+            padding=Padding(side=self._padding_side, token=self._pad_id),
             to=to, batch_size=batch_size, max_length=max_length, dtype=dtype, bucket=bucket, window=window,
             max_memory=max_memory, padding_side=padding_side, grad=grad, progress=progress, overwrite=overwrite,
         )
@@ -527,7 +529,6 @@ class Generator:
     before generation has ended, it waits until then, like ``tracer.result``."""
 
     __slots__ = ("_model",)
-    _remote_attributes = frozenset({"output", "streamer"})  # what a remote body may read (seethrough.remote.server.reach)
 
     def __init__(self, model: LanguageModel) -> None:
         self._model = model

@@ -39,7 +39,7 @@ from .._frames import describe_location, hide_library_frames
 from ..errors import EnvoyClassError, ModulePathError, SeethroughError, TraceSourceError, UsageTypeError
 from ..remote.client.backend import RemoteOptions, run_remote
 from ..remote.client.collect import BlockHandle
-from ..source import ModuleSource
+from ..source import ModuleSource, source_view
 from ..tracing.capture import capture_with_block
 from ..tracing.contract import HookPlan
 from ..tracing.hooks import ModuleTree
@@ -168,11 +168,7 @@ class Model(Envoy, library=True):
 
     def _source_view(self, envoy: Envoy) -> ModuleSource:
         """``envoy.source`` (one per envoy; see :mod:`seethrough.source`)."""
-        view = envoy.__dict__.get("_source")
-        if view is None:
-            view = envoy.__dict__["_source"] = ModuleSource(envoy)
-        view._touch()
-        return view
+        return source_view(envoy)
 
     def _hook_plan(self, module: torch.nn.Module) -> HookPlan:
         """The hook plan of ``module`` (see :class:`~seethrough.tracing.hooks.ModuleTree`),

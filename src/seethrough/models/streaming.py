@@ -69,7 +69,6 @@ class Streamer:
     chose), this invoke's rows."""
 
     __slots__ = ("_model",)
-    _remote_attributes = frozenset({"output"})  # what a remote body may read (seethrough.remote.server.reach)
 
     def __init__(self, model: Any) -> None:
         self._model = model

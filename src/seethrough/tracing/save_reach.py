@@ -33,6 +33,8 @@ import types
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
+import torch
+
 # Modules whose functions run no user code that could call `Tensor.save`.
 _LIBRARY_PREFIXES = ("torch", "math", "numpy", "einops", "operator", "seethrough", "collections", "itertools")
 
@@ -180,7 +182,7 @@ def _is_inert(value: Any, depth: int) -> bool:
 def explain_missing_tensor_save(error: AttributeError) -> None:
     """Add a note to ``'Tensor' object has no attribute 'save'`` raised in a run
     that judged it would not need ``Tensor.save`` (the error keeps its type)."""
-    if getattr(error, "name", None) != "save" or type(getattr(error, "obj", None)).__name__ not in ("Tensor", "Parameter"):
+    if getattr(error, "name", None) != "save" or not isinstance(getattr(error, "obj", None), torch.Tensor):
         return
     error.add_note(
         "seethrough: this trace ran without `Tensor.save`, because its body reads only envoys, torch, builtins "

@@ -54,8 +54,10 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from ...envoy import Envoy, NextCall
+from ...envoy import Envoy, NextCall, alias_target, unknown_name_error
 from ...errors import UsageAttributeError
+from ...models.language import Generator
+from ...models.streaming import Streamer
 from ...source import FunctionSource, ModuleSource, Operation
 from ...tracing.cache import Cache, CacheEntry
 from ...tracing.runtime import SAVE_METHOD, save_method
@@ -161,6 +163,12 @@ TENSOR_ATTRIBUTES = frozenset("""
 """.split()) - {"apply"}
 _TENSOR_INPLACE = frozenset(name + "_" for name in TENSOR_ATTRIBUTES if hasattr(torch.Tensor, name + "_"))
 _TENSOR_ALLOWED = TENSOR_ATTRIBUTES | _TENSOR_INPLACE
+
+# The wrappers' helper objects a remote body may read, and what of them.
+_WRAPPER_HELPER_API: dict[type, frozenset[str]] = {
+    Generator: frozenset({"output", "streamer"}),
+    Streamer: frozenset({"output"}),
+}
 
 _BUILTIN_VALUE_TYPES = (str, bytes, int, float, complex, bool, list, tuple, dict, set, frozenset, range, slice,
                         OrderedDict)
@@ -529,9 +537,8 @@ class Guard:
             return name == "args"
         if isinstance(obj, types.GeneratorType):
             return name in _GENERATOR_OBJECT_API
-        # An opt-in of seethrough's own types from layers above this one (model.generator: {"output"}).
-        allowed = getattr(kind, "_remote_attributes", None)
-        return isinstance(allowed, frozenset) and name in allowed
+        allowed = _WRAPPER_HELPER_API.get(kind)  # model.generator, model.generator.streamer
+        return allowed is not None and name in allowed
 
     def _mapping(self, obj: dict, kind: type, name: str) -> bool:
         if dataclasses.is_dataclass(obj):  # HuggingFace ModelOutput: its fields
@@ -551,12 +558,12 @@ class Guard:
             return self._view(getattr(module, name, None), ConfigView, envoy, name)
         if name in module._parameters or name in module._buffers:
             return getattr(envoy, name)
-        if envoy._root._resolve_alias(envoy, name) is not None:
+        if alias_target(envoy, name) is not None:
             return getattr(envoy, name)
         if name in module.__dict__ and not _hidden(name) and _is_plain(module.__dict__[name]):
             return plain_copy(module.__dict__[name])
         if not hasattr(type(envoy), name) and not hasattr(module, name):
-            raise envoy._unknown(name)  # no such thing: the envoy's own error (did you mean ...)
+            raise unknown_name_error(envoy, name)  # no such thing: the envoy's own error (did you mean ...)
         raise SandboxViolation(
             f"{user_line()}`{envoy._display_path()}.{name}` is not available in remote trace bodies: an envoy gives "
             "its submodules, parameters, buffers, plain settings and the tracing API (.output, .input, .inputs, "
