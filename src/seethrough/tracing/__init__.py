@@ -22,8 +22,6 @@ values.  ``tests/test_layers.py`` reads this list and holds the package to it.
 * :mod:`.tasks` — a body taking part in a trace (``Task``), a value reached
   (``Event``), and the exceptions that end a trace, forward or loop early;
 * :mod:`.capture` — find and compile a ``with`` body from its source;
-* :mod:`.prefetch` — runs of plain ``.output.save()`` asked for as one
-  batch, served without switching into the body at each value;
 * :mod:`.patches` — patches of torch that exist only while traces run;
 * :mod:`.stacks` — where the greenlets' C stacks live: one hub per thread
   runs every forward, so a pooled body greenlet never resumes at a depth
