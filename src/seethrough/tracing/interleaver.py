@@ -216,9 +216,10 @@ class Interleaver:
         event.served.add(task.index)
         if task.batch is not None and task.batch.advance(self, event, task):
             return  # recorded; it waits for its next value (see .prefetch)
-        self._switch(task, self._view(event, task))
+        self._switch(task, self.view(event, task))
 
-    def _wait(self, task: Task, key: tuple) -> None:
+    def wait(self, task: Task, key: tuple) -> None:
+        """Queue ``task`` (in invoke order) as waiting for the value of ``key``."""
         task.pending = key
         task.state = WAITING
         queue = self.waiting.get(key)
@@ -257,7 +258,7 @@ class Interleaver:
         if event is not None and event.key == key:
             if not (skip_current and task.index in event.served):
                 event.served.add(task.index)
-                return self._view(event, task)
+                return self.view(event, task)
         if self.forward_done or self.caches:
             if self.caches:
                 cached = self._cached(task, envoy, kind)
@@ -273,7 +274,7 @@ class Interleaver:
         # For messages, should the value never come; the frame is the user's
         # (found from here on error).
         task.asked = (envoy, kind, sys._getframe(1), key in self.fired, not (self.forward_running or self.forward_done))
-        self._wait(task, key)
+        self.wait(task, key)
         return self.main.switch()
 
     def iterate_calls(self) -> None:
@@ -347,7 +348,7 @@ class Interleaver:
         key = ("step", step)
         self.hook(self.root, "input")
         task.asked = (None, "step", sys._getframe(1), False, False)
-        self._wait(task, key)
+        self.wait(task, key)
         self.main.switch()
 
     def block(self, task: Task, until: Callable[[], bool], never: Callable[[], BaseException] | None = None) -> None:
@@ -564,11 +565,11 @@ class Interleaver:
         for waiting_key in [k for k in self.waiting if k[0] == "step" and k[1] <= self.step]:
             for task in list(self.waiting[waiting_key]):
                 self._unwait(task)
-                self._wait(task, key)
+                self.wait(task, key)
         if key in self.waiting or self.blocked:
             self._serve(event)
 
-    def _view(self, event: Event, task: Task) -> Any:
+    def view(self, event: Event, task: Task) -> Any:
         """``task``'s view of ``event``'s value (narrowed to its rows)."""
         rows = task.rows
         if rows is None and (event.kind == "output" or event.kind == "input"):
@@ -603,7 +604,7 @@ class Interleaver:
             return self.result
         task.result_waited = (what, where_user_is())
         task.asked = (None, "result", sys._getframe(1), False, False)
-        self._wait(task, ("result",))
+        self.wait(task, ("result",))
         return self.main.switch()
 
     # -- the forward pass -------------------------------------------------------

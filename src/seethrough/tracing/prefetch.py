@@ -367,8 +367,8 @@ class Batch:
         waits again; False if it must run now (the batch is complete, or the
         rest goes the ordinary way)."""
         try:
-            # `_view`, whose first case (the whole batch) is the common one
-            value = event.value if task.rows is None else interleaver._view(event, task)
+            # `view`, whose first case (the whole batch) is the common one
+            value = event.value if task.rows is None else interleaver.view(event, task)
             if self.accessors[len(self.values)] == "input":
                 value = _first_input(value)
             kind = type(value)
@@ -402,7 +402,7 @@ class Batch:
                 self.run.prepare_skip(module)  # as `_read` does before asking
             if event is not None and event.key == key:
                 event.served.add(task.index)
-                value = event.value if task.rows is None else interleaver._view(event, task)
+                value = event.value if task.rows is None else interleaver.view(event, task)
                 if self.accessors[index] == "input":
                     value = _first_input(value)
                 if type(value) is not torch.Tensor and type(value) is not tuple:
@@ -414,7 +414,7 @@ class Batch:
             frame = self.frame if self.lines is None else _Line(self.frame.f_back.f_code, self.lines[index])
             task.asked = (envoy, kind, frame, key in interleaver.fired,
                           not (interleaver.forward_running or interleaver.forward_done))
-            interleaver._wait(task, key)
+            interleaver.wait(task, key)
             return True
 
     def collect(self, interleaver: Any, task: Any) -> list:
