@@ -62,6 +62,14 @@ def _layer(module: str) -> int:
     return layer
 
 
+def _from_target(node: ast.ImportFrom, package: str) -> str:
+    """The absolute module a ``from ... import`` in ``package`` names."""
+    if not node.level:
+        return node.module or ""
+    base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
 def _imports(path: Path, text: str | None = None) -> set[str]:
     """Every seethrough module ``path`` imports (relative imports resolved), in any scope
     (``text``: the source to read instead of the file's)."""
@@ -70,11 +78,7 @@ def _imports(path: Path, text: str | None = None) -> set[str]:
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8") if text is None else text)):
         if isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
-                target = ".".join(base + ([node.module] if node.module else []))
-            else:
-                target = node.module or ""
+            target = _from_target(node, package)
             if target.split(".")[0] != "seethrough":
                 continue
             # `from . import wire` imports the submodule `wire`, not the package.
@@ -233,11 +237,7 @@ def private_imports(texts: dict[Path, str] | None = None) -> set[tuple[str, str]
         for node in ast.walk(tree):
             if not isinstance(node, ast.ImportFrom):
                 continue
-            if node.level:
-                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
-                target = ".".join(base + ([node.module] if node.module else []))
-            else:
-                target = node.module or ""
+            target = _from_target(node, package)
             if target.split(".")[0] != "seethrough":
                 continue
             for alias in node.names:

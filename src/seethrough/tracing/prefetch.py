@@ -481,6 +481,20 @@ def _interleaver(task: Any) -> Any:
     return interleaver
 
 
+def _items_of(iterable: Any) -> tuple[Any, list | None]:
+    """``(items, live)``: the items a batch may iterate ahead of the body (a
+    range, tuple, list or module list's envoys; None for anything else, which
+    the body then iterates itself), and the list itself when it is one (it may
+    change while the body runs, see ``Batch``)."""
+    kind = type(iterable)
+    if kind is range or kind is tuple:
+        return iterable, None
+    if kind is list:
+        return tuple(iterable), iterable
+    children = getattr(kind, "_plain_children", None)  # a module list's envoys (contract.PlainNavigation)
+    return (children(iterable) if children is not None else None), None
+
+
 def prefetch(site: tuple, iterable: Any, root: Callable[[], Any] | None, save: Callable[[Any], Any],
              fallback: Callable[[Any], list]) -> list:
     """``[<chain>.<accessor>.save() for item in iterable]`` (see the module
@@ -493,18 +507,7 @@ def prefetch(site: tuple, iterable: Any, root: Callable[[], Any] | None, save: C
     interleaver = _interleaver(task)
     if interleaver is None:
         return fallback(iterable)
-    kind = type(iterable)
-    live = None
-    if kind is range or kind is tuple:
-        items = iterable
-    elif kind is list:
-        items = tuple(iterable)
-        live = iterable
-    else:
-        children = getattr(kind, "_plain_children", None)  # a module list's envoys (contract.PlainNavigation)
-        items = children(iterable) if children is not None else None
-        if items is None:
-            return fallback(iterable)
+    items, live = _items_of(iterable)
     if not items:
         return fallback(iterable)
     steps, kind_name, accessor, _ = site
@@ -609,18 +612,7 @@ def prefetch_loop(site: tuple, iterable: Any, root: Callable[[], Any] | None, sa
     interleaver = _interleaver(task)
     if interleaver is None or task.run.flow is not None:
         return _plain_loop(iterable)
-    kind = type(iterable)
-    live = None
-    if kind is range or kind is tuple:
-        items = iterable
-    elif kind is list:
-        items = tuple(iterable)
-        live = iterable
-    else:
-        children = getattr(kind, "_plain_children", None)
-        items = children(iterable) if children is not None else None
-        if items is None:
-            return _plain_loop(iterable)
+    items, live = _items_of(iterable)
     if not items:
         return _plain_loop(iterable)
     steps, kind_name, accessor, line = site
