@@ -574,7 +574,7 @@ def prefetch_run(site: tuple, roots: Callable[[], tuple], save: Callable[[Any], 
     return out
 
 
-class _Loop(list):
+class _Loop(_Values):
     """What a ``for`` loop of appends iterates (``prefetch_loop``): the loop's
     items, as its own iterable gives them; the list itself holds the values
     recorded for the first items, last first; each append calls it for its
@@ -584,15 +584,6 @@ class _Loop(list):
 
     def __iter__(self) -> Any:
         return self.items
-
-    def __call__(self) -> Any:
-        value = self.pop()
-        if type(value) is _Raise:
-            try:
-                raise value.error
-            finally:
-                del value  # this frame, in the error's traceback, must not hold it
-        return value
 
 
 def _plain_loop(iterable: Any) -> _Loop:
