@@ -481,6 +481,49 @@ def _interleaver(task: Any) -> Any:
     return interleaver
 
 
+def _batching_task(invokes_allowed: bool) -> Any:
+    """The running task, if it may batch now (else None); a run of
+    assignments or appends only in a body without invokes (``invokes_allowed``
+    False), where no other invoke reads names or lists as they fill."""
+    current = _getcurrent()
+    if type(current) is not TaskGreenlet:
+        return None
+    task = current.task
+    if _interleaver(task) is None or (not invokes_allowed and task.run.flow is not None):
+        return None
+    return task
+
+
+_FROM_ITEM = object()  # a chain that starts at the loop's variable (see `_envoys_along`)
+
+
+def _envoys_along(items: Any, start: Any, steps: tuple) -> list | None:
+    """The envoy each item leads to from ``start`` (``_FROM_ITEM``: from the
+    item itself), or None where one of them is not plain."""
+    envoys = []
+    for item in items:
+        envoy = _walk(item if start is _FROM_ITEM else start, steps, item)
+        if envoy is None:
+            return None
+        envoys.append(envoy)
+    return envoys
+
+
+def _collect_into(values: "_Values", batch: "Batch", task: Any, save: Callable[[Any], Any]) -> None:
+    """Run ``batch`` and put its values into ``values``, last first; a value
+    that never came (the forward ended) leaves the error after the earlier
+    values, raised by the call that takes it."""
+    error = None
+    try:
+        recorded = batch.collect(task.run.interleaver, task)
+    except MissedProviderError as missed:
+        recorded, error = batch.values, missed
+    values.extend(_saved(recorded, task.run, save))
+    if error is not None:
+        values.append(_Raise(error))
+    values.reverse()
+
+
 def _items_of(iterable: Any) -> tuple[Any, list | None]:
     """``(items, live)``: the items a batch may iterate ahead of the body (a
     range, tuple, list or module list's envoys; None for anything else, which
@@ -500,28 +543,20 @@ def prefetch(site: tuple, iterable: Any, root: Callable[[], Any] | None, save: C
     """``[<chain>.<accessor>.save() for item in iterable]`` (see the module
     docs): ``root()`` gives the chain's first name (None: it is the loop's
     variable); ``fallback(items)`` is the comprehension as written, over ``items``."""
-    current = _getcurrent()
-    if type(current) is not TaskGreenlet:
-        return fallback(iterable)
-    task = current.task
-    interleaver = _interleaver(task)
-    if interleaver is None:
+    task = _batching_task(invokes_allowed=True)
+    if task is None:
         return fallback(iterable)
     items, live = _items_of(iterable)
     if not items:
         return fallback(iterable)
     steps, kind_name, accessor, _ = site
-    start = root() if root is not None else None
-    envoys = []
-    for item in items:
-        envoy = _walk(item if root is None else start, steps, item)
-        if envoy is None:
-            return fallback(iterable)
-        envoys.append(envoy)
+    envoys = _envoys_along(items, root() if root is not None else _FROM_ITEM, steps)
+    if envoys is None:
+        return fallback(iterable)
     n = len(envoys)
     run = task.run
     batch = Batch(run, envoys, (kind_name,) * n, (accessor,) * n, sys._getframe(), items if live is not None else (), live)
-    values = batch.collect(interleaver, task)
+    values = batch.collect(run.interleaver, task)
     out = _saved(values, run, save)
     done = len(values)
     if live is not None:
@@ -540,12 +575,8 @@ def prefetch_run(site: tuple, roots: Callable[[], tuple], save: Callable[[Any], 
     as many as were recorded: the statements without a value run as written.
     Only in a body whose names no other invoke reads while it runs (no
     invokes): elsewhere an assignment delayed until the run ends could be seen late."""
-    current = _getcurrent()
-    if type(current) is not TaskGreenlet:
-        return []
-    task = current.task
-    interleaver = _interleaver(task)
-    if interleaver is None or task.run.flow is not None:
+    task = _batching_task(invokes_allowed=False)
+    if task is None:
         return []
     try:
         starts = roots()
@@ -557,20 +588,12 @@ def prefetch_run(site: tuple, roots: Callable[[], tuple], save: Callable[[Any], 
         if envoy is None:
             return []
         envoys.append(envoy)
-    run = task.run
-    batch = Batch(run, envoys, tuple(entry[2] for entry in site), tuple(entry[3] for entry in site), sys._getframe(),
-                  lines=tuple(entry[4] for entry in site))
-    error = None
-    try:
-        values = batch.collect(interleaver, task)
-    except MissedProviderError as missed:
-        # A value never came (the forward ended): the statements before it
-        # assign theirs, and its own raises this, as they would have as written.
-        values, error = batch.values, missed
-    out = _Values(_saved(values, run, save))
-    if error is not None:
-        out.append(_Raise(error))
-    out.reverse()
+    batch = Batch(task.run, envoys, tuple(entry[2] for entry in site), tuple(entry[3] for entry in site),
+                  sys._getframe(), lines=tuple(entry[4] for entry in site))
+    # A value that never came: the statements before it assign theirs, and
+    # its own raises the error, as they would have as written.
+    out = _Values()
+    _collect_into(out, batch, task, save)
     return out
 
 
@@ -596,44 +619,29 @@ def prefetch_loop(site: tuple, iterable: Any, root: Callable[[], Any] | None, sa
     """``for item in iterable: some_list.append(<chain>.<accessor>.save())``
     (see the module docs): the loop iterates what this returns.  Only in a
     body without invokes (another invoke could see the list fill late)."""
-    current = _getcurrent()
-    if type(current) is not TaskGreenlet:
-        return _plain_loop(iterable)
-    task = current.task
-    interleaver = _interleaver(task)
-    if interleaver is None or task.run.flow is not None:
+    task = _batching_task(invokes_allowed=False)
+    if task is None:
         return _plain_loop(iterable)
     items, live = _items_of(iterable)
     if not items:
         return _plain_loop(iterable)
     steps, kind_name, accessor, line = site
     try:
-        start = root() if root is not None else None
+        start = root() if root is not None else _FROM_ITEM
     except NameError:
         return _plain_loop(iterable)  # the append that reads it raises, as written
-    envoys = []
-    for item in items:
-        envoy = _walk(item if root is None else start, steps, item)
-        if envoy is None:
-            return _plain_loop(iterable)
-        envoys.append(envoy)
+    envoys = _envoys_along(items, start, steps)
+    if envoys is None:
+        return _plain_loop(iterable)
     n = len(envoys)
-    run = task.run
-    batch = Batch(run, envoys, (kind_name,) * n, (accessor,) * n, sys._getframe(), items if live is not None else (), live,
-                  (line,) * n)
-    error = None
-    try:
-        values = batch.collect(interleaver, task)
-    except MissedProviderError as missed:
-        values, error = batch.values, missed  # raised at the append of the item it belongs to
-    loop = _Loop(_saved(values, run, save))
-    if error is not None:
-        loop.append(_Raise(error))
-    loop.reverse()
+    batch = Batch(task.run, envoys, (kind_name,) * n, (accessor,) * n, sys._getframe(),
+                  items if live is not None else (), live, (line,) * n)
+    loop = _Loop()  # a value that never came: raised at the append of the item it belongs to
+    _collect_into(loop, batch, task, save)
     if live is None:
         loop.items = iter(items)
     else:
-        done = len(values) + (error is not None)
+        done = len(loop)  # the values recorded, and the error, if any
         loop.items = itertools.chain(items[:done], _rest_of(live, done))
     return loop
 
