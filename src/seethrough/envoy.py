@@ -247,14 +247,9 @@ class Envoy:
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
             raise AttributeError(name)
-        modules = self._module._modules
-        if name in modules:
-            return self._child(name)
-        if name.endswith("_") and name[:-1] in RESERVED and name[:-1] in modules:
-            return self._child(name[:-1])
-        resolved = self._root._resolve_alias(self, name)
-        if resolved is not None:
-            return resolved
+        found = self._named_envoy(name)
+        if found is not None:
+            return found
         try:
             value = getattr(self._module, name)
         except AttributeError:
@@ -264,6 +259,16 @@ class Envoy:
             if run is not None:
                 run.touched_weight(f"{self._display_path()}.{name}", value)
         return value
+
+    def _named_envoy(self, name: str) -> "Envoy | None":
+        """The envoy ``name`` names below this one: a submodule (``mlp_`` for a
+        submodule named after a reserved word), or an alias; None if neither."""
+        modules = self._module._modules
+        if name in modules:
+            return self._child(name)
+        if name.endswith("_") and name[:-1] in RESERVED and name[:-1] in modules:
+            return self._child(name[:-1])
+        return self._root._resolve_alias(self, name)
 
     def _unknown(self, name: str) -> ModulePathError:
         defined = _defined_by_subclass(type(self), name)
@@ -487,15 +492,9 @@ def _plain_walk(obj: Any, steps: tuple, item: Any) -> Any:
             if child is None:
                 if hasattr(cls, step):
                     return None
-                modules = obj._module._modules
-                if step in modules:
-                    child = obj._child(step)
-                elif step.endswith("_") and step[:-1] in RESERVED and step[:-1] in modules:
-                    child = obj._child(step[:-1])
-                else:
-                    child = obj._root._resolve_alias(obj, step)
-                    if child is None:
-                        return None
+                child = obj._named_envoy(step)  # as `__getattr__` finds it
+                if child is None:
+                    return None
         else:
             key = item if step is None else step[0]
             if type(key) is not int:
