@@ -17,6 +17,7 @@ import seethrough
 from seethrough import CrossInvokeError, InvokeError, LanguageModel
 from test_server import ALICE, server  # noqa: F401 - the shared server fixtures
 from fixtures.threads import single_thread
+from fixtures.models import hook_state
 
 
 class Stack(nn.Module):
@@ -106,6 +107,7 @@ def _patching_reference(hf, clean_hidden, corrupt_ids, layer: int, position: int
 @pytest.mark.slow
 def test_issue_reproducer_patches_each_layers_own_clean_value(smollm2_full):
     hf, tokenizer = smollm2_full
+    hooks_before = hook_state(hf)  # HuggingFace leaves hooks of its own after output_hidden_states=
     model = LanguageModel(hf, tokenizer=tokenizer)
     clean, corrupt = "The Eiffel Tower is in the city of", "The Colosseum is in the city of"
     clean_ids = tokenizer(clean, return_tensors="pt").input_ids
@@ -135,11 +137,12 @@ def test_issue_reproducer_patches_each_layers_own_clean_value(smollm2_full):
         wrong = _patching_reference(hf, clean_hidden[0], corrupt_ids, 12, 3)
     assert not torch.allclose(res[1], wrong, atol=1e-2)
     assert not torch.allclose(res[1], unpatched, atol=1e-2)
-    assert _no_hooks(hf)
+    assert hook_state(hf) == hooks_before  # the trace left none of its own
 
 
 def test_issue_reproducer_without_barriers_fails_naming_both_lines(smollm2_small):
     hf, tokenizer = smollm2_small
+    hooks_before = hook_state(hf)  # HuggingFace leaves hooks of its own after output_hidden_states=
     model = LanguageModel(hf, tokenizer=tokenizer)
     res = []
     with pytest.raises(CrossInvokeError) as info:
@@ -157,7 +160,7 @@ def test_issue_reproducer_without_barriers_fails_naming_both_lines(smollm2_small
     assert "model.model.layers[l].output[:, 3] = hidden_state[:, 3]" in message
     assert "tracer.barrier(2)" in message
     assert isinstance(info.value, seethrough.SeethroughError)
-    assert _no_hooks(hf)
+    assert hook_state(hf) == hooks_before  # the trace left none of its own
 
 
 # -- a tutorial workflow: activation patching with barriers --------------------------------
@@ -170,6 +173,7 @@ def test_activation_patching_sweep_with_barriers_matches_raw_hooks(smollm2_full)
     position), a barrier per pair; each patched logit difference equals the one
     from plain forwards with raw hooks."""
     hf, tokenizer = smollm2_full
+    hooks_before = hook_state(hf)  # HuggingFace leaves hooks of its own after output_hidden_states=
     model = LanguageModel(hf, tokenizer=tokenizer)
     clean = "When John and Mary went to the store, John gave a drink to"
     corrupt = "When John and Mary went to the store, Mary gave a drink to"
@@ -215,7 +219,7 @@ def test_activation_patching_sweep_with_barriers_matches_raw_hooks(smollm2_full)
     recovered = (logit_diff(patched[(0, 9)]) - corrupt_diff) / (clean_diff - corrupt_diff)
     assert recovered > 0.5
     assert abs(logit_diff(patched[(0, 3)]) - corrupt_diff) < abs(logit_diff(patched[(0, 9)]) - corrupt_diff)
-    assert _no_hooks(hf)
+    assert hook_state(hf) == hooks_before  # the trace left none of its own
 
 
 # -- what a barrier guarantees -------------------------------------------------------------
@@ -351,6 +355,7 @@ def test_barrier_in_generation_steps(smollm2_small):
     layer-1 last-position output of the same step into its own.  Its logits at
     every step equal plain HF generate with hooks doing the same."""
     hf, tokenizer = smollm2_small
+    hooks_before = hook_state(hf)  # HuggingFace leaves hooks of its own after output_hidden_states=
     model = LanguageModel(hf, tokenizer=tokenizer)
     prompt_a, prompt_b = "The capital of France is", "Once upon a time there"
     ids_a = tokenizer(prompt_a, return_tensors="pt").input_ids
@@ -405,7 +410,7 @@ def test_barrier_in_generation_steps(smollm2_small):
     for got, want, plain in zip(logits, expected, unpatched):
         assert torch.allclose(got, want, atol=1e-3)
         assert not torch.allclose(got, plain, atol=1e-2)  # the edit shows
-    assert _no_hooks(hf)
+    assert hook_state(hf) == hooks_before  # the trace left none of its own
 
 
 # -- stale values between invokes -----------------------------------------------------------
