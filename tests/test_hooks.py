@@ -27,7 +27,7 @@ def test_hookset_calls_hooks_in_registration_order_with_raw_hooks(mlp, hook_mode
     calls: list[str] = []
     before = mlp.fc1.register_forward_hook(lambda m, a, o: calls.append("raw-before"))
     hook_set = hooks.HookSet()
-    hook_set.add_output(mlp.fc1, lambda m, a, o: calls.append("hookset"))
+    hook_set.add_outputs([mlp.fc1], lambda m, a, o: calls.append("hookset"))
     hook_set.add_input(mlp.fc1, lambda m, a, k: calls.append("hookset-input"))
     after = mlp.fc1.register_forward_hook(lambda m, a, o: calls.append("raw-after"))
     try:
@@ -68,7 +68,7 @@ def test_hookset_edits_match_raw_hooks(mlp, hook_mode):
 
     hook_set = hooks.HookSet()
     hook_set.add_input(mlp.fc1, double_input)
-    hook_set.add_output(mlp.act, shift_output)
+    hook_set.add_outputs([mlp.act], shift_output)
     with torch.no_grad():
         got = mlp(x)
     hook_set.remove_all()

@@ -36,10 +36,10 @@ def test_hook_sets_fire_and_leave_nothing(hook_set_class):
     expected = _first_outputs(module, ["fc1", "act"], x)
     seen: dict[str, torch.Tensor] = {}
     hooks = hook_set_class()
-    hooks.add_output(module.fc1, lambda mod, args, out: seen.__setitem__("fc1", out.clone()))
+    hooks.add_outputs([module.fc1], lambda mod, args, out: seen.__setitem__("fc1", out.clone()))
     hooks.add_input(module.act, lambda mod, args, kwargs: seen.__setitem__("act_in", args[0].clone()))
     # An output hook that returns a value replaces the output, as PyTorch's do.
-    hooks.add_output(module.act, lambda mod, args, out: out * 0)
+    hooks.add_outputs([module.act], lambda mod, args, out: out * 0)
     with torch.no_grad():
         result = module(x)
     assert torch.equal(seen["fc1"], expected["fc1"])

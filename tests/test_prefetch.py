@@ -620,3 +620,41 @@ def test_a_remote_session_body_outside_traces_raises_as_written(gpt2_4):
             hs = []
             for i in range(2):
                 hs.append(model.transformer.h[i].output.save())
+
+
+def test_values_between_the_first_and_last_are_recorded_without_an_event(gpt2_4, monkeypatch):
+    """The lean path: while a batch is the only body that wants a value, its
+    hook records it and asks for the next one without serving an event; only
+    the last value (which resumes the body) goes through ``_deliver``.  An
+    invoke's values are its rows of the batch, narrowed at an event: with
+    invokes every value is served the ordinary way, as the raw hooks' rows."""
+    from seethrough.tracing.interleaver import Interleaver
+
+    delivered = []
+    original = Interleaver._deliver
+
+    def counting(self, key, kind, value):
+        delivered.append(key)
+        return original(self, key, kind, value)
+
+    monkeypatch.setattr(Interleaver, "_deliver", counting)
+    model = seethrough.Model(gpt2_4)
+    x = ids(21)
+    names = [f"transformer.h.{i}" for i in range(4)]
+    with torch.no_grad():
+        _, seen = hooked(gpt2_4, names, x)
+        with model.trace(x):
+            hs = [model.transformer.h[i].output.save() for i in range(4)]
+        alone = len(delivered)
+        delivered.clear()
+        with model.trace() as tracer:
+            with tracer.invoke(x):
+                both = [model.transformer.h[i].output.save() for i in range(4)]
+            with tracer.invoke(x):
+                second = model.transformer.h[2].output.save()
+    assert alone == 1
+    assert sorted(delivered) == sorted(set(delivered)) and len(delivered) == 4
+    # (the two invokes run as one batch of two rows: the same up to float rounding)
+    for h, b, name in zip(hs, both, names):
+        assert torch.equal(h, seen[name]) and torch.allclose(b, seen[name], atol=1e-6)
+    assert torch.allclose(second, seen["transformer.h.2"], atol=1e-6)

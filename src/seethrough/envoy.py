@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import difflib
 import weakref
-from typing import Any, Callable, Iterator, Protocol, runtime_checkable
+from typing import Any, Callable, Iterator, Protocol, Sequence, runtime_checkable
 
 import greenlet
 import torch
@@ -395,9 +395,23 @@ class Envoy:
         return self._module(*args, **kwargs)
 
     # -- plain navigation, for runs of saves (tracing/prefetch.py) ----------------
-    def _plain_path(self, steps: tuple, item: Any) -> "Envoy | None":
+    def _plain_paths(self, steps: tuple, items: Sequence[Any]) -> "list[Envoy] | None":
         """See :class:`~.tracing.contract.PlainNavigation`."""
-        return _plain_walk(self, steps, item)
+        # The steps before the first by-item index lead to the same envoy for every item: walked once.
+        cut = steps.index(None) if None in steps else len(steps)
+        start = _plain_walk(self, steps[:cut], None)
+        if start is None:
+            return None
+        rest = steps[cut:]
+        if not rest:
+            return [start] * len(items)
+        found = []
+        for item in items:
+            envoy = _plain_walk(start, rest, item)
+            if envoy is None:
+                return None
+            found.append(envoy)
+        return found
 
     def _plain_children(self) -> "tuple[Envoy, ...] | None":
         """See :class:`~.tracing.contract.PlainNavigation`."""

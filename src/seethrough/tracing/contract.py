@@ -21,7 +21,7 @@ business; a run only calls ``backend(run, args, kwargs)`` (see
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -55,12 +55,12 @@ class PlainNavigation(Protocol):
     time: only by the envoys' own navigation, which runs no user code and
     reads no value (optional: objects without these are read the ordinary way)."""
 
-    def _plain_path(self, steps: tuple, item: Any) -> Any:
-        """The handle ``steps`` lead to from here: each a child or alias name
-        (``str``), a constant index (``(i,)``) or ``None`` for ``item`` as
-        index; the result must read values through the standard accessors.
-        None where getting there would run anything else (a property of a
-        custom envoy, an attribute of the module)."""
+    def _plain_paths(self, steps: tuple, items: Sequence[Any]) -> list | None:
+        """The handle ``steps`` lead to from here for each of ``items``: each
+        step a child or alias name (``str``), a constant index (``(i,)``) or
+        ``None`` for the item as index; the handles must read values through
+        the standard accessors.  None where getting to any of them would run
+        anything else (a property of a custom envoy, an attribute of the module)."""
         ...
 
     def _plain_children(self) -> tuple | None:

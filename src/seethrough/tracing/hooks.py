@@ -36,13 +36,16 @@ class DirectHookSet:
     def __init__(self) -> None:
         self._entries: list[tuple[dict, int, dict | None]] = []
 
-    def add_output(self, module: torch.nn.Module, hook: Callable) -> None:
-        """``hook(module, args, output)`` after the module runs."""
+    def add_outputs(self, modules: list[torch.nn.Module], hook: Callable) -> None:
+        """``hook(module, args, output)`` after each of ``modules`` runs."""
         hook_id = RemovableHandle.next_id
-        RemovableHandle.next_id = hook_id + 1
-        hooks = module._forward_hooks
-        hooks[hook_id] = hook
-        self._entries.append((hooks, hook_id, None))
+        RemovableHandle.next_id = hook_id + len(modules)
+        entries = self._entries
+        for module in modules:
+            hooks = module._forward_hooks
+            hooks[hook_id] = hook
+            entries.append((hooks, hook_id, None))
+            hook_id += 1
 
     def add_input(self, module: torch.nn.Module, hook: Callable) -> None:
         """``hook(module, args, kwargs)`` before the module runs."""
@@ -69,8 +72,8 @@ class HandleHookSet:
     def __init__(self) -> None:
         self._handles: list[RemovableHandle] = []
 
-    def add_output(self, module: torch.nn.Module, hook: Callable) -> None:
-        self._handles.append(module.register_forward_hook(hook))
+    def add_outputs(self, modules: list[torch.nn.Module], hook: Callable) -> None:
+        self._handles.extend(module.register_forward_hook(hook) for module in modules)
 
     def add_input(self, module: torch.nn.Module, hook: Callable) -> None:
         self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))

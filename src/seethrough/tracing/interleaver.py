@@ -444,32 +444,62 @@ class Interleaver:
         their calls begin.  ``envoy``, the module's, remembers its plan across
         traces (the same module tree every time)."""
         key = (id(module), kind)
-        hooks = self.hooks
-        if key in hooks:
-            return
-        if kind == "input":
-            self._install(module, "input", key)
-        plan, chain = envoy._remembered_hook_plan(self.hook_plan) if envoy is not None else self.hook_plan(module)
-        for each, each_key in plan:
-            if each_key not in hooks:
-                self._install(each, "output", each_key)
-            elif chain:
-                break  # hooked with all its ancestors, which come after it here
+        if key not in self.hooks:
+            self._install_plans(((module, kind, envoy),))
 
-    def _install(self, module: torch.nn.Module, kind: str, key: tuple) -> None:
+    def hook_ahead(self, wanted: list[tuple["ModuleHandle", str]]) -> set[tuple]:
+        """:meth:`hook` for each ``(envoy, kind)`` of ``wanted`` at once, ahead
+        of the reads that will ask for them (a batch of plain saves, see
+        :mod:`.prefetch`): the keys hooked here that were not hooked before."""
         hooks = self.hooks
-        if key in hooks:
-            return
-        hooks[key] = True
-        if kind == "output":
+        new = [(envoy._module, kind, envoy) for envoy, kind in wanted if (id(envoy._module), kind) not in hooks]
+        before = set(hooks)
+        self._install_plans(new)
+        return set(hooks) - before if new else set()
+
+    def _install_plans(self, wanted: Any) -> None:
+        """Hook each ``(module, kind, envoy or None)`` of ``wanted`` (not yet
+        hooked) with its hook plan (see :meth:`hook`)."""
+        hooks = self.hooks
+        outputs: list[tuple[torch.nn.Module, tuple]] = []
+        planned: set[tuple] = set()
+        for module, kind, envoy in wanted:
+            if kind == "input":
+                key = (id(module), kind)
+                if key not in hooks:
+                    self._install_input(module, key)
+            plan, chain = envoy._remembered_hook_plan(self.hook_plan) if envoy is not None else self.hook_plan(module)
+            for each, each_key in plan:
+                if each_key not in hooks and each_key not in planned:
+                    planned.add(each_key)
+                    outputs.append((each, each_key))
+                elif chain:
+                    break  # hooked with all its ancestors, which come after it here
+        if outputs:
+            self._install_outputs(outputs)
+
+    def _install_outputs(self, wanted: list[tuple[torch.nn.Module, tuple]]) -> None:
+        """Add the output hook to each ``(module, key)`` of ``wanted``."""
+        hooks = self.hooks
+        hook = self.output_hook or self._output_hook()
+        modules = []
+        for module, key in wanted:
+            hooks[key] = True
             if self.root_output_by_return and module is self.root:
                 # The root runs once and its output is what the backend returns:
                 # served from there (see `run_forward`), saving a hook on the
                 # root and PyTorch's slow call path for it.
-                return
-            self.hook_set.add_output(module, self._output_hook())
-        else:
-            self.hook_set.add_input(module, self._make_input_hook(module, key))
+                continue
+            modules.append(module)
+        self.hook_set.add_outputs(modules, hook)
+        if self.on_module_hooked is not None:
+            for module in modules:
+                self.on_module_hooked(module)
+
+    def _install_input(self, module: torch.nn.Module, key: tuple) -> None:
+        """Add an input hook to ``module`` (``key`` its input event)."""
+        self.hooks[key] = True
+        self.hook_set.add_input(module, self._make_input_hook(module, key))
         if self.on_module_hooked is not None:
             self.on_module_hooked(module)
 
@@ -522,10 +552,22 @@ class Interleaver:
         want it, let caches record it; return it as the tasks left it."""
         fired = self.fired
         fired[key] = fired.get(key, 0) + 1  # how many calls have begun (see `iterate_calls`)
-        if key not in self.waiting and not self.blocked and key not in self.after:
-            # Nobody waits for it (or might, once unblocked), and no cache records
-            # it: the hook only keeps an ancestor observable (the common case).
-            return value
+        waiting = self.waiting
+        queue = waiting.get(key)
+        if queue is None:
+            if not self.blocked and key not in self.after:
+                # Nobody waits for it (or might, once unblocked), and no cache records
+                # it: the hook only keeps an ancestor observable (the common case).
+                return value
+        elif len(queue) == 1 and queue[0].batch is not None and not self.blocked and key not in self.after:
+            # One task wants it, for a batch of plain saves (see .prefetch): the
+            # batch records it and asks for its next value without an event.
+            task = queue[0]
+            wanted = task.batch.record(self, key, value, task)
+            if wanted is not None:
+                del waiting[key]
+                self.wait(task, wanted)
+                return value
         return self._deliver(key, kind, value)
 
     def _deliver(self, key: tuple, kind: str, value: Any) -> Any:

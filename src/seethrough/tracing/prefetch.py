@@ -12,12 +12,22 @@ does nothing between two reads that the forward could see: it only picks the
 next module and asks again.  So such a comprehension is compiled (see
 :func:`rewrite_prefetch`, applied by :mod:`.capture`) into one call of
 :func:`prefetch`, which asks for all the values as one :class:`Batch`: the
-task waits for the first value; when the hook serves it, the interleaver
-(``Interleaver._resume``) hands it to the batch, which records the value and
-asks for the next one right there, exactly as the body would have (same
-hooks, installed at the same moment; same order among invokes; same errors),
-but without switching into the body.  The body runs again once, with every
-value, when the batch is complete; it then saves them in order.
+task waits for the first value; when the forward reaches it, the batch
+records the value and asks for the next one right there, exactly as the
+body would have (same order among invokes; same errors), but without
+switching into the body.  The body runs again once, with every value, when
+the batch is complete; it then saves them in order.
+
+Two things make each value cheap.  While the batch's task is the only one
+that wants a value (and sees the whole batch), ``Interleaver.reached`` hands
+it straight to :meth:`Batch.record`, with no event to serve; otherwise the
+ordinary serving hands it over (``Interleaver._resume`` -> :meth:`Batch.advance`).
+And the hooks every value needs are added in one go when the batch starts
+(``Interleaver.hook_ahead``), not one at each read: a hook on a module still
+ahead of the forward fires the same either way, and one on a module the
+forward has passed stays silent, as it would have been added too late; for
+messages, a value hooked ahead counts as "its module had run before" only
+where a hook added at its read would have seen that.
 
 Nothing changes in what a body sees.  The batch stops, and the body goes on
 the ordinary way for the rest of the items, whenever the ordinary path would
@@ -321,12 +331,13 @@ def rewrite_prefetch(body: list[ast.stmt]) -> list[ast.stmt]:
 
 # -- run time ----------------------------------------------------------------------------
 
-def _walk(obj: Any, steps: tuple, item: Any) -> Any:
-    """The handle ``obj`` + ``steps`` leads to by the envoys' own plain
-    navigation (:class:`.contract.PlainNavigation`), or None where that would
-    run anything else (the ordinary path then runs as written)."""
-    walk = getattr(type(obj), "_plain_path", None)
-    return walk(obj, steps, item) if walk is not None else None
+def _walk(obj: Any, steps: tuple, items: Any) -> list | None:
+    """The handle ``obj`` + ``steps`` leads to for each of ``items`` by the
+    envoys' own plain navigation (:class:`.contract.PlainNavigation`), or
+    None where that would run anything else (the ordinary path then runs as
+    written)."""
+    walk = getattr(type(obj), "_plain_paths", None)
+    return walk(obj, steps, items) if walk is not None else None
 
 
 def _first_input(value: Any) -> Any:
@@ -347,7 +358,7 @@ class Batch:
     but seethrough's own code are recorded: plain tensors and tuples; the
     body asks for anything else itself (its ``save`` may be a method of its own)."""
 
-    __slots__ = ("envoys", "kinds", "accessors", "items", "live", "frame", "lines", "values", "run")
+    __slots__ = ("envoys", "kinds", "keys", "accessors", "items", "live", "frame", "lines", "values", "run", "early")
 
     def __init__(self, run: Any, envoys: list, kinds: Any, accessors: Any, frame: Any,
                  items: tuple = (), live: list | None = None, lines: tuple | None = None) -> None:
@@ -360,6 +371,60 @@ class Batch:
         self.items = items  # the iterated items (a list's, to see it change)
         self.live = live  # the list iterated, if it is one
         self.values: list[Any] = []
+        self.keys = [(id(envoy._module), kind) for envoy, kind in zip(envoys, kinds)]  # what each waits for
+        self.early: set[tuple] = set()  # keys hooked ahead of their reads (see `collect`)
+
+    def record(self, interleaver: Any, key: tuple, value: Any, task: Any) -> tuple | None:
+        """The lean path (``Interleaver.reached``, while ``task``, waiting for
+        ``key``, is the only task that wants ``value``): record ``value`` and
+        ask for the next one, as :meth:`advance` would, without an event;
+        return the key the task now waits for.  None, with nothing changed,
+        where the ordinary path must serve it (the last value, a value not
+        plainly recorded, a next value the same module's, the batch stopping)."""
+        values = self.values
+        index = len(values)
+        following = index + 1
+        keys = self.keys
+        if following >= len(keys) or task.rows is not None or interleaver.hooked_calls_running:
+            return None
+        wanted = keys[following]
+        if wanted[0] == key[0] or not self._may_ask(interleaver, following):
+            return None
+        if self.accessors[index] == "input":
+            value = _first_input(value)
+        kind = type(value)
+        if kind is not torch.Tensor and kind is not tuple:
+            return None
+        values.append(value)
+        self._ask_for(interleaver, task, following)
+        return wanted
+
+    def _may_ask(self, interleaver: Any, index: int) -> bool:
+        """May the batch ask for value ``index`` now (not past its end, its
+        list unchanged, nothing in the trace that the ordinary path must see)?"""
+        live = self.live
+        if live is not None and (len(live) <= index or live[index] is not self.items[index]):
+            return False  # the list changed under the loop: the body iterates it itself
+        if index == len(self.keys):
+            return False  # complete
+        return not (interleaver.caches or interleaver.forward_done or interleaver.closing or interleaver.count_calls)
+
+    def _ask_for(self, interleaver: Any, task: Any, index: int) -> None:
+        """What the body's own read of value ``index`` does before it waits:
+        the hooks, and what a message needs should the value never come."""
+        envoy = self.envoys[index]
+        kind = self.kinds[index]
+        key = self.keys[index]
+        if kind == "input":
+            # As `_read` does before asking (nothing to do for a module whose
+            # event is being served: ``ask`` takes such a value at once).
+            self.run.prepare_skip(envoy._module)
+        if key not in interleaver.hooks:
+            interleaver.hook(envoy._module, kind, envoy)  # as `request` does: the envoy remembers its hook plan
+        frame = self.frame if self.lines is None else _Line(self.frame.f_back.f_code, self.lines[index])
+        # "Its module had run before": only what a hook installed at this read would have seen.
+        task.asked = (envoy, kind, frame, key in interleaver.fired and key not in self.early,
+                      not (interleaver.forward_running or interleaver.forward_done))
 
     def advance(self, interleaver: Any, event: Any, task: Any) -> bool:
         """``event`` serves the value ``task`` waited for (``Interleaver._resume``
@@ -383,23 +448,11 @@ class Batch:
         """Ask for the next values as the body would: served at once when
         ``event`` is theirs; else wait (True).  False: run the body now."""
         values = self.values
-        envoys = self.envoys
-        live = self.live
-        n = len(envoys)
         while True:
             index = len(values)
-            if live is not None and (len(live) <= index or live[index] is not self.items[index]):
-                return False  # the list changed under the loop: the body iterates it itself
-            if index == n:
-                return False  # complete
-            if interleaver.caches or interleaver.forward_done or interleaver.closing or interleaver.count_calls:
+            if not self._may_ask(interleaver, index):
                 return False
-            envoy = envoys[index]
-            kind = self.kinds[index]
-            module = envoy._module
-            key = (id(module), kind)
-            if kind == "input":
-                self.run.prepare_skip(module)  # as `_read` does before asking
+            key = self.keys[index]
             if event is not None and event.key == key:
                 event.served.add(task.index)
                 value = event.value if task.rows is None else interleaver.view(event, task)
@@ -409,11 +462,7 @@ class Batch:
                     return False
                 values.append(value)
                 continue
-            if key not in interleaver.hooks:
-                interleaver.hook(module, kind, envoy)  # as `request` does: the envoy remembers its hook plan
-            frame = self.frame if self.lines is None else _Line(self.frame.f_back.f_code, self.lines[index])
-            task.asked = (envoy, kind, frame, key in interleaver.fired,
-                          not (interleaver.forward_running or interleaver.forward_done))
+            self._ask_for(interleaver, task, index)
             interleaver.wait(task, key)
             return True
 
@@ -422,6 +471,12 @@ class Batch:
         and return the values recorded (a prefix of the items, maybe all)."""
         task.batch = self
         try:
+            if len(self.keys) > 1 and self._may_ask(interleaver, 0):
+                # Every hook the reads will need, in one go rather than one at
+                # each read (as the body's reads would, each at its turn).  A
+                # hook on a module ahead of the forward's position fires the same
+                # either way; on one the forward has passed, it stays silent.
+                self.early = interleaver.hook_ahead(list(zip(self.envoys, self.kinds)))
             if self.ask(interleaver, interleaver.current, task):
                 interleaver.main.switch()
         finally:
@@ -500,12 +555,14 @@ _FROM_ITEM = object()  # a chain that starts at the loop's variable (see `_envoy
 def _envoys_along(items: Any, start: Any, steps: tuple) -> list | None:
     """The envoy each item leads to from ``start`` (``_FROM_ITEM``: from the
     item itself), or None where one of them is not plain."""
+    if start is not _FROM_ITEM:
+        return _walk(start, steps, items)
     envoys = []
     for item in items:
-        envoy = _walk(item if start is _FROM_ITEM else start, steps, item)
-        if envoy is None:
+        found = _walk(item, steps, (item,))
+        if found is None:
             return None
-        envoys.append(envoy)
+        envoys.append(found[0])
     return envoys
 
 
@@ -584,10 +641,10 @@ def prefetch_run(site: tuple, roots: Callable[[], tuple], save: Callable[[Any], 
         return []  # the statement that reads it raises, as written
     envoys = []
     for index, steps, _, _, _ in site:
-        envoy = _walk(starts[index], steps, None)
-        if envoy is None:
+        found = _walk(starts[index], steps, (None,))
+        if found is None:
             return []
-        envoys.append(envoy)
+        envoys.append(found[0])
     batch = Batch(task.run, envoys, tuple(entry[2] for entry in site), tuple(entry[3] for entry in site),
                   sys._getframe(), lines=tuple(entry[4] for entry in site))
     # A value that never came: the statements before it assign theirs, and
