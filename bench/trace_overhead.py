@@ -335,18 +335,23 @@ def section_per_output(args, targets: H.Targets, models: dict) -> None:
     rows = []
     for k in ks:
         t, h = s[f"trace saving {k}"].median, s[f"raw hooks saving {k}"].median
-        excess.append(t - h)
+        # Paired within rounds: the forward's own drift over the run (this
+        # machine's forward moves by milliseconds between minutes) cancels.
+        paired = H.paired_median_diff(s[f"trace saving {k}"], s[f"raw hooks saving {k}"])
+        excess.append(paired)
         gross.append(t)
         hooks.append(h)
-        rows.append((k, H.fmt_us(t), H.fmt_us(h), H.fmt_us(t - raw), H.fmt_us(h - raw), H.fmt_us(t - h)))
+        rows.append((k, H.fmt_us(t), H.fmt_us(h), H.fmt_us(t - raw), H.fmt_us(h - raw), H.fmt_us(paired)))
     H.print_table(
-        ["outputs saved (blocks 0..k-1)", "trace", "raw hooks", "trace - raw fwd", "hooks - raw fwd", "trace - hooks"],
+        ["outputs saved (blocks 0..k-1)", "trace", "raw hooks", "trace - raw fwd", "hooks - raw fwd",
+         "trace - hooks (paired)"],
         rows,
     )
 
     def slope_of(t):
         return H.least_squares_slope(
-            ks, [statistics.median(t[f"trace saving {k}"]) - statistics.median(t[f"raw hooks saving {k}"]) for k in ks]
+            ks, [statistics.median(a - b for a, b in zip(t[f"trace saving {k}"], t[f"raw hooks saving {k}"]))
+                 for k in ks]
         )
 
     slope = H.least_squares_slope(ks, excess)
@@ -355,9 +360,9 @@ def section_per_output(args, targets: H.Targets, models: dict) -> None:
     ok, lab = H.judge(slope * 1e6, (ci[0] * 1e6, ci[1] * 1e6), TARGET_PER_OUTPUT_US)
     print(
         "method: traces saving the outputs of the first k blocks (k = 1, 4, 8, 12) and raw hooks saving the same k outputs "
-        f"are measured interleaved with the raw forward (median of {rounds} rounds each); the per-output cost is the "
-        "least-squares slope of (trace - raw hooks) against k, i.e. what each extra accessed output costs beyond what a "
-        "raw hook for it costs; the interval is a bootstrap over rounds."
+        f"are measured interleaved with the raw forward ({rounds} rounds); the per-output cost is the least-squares "
+        "slope against k of the median over rounds of (trace - raw hooks) within each round, i.e. what each extra "
+        "accessed output costs beyond what a raw hook for it costs; the interval is a bootstrap over rounds."
     )
     print(
         f"per extra output: {H.fmt_us(slope)} beyond raw hooks (95% interval {ci_text(ci, H.fmt_us)}; endpoints 1->12: "

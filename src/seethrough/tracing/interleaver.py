@@ -85,6 +85,7 @@ class Interleaver:
     on_module_hooked: Callable[[torch.nn.Module], None] | None = None
     caches: Any = ()  # the `tracer.cache(...)` objects recording in this trace (see `add_cache`)
     result: Any = None  # what the backend returned (see `finish_with_result`)
+    turns = 0  # counts the times a body runs (goes on): what bodies change can only change then
 
     def __init__(
         self,
@@ -132,6 +133,7 @@ class Interleaver:
         if mode != main_grad:
             torch.set_grad_enabled(mode)
         task.state = RUNNING
+        self.turns += 1
         worker = task.greenlet
         try:
             if throw is not None:
@@ -172,8 +174,10 @@ class Interleaver:
             value = call.module(*call.args, **call.kwargs)
         except BaseException as error:  # noqa: BLE001 - it belongs to the body that made the call
             self.hooked_calls_running -= 1
+            self.turns += 1  # the body goes on
             return worker.throw(error)
         self.hooked_calls_running -= 1
+        self.turns += 1  # the body goes on
         return worker.switch(value)
 
     def _ended(self, task: Task) -> None:
@@ -447,28 +451,25 @@ class Interleaver:
         if key not in self.hooks:
             self._install_plans(((module, kind, envoy),))
 
-    def hook_ahead(self, wanted: list[tuple["ModuleHandle", str]]) -> set[tuple]:
-        """:meth:`hook` for each ``(envoy, kind)`` of ``wanted`` at once, ahead
-        of the reads that will ask for them (a batch of plain saves, see
-        :mod:`.prefetch`): the keys hooked here that were not hooked before."""
-        hooks = self.hooks
-        new = [(envoy._module, kind, envoy) for envoy, kind in wanted if (id(envoy._module), kind) not in hooks]
-        before = set(hooks)
-        self._install_plans(new)
-        return set(hooks) - before if new else set()
+    def hook_ahead(self, modules: list[torch.nn.Module], kinds: Any, envoys: list["ModuleHandle"]) -> None:
+        """:meth:`hook` for each of ``modules`` (``kinds``, their ``envoys``)
+        at once, ahead of the reads that will ask for them (a batch of plain
+        saves, see :mod:`.prefetch`)."""
+        self._install_plans(zip(modules, kinds, envoys))
 
     def _install_plans(self, wanted: Any) -> None:
-        """Hook each ``(module, kind, envoy or None)`` of ``wanted`` (not yet
-        hooked) with its hook plan (see :meth:`hook`)."""
+        """Hook each ``(module, kind, envoy or None)`` of ``wanted`` with its
+        hook plan (see :meth:`hook`), where not hooked yet."""
         hooks = self.hooks
         outputs: list[tuple[torch.nn.Module, tuple]] = []
         planned: set[tuple] = set()
+        plan_of = self.hook_plan
         for module, kind, envoy in wanted:
             if kind == "input":
                 key = (id(module), kind)
                 if key not in hooks:
                     self._install_input(module, key)
-            plan, chain = envoy._remembered_hook_plan(self.hook_plan) if envoy is not None else self.hook_plan(module)
+            plan, chain = envoy._remembered_hook_plan(plan_of) if envoy is not None else plan_of(module)
             for each, each_key in plan:
                 if each_key not in hooks and each_key not in planned:
                     planned.add(each_key)
@@ -481,17 +482,16 @@ class Interleaver:
     def _install_outputs(self, wanted: list[tuple[torch.nn.Module, tuple]]) -> None:
         """Add the output hook to each ``(module, key)`` of ``wanted``."""
         hooks = self.hooks
-        hook = self.output_hook or self._output_hook()
+        # The root runs once and its output is what the backend returns: served
+        # from there (see `run_forward`), saving a hook on the root and
+        # PyTorch's slow call path for it.
+        by_return = self.root if self.root_output_by_return else None
         modules = []
         for module, key in wanted:
             hooks[key] = True
-            if self.root_output_by_return and module is self.root:
-                # The root runs once and its output is what the backend returns:
-                # served from there (see `run_forward`), saving a hook on the
-                # root and PyTorch's slow call path for it.
-                continue
-            modules.append(module)
-        self.hook_set.add_outputs(modules, hook)
+            if module is not by_return:
+                modules.append(module)
+        self.hook_set.add_outputs(modules, self.output_hook or self._output_hook())
         if self.on_module_hooked is not None:
             for module in modules:
                 self.on_module_hooked(module)
@@ -559,14 +559,20 @@ class Interleaver:
                 # Nobody waits for it (or might, once unblocked), and no cache records
                 # it: the hook only keeps an ancestor observable (the common case).
                 return value
-        elif len(queue) == 1 and queue[0].batch is not None and not self.blocked and key not in self.after:
+        elif len(queue) == 1 and queue[0].batch is not None:
             # One task wants it, for a batch of plain saves (see .prefetch): the
             # batch records it and asks for its next value without an event.
             task = queue[0]
             wanted = task.batch.record(self, key, value, task)
             if wanted is not None:
+                # It waits for `wanted` now: its one-task queue moves there.
                 del waiting[key]
-                self.wait(task, wanted)
+                task.pending = wanted
+                others = waiting.get(wanted)
+                if others is None:
+                    waiting[wanted] = queue
+                else:
+                    self._queue(others, task)
                 return value
         return self._deliver(key, kind, value)
 
@@ -698,6 +704,8 @@ class Interleaver:
             waiting = min(pending, key=_by_index)
             key = waiting.pending
             self._unwait(waiting)
+            if waiting.batch is not None:
+                waiting.batch.settle(self, waiting)  # what it asked for, for the messages below
             if key[0] == "step":
                 self._switch(waiting, None, throw=_EndOfSteps())
             elif waiting.iteration is not None and self.count_calls:

@@ -358,7 +358,8 @@ class Batch:
     but seethrough's own code are recorded: plain tensors and tuples; the
     body asks for anything else itself (its ``save`` may be a method of its own)."""
 
-    __slots__ = ("envoys", "kinds", "keys", "accessors", "items", "live", "frame", "lines", "values", "run", "early")
+    __slots__ = ("envoys", "modules", "kinds", "keys", "accessors", "items", "live", "frame", "lines", "values", "run", "early",
+                 "turn")
 
     def __init__(self, run: Any, envoys: list, kinds: Any, accessors: Any, frame: Any,
                  items: tuple = (), live: list | None = None, lines: tuple | None = None) -> None:
@@ -371,8 +372,10 @@ class Batch:
         self.items = items  # the iterated items (a list's, to see it change)
         self.live = live  # the list iterated, if it is one
         self.values: list[Any] = []
-        self.keys = [(id(envoy._module), kind) for envoy, kind in zip(envoys, kinds)]  # what each waits for
-        self.early: set[tuple] = set()  # keys hooked ahead of their reads (see `collect`)
+        self.modules = [envoy._module for envoy in envoys]
+        self.keys = [(id(module), kind) for module, kind in zip(self.modules, kinds)]  # what each waits for
+        self.early: set[tuple] | None = None  # keys hooked ahead of their reads (see `collect`)
+        self.turn = -1  # `interleaver.turns` when `_may_record` last said yes
 
     def record(self, interleaver: Any, key: tuple, value: Any, task: Any) -> tuple | None:
         """The lean path (``Interleaver.reached``, while ``task``, waiting for
@@ -380,24 +383,59 @@ class Batch:
         ask for the next one, as :meth:`advance` would, without an event;
         return the key the task now waits for.  None, with nothing changed,
         where the ordinary path must serve it (the last value, a value not
-        plainly recorded, a next value the same module's, the batch stopping)."""
+        plainly recorded, a next value the same module's, the batch stopping,
+        anything in the trace that the lean path does not do)."""
         values = self.values
         index = len(values)
         following = index + 1
         keys = self.keys
-        if following >= len(keys) or task.rows is not None or interleaver.hooked_calls_running:
-            return None
+        if following >= len(keys):
+            return None  # the last value: the body runs next
         wanted = keys[following]
-        if wanted[0] == key[0] or not self._may_ask(interleaver, following):
+        if wanted[0] == key[0]:
             return None
+        if self.turn != interleaver.turns and not self._may_record(interleaver, task):
+            return None
+        live = self.live
+        if live is not None and (len(live) <= following or live[following] is not self.items[following]):
+            return None  # the list changed under the loop: the body iterates it itself
         if self.accessors[index] == "input":
             value = _first_input(value)
         kind = type(value)
         if kind is not torch.Tensor and kind is not tuple:
             return None
         values.append(value)
-        self._ask_for(interleaver, task, following)
+        task.asked = None  # worked out should the value never come (see `settle`)
         return wanted
+
+    def settle(self, interleaver: Any, task: Any) -> None:
+        """Before the interleaver reads ``task.asked`` (the value it waits for
+        never came): what :meth:`_ask_for` would have left there, for a value
+        :meth:`record` asked for (its hooks were in, its module's output is
+        wanted, the forward was running).  "Its module had run before" is read
+        now: had the module run since the ask, the value would have come."""
+        if task.asked is not None:
+            return
+        index = len(self.values)
+        key = self.keys[index]
+        frame = self.frame if self.lines is None else _Line(self.frame.f_back.f_code, self.lines[index])
+        task.asked = (self.envoys[index], "output", frame, key in interleaver.fired and key not in self.early, False)
+
+    def _may_record(self, interleaver: Any, task: Any) -> bool:
+        """May :meth:`record` take values?  Checked again only after any body
+        has run (``interleaver.turns``): nothing else changes what is checked
+        here.  It needs every hook in (``collect`` added them ahead), only
+        outputs to ask for (an input needs ``prepare_skip``), the whole batch
+        (a view of rows is an event's), no other body that might go on
+        (blocked) and nothing else that watches values (caches, call counting)."""
+        if (
+            self.early is None or "input" in self.kinds or task.rows is not None
+            or interleaver.hooked_calls_running or interleaver.blocked
+            or interleaver.caches or interleaver.count_calls or interleaver.forward_done or interleaver.closing
+        ):
+            return False
+        self.turn = interleaver.turns
+        return True
 
     def _may_ask(self, interleaver: Any, index: int) -> bool:
         """May the batch ask for value ``index`` now (not past its end, its
@@ -423,7 +461,7 @@ class Batch:
             interleaver.hook(envoy._module, kind, envoy)  # as `request` does: the envoy remembers its hook plan
         frame = self.frame if self.lines is None else _Line(self.frame.f_back.f_code, self.lines[index])
         # "Its module had run before": only what a hook installed at this read would have seen.
-        task.asked = (envoy, kind, frame, key in interleaver.fired and key not in self.early,
+        task.asked = (envoy, kind, frame, key in interleaver.fired and key not in (self.early or ()),
                       not (interleaver.forward_running or interleaver.forward_done))
 
     def advance(self, interleaver: Any, event: Any, task: Any) -> bool:
@@ -476,7 +514,9 @@ class Batch:
                 # each read (as the body's reads would, each at its turn).  A
                 # hook on a module ahead of the forward's position fires the same
                 # either way; on one the forward has passed, it stays silent.
-                self.early = interleaver.hook_ahead(list(zip(self.envoys, self.kinds)))
+                hooks = interleaver.hooks
+                self.early = {key for key in self.keys if key not in hooks}
+                interleaver.hook_ahead(self.modules, self.kinds, self.envoys)
             if self.ask(interleaver, interleaver.current, task):
                 interleaver.main.switch()
         finally:
