@@ -17,6 +17,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import pytest
+
 from seethrough.models import offline
 
 pytest_plugins = ["fixtures.models", "fixtures.offline"]
@@ -50,3 +52,18 @@ def pytest_unconfigure(config) -> None:
     if made is not None and made.is_dir() and not made.is_symlink() and not (user_cache / name).exists():
         shutil.move(str(made), str(user_cache / name))  # keep the 35 s conversion for the next run
     shutil.rmtree(session_cache, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _remote_settings_read_from_the_environment():
+    """After each test, ``CONFIG.API.HOST`` / ``APIKEY`` read the environment
+    again.  ``monkeypatch.setattr`` undoes by writing back the value it read,
+    and for these read-through settings that value (the environment's, or the
+    default) would come back as one set in code, which wins over the
+    environment in every later test (test_naming checks that the environment
+    is read)."""
+    yield
+    from seethrough import CONFIG
+
+    CONFIG.API.HOST = None
+    CONFIG.API.APIKEY = None
