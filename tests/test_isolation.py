@@ -581,6 +581,44 @@ def test_required_refuses_to_start_where_the_os_refuses_and_best_effort_says_wha
 # -- where fork is impossible: the state fingerprint -----------------------------------------------------
 
 
+def test_a_tokenizer_saved_with_padding_on_is_not_a_change_once_plain_use_turns_it_off(smollm2_small_dir, tmp_path):
+    """A tokenizer sets its fast backend's padding and truncation from the
+    arguments of every call: a folder whose tokenizer was saved right after a
+    padded call loads with them on, and the first plain request turns them
+    off.  That is no change to any later call (the server must not discard
+    the request and reload); a real change to the backend still is."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    import seethrough
+    from seethrough.remote.server.fingerprint import StateFingerprint
+    from seethrough.remote.server.worker import _warm_up
+
+    folder = tmp_path / "saved-padded"
+    folder.mkdir()
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        if (smollm2_small_dir / name).exists():
+            shutil.copy(smollm2_small_dir / name, folder / name)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_small_dir)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    tokenizer(["a", "a longer prompt"], padding="max_length", max_length=8, truncation=True)
+    tokenizer.save_pretrained(folder)
+    saved = json.loads((folder / "tokenizer.json").read_text())
+    assert saved["padding"] is not None and saved["truncation"] is not None  # the case at hand
+
+    served = seethrough.LanguageModel(str(folder), dispatch=True)
+    _warm_up(served)
+    fingerprint = StateFingerprint(served._model, served.tokenizer)
+    with served.trace(PROMPT):
+        served.output.save()
+    backend = served.tokenizer.backend_tokenizer
+    assert backend.padding != saved["padding"] or backend.truncation != saved["truncation"]  # plain use changed them
+    assert fingerprint.changes() == []
+    served.tokenizer.add_tokens(["zzqx"])
+    assert "tokenizer backend" in fingerprint.changes()
+
+
 @pytest.mark.parametrize("which", ["gpt2", "smollm2"])
 def test_the_state_fingerprint_sees_every_mutation_and_nothing_else(which, gpt2_dir, smollm2_small_dir):
     folder = str(gpt2_dir if which == "gpt2" else smollm2_small_dir)

@@ -10,7 +10,11 @@ tree, parameters and buffers; :class:`StateFingerprint` covers the rest:
 * the model's config and generation config, private keys (``_attn_implementation``)
   included, and their attribute objects;
 * the tokenizer's attributes, lists included (``model_input_names``,
-  special tokens, added tokens), and its fast backend's full state;
+  special tokens, added tokens), and its fast backend's full state but for
+  its padding and truncation settings, which the tokenizer sets from the
+  arguments of every call it makes (a folder whose ``tokenizer.json`` was
+  saved with padding on loads with it on, and the first plain request turns
+  it off: no change to what any later call gets);
 * the attributes of every class a body can reach through those objects
   (the module classes, config and tokenizer classes and their bases,
   ``torch.Tensor``, ``torch.nn.Parameter``, ``torch.nn.Module``): a class
@@ -25,6 +29,7 @@ when :meth:`StateFingerprint.changes` reports anything.
 from __future__ import annotations
 
 import hashlib
+import json
 import types
 from typing import Any
 
@@ -40,6 +45,10 @@ _MODULE_SKIP = frozenset(("_parameters", "_buffers", "_modules", "_forward_hooks
                           "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
                           "_load_state_dict_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
                           "_forward_hooks_always_called", "_state_dict_pre_hooks", "_load_state_dict_post_hooks"))
+# The backend's settings that every call of the tokenizer sets from its own
+# arguments (transformers' `set_truncation_and_padding`): not state a call leaves.
+_PER_CALL = ("padding", "truncation")
+_BACKEND_STATES = 16  # distinct backend texts remembered (see `_backend_state`)
 _CODE = (types.FunctionType, types.BuiltinFunctionType, types.MethodType, types.ModuleType, type,
          staticmethod, classmethod, property, types.MethodDescriptorType, types.WrapperDescriptorType,
          types.GetSetDescriptorType, types.MemberDescriptorType)
@@ -119,7 +128,26 @@ class StateFingerprint:
     def __init__(self, module: torch.nn.Module, tokenizer: Any = None) -> None:
         self.module = module
         self.tokenizer = tokenizer
+        self._backend_states: dict[str, str] = {}
         self._baseline = self._take()
+
+    def _backend_state(self, backend: Any) -> str:
+        """A hash of the fast backend's state without its per-call settings.
+        Taking them out needs the text parsed (tens of ms for a large
+        vocabulary): done once per distinct text, which plain requests
+        repeat, and remembered for a few."""
+        text = backend.to_str()
+        raw = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        found = self._backend_states.get(raw)
+        if found is None:
+            state = json.loads(text)
+            for name in _PER_CALL:
+                state.pop(name, None)
+            found = hashlib.sha256(json.dumps(state, sort_keys=True).encode("utf-8")).hexdigest()
+            if len(self._backend_states) >= _BACKEND_STATES:
+                self._backend_states.clear()
+            self._backend_states[raw] = found
+        return found
 
     def _classes(self) -> list[type]:
         roots: list[type] = [torch.Tensor, torch.nn.Parameter, torch.nn.Module]
@@ -148,7 +176,7 @@ class StateFingerprint:
             state["tokenizer"] = _canonical(vars(self.tokenizer), _MAX_DEPTH, set())
             backend = getattr(self.tokenizer, "backend_tokenizer", None)
             if backend is not None and hasattr(backend, "to_str"):
-                state["tokenizer backend"] = hashlib.sha256(backend.to_str().encode("utf-8")).hexdigest()
+                state["tokenizer backend"] = self._backend_state(backend)
         for cls in self._classes():
             state[f"class {cls.__module__}.{cls.__qualname__}"] = _class_state(cls)
         state["torch grad mode"] = torch.is_grad_enabled()
