@@ -461,9 +461,12 @@ class Interleaver:
         """Hook each ``(module, kind, envoy or None)`` of ``wanted`` with its
         hook plan (see :meth:`hook`), where not hooked yet."""
         hooks = self.hooks
-        outputs: list[tuple[torch.nn.Module, tuple]] = []
-        planned: set[tuple] = set()
         plan_of = self.hook_plan
+        # The root runs once and its output is what the backend returns: served
+        # from there (see `run_forward`), saving a hook on the root and
+        # PyTorch's slow call path for it.
+        by_return = self.root if self.root_output_by_return else None
+        modules = []
         for module, kind, envoy in wanted:
             if kind == "input":
                 key = (id(module), kind)
@@ -471,30 +474,17 @@ class Interleaver:
                     self._install_input(module, key)
             plan, chain = envoy._remembered_hook_plan(plan_of) if envoy is not None else plan_of(module)
             for each, each_key in plan:
-                if each_key not in hooks and each_key not in planned:
-                    planned.add(each_key)
-                    outputs.append((each, each_key))
+                if each_key not in hooks:
+                    hooks[each_key] = True
+                    if each is not by_return:
+                        modules.append(each)
                 elif chain:
                     break  # hooked with all its ancestors, which come after it here
-        if outputs:
-            self._install_outputs(outputs)
-
-    def _install_outputs(self, wanted: list[tuple[torch.nn.Module, tuple]]) -> None:
-        """Add the output hook to each ``(module, key)`` of ``wanted``."""
-        hooks = self.hooks
-        # The root runs once and its output is what the backend returns: served
-        # from there (see `run_forward`), saving a hook on the root and
-        # PyTorch's slow call path for it.
-        by_return = self.root if self.root_output_by_return else None
-        modules = []
-        for module, key in wanted:
-            hooks[key] = True
-            if module is not by_return:
-                modules.append(module)
-        self.hook_set.add_outputs(modules, self.output_hook or self._output_hook())
-        if self.on_module_hooked is not None:
-            for module in modules:
-                self.on_module_hooked(module)
+        if modules:
+            self.hook_set.add_outputs(modules, self.output_hook or self._output_hook())
+            if self.on_module_hooked is not None:
+                for module in modules:
+                    self.on_module_hooked(module)
 
     def _install_input(self, module: torch.nn.Module, key: tuple) -> None:
         """Add an input hook to ``module`` (``key`` its input event)."""
