@@ -416,10 +416,7 @@ class Batch:
         now: had the module run since the ask, the value would have come."""
         if task.asked is not None:
             return
-        index = len(self.values)
-        key = self.keys[index]
-        frame = self.frame if self.lines is None else _Line(self.frame.f_back.f_code, self.lines[index])
-        task.asked = (self.envoys[index], "output", frame, key in interleaver.fired and key not in self.early, False)
+        task.asked = self._asked(interleaver, len(self.values))
 
     def _may_record(self, interleaver: Any, task: Any) -> bool:
         """May :meth:`record` take values?  Checked again only after any body
@@ -459,10 +456,15 @@ class Batch:
             self.run.prepare_skip(envoy._module)
         if key not in interleaver.hooks:
             interleaver.hook(envoy._module, kind, envoy)  # as `request` does: the envoy remembers its hook plan
+        task.asked = self._asked(interleaver, index)
+
+    def _asked(self, interleaver: Any, index: int) -> tuple:
+        """``task.asked`` for value ``index``, asked for now (see ``Task.asked``)."""
+        key = self.keys[index]
         frame = self.frame if self.lines is None else _Line(self.frame.f_back.f_code, self.lines[index])
         # "Its module had run before": only what a hook installed at this read would have seen.
-        task.asked = (envoy, kind, frame, key in interleaver.fired and key not in (self.early or ()),
-                      not (interleaver.forward_running or interleaver.forward_done))
+        return (self.envoys[index], self.kinds[index], frame, key in interleaver.fired and key not in (self.early or ()),
+                not (interleaver.forward_running or interleaver.forward_done))
 
     def advance(self, interleaver: Any, event: Any, task: Any) -> bool:
         """``event`` serves the value ``task`` waited for (``Interleaver._resume``
