@@ -28,6 +28,7 @@ values.  ``tests/test_layers.py`` reads this list and holds the package to it.
   torch's error backtraces could walk past;
 * :mod:`.hooks` — which modules to hook, and hooks added and removed cheaply;
 * :mod:`.values` — narrowing values to an invoke's rows, splicing edits back;
+* :mod:`.messages` — why a value a body asked for never came, for the user;
 * :mod:`.save_reach` — whether a body may reach code calling ``Tensor.save``;
 * :mod:`.rewrite` — name a function's call sites and compile a copy that reports them;
 * :mod:`.prefetch` — runs of plain saves, compiled to one request whose values

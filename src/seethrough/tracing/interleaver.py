@@ -38,6 +38,7 @@ import torch
 from .._frames import describe_frame, user_frame, where_user_is
 from ..errors import InvokeError, MissedProviderError, ModuleNotCalledError, OutOfOrderError, ShapeMismatchError
 from .hooks import HookSet
+from .messages import after_result_message, never_called_message, too_late_message
 from .runtime import FINISHED
 from .sentinels import MISSING
 from .stacks import give_back_worker, take_worker
@@ -269,9 +270,9 @@ class Interleaver:
                 if cached is not MISSING:
                     return cached
             if self.forward_done:
-                message = self._too_late_message(envoy, kind, sys._getframe(1), finished=True)
+                message = too_late_message(envoy, kind, sys._getframe(1), finished=True)
                 if task.result_waited is not None:
-                    message = self._after_result_message(envoy, kind, task.result_waited)
+                    message = after_result_message(envoy, kind, task.result_waited)
                 raise OutOfOrderError(message)
         if key not in self.hooks:
             self.hook(module, kind, envoy)
@@ -735,8 +736,8 @@ class Interleaver:
         if asked_before_forward and key not in self.fired and kind in ("input", "output"):
             # Hooked before the forward began and never reached: the model did
             # not call the module at all (not a question of order).
-            return ModuleNotCalledError(self._never_called_message(envoy, kind, frame))
-        message = self._too_late_message(envoy, kind, frame, ran_before=ran_before, waited_for=task.waited_for)
+            return ModuleNotCalledError(never_called_message(envoy, kind, frame))
+        message = too_late_message(envoy, kind, frame, ran_before=ran_before, waited_for=task.waited_for)
         if task.hooked_calls and key[0] in task.hooked_calls:
             path = envoy._display_path() if envoy is not None else "the module"
             message += (
@@ -745,63 +746,6 @@ class Interleaver:
                 "makes the call). Use the call's return value here, or read the value in a body that waits for it."
             )
         return OutOfOrderError(message)
-
-    def _never_called_message(self, envoy: "ModuleHandle", kind: str, frame: Any) -> str:
-        path = envoy._display_path() if envoy is not None else "the model"
-        where = describe_frame(user_frame(frame))
-        at = f" (at {where})" if where else ""
-        return (
-            f"`{path}.{kind}` was asked for{at}, but the model never called `{path}` in this forward pass, so "
-            "no value was provided. Check that the model uses this module for this input (`print(model)` shows "
-            "the tree; a module attached to the model but not used by its forward runs only when a body calls "
-            "it with `hook=True`)."
-        )
-
-    def _after_result_message(self, envoy: "ModuleHandle", kind: str, waited: tuple[str, str]) -> str:
-        """A value asked for after this body waited for the end of the run."""
-        what, where = waited
-        path = envoy._display_path() if envoy is not None else "the model"
-        return (
-            f"`{path}.{kind}` was asked for ({where_user_is()}), but the model had already finished: this "
-            f"body read `{what}` earlier ({where}), which waits until the whole run (all of generation) "
-            f"has ended, so every value of the forward passes was gone by this line. Read `{what}` after "
-            "the loop over steps and after the module values, e.g.\n"
-            "    for step in tracer.iter[:]:\n"
-            f"        ...  # {path}.{kind} here\n"
-            f"    out = {what}.save()"
-        )
-
-    def _too_late_message(
-        self,
-        envoy: "ModuleHandle",
-        kind: str,
-        frame: Any,
-        finished: bool = False,
-        ran_before: bool = False,
-        waited_for: str | None = None,
-    ) -> str:
-        path = envoy._display_path() if envoy is not None else "the model"
-        accessor = "output" if kind == "output" else "input"
-        where = describe_frame(user_frame(frame))
-        at = f" (at {where})" if where else ""
-        if finished:
-            reason = "the forward pass had already finished"
-        elif ran_before:
-            reason = f"`{path}` had already run before that line, and did not run again"
-        else:
-            reason = (
-                f"`{path}` did not run after that point of the forward pass: either it had already "
-                "run (the forward had gone past it), or the model does not call it for this input"
-            )
-        message = (
-            f"`{path}.{accessor}` was asked for{at}, but {reason}. Within one invoke, read "
-            "module values in the order the model runs them (an output after its inputs, "
-            "earlier layers before later ones), or call `tracer.cache(...)` first to read "
-            "values after their module ran."
-        )
-        if waited_for is not None:
-            message += " " + waited_for
-        return message
 
     def close(self) -> None:
         """Remove every hook and end every task that has not ended."""
