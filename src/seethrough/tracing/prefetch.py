@@ -399,9 +399,7 @@ class Batch:
         live = self.live
         if live is not None and (len(live) <= following or live[following] is not self.items[following]):
             return None  # the list changed under the loop: the body iterates it itself
-        if self.accessors[index] == "input":
-            value = _first_input(value)
-        kind = type(value)
+        kind = type(value)  # (an output: `_may_record` allows no inputs)
         if kind is not torch.Tensor and kind is not tuple:
             return None
         values.append(value)
