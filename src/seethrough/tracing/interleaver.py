@@ -482,7 +482,7 @@ class Interleaver:
                 elif chain:
                     break  # hooked with all its ancestors, which come after it here
         if modules:
-            self.hook_set.add_outputs(modules, self.output_hook or self._output_hook())
+            self.hook_set.add_outputs(modules, self._output_hook())
             if self.on_module_hooked is not None:
                 for module in modules:
                     self.on_module_hooked(module)
@@ -556,14 +556,8 @@ class Interleaver:
             task = queue[0]
             wanted = task.batch.record(self, key, value, task)
             if wanted is not None:
-                # It waits for `wanted` now: its one-task queue moves there.
-                del waiting[key]
-                task.pending = wanted
-                others = waiting.get(wanted)
-                if others is None:
-                    waiting[wanted] = queue
-                else:
-                    self._queue(others, task)
+                del waiting[key]  # it was the only one waiting here
+                self.wait(task, wanted)
                 return value
         return self._deliver(key, kind, value)
 

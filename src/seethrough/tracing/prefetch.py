@@ -425,8 +425,7 @@ class Batch:
         (blocked) and nothing else that watches values (caches, call counting)."""
         if (
             self.early is None or "input" in self.kinds or task.rows is not None
-            or interleaver.hooked_calls_running or interleaver.blocked
-            or interleaver.caches or interleaver.count_calls or interleaver.forward_done or interleaver.closing
+            or interleaver.hooked_calls_running or interleaver.blocked or _ordinary_only(interleaver)
         ):
             return False
         self.turn = interleaver.turns
@@ -440,7 +439,7 @@ class Batch:
             return False  # the list changed under the loop: the body iterates it itself
         if index == len(self.keys):
             return False  # complete
-        return not (interleaver.caches or interleaver.forward_done or interleaver.closing or interleaver.count_calls)
+        return not _ordinary_only(interleaver)
 
     def _ask_for(self, interleaver: Any, task: Any, index: int) -> None:
         """What the body's own read of value ``index`` does before it waits:
@@ -571,9 +570,14 @@ def _interleaver(task: Any) -> Any:
     if run is None or not task.is_invoke or task.batch is not None:
         return None
     interleaver = run.interleaver
-    if interleaver.closing or interleaver.forward_done or interleaver.caches or interleaver.count_calls:
-        return None
-    return interleaver
+    return None if _ordinary_only(interleaver) else interleaver
+
+
+def _ordinary_only(interleaver: Any) -> bool:
+    """Must every value of the trace go the ordinary way now?  The forward
+    is over (or the trace closing), a ``tracer.cache`` records values, or a
+    ``tracer.iter`` loop counts calls: none of these a batch does."""
+    return bool(interleaver.closing or interleaver.forward_done or interleaver.caches or interleaver.count_calls)
 
 
 def _batching_task(invokes_allowed: bool) -> Any:
