@@ -658,3 +658,38 @@ def test_values_between_the_first_and_last_are_recorded_without_an_event(gpt2_4,
     for h, b, name in zip(hs, both, names):
         assert torch.equal(h, seen[name]) and torch.allclose(b, seen[name], atol=1e-6)
     assert torch.allclose(second, seen["transformer.h.2"], atol=1e-6)
+
+
+def test_failing_batches_leave_the_model_as_they_found_it(gpt2_4):
+    """A batch adds its hooks ahead and records values without events; after
+    traces where that fails (a value out of order, one never called, an error
+    raised by the body once the batch is complete), the model has no hook or
+    patched forward left, the same weights, and the next trace gives the raw
+    hooks' values."""
+    from fixtures.models import assert_pristine, state_snapshot
+
+    model = seethrough.Model(gpt2_4)
+    x = ids(22)
+    weights = state_snapshot(gpt2_4)
+    extra = nn.Linear(32, 32)
+    gpt2_4.transformer.add_module("unused", extra)
+    try:
+        with pytest.raises(OutOfOrderError):
+            with model.trace(x):
+                hs = [model.transformer.h[i].output.save() for i in (0, 3, 1, 2)]
+        with pytest.raises(ModuleNotCalledError):
+            with model.trace(x):
+                hs = [model.transformer.unused.output.save() for _ in range(3)]
+        with pytest.raises(ZeroDivisionError):
+            with model.trace(x):
+                hs = [model.transformer.h[i].output.save() for i in range(4)]
+                1 / 0
+    finally:
+        del gpt2_4.transformer.unused
+    assert_pristine(gpt2_4)
+    assert all(torch.equal(weights[k], v) for k, v in gpt2_4.state_dict().items())
+    names = [f"transformer.h.{i}" for i in range(4)]
+    _, seen = hooked(gpt2_4, names, x)
+    with model.trace(x):
+        hs = [model.transformer.h[i].output.save() for i in range(4)]
+    assert all(torch.equal(h, seen[name]) for h, name in zip(hs, names))
